@@ -1,0 +1,21 @@
+# `make run`: install, migrate the SQLite state database and run one sync cycle.
+# `make test`: install, lint, type-check and run the tests (Postgres at 127.0.0.1:5432 when reachable).
+VENV := .venv
+BIN := $(VENV)/bin
+
+$(BIN)/audience-sync: pyproject.toml
+	python3 -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+.PHONY: run test
+run: $(BIN)/audience-sync
+	$(BIN)/audience-sync db upgrade
+	$(BIN)/audience-sync run
+
+test: $(BIN)/audience-sync
+	$(BIN)/ruff check sync tests migrations
+	$(BIN)/ruff format --check sync tests migrations
+	$(BIN)/mypy
+	$(BIN)/python -m pytest

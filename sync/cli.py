@@ -1,0 +1,123 @@
+"""The `audience-sync` command line: the only module that parses argv."""
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import sqlalchemy as sa
+
+from sync import database
+from sync.errors import SyncError
+from sync.settings import Settings
+
+log = logging.getLogger("sync")
+
+
+def _selection(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--audience", action="append", default=[], metavar="NAME", help="only this audience")
+    parser.add_argument(
+        "--destination", action="append", default=[], metavar="NAME", help="only this destination"
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the messages as JSON lines; send nothing"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="audience-sync", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    db = commands.add_parser("db", help="state database schema").add_subparsers(
+        dest="db_command", required=True
+    )
+    db.add_parser("upgrade", help="create or migrate the tables (Alembic upgrade head)")
+    run = commands.add_parser("run", help="one sync cycle now")
+    _selection(run)
+    run.add_argument(
+        "--allow-mass-exit", action="store_true", help="release connections held by the exit guard"
+    )
+    initial = commands.add_parser(
+        "initial", help="the initial sync of connections that have not completed one"
+    )
+    _selection(initial)
+    initial.add_argument(
+        "--resend", action="store_true", help="forget the accepted state and send every member"
+    )
+    commands.add_parser("daemon", help="run on the schedule until SIGTERM")
+    status = commands.add_parser("status", help="every connection's state and last run")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
+    for noisy in ("httpx", "alembic.runtime.migration"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        settings = Settings.from_env()
+        if args.command == "db":
+            database.upgrade(settings.database_url)
+            print(f"{database.describe(settings.database_url)} is at the newest schema", file=sys.stderr)
+            return 0
+        engine = database.create_engine(settings.database_url)
+        log.info(
+            "state database: %s", database.describe(settings.database_url), extra={"action": "state_database"}
+        )
+        database.check_migrated(engine, settings.database_url)
+        if args.command == "status":
+            return _status(engine, settings, args.json)
+        return _sync(engine, settings, args)
+    except SyncError as exc:
+        print(f"audience-sync: {exc}", file=sys.stderr)
+        return 2
+
+
+def _sync(engine: sa.Engine, settings: Settings, args: argparse.Namespace) -> int:
+    from sync.runner import Options, Runner
+    from sync.scheduler import Daemon
+
+    source = database.create_engine(settings.source_url) if settings.source_url else engine
+    runner = Runner(engine, source, settings)
+    try:
+        if args.command == "daemon":
+            Daemon(runner).start()
+            return 0
+        options = Options(
+            audiences=args.audience,
+            destinations=args.destination,
+            dry_run=args.dry_run,
+            allow_mass_exit=getattr(args, "allow_mass_exit", False),
+            initial_only=args.command == "initial",
+            resend=getattr(args, "resend", False),
+            out=sys.stdout if args.dry_run else None,
+        )
+        results = runner.run(options)
+    finally:
+        runner.close()
+    _summary(results, args.dry_run)
+    return 0 if all(result.good for result in results) else 1
+
+
+def _summary(results: list[Any], dry_run: bool) -> None:
+    if not results:
+        print("nothing to sync: no enabled audience with an enabled connection matched", file=sys.stderr)
+    for result in results:
+        counts = " ".join(f"{k}={v}" for k, v in result.counts.items() if k not in ("null_user_ids",))
+        where = result.audience + (f" -> {result.destination}" if result.destination else "")
+        line = f"{'[dry run] ' if dry_run else ''}{where}: {result.outcome} {counts}".rstrip()
+        print(line + (f" ({result.error})" if result.error else ""), file=sys.stderr)
+
+
+def _status(engine: sa.Engine, settings: Settings, as_json: bool) -> int:
+    from sync.status import connection_status, render
+
+    with engine.connect() as conn:
+        rows = connection_status(conn, settings)
+    if as_json:
+        print(json.dumps(rows, default=str, indent=2))
+    else:
+        render(rows)
+    return 0

@@ -1,0 +1,80 @@
+"""Engines for the state and source databases, and the schema (Alembic) check and upgrade."""
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+
+from sync.errors import StateError
+
+log = logging.getLogger(__name__)
+MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+
+
+def _migrations_dir() -> Path:
+    if MIGRATIONS.is_dir():  # a checkout or an editable install
+        return MIGRATIONS
+    import sync.migrations  # type: ignore[import-not-found]  # a wheel install ships them in the package
+
+    return Path(next(iter(sync.migrations.__path__)))
+
+
+def describe(url: str) -> str:
+    """Where a database is, for logs and messages: the absolute file for SQLite, no password."""
+    parsed = sa.make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        return f"sqlite file {Path(parsed.database or '').resolve()}"
+    return parsed.render_as_string(hide_password=True)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA foreign_keys = ON")
+    cursor.execute("PRAGMA busy_timeout = 30000")
+    # WAL lets the read-only audience query and the staging writes share one file.
+    cursor.execute("PRAGMA journal_mode = WAL")
+    cursor.close()
+
+
+def create_engine(url: str) -> sa.Engine:
+    """An engine for `url`; SQLite gets foreign keys, a busy timeout and WAL."""
+    parsed = sa.make_url(url)
+    if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    try:
+        engine = sa.create_engine(parsed, pool_pre_ping=True)
+    except (sa.exc.ArgumentError, ImportError) as exc:
+        raise StateError(f"cannot use database URL {describe(url)}: {exc}") from None
+    if engine.dialect.name == "sqlite":
+        sa.event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def alembic_config(url: str) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(_migrations_dir()))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+def upgrade(url: str) -> None:
+    """Bring the state database to the newest schema."""
+    command.upgrade(alembic_config(url), "head")
+
+
+def check_migrated(engine: sa.Engine, url: str) -> None:
+    """Fail clearly when the state database is unreachable or behind the code's schema."""
+    head = ScriptDirectory.from_config(alembic_config(url)).get_current_head()
+    try:
+        with engine.connect() as conn:
+            current = MigrationContext.configure(conn).get_current_revision()
+    except sa.exc.OperationalError as exc:
+        raise StateError(f"cannot reach the state database ({describe(url)}): {exc.orig}") from None
+    if current != head:
+        state = "is not migrated" if current is None else f"is at revision {current}, not {head}"
+        raise StateError(f"the state database ({describe(url)}) {state}: run `audience-sync db upgrade`")

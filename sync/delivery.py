@@ -1,0 +1,142 @@
+"""Sending calls to one destination: shared rate limit, bounded concurrency, retries with backoff."""
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+
+from sync.destinations import Call, Destination, Outcome, raise_for_retry_or_auth, rejected
+from sync.errors import AuthError, FatalError, RetriableError
+
+log = logging.getLogger(__name__)
+RETRY_AFTER_CAP = 60.0
+
+
+class RateLimiter:
+    """Spaces requests `1/rate` seconds apart across every thread sending to one destination."""
+
+    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = 1.0 / rate
+        self.clock = clock
+        self.next_slot = 0.0
+        self.lock = threading.Lock()
+
+    def wait(self) -> None:
+        with self.lock:
+            now = self.clock()
+            slot = max(now, self.next_slot)
+            self.next_slot = slot + self.interval
+        if slot > now:
+            time.sleep(slot - now)
+
+    def pause(self, seconds: float) -> None:
+        """Hold every sender back, as when the destination answered 429 with Retry-After."""
+        with self.lock:
+            self.next_slot = max(self.next_slot, self.clock() + seconds)
+
+
+class Sender:
+    """The process-wide sending machinery of one destination, shared by all runs and audiences."""
+
+    def __init__(self, destination: Destination, client: httpx.Client | None = None) -> None:
+        limits = destination.limits
+        self.limits = limits
+        self.secrets = [s for s in destination.secrets() if s]
+        self.client = client or httpx.Client(
+            timeout=limits.timeout,
+            limits=httpx.Limits(
+                max_connections=limits.max_in_flight, max_keepalive_connections=limits.max_in_flight
+            ),
+        )
+        self.limiter = RateLimiter(limits.rate_limit)
+        self.pool = ThreadPoolExecutor(limits.max_in_flight, thread_name_prefix=f"send-{destination.id}")
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        self.client.close()
+
+    def scrub(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    def _wait(self, state: RetryCallState) -> float:
+        error = state.outcome.exception() if state.outcome else None
+        if isinstance(error, RetriableError) and error.retry_after is not None:
+            return min(error.retry_after, RETRY_AFTER_CAP)
+        backoff = wait_random_exponential(multiplier=self.limits.backoff_initial, max=self.limits.backoff_max)
+        return float(backoff(state))
+
+    def _attempt(self, call: Call) -> list[Outcome]:
+        self.limiter.wait()
+        try:
+            response = self.client.request(
+                call.method, call.url, params=call.params, json=call.json, headers=call.headers
+            )
+        except httpx.TimeoutException:
+            raise RetriableError(f"no answer within {self.limits.timeout:g}s") from None
+        except httpx.TransportError as exc:
+            raise RetriableError(f"connection failed ({type(exc).__name__})") from None
+        try:
+            raise_for_retry_or_auth(response)
+        except RetriableError as exc:
+            if exc.retry_after is not None:
+                self.limiter.pause(min(exc.retry_after, RETRY_AFTER_CAP))
+            raise
+        return call.read(call, response)
+
+    def send(self, call: Call) -> list[Outcome]:
+        """Send one call with retries; AuthError propagates, other errors become outcomes."""
+        retrying = Retrying(
+            stop=stop_after_attempt(self.limits.max_attempts),
+            wait=self._wait,
+            retry=retry_if_exception_type(RetriableError),
+            reraise=True,
+        )
+        try:
+            return retrying(self._attempt, call)
+        except RetriableError as exc:
+            reason = self.scrub(f"gave up after {self.limits.max_attempts} attempts: {exc.reason}")
+            return [Outcome(change, "failed", reason) for change in call.changes]
+        except AuthError as exc:
+            raise AuthError(self.scrub(exc.reason), exc.status) from None
+        except FatalError as exc:
+            return [rejected(change, self.scrub(exc.reason)) for change in call.changes]
+
+
+class Delivery:
+    """One run's delivery to one connection: stops on refused credentials or when most calls fail."""
+
+    def __init__(self, sender: Sender) -> None:
+        self.sender = sender
+        self.stopped: str | None = None
+
+    def send_all(self, calls: list[Call]) -> list[Outcome]:
+        if self.stopped:
+            return [Outcome(c, "failed", self.stopped) for call in calls for c in call.changes]
+        futures = [(call, self.sender.pool.submit(self.sender.send, call)) for call in calls]
+        outcomes: list[Outcome] = []
+        for call, future in futures:
+            try:
+                outcomes += future.result()
+            except AuthError as exc:
+                self.stopped = f"stopped: {exc.reason}"
+                outcomes += [Outcome(c, "failed", self.stopped) for c in call.changes]
+        failed_calls = sum(
+            1
+            for call, f in futures
+            if f.exception() is None and all(o.status == "failed" for o in f.result())
+        )
+        if not self.stopped and len(calls) >= 4 and failed_calls * 2 > len(calls):
+            self.stopped = f"gave up for this run: {failed_calls} of the last {len(calls)} requests failed"
+        return outcomes

@@ -1,0 +1,52 @@
+"""The exceptions audience-sync raises on purpose.
+
+SyncError                  root: the CLI prints one line for these, no traceback
+├── ConfigError            a bad SYNC_* value or a bad row in a configuration table
+├── StateError             the state database is unreachable or not migrated
+├── SourceError            an audience query failed, timed out or broke its contract
+└── DestinationError       a destination did not accept a request (status, scrubbed text)
+    ├── RetriableError     408, 429, 5xx but 501, timeouts, connection errors
+    └── FatalError         anything else that is not 2xx: the message is rejected
+        └── AuthError      401/403: stop the whole destination for this run
+"""
+
+
+class SyncError(Exception):
+    """Root of every expected error."""
+
+
+class ConfigError(SyncError):
+    """A SYNC_* value or a configuration row is invalid."""
+
+
+class StateError(SyncError):
+    """The state database cannot be used."""
+
+
+class SourceError(SyncError):
+    """An audience query failed; its run must not change anything."""
+
+
+class DestinationError(SyncError):
+    """A destination refused or failed a request."""
+
+    def __init__(self, reason: str, status: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+
+
+class RetriableError(DestinationError):
+    """Worth trying again, after `retry_after` seconds when the destination said so."""
+
+    def __init__(self, reason: str, status: int | None = None, retry_after: float | None = None) -> None:
+        super().__init__(reason, status)
+        self.retry_after = retry_after
+
+
+class FatalError(DestinationError):
+    """Trying again will not help: the message is rejected."""
+
+
+class AuthError(FatalError):
+    """The destination refused the credentials."""

@@ -1,0 +1,111 @@
+"""Changes and the Segment messages that carry them (identify by default, track per connection)."""
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sync import __version__
+from sync.errors import ConfigError
+
+TYPES = ("identify", "track")
+
+
+@dataclass(frozen=True)
+class Change:
+    """One user's membership change on one connection, as the diff found it."""
+
+    user_id: str
+    value: bool  # True: entered, False: exited
+    traits: dict[str, Any]  # current traits for an entry; the traits last sent for an exit
+    traits_hash: str
+    changes: int  # how many changes of this user the destination accepted before
+    remote_id: str | None = None  # the destination's own id for the user (Refersion affiliate id)
+    remote_active: bool = True
+
+
+@dataclass(frozen=True)
+class Connection:
+    """An audience linked to a destination, with its validated `audience_destinations.settings`."""
+
+    audience_id: int
+    audience_key: str
+    destination_id: int
+    destination_name: str
+    type: str = "identify"
+    entered_event: str = "Audience Entered"
+    exited_event: str = "Audience Exited"
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any], where: str, **ids: Any) -> "Connection":
+        unknown = set(settings) - {"type", "entered_event", "exited_event"}
+        if unknown:
+            raise ConfigError(f"{where}: settings has unknown field(s) {', '.join(sorted(unknown))}")
+        connection = cls(**ids, **settings)
+        if connection.type not in TYPES:
+            raise ConfigError(
+                f"{where}: settings.type must be 'identify' or 'track', not {connection.type!r}"
+            )
+        for field in ("entered_event", "exited_event"):
+            if not isinstance(getattr(connection, field), str) or not getattr(connection, field):
+                raise ConfigError(f"{where}: settings.{field} must be a non-empty text")
+        return connection
+
+    def event(self, value: bool) -> str:
+        return self.entered_event if value else self.exited_event
+
+    def message_id(self, change: Change) -> str:
+        """Stable for the same change: every re-send carries it, a later re-entry gets a new one."""
+        seed = f"{self.audience_id}:{self.destination_id}:{change.user_id}:{change.value}:{change.changes}"
+        return "as-" + hashlib.sha256(seed.encode()).hexdigest()[:40]
+
+
+def _iso(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def build_message(connection: Connection, change: Change, now: datetime) -> dict[str, Any]:
+    """The Segment message for `change`, computed at `now` (UTC)."""
+    context: dict[str, Any] = {
+        "personas": {
+            "computation_class": "audience",
+            "computation_id": f"aud_{connection.audience_id}",
+            "computation_key": connection.audience_key,
+            "namespace": "spa_default",
+            "space_id": "spa_default",
+        },
+        "library": {"name": "audience-sync", "version": __version__},
+    }
+    transaction_id = change.traits.get("transaction_id")
+    if transaction_id not in (None, ""):
+        context["referrer"] = {"type": "everflow", "id": str(transaction_id)}
+    message: dict[str, Any] = {"type": connection.type, "userId": change.user_id}
+    if connection.type == "identify":
+        message["traits"] = {connection.audience_key: change.value, **_without(change.traits, connection)}
+    else:
+        message["event"] = connection.event(change.value)
+        message["properties"] = {
+            "audience_key": connection.audience_key,
+            connection.audience_key: change.value,
+        }
+        context["traits"] = _without(change.traits, connection)
+    message["context"] = context
+    message["integrations"] = {"All": False, connection.destination_name: True}
+    message["messageId"] = connection.message_id(change)
+    message["timestamp"] = _iso(now)
+    return message
+
+
+def _without(traits: dict[str, Any], connection: Connection) -> dict[str, Any]:
+    return {name: value for name, value in traits.items() if name != connection.audience_key}
+
+
+def traits_json(traits: dict[str, Any]) -> str:
+    """Canonical JSON for a member's traits (values JSON cannot hold become text)."""
+    return json.dumps(traits, sort_keys=True, default=str, ensure_ascii=False)
+
+
+def traits_hash(text: str) -> str:
+    """Identifies a set of traits: a rejected entry is retried only once it changes."""
+    return hashlib.sha256(text.encode()).hexdigest()[:32]

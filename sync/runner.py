@@ -1,0 +1,427 @@
+"""One run: evaluate an audience, diff it against each connection's accepted state, deliver the changes.
+
+The one-shot commands and the daemon both call `Runner.run`.
+"""
+
+import json
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+import sqlalchemy as sa
+
+from sync import state
+from sync.audiences import Audience, load_audiences, stage_members, store_key
+from sync.delivery import Delivery, Sender
+from sync.destinations import Destination, Outcome, json_object, load_destination, rejected
+from sync.errors import ConfigError, SourceError, StateError
+from sync.messages import Change, Connection, build_message
+from sync.settings import Settings
+from sync.tables import audience_destinations, audiences, destinations
+
+log = logging.getLogger(__name__)
+LEASE_TTL = 120.0
+MASS_EXIT_MIN = 100
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class Options:
+    audiences: list[str] = field(default_factory=list)  # names; empty means all
+    destinations: list[str] = field(default_factory=list)
+    dry_run: bool = False
+    allow_mass_exit: bool = False
+    initial_only: bool = False  # `initial`: only connections whose initial sync has not completed
+    resend: bool = False
+    out: TextIO | None = None  # where --dry-run writes its JSON lines
+
+
+@dataclass
+class Result:
+    """How one connection (or an audience with no usable connection) fared in a run."""
+
+    audience: str
+    destination: str | None
+    outcome: str  # ok, failed, held, invalid, busy
+    counts: dict[str, int] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def good(self) -> bool:
+        return self.outcome == "ok"
+
+
+class Runner:
+    """Runs audiences against the state database; keeps one Sender per destination for the process."""
+
+    def __init__(
+        self, engine: sa.Engine, source: sa.Engine, settings: Settings, now: Callable[[], datetime] = utc_now
+    ) -> None:
+        self.engine = engine
+        self.source = source
+        self.settings = settings
+        self.now = now
+        self.owner = f"{socket.gethostname()}:{os.getpid()}"
+        self.senders: dict[int, tuple[Any, Sender]] = {}
+        self.senders_lock = threading.Lock()
+        self.stopping = threading.Event()  # set on SIGTERM: finish the page in flight, then stop
+
+    def close(self) -> None:
+        for _, sender in self.senders.values():
+            sender.close()
+
+    def run(self, options: Options) -> list[Result]:
+        """One cycle over the selected audiences, concurrently; returns a result per connection."""
+        with self.engine.connect() as conn:
+            valid, problems = load_audiences(conn)
+            names = {row.id: row.name for row in conn.execute(sa.select(audiences.c.id, audiences.c.name))}
+        if options.audiences:
+            unknown = set(options.audiences) - set(names.values())
+            if unknown:
+                raise ConfigError(f"no audience named {', '.join(sorted(unknown))}")
+            valid = [a for a in valid if a.name in options.audiences]
+            problems = {i: p for i, p in problems.items() if names[i] in options.audiences}
+        results = [Result(names[i], None, "invalid", error=p) for i, p in problems.items()]
+        for result in results:
+            log.error("%s", result.error, extra={"action": "audience_invalid"})
+        with ThreadPoolExecutor(4, thread_name_prefix="audience") as pool:
+            for audience_results in pool.map(lambda a: self.run_audience(a, options), valid):
+                results += audience_results
+        return results
+
+    def run_audience(self, audience: Audience, options: Options) -> list[Result]:
+        with self._lease(audience, options) as holder:
+            if holder:
+                message = f"{audience} is being synced by {holder}; try again when it finishes"
+                log.warning("%s", message, extra={"action": "audience_busy"})
+                return [Result(audience.name, None, "busy", error=message)]
+            return self._run_leased(audience, options)
+
+    @contextmanager
+    def _lease(self, audience: Audience, options: Options) -> Iterator[str | None]:
+        with self.engine.begin() as conn:
+            holder = state.acquire_lease(conn, audience.id, self.owner, LEASE_TTL, self.now())
+        if holder:
+            yield holder
+            return
+        done = threading.Event()
+
+        def renew() -> None:
+            while not done.wait(LEASE_TTL / 4):
+                with self.engine.begin() as conn:
+                    state.acquire_lease(conn, audience.id, self.owner, LEASE_TTL, self.now())
+
+        heartbeat = threading.Thread(target=renew, name=f"lease-{audience.id}", daemon=True)
+        heartbeat.start()
+        try:
+            yield None
+        finally:
+            done.set()
+            heartbeat.join()
+            with self.engine.begin() as conn:
+                state.release_lease(conn, audience.id, self.owner)
+
+    def _run_leased(self, audience: Audience, options: Options) -> list[Result]:
+        started = self.now()
+        results: list[Result] = []
+        with self.engine.connect() as conn:
+            connections, invalid = self._connections(conn, audience, options)
+            results += invalid
+            if not connections:
+                return results
+            if options.resend and not options.dry_run:
+                for connection, _ in connections:
+                    state.forget_connection(conn, audience.id, connection.destination_id)
+            try:
+                staged = stage_members(conn, self.source, audience, self.settings.query_timeout)
+            except SourceError as exc:
+                conn.rollback()
+                log.error("%s", exc, extra={"action": "query_failed"})
+                for connection, _ in connections:
+                    results.append(
+                        self._finish(audience, connection, started, "failed", {}, str(exc), options)
+                    )
+                return results
+            store_key(conn, audience)
+            log.info(
+                "%s: %d members (%d null user_ids, %d duplicates)",
+                audience,
+                staged.members,
+                staged.null_user_ids,
+                staged.duplicate_user_ids,
+                extra={"action": "audience_evaluated"},
+            )
+            base = {
+                "members": staged.members,
+                "null_user_ids": staged.null_user_ids,
+                "duplicate_user_ids": staged.duplicate_user_ids,
+            }
+            if options.dry_run:
+                results += [self._sync(conn, audience, c, d, base, started, options) for c, d in connections]
+                conn.rollback()
+                return results
+            conn.commit()
+        with ThreadPoolExecutor(len(connections), thread_name_prefix=f"aud{audience.id}") as pool:
+            results += pool.map(
+                lambda cd: self._sync_in_own_connection(audience, cd[0], cd[1], base, started, options),
+                connections,
+            )
+        return results
+
+    def _connections(
+        self, conn: sa.Connection, audience: Audience, options: Options
+    ) -> tuple[list[tuple[Connection, Destination]], list[Result]]:
+        """The audience's usable connections, and a result for each invalid one."""
+        ad = audience_destinations
+        rows = conn.execute(
+            sa.select(
+                ad.c.destination_id,
+                sa.cast(ad.c.settings, sa.Text).label("connection_settings"),
+                destinations,
+                sa.cast(destinations.c.settings, sa.Text).label("settings_text"),
+            )
+            .join(destinations, destinations.c.id == ad.c.destination_id)
+            .where(ad.c.audience_id == audience.id, ad.c.enabled)
+            .order_by(destinations.c.name)
+        ).all()
+        usable: list[tuple[Connection, Destination]] = []
+        invalid: list[Result] = []
+        for row in rows:
+            if options.destinations and row.name not in options.destinations:
+                continue
+            if not row.enabled:
+                log.info(
+                    "%s: destination %r is disabled; skipped",
+                    audience,
+                    row.name,
+                    extra={"action": "destination_disabled"},
+                )
+                continue
+            try:
+                destination = load_destination(row, row.settings_text)
+                where = f"audience_destinations row ({audience.name!r}, {row.name!r})"
+                connection = Connection.from_settings(
+                    json_object(row.connection_settings, f"{where}: settings"),
+                    where,
+                    audience_id=audience.id,
+                    audience_key=audience.key,
+                    destination_id=row.id,
+                    destination_name=row.name,
+                )
+                synced = state.synced_key(conn, audience.id, row.id)
+                if synced is not None and synced != audience.key and not options.resend:
+                    raise ConfigError(
+                        f"{audience}: key changed from {synced!r} to {audience.key!r} after syncing to "
+                        f"{row.name!r}; set audiences.key back to {synced!r} (a new key orphans the trait)"
+                    )
+            except ConfigError as exc:
+                log.error("%s", exc, extra={"action": "connection_invalid"})
+                invalid.append(
+                    self._finish(
+                        audience,
+                        None,
+                        self.now(),
+                        "invalid",
+                        {},
+                        str(exc),
+                        options,
+                        destination_id=row.id,
+                        destination_name=row.name,
+                    )
+                )
+                continue
+            if (
+                options.initial_only
+                and not options.resend
+                and state.initial_completed(conn, audience.id, row.id)
+            ):
+                continue
+            usable.append((connection, destination))
+        return usable, invalid
+
+    def _sync_in_own_connection(
+        self,
+        audience: Audience,
+        connection: Connection,
+        destination: Destination,
+        base: dict[str, int],
+        started: datetime,
+        options: Options,
+    ) -> Result:
+        with self.engine.connect() as conn:
+            return self._sync(conn, audience, connection, destination, base, started, options)
+
+    def _sync(
+        self,
+        conn: sa.Connection,
+        audience: Audience,
+        connection: Connection,
+        destination: Destination,
+        base: dict[str, int],
+        started: datetime,
+        options: Options,
+    ) -> Result:
+        """Deliver one connection's pending changes, recording acceptances after every page."""
+        counts = dict(base, entered=0, exited=0, accepted=0, rejected=0, skipped=0, failed=0)
+        numbers = state.counts(conn, audience.id, connection.destination_id)
+        hold = None
+        if numbers.members == 0 and numbers.accepted_members > 0:
+            hold = f"the query returned no rows while {numbers.accepted_members} members are accepted"
+        elif numbers.exits > MASS_EXIT_MIN and numbers.exits * 2 > numbers.accepted_members:
+            hold = f"it would send false to {numbers.exits} of {numbers.accepted_members} accepted members"
+        if hold and not options.allow_mass_exit:
+            held = f"held: {hold}; run `audience-sync run --allow-mass-exit` if that is right"
+            log.warning("%s -> %s %s", audience, destination.name, held, extra={"action": "connection_held"})
+            return self._finish(audience, connection, started, "held", counts, held, options, conn=conn)
+        if not options.dry_run:
+            state.begin_connection(conn, audience.id, connection.destination_id, audience.key)
+            conn.commit()
+        delivery = None if options.dry_run else Delivery(self._sender(destination))
+        page_size = destination.limits.max_in_flight
+        for value in (True, False):
+            after = ""
+            while page := state.pending(
+                conn, audience.id, connection.destination_id, value, after, page_size
+            ):
+                after = page[-1].user_id
+                counts["entered" if value else "exited"] += len(page)
+                outcomes = self._deliver(connection, destination, page, delivery, options)
+                for outcome in outcomes:
+                    counts[outcome.status] += 1
+                if delivery:
+                    state.record(conn, audience.id, connection.destination_id, outcomes, self.now())
+                    conn.commit()
+                    if self.stopping.is_set() and not delivery.stopped:
+                        delivery.stopped = "interrupted by shutdown"
+                    if delivery.stopped:
+                        break
+            if delivery and delivery.stopped:
+                break
+        error: str | None = None
+        if delivery and delivery.stopped:
+            error = f"{delivery.stopped}; {counts['failed']} changes stay pending for the next run"
+        elif counts["failed"]:
+            error = f"{counts['failed']} changes were not accepted; they stay pending for the next run"
+        if not error and not options.dry_run:
+            state.complete_initial(conn, audience.id, connection.destination_id, self.now())
+        return self._finish(
+            audience, connection, started, "failed" if error else "ok", counts, error, options, conn=conn
+        )
+
+    def _deliver(
+        self,
+        connection: Connection,
+        destination: Destination,
+        page: list[Change],
+        delivery: Delivery | None,
+        options: Options,
+    ) -> list[Outcome]:
+        now = self.now()
+        messages = {change.user_id: build_message(connection, change, now) for change in page}
+        outcomes: list[Outcome] = []
+        sendable = []
+        for change in page:
+            reason = destination.check(change, messages[change.user_id])
+            if reason:
+                outcomes.append(rejected(change, reason))
+            else:
+                sendable.append(change)
+        done, calls = destination.plan(sendable, messages, connection.event)
+        outcomes += done
+        if delivery is not None:
+            return outcomes + delivery.send_all(calls)
+        if options.out is not None:
+            for outcome in outcomes:
+                self._print_change(
+                    options.out,
+                    destination,
+                    messages[outcome.change.user_id],
+                    {outcome.status: outcome.reason} if outcome.status != "accepted" else {},
+                )
+            for call in calls:
+                for change in call.changes:
+                    self._print_change(
+                        options.out,
+                        destination,
+                        messages[change.user_id],
+                        {} if destination.transport else {"request": call.describe()},
+                    )
+        return [Outcome(o.change, "accepted") if o.status == "accepted" else o for o in outcomes] + [
+            Outcome(c, "accepted") for call in calls for c in call.changes
+        ]
+
+    @staticmethod
+    def _print_change(
+        out: TextIO, destination: Destination, message: dict[str, Any], extra: dict[str, Any]
+    ) -> None:
+        out.write(json.dumps({"destination": destination.name, "message": message, **extra}) + "\n")
+
+    def _sender(self, destination: Destination) -> Sender:
+        """The shared Sender of a destination, rebuilt when its limits or credentials changed."""
+        identity = (destination.limits, tuple(destination.secrets()))
+        with self.senders_lock:
+            known = self.senders.get(destination.id)
+            if known and known[0] == identity:
+                return known[1]
+            sender = Sender(destination)
+            self.senders[destination.id] = (identity, sender)
+        if known:
+            known[1].close()
+        return sender
+
+    def _finish(
+        self,
+        audience: Audience,
+        connection: Connection | None,
+        started: datetime,
+        outcome: str,
+        counts: dict[str, int],
+        error: str | None,
+        options: Options,
+        conn: sa.Connection | None = None,
+        destination_id: int | None = None,
+        destination_name: str | None = None,
+    ) -> Result:
+        """Record the run (unless dry) and return its result."""
+        destination_id = connection.destination_id if connection else destination_id
+        destination_name = connection.destination_name if connection else destination_name
+        result = Result(audience.name, destination_name, outcome, counts, error)
+        log.info(
+            "%s -> %s: %s %s",
+            audience,
+            destination_name,
+            outcome,
+            " ".join(f"{k}={v}" for k, v in counts.items()),
+            extra={"action": "run_finished"},
+        )
+        if options.dry_run:
+            return result
+        row = {
+            "audience_id": audience.id,
+            "destination_id": destination_id,
+            "started_at": started,
+            "finished_at": self.now(),
+            "outcome": outcome,
+            "error": error,
+            **counts,
+        }
+        try:
+            if conn is not None:
+                state.record_run(conn, row)
+                conn.commit()
+            else:
+                with self.engine.begin() as own:
+                    state.record_run(own, row)
+        except sa.exc.OperationalError as exc:
+            raise StateError(f"cannot record the run of {audience}: {exc.orig}") from None
+        return result

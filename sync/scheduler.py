@@ -1,0 +1,120 @@
+"""The daemon: one APScheduler job per enabled audience, on its cadence, re-reading the config tables."""
+
+import logging
+import random
+import signal
+from datetime import UTC, datetime, timedelta
+from types import FrameType
+
+import sqlalchemy as sa
+from apscheduler.schedulers.blocking import BlockingScheduler
+from apscheduler.triggers.base import BaseTrigger
+
+from sync import state
+from sync.audiences import Audience, load_audiences
+from sync.runner import Options, Runner
+from sync.settings import Cadence
+
+log = logging.getLogger(__name__)
+RELOAD_JOB = "reload"
+
+
+class CadenceTrigger(BaseTrigger):  # type: ignore[misc]
+    """Fires `cadence` after the previous run, drawn anew each time; the first time after `last_run`."""
+
+    def __init__(self, cadence: Cadence, last_run: datetime | None, rng: random.Random) -> None:
+        self.cadence = cadence
+        self.last_run = last_run
+        self.rng = rng
+
+    def get_next_fire_time(self, previous_fire_time: datetime | None, now: datetime) -> datetime:
+        wait = timedelta(seconds=self.cadence.draw(self.rng))
+        if previous_fire_time is not None:
+            return previous_fire_time + wait
+        if self.last_run is None:
+            return now
+        return max(now, self.last_run + wait)
+
+    def __str__(self) -> str:
+        return f"cadence[{self.cadence.low:g}s-{self.cadence.high:g}s]"
+
+
+class Daemon:
+    """Keeps the scheduler's jobs in step with the `audiences` table."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+        self.scheduler = BlockingScheduler(
+            timezone=UTC,
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 3600},
+            executors={"default": {"type": "threadpool", "max_workers": 4}},
+        )
+        self.cadences: dict[int, Cadence] = {}
+        self.rng = random.Random()
+
+    def start(self) -> None:
+        self.reload()
+        self.scheduler.add_job(
+            self.reload,
+            "interval",
+            seconds=self.runner.settings.reload_interval,
+            id=RELOAD_JOB,
+            name="reload configuration",
+        )
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._stop)
+        log.info("daemon started with %d audiences", len(self.cadences), extra={"action": "daemon_started"})
+        self.scheduler.start()
+        log.info("daemon stopped", extra={"action": "daemon_stopped"})
+
+    def _stop(self, signum: int, _frame: FrameType | None) -> None:
+        log.info(
+            "received %s: finishing the page in flight",
+            signal.Signals(signum).name,
+            extra={"action": "daemon_stopping"},
+        )
+        self.runner.stopping.set()
+        self.scheduler.shutdown(wait=False)
+
+    def reload(self) -> None:
+        """Add, reschedule and remove jobs to match the enabled audiences."""
+        try:
+            with self.runner.engine.connect() as conn:
+                valid, problems = load_audiences(conn)
+                last_runs = state.last_run_times(conn)
+        except sa.exc.OperationalError as exc:
+            log.error("cannot read the configuration: %s", exc.orig, extra={"action": "reload_failed"})
+            return
+        for problem in problems.values():
+            log.error("%s", problem, extra={"action": "audience_invalid"})
+        wanted = {audience.id: audience for audience in valid}
+        for audience_id in set(self.cadences) - set(wanted):
+            self.scheduler.remove_job(str(audience_id))
+            del self.cadences[audience_id]
+            log.info("audience id %s unscheduled", audience_id, extra={"action": "audience_unscheduled"})
+        for audience in valid:
+            cadence = audience.cadence or self.runner.settings.interval
+            if self.cadences.get(audience.id) == cadence:
+                continue
+            trigger = CadenceTrigger(cadence, last_runs.get(audience.id), self.rng)
+            self.scheduler.add_job(
+                self._run,
+                trigger,
+                args=[audience.id],
+                id=str(audience.id),
+                name=audience.name,
+                replace_existing=True,
+            )
+            self.cadences[audience.id] = cadence
+            log.info("%s scheduled (%s)", audience, trigger, extra={"action": "audience_scheduled"})
+
+    def _run(self, audience_id: int) -> None:
+        with self.runner.engine.connect() as conn:
+            valid, _ = load_audiences(conn)
+        audience: Audience | None = next((a for a in valid if a.id == audience_id), None)
+        if audience is None or self.runner.stopping.is_set():
+            return
+        try:
+            self.runner.run_audience(audience, Options())
+        except Exception:
+            log.exception("run of %s failed", audience, extra={"action": "run_crashed"})

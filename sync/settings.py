@@ -1,0 +1,69 @@
+"""Runtime settings: the only module that reads the environment."""
+
+import os
+import random
+import re
+from dataclasses import dataclass
+
+from sync.errors import ConfigError
+
+_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str, name: str) -> float:
+    """Seconds in a duration like `90m`, `2h`, `1h30m` or `45s`."""
+    compact = text.strip().replace(" ", "")
+    if not compact or _PART.sub("", compact):
+        raise ConfigError(f"{name}: {text!r} is not a duration (use e.g. 90s, 15m, 2h or 1h30m)")
+    seconds = sum(float(n) * _UNITS[unit] for n, unit in _PART.findall(compact))
+    if seconds <= 0:
+        raise ConfigError(f"{name}: {text!r} must be longer than zero")
+    return seconds
+
+
+@dataclass(frozen=True)
+class Cadence:
+    """How long to wait between two runs: fixed, or drawn uniformly from a range each time."""
+
+    low: float
+    high: float
+
+    @classmethod
+    def parse(cls, text: str, name: str) -> "Cadence":
+        low, sep, high = text.partition("-")
+        if not sep:
+            seconds = parse_duration(text, name)
+            return cls(seconds, seconds)
+        bounds = cls(parse_duration(low, name), parse_duration(high, name))
+        if bounds.low > bounds.high:
+            raise ConfigError(f"{name}: {text!r} is a range whose start is after its end")
+        return bounds
+
+    def draw(self, rng: random.Random | None = None) -> float:
+        return (rng or random).uniform(self.low, self.high)
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str
+    source_url: str | None
+    interval: Cadence
+    reload_interval: float
+    query_timeout: float
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        env = os.environ
+        return cls(
+            database_url=env.get("SYNC_DATABASE_URL") or "sqlite:///audience-sync.db",
+            source_url=env.get("SYNC_SOURCE_URL") or None,
+            interval=Cadence.parse(env.get("SYNC_INTERVAL") or "2h-3h", "SYNC_INTERVAL"),
+            reload_interval=parse_duration(env.get("SYNC_RELOAD_INTERVAL") or "60s", "SYNC_RELOAD_INTERVAL"),
+            query_timeout=parse_duration(env.get("SYNC_QUERY_TIMEOUT") or "10m", "SYNC_QUERY_TIMEOUT"),
+        )
+
+
+def secret_from_env(variable: str) -> str | None:
+    """The value of the environment variable a destination row names for its API key."""
+    return os.environ.get(variable) or None

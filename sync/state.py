@@ -1,0 +1,245 @@
+"""Sync state in the state database: the diff, acceptances, rejections, run history and leases.
+
+The diff is set-based SQL (anti-joins between `sync_members` and `sync_state`), read in keyset pages
+so memory does not grow with the audience.
+"""
+
+import json
+from collections.abc import Iterable
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+
+from sync.destinations import Outcome
+from sync.messages import Change, traits_hash, traits_json
+from sync.tables import (
+    sync_connections,
+    sync_leases,
+    sync_rejections,
+    sync_runs,
+    sync_state,
+    upsertable_insert,
+)
+
+ENTRIES = sa.text("""
+    SELECT m.user_id, m.traits, m.traits_hash, s.changes, s.remote_id, s.remote_active
+    FROM sync_members m
+    LEFT JOIN sync_state s
+      ON s.audience_id = m.audience_id AND s.destination_id = :destination_id AND s.user_id = m.user_id
+    WHERE m.audience_id = :audience_id AND m.user_id > :after
+      AND (s.user_id IS NULL OR s.member = false)
+      AND NOT EXISTS (
+        SELECT 1 FROM sync_rejections r
+        WHERE r.audience_id = m.audience_id AND r.destination_id = :destination_id
+          AND r.user_id = m.user_id AND r.value = true AND r.traits_hash = m.traits_hash)
+    ORDER BY m.user_id
+    LIMIT :limit
+""")
+
+EXITS = sa.text("""
+    SELECT s.user_id, s.traits, s.changes, s.remote_id, s.remote_active
+    FROM sync_state s
+    WHERE s.audience_id = :audience_id AND s.destination_id = :destination_id
+      AND s.member = true AND s.user_id > :after
+      AND NOT EXISTS (
+        SELECT 1 FROM sync_members m WHERE m.audience_id = s.audience_id AND m.user_id = s.user_id)
+    ORDER BY s.user_id
+    LIMIT :limit
+""")
+
+COUNTS = sa.text("""
+    SELECT
+      (SELECT count(*) FROM sync_members m WHERE m.audience_id = :audience_id) AS members,
+      (SELECT count(*) FROM sync_state s
+       WHERE s.audience_id = :audience_id AND s.destination_id = :destination_id AND s.member = true
+      ) AS accepted_members,
+      (SELECT count(*) FROM sync_state s
+       WHERE s.audience_id = :audience_id AND s.destination_id = :destination_id AND s.member = true
+         AND NOT EXISTS (
+           SELECT 1 FROM sync_members m WHERE m.audience_id = s.audience_id AND m.user_id = s.user_id)
+      ) AS exits
+""")
+
+
+def pending(
+    conn: sa.Connection, audience_id: int, destination_id: int, value: bool, after: str, limit: int
+) -> list[Change]:
+    """The next page of entries (value True) or exits (False) after user id `after`."""
+    params = {"audience_id": audience_id, "destination_id": destination_id, "after": after, "limit": limit}
+    rows = conn.execute(ENTRIES if value else EXITS, params).all()
+    return [
+        Change(
+            user_id=row.user_id,
+            value=value,
+            traits=json.loads(row.traits),
+            traits_hash=row.traits_hash if value else traits_hash(row.traits),
+            changes=row.changes or 0,
+            remote_id=row.remote_id,
+            remote_active=True if row.remote_active is None else bool(row.remote_active),
+        )
+        for row in rows
+    ]
+
+
+def counts(conn: sa.Connection, audience_id: int, destination_id: int) -> sa.Row[Any]:
+    """members, accepted_members and exits of one connection (for the mass-exit guard and status)."""
+    row = conn.execute(COUNTS, {"audience_id": audience_id, "destination_id": destination_id}).one()
+    return row
+
+
+def _upsert(conn: sa.Connection, table: sa.Table, rows: list[dict[str, Any]], update: Iterable[str]) -> None:
+    if not rows:
+        return
+    statement = upsertable_insert(conn, table)
+    keys = [c.name for c in table.primary_key.columns]
+    conn.execute(
+        statement.on_conflict_do_update(index_elements=keys, set_={c: statement.excluded[c] for c in update}),
+        rows,
+    )
+
+
+def record(
+    conn: sa.Connection, audience_id: int, destination_id: int, outcomes: list[Outcome], now: datetime
+) -> None:
+    """Advance the state for accepted and skipped changes, and log rejections; failed ones stay pending."""
+    ids = {"audience_id": audience_id, "destination_id": destination_id}
+    states: list[dict[str, Any]] = []
+    rejections: list[dict[str, Any]] = []
+    for outcome in outcomes:
+        change = outcome.change
+        if outcome.status == "failed" or (outcome.status == "rejected" and change.value):
+            if outcome.status == "rejected":
+                rejections.append(_rejection(ids, outcome, now))
+            continue
+        states.append(
+            {
+                **ids,
+                "user_id": change.user_id,
+                "member": change.value and outcome.status != "rejected",
+                "traits": traits_json(change.traits),
+                "changes": change.changes + 1,
+                "remote_id": outcome.remote_id or change.remote_id,
+                "remote_active": change.remote_active
+                if outcome.remote_active is None
+                else outcome.remote_active,
+                "accepted_at": now,
+            }
+        )
+        if outcome.status == "rejected":
+            rejections.append(_rejection(ids, outcome, now))
+    _upsert(
+        conn, sync_state, states, ("member", "traits", "changes", "remote_id", "remote_active", "accepted_at")
+    )
+    accepted_entries = [
+        o.change.user_id for o in outcomes if o.change.value and o.status in ("accepted", "skipped")
+    ]
+    if accepted_entries:
+        conn.execute(
+            sa.delete(sync_rejections).where(
+                sync_rejections.c.audience_id == audience_id,
+                sync_rejections.c.destination_id == destination_id,
+                sync_rejections.c.user_id.in_(accepted_entries),
+            )
+        )
+    _upsert(conn, sync_rejections, rejections, ("value", "traits_hash", "reason", "rejected_at"))
+
+
+def _rejection(ids: dict[str, int], outcome: Outcome, now: datetime) -> dict[str, Any]:
+    return {
+        **ids,
+        "user_id": outcome.change.user_id,
+        "value": outcome.change.value,
+        "traits_hash": outcome.change.traits_hash,
+        "reason": outcome.reason or "rejected",
+        "rejected_at": now,
+    }
+
+
+def synced_key(conn: sa.Connection, audience_id: int, destination_id: int) -> str | None:
+    """The key a connection was synced under, if it ever was."""
+    return conn.scalar(
+        sa.select(sync_connections.c.key).where(
+            sync_connections.c.audience_id == audience_id, sync_connections.c.destination_id == destination_id
+        )
+    )
+
+
+def initial_completed(conn: sa.Connection, audience_id: int, destination_id: int) -> bool:
+    return (
+        conn.scalar(
+            sa.select(sync_connections.c.initial_completed_at).where(
+                sync_connections.c.audience_id == audience_id,
+                sync_connections.c.destination_id == destination_id,
+            )
+        )
+        is not None
+    )
+
+
+def begin_connection(conn: sa.Connection, audience_id: int, destination_id: int, key: str) -> None:
+    """Remember the key a connection syncs under (from its first run on, it may not change)."""
+    row = {"audience_id": audience_id, "destination_id": destination_id, "key": key}
+    conn.execute(upsertable_insert(conn, sync_connections).on_conflict_do_nothing(), row)
+
+
+def complete_initial(conn: sa.Connection, audience_id: int, destination_id: int, now: datetime) -> None:
+    conn.execute(
+        sa.update(sync_connections)
+        .where(
+            sync_connections.c.audience_id == audience_id,
+            sync_connections.c.destination_id == destination_id,
+            sync_connections.c.initial_completed_at.is_(None),
+        )
+        .values(initial_completed_at=now)
+    )
+
+
+def forget_connection(conn: sa.Connection, audience_id: int, destination_id: int) -> None:
+    """For `initial --resend`: forget what the destination accepted, so every member is sent again."""
+    for table in (sync_state, sync_rejections, sync_connections):
+        conn.execute(
+            sa.delete(table).where(
+                table.c.audience_id == audience_id, table.c.destination_id == destination_id
+            )
+        )
+
+
+def record_run(conn: sa.Connection, run: dict[str, Any]) -> None:
+    conn.execute(sa.insert(sync_runs), run)
+
+
+def last_run_times(conn: sa.Connection) -> dict[int, datetime]:
+    """When each audience last started a run (the daemon resumes its cadence from there)."""
+    rows = conn.execute(
+        sa.select(sync_runs.c.audience_id, sa.func.max(sync_runs.c.started_at)).group_by(
+            sync_runs.c.audience_id
+        )
+    ).all()
+    return {audience_id: started for audience_id, started in rows}
+
+
+def acquire_lease(conn: sa.Connection, audience_id: int, owner: str, ttl: float, now: datetime) -> str | None:
+    """Take or renew the audience's lease; returns None on success, else the owner holding it."""
+    statement = upsertable_insert(conn, sync_leases).values(
+        audience_id=audience_id, owner=owner, expires_at=now + timedelta(seconds=ttl)
+    )
+    taken = conn.execute(
+        statement.on_conflict_do_update(
+            index_elements=["audience_id"],
+            set_={"owner": statement.excluded.owner, "expires_at": statement.excluded.expires_at},
+            where=(sync_leases.c.expires_at < now) | (sync_leases.c.owner == owner),
+        ).returning(sync_leases.c.owner)
+    ).first()
+    if taken is not None:
+        return None
+    holder: str | None = conn.scalar(
+        sa.select(sync_leases.c.owner).where(sync_leases.c.audience_id == audience_id)
+    )
+    return holder or "another process"
+
+
+def release_lease(conn: sa.Connection, audience_id: int, owner: str) -> None:
+    conn.execute(
+        sa.delete(sync_leases).where(sync_leases.c.audience_id == audience_id, sync_leases.c.owner == owner)
+    )

@@ -1,0 +1,122 @@
+"""`audience-sync status`: every connection's members, accepted state, last run and next run."""
+
+from datetime import timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from rich.console import Console
+from rich.table import Table
+
+from sync.settings import Cadence, Settings
+from sync.tables import sync_runs
+
+CONNECTIONS = sa.text("""
+    SELECT a.id AS audience_id, a.name AS audience, a.schedule, a.enabled AS audience_enabled,
+           d.id AS destination_id, d.name AS destination, d.enabled AS destination_enabled,
+           ad.enabled AS connection_enabled,
+           (SELECT count(*) FROM sync_members m WHERE m.audience_id = a.id) AS members,
+           (SELECT count(*) FROM sync_state s
+            WHERE s.audience_id = a.id AND s.destination_id = d.id AND s.member = true) AS accepted_members,
+           (SELECT count(*) FROM sync_rejections r
+            WHERE r.audience_id = a.id AND r.destination_id = d.id) AS rejected_users,
+           c.initial_completed_at
+    FROM audience_destinations ad
+    JOIN audiences a ON a.id = ad.audience_id
+    JOIN destinations d ON d.id = ad.destination_id
+    LEFT JOIN sync_connections c ON c.audience_id = a.id AND c.destination_id = d.id
+    ORDER BY a.name, d.name
+""")
+
+LATEST_RUN_IDS = sa.select(sa.func.max(sync_runs.c.id)).group_by(
+    sync_runs.c.audience_id, sync_runs.c.destination_id
+)
+
+
+def connection_status(conn: sa.Connection, settings: Settings) -> list[dict[str, Any]]:
+    """One dict per connection (and per audience whose last run had no connection to speak of)."""
+    latest = conn.execute(sa.select(sync_runs).where(sync_runs.c.id.in_(LATEST_RUN_IDS)))
+    last = {(r.audience_id, r.destination_id): r._asdict() for r in latest}
+    rows = []
+    for row in conn.execute(CONNECTIONS):
+        run = last.get((row.audience_id, row.destination_id)) or last.get((row.audience_id, None))
+        started = run and run["started_at"]
+        next_run = None
+        if started and row.audience_enabled:
+            cadence = _cadence(row.schedule, settings)
+            next_run = f"{started + timedelta(seconds=cadence.low):%Y-%m-%d %H:%M}"
+            if cadence.high != cadence.low:
+                next_run += f" to {started + timedelta(seconds=cadence.high):%H:%M}"
+        rows.append(
+            {
+                "audience": row.audience,
+                "destination": row.destination,
+                "enabled": bool(row.audience_enabled and row.destination_enabled and row.connection_enabled),
+                "members": row.members,
+                "accepted_members": row.accepted_members,
+                "rejected_users": row.rejected_users,
+                "initial_sync_completed": row.initial_completed_at is not None,
+                "last_run": None
+                if run is None
+                else {
+                    k: run[k]
+                    for k in (
+                        "started_at",
+                        "finished_at",
+                        "outcome",
+                        "entered",
+                        "exited",
+                        "accepted",
+                        "rejected",
+                        "skipped",
+                        "failed",
+                    )
+                },
+                "next_run": next_run,
+                "last_error": run and run["error"],
+            }
+        )
+    return rows
+
+
+def _cadence(schedule: str | None, settings: Settings) -> Cadence:
+    try:
+        return Cadence.parse(schedule, "schedule") if schedule else settings.interval
+    except Exception:
+        return settings.interval
+
+
+def render(rows: list[dict[str, Any]]) -> None:
+    table = Table(title="audience-sync connections")
+    for column in (
+        "audience",
+        "destination",
+        "members",
+        "accepted",
+        "rejected",
+        "last run",
+        "next run",
+        "error",
+    ):
+        table.add_column(column)
+    for row in rows:
+        run = row["last_run"]
+        last = (
+            "never"
+            if run is None
+            else (
+                f"{run['started_at']:%Y-%m-%d %H:%M} {run['outcome']} "
+                f"+{run['entered']} -{run['exited']} ok={run['accepted']} "
+                f"rej={run['rejected']} fail={run['failed']}"
+            )
+        )
+        table.add_row(
+            row["audience"] + ("" if row["enabled"] else " (disabled)"),
+            row["destination"],
+            str(row["members"]),
+            str(row["accepted_members"]),
+            str(row["rejected_users"]),
+            last,
+            row["next_run"] or "-",
+            row["last_error"] or "",
+        )
+    Console().print(table)

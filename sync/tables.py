@@ -1,0 +1,184 @@
+"""The state database's tables: configuration (edited by operators) and internal sync state."""
+
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+
+class UTCDateTime(sa.TypeDecorator[datetime]):
+    """An aware UTC datetime on both backends (SQLite keeps no time zone)."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given; pass an aware UTC datetime")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _json_column(name: str) -> sa.Column[Any]:
+    return sa.Column(
+        name, sa.JSON().with_variant(JSONB(), "postgresql"), nullable=False, server_default=sa.text("'{}'")
+    )
+
+
+def _enabled() -> sa.Column[bool]:
+    return sa.Column("enabled", sa.Boolean(), nullable=False, server_default=sa.true())
+
+
+def _audience_fk() -> sa.Column[int]:
+    return sa.Column("audience_id", sa.ForeignKey("audiences.id", ondelete="CASCADE"), primary_key=True)
+
+
+def _destination_fk(primary_key: bool = True) -> sa.Column[int]:
+    return sa.Column(
+        "destination_id",
+        sa.ForeignKey("destinations.id", ondelete="CASCADE"),
+        primary_key=primary_key,
+        nullable=not primary_key,
+    )
+
+
+destinations = sa.Table(
+    "destinations",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("name", sa.Text, nullable=False, unique=True),
+    sa.Column("kind", sa.Text, nullable=False),
+    sa.Column("api_key", sa.Text),
+    sa.Column("api_key_env", sa.Text),
+    _json_column("settings"),
+    _enabled(),
+)
+
+audiences = sa.Table(
+    "audiences",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("name", sa.Text, nullable=False, unique=True),
+    sa.Column("key", sa.Text, unique=True),
+    sa.Column("query", sa.Text, nullable=False),
+    sa.Column("schedule", sa.Text),
+    _enabled(),
+)
+
+audience_destinations = sa.Table(
+    "audience_destinations",
+    metadata,
+    _audience_fk(),
+    _destination_fk(),
+    _json_column("settings"),
+    _enabled(),
+)
+
+# The audience's members as of its last evaluation: one row per user, traits as JSON text.
+sync_members = sa.Table(
+    "sync_members",
+    metadata,
+    _audience_fk(),
+    sa.Column("user_id", sa.Text, primary_key=True),
+    sa.Column("traits", sa.Text, nullable=False),
+    sa.Column("traits_hash", sa.Text, nullable=False),
+)
+
+# Per connection and user: what the destination last accepted.
+sync_state = sa.Table(
+    "sync_state",
+    metadata,
+    _audience_fk(),
+    _destination_fk(),
+    sa.Column("user_id", sa.Text, primary_key=True),
+    sa.Column("member", sa.Boolean, nullable=False),
+    sa.Column("traits", sa.Text, nullable=False),
+    sa.Column("changes", sa.Integer, nullable=False),
+    sa.Column("remote_id", sa.Text),
+    sa.Column("remote_active", sa.Boolean, nullable=False, server_default=sa.true()),
+    sa.Column("accepted_at", UTCDateTime, nullable=False),
+)
+
+# Per connection: the key it was synced under and whether its initial sync completed.
+sync_connections = sa.Table(
+    "sync_connections",
+    metadata,
+    _audience_fk(),
+    _destination_fk(),
+    sa.Column("key", sa.Text, nullable=False),
+    sa.Column("initial_completed_at", UTCDateTime),
+)
+
+sync_runs = sa.Table(
+    "sync_runs",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("audience_id", sa.ForeignKey("audiences.id", ondelete="CASCADE"), nullable=False, index=True),
+    _destination_fk(primary_key=False),
+    sa.Column("started_at", UTCDateTime, nullable=False),
+    sa.Column("finished_at", UTCDateTime, nullable=False),
+    sa.Column("outcome", sa.Text, nullable=False),
+    *(
+        sa.Column(name, sa.Integer, nullable=False, server_default="0")
+        for name in (
+            "members",
+            "entered",
+            "exited",
+            "accepted",
+            "rejected",
+            "skipped",
+            "failed",
+            "null_user_ids",
+            "duplicate_user_ids",
+        )
+    ),
+    sa.Column("error", sa.Text),
+)
+
+sync_rejections = sa.Table(
+    "sync_rejections",
+    metadata,
+    _audience_fk(),
+    _destination_fk(),
+    sa.Column("user_id", sa.Text, primary_key=True),
+    sa.Column("value", sa.Boolean, nullable=False),
+    sa.Column("traits_hash", sa.Text, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("rejected_at", UTCDateTime, nullable=False),
+)
+
+sync_leases = sa.Table(
+    "sync_leases",
+    metadata,
+    sa.Column("audience_id", sa.ForeignKey("audiences.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("owner", sa.Text, nullable=False),
+    sa.Column("expires_at", UTCDateTime, nullable=False),
+)
+
+
+def upsertable_insert(conn: sa.Connection, table: sa.Table) -> Any:
+    """An INSERT for `table` that takes ON CONFLICT clauses, on either backend."""
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+
+        return postgresql_insert(table)
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert(table)

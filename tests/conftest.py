@@ -1,0 +1,202 @@
+"""Fixtures: the same tests run against a real SQLite file and a real Postgres database."""
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from sync import database
+
+POSTGRES_URL = os.environ.get("SYNC_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+COMMAND = str(Path(sys.executable).with_name("audience-sync"))
+_template: dict[str, str] = {}
+
+
+def _postgres_admin() -> sa.Engine:
+    engine = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect():
+            pass
+    except sa.exc.OperationalError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"Postgres is required under CI and is unreachable at {POSTGRES_URL}: {exc.orig}")
+        pytest.skip(f"no Postgres reachable at {POSTGRES_URL} (set SYNC_TEST_POSTGRES_URL)")
+    return engine
+
+
+def _new_postgres_database(template: str | None = None) -> str:
+    name = f"as_test_{uuid.uuid4().hex[:12]}"
+    admin = _postgres_admin()
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else ""))
+    admin.dispose()
+    return sa.make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+
+
+def _drop_postgres_database(url: str) -> None:
+    admin = _postgres_admin()
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{sa.make_url(url).database}" WITH (FORCE)')
+    admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def empty_url(backend: str, tmp_path: Path) -> Iterator[str]:
+    """A database with no tables."""
+    if backend == "sqlite":
+        yield f"sqlite:///{tmp_path / 'state.db'}"
+        return
+    url = _new_postgres_database()
+    yield url
+    _drop_postgres_database(url)
+
+
+@pytest.fixture
+def state_url(backend: str, tmp_path: Path) -> Iterator[str]:
+    """A migrated state database (Postgres: copied from a migrated template, which is quick)."""
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path / 'state.db'}"
+        database.upgrade(url)
+        yield url
+        return
+    if "postgres" not in _template:
+        template_url = _new_postgres_database()
+        database.upgrade(template_url)
+        database.create_engine(template_url).dispose()
+        _template["postgres"] = template_url
+    url = _new_postgres_database(template=sa.make_url(_template["postgres"]).database)
+    yield url
+    _drop_postgres_database(url)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _drop_template() -> Iterator[None]:
+    yield
+    if "postgres" in _template:
+        _drop_postgres_database(_template.pop("postgres"))
+
+
+@pytest.fixture
+def engine(state_url: str) -> Iterator[sa.Engine]:
+    engine = database.create_engine(state_url)
+    yield engine
+    engine.dispose()
+
+
+class Config:
+    """Writes configuration rows the way an operator would: plain SQL INSERTs."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+
+    def sql(self, statement: str, **params: Any) -> list[sa.Row[Any]]:
+        with self.engine.begin() as conn:
+            result = conn.execute(sa.text(statement), params)
+            return list(result) if result.returns_rows else []
+
+    def destination(
+        self,
+        name: str,
+        kind: str,
+        settings: dict[str, Any],
+        api_key: str | None = None,
+        api_key_env: str | None = None,
+    ) -> int:
+        self.sql(
+            "INSERT INTO destinations (name, kind, api_key, api_key_env, settings) "
+            "VALUES (:name, :kind, :api_key, :api_key_env, :settings)",
+            name=name,
+            kind=kind,
+            api_key=api_key,
+            api_key_env=api_key_env,
+            settings=json.dumps(settings),
+        )
+        return int(self.sql("SELECT id FROM destinations WHERE name = :name", name=name)[0][0])
+
+    def audience(self, name: str, query: str, **extra: Any) -> int:
+        columns = ", ".join(["name", "query", *extra])
+        values = ", ".join(f":{c}" for c in ["name", "query", *extra])
+        self.sql(f"INSERT INTO audiences ({columns}) VALUES ({values})", name=name, query=query, **extra)
+        return int(self.sql("SELECT id FROM audiences WHERE name = :name", name=name)[0][0])
+
+    def connect(self, audience_id: int, destination_id: int, settings: dict[str, Any] | None = None) -> None:
+        if settings is None:
+            self.sql(
+                "INSERT INTO audience_destinations (audience_id, destination_id) VALUES (:a, :d)",
+                a=audience_id,
+                d=destination_id,
+            )
+        else:
+            self.sql(
+                "INSERT INTO audience_destinations (audience_id, destination_id, settings) "
+                "VALUES (:a, :d, :s)",
+                a=audience_id,
+                d=destination_id,
+                s=json.dumps(settings),
+            )
+
+
+@pytest.fixture
+def config(engine: sa.Engine) -> Config:
+    return Config(engine)
+
+
+class Customers:
+    """A source table in the state database that audience queries select from."""
+
+    QUERY = (
+        "SELECT user_id, email, first_name, last_name, transaction_id FROM customers WHERE segment = 'vip'"
+    )
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+        with engine.begin() as conn:
+            conn.exec_driver_sql(
+                "CREATE TABLE customers (user_id TEXT, email TEXT, first_name TEXT, last_name TEXT, "
+                "transaction_id TEXT, segment TEXT)"
+            )
+
+    def add(self, *user_ids: str, segment: str = "vip") -> None:
+        rows = [{"u": u, "e": f"{u}@example.com", "t": f"tid-{u}", "s": segment} for u in user_ids]
+        with self.engine.begin() as conn:
+            conn.execute(sa.text("INSERT INTO customers VALUES (:u, :e, 'Ada', 'Lovelace', :t, :s)"), rows)
+
+    def move(self, *user_ids: str, segment: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                sa.text("UPDATE customers SET segment = :s WHERE user_id = :u"),
+                [{"s": segment, "u": u} for u in user_ids],
+            )
+
+
+@pytest.fixture
+def customers(engine: sa.Engine) -> Customers:
+    return Customers(engine)
+
+
+def run_cli(
+    state_url: str, *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """The real `audience-sync` command, as an operator runs it."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("SYNC_")}
+    full_env.update({"SYNC_DATABASE_URL": state_url, **(env or {})})
+    return subprocess.run(
+        [COMMAND, *args],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
