@@ -1,6 +1,7 @@
 """End to end: the real `audience-sync` command against loopback servers that behave like the destinations."""
 
 import json
+from pathlib import Path
 
 from tests.conftest import Config, Customers, run_cli
 from tests.servers import EverflowServer, RefersionServer
@@ -71,3 +72,152 @@ def test_initial_then_unchanged_then_churn(state_url: str, config: Config, custo
         rows = {row["destination"]: row for row in json.loads(status.stdout)}
         assert rows["Everflow"]["members"] == 3 and rows["Everflow"]["accepted_members"] == 3
         assert rows["Refersion"]["last_run"]["outcome"] == "ok"
+
+
+def test_destination_failing_mid_run_loses_nothing(
+    state_url: str, config: Config, customers: Customers
+) -> None:
+    users = [f"u{i:02d}" for i in range(30)]
+    customers.add(*users)
+    with EverflowServer(fail_ratio=0.5) as everflow:
+        audience = config.audience("VIP", Customers.QUERY)
+        config.connect(audience, everflow_destination(config, everflow, max_attempts=1, max_in_flight=4))
+
+        first = run_cli(state_url, "run")
+        assert first.returncode == 1
+        assert "stay pending for the next run" in first.stderr
+        partial = set(everflow.accepted)
+        assert 0 < len(partial) < len(users)
+
+        everflow.fail_ratio = 0
+        second = run_cli(state_url, "run")
+        assert second.returncode == 0, second.stderr
+        # every member accepted exactly once across both runs: nothing lost, nothing sent twice
+        assert everflow.accepted == {(f"tid-{u}", "7"): 1 for u in users}
+
+
+def test_broken_query_fails_only_its_audience_and_sends_no_exits(
+    state_url: str, config: Config, customers: Customers
+) -> None:
+    customers.add("u1", "u2")
+    with EverflowServer() as everflow:
+        destination = everflow_destination(config, everflow)
+        broken = config.audience("Broken Later", Customers.QUERY)
+        healthy = config.audience("Healthy", Customers.QUERY.replace("'vip'", "'vip' OR segment = 'new'"))
+        config.connect(broken, destination, {"entered_event": "Audience Entered"})
+        config.connect(healthy, destination, {"entered_event": "Healthy Entered"})
+        assert run_cli(state_url, "initial").returncode == 0
+        assert len(everflow.requests) == 2  # "Healthy Entered" is not mapped: skipped on purpose
+
+        config.sql("UPDATE audiences SET query = 'SELEC user_id FROM customers' WHERE id = :id", id=broken)
+        customers.add("u3", segment="new")
+        config.sql(
+            "UPDATE destinations SET settings = :s WHERE id = :id",
+            id=destination,
+            s=json.dumps(
+                {
+                    "tracking_domain": everflow.url,
+                    "network_id": "1",
+                    "event_mapping": {**EVENTS, "Healthy Entered": 9},
+                }
+            ),
+        )
+        result = run_cli(state_url, "run")
+        assert result.returncode == 1
+        assert "Broken Later" in result.stderr and "the query failed" in result.stderr
+        # the healthy audience still synced its new member; the broken one sent nothing, no exits above all
+        assert everflow.accepted == {("tid-u1", "7"): 1, ("tid-u2", "7"): 1, ("tid-u3", "9"): 1}
+
+        status = json.loads(run_cli(state_url, "status", "--json").stdout)
+        broken_row = next(row for row in status if row["audience"] == "Broken Later")
+        assert broken_row["last_run"]["outcome"] == "failed"
+        assert "the query failed" in broken_row["last_error"]
+        assert broken_row["accepted_members"] == 2
+
+
+def test_dry_run_prints_changes_and_changes_nothing(
+    state_url: str, config: Config, customers: Customers
+) -> None:
+    customers.add("u1", "u2")
+    with EverflowServer() as everflow, RefersionServer() as refersion:
+        audience = config.audience("VIP", Customers.QUERY)
+        config.connect(audience, everflow_destination(config, everflow))
+        config.connect(audience, refersion_destination(config, refersion), {"type": "track"})
+
+        preview = run_cli(state_url, "initial", "--dry-run")
+        assert preview.returncode == 0, preview.stderr
+        lines = [json.loads(line) for line in preview.stdout.splitlines()]
+        assert sorted((line["destination"], line["message"]["userId"]) for line in lines) == [
+            ("Everflow", "u1"),
+            ("Everflow", "u2"),
+            ("Refersion", "u1"),
+            ("Refersion", "u2"),
+        ]
+        refersion_line = next(line for line in lines if line["destination"] == "Refersion")
+        assert refersion_line["message"]["event"] == "Audience Entered"
+        assert refersion_line["message"]["properties"] == {"audience_key": "vip", "vip": True}
+        assert refersion_line["request"]["json"]["password"] == "***"
+        everflow_line = next(line for line in lines if line["destination"] == "Everflow")
+        assert everflow_line["message"]["traits"]["vip"] is True
+        assert everflow_line["request"]["params"]["adv_event_id"] == "7"
+        assert "[dry run]" in preview.stderr
+        assert everflow.requests == [] and refersion.requests == []
+
+        # nothing was recorded: the real initial sync still sends everything, with the previewed messageIds
+        assert run_cli(state_url, "initial").returncode == 0
+        assert len(everflow.accepted) == 2 and len(refersion.affiliates) == 2
+        again = run_cli(state_url, "run", "--dry-run")
+        assert again.returncode == 0 and again.stdout == ""
+
+
+def test_mass_exit_is_held_until_allowed(state_url: str, config: Config, customers: Customers) -> None:
+    users = [f"u{i:03d}" for i in range(150)]
+    customers.add(*users)
+    with EverflowServer() as everflow:
+        audience = config.audience("VIP", Customers.QUERY)
+        config.connect(audience, everflow_destination(config, everflow, rate_limit=1000))
+        assert run_cli(state_url, "initial").returncode == 0
+        customers.move(*users[:120], segment="lapsed")
+
+        held = run_cli(state_url, "run")
+        assert held.returncode == 1
+        assert "held: it would send false to 120 of 150 accepted members" in held.stderr
+        assert len(everflow.requests) == 150
+
+        released = run_cli(state_url, "run", "--allow-mass-exit")
+        assert released.returncode == 0, released.stderr
+        assert sum(1 for tid, event in everflow.accepted if event == "8") == 120
+
+
+def test_invalid_rows_are_named_and_do_not_stop_others(
+    state_url: str, config: Config, customers: Customers
+) -> None:
+    customers.add("u1")
+    with EverflowServer() as everflow:
+        good = everflow_destination(config, everflow)
+        missing_key = config.destination("Refersion", "refersion", {}, api_key_env="NOT_SET_ANYWHERE")
+        bad_key = config.audience("!!!", Customers.QUERY)
+        ok = config.audience("VIP", Customers.QUERY)
+        config.connect(bad_key, good)
+        config.connect(ok, good)
+        config.connect(ok, missing_key)
+        result = run_cli(state_url, "run")
+        assert result.returncode == 1
+        assert (
+            "audiences row id=1 ('!!!'): key '' (from name) is not snake_case; set audiences.key by hand"
+            in (result.stderr)
+        )
+        assert "api_key_env names 'NOT_SET_ANYWHERE', which is not set or empty" in result.stderr
+        assert everflow.accepted == {("tid-u1", "7"): 1}
+
+
+def test_unmigrated_database_and_bad_settings_exit_2(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    unmigrated = run_cli(url, "run")
+    assert unmigrated.returncode == 2
+    assert "is not migrated: run `audience-sync db upgrade`" in unmigrated.stderr
+    assert str(tmp_path / "fresh.db") in unmigrated.stderr
+    bad_interval = run_cli(url, "run", env={"SYNC_INTERVAL": "often"})
+    assert bad_interval.returncode == 2
+    assert "SYNC_INTERVAL: 'often' is not a duration" in bad_interval.stderr
+    assert "Traceback" not in bad_interval.stderr + unmigrated.stderr
