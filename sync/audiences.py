@@ -118,7 +118,9 @@ def stage_members(state: sa.Connection, source: sa.Engine, audience: Audience, t
     """
     state.execute(sa.delete(sync_members).where(sync_members.c.audience_id == audience.id))
     insert = upsertable_insert(state, sync_members).on_conflict_do_nothing()
-    sql = sa.text(f"SELECT * FROM ({audience.query.strip().rstrip(';')}) AS audience_query")
+    # Colons are escaped: audience queries have no bind parameters; `'10:30'` or `x::text` stay as they are.
+    query = audience.query.strip().rstrip(";").replace(":", r"\:")
+    sql = sa.text(f"SELECT * FROM ({query}) AS audience_query")
     nulls = rows = 0
     try:
         with _read_only(source, timeout) as conn:
@@ -148,7 +150,7 @@ def stage_members(state: sa.Connection, source: sa.Engine, audience: Audience, t
                 rows += len(batch)
                 if batch:
                     state.execute(insert, batch)
-    except sa.exc.DBAPIError as exc:
+    except sa.exc.StatementError as exc:
         raise SourceError(f"{audience}: the query failed: {_first_line(exc.orig)}") from None
     members = state.scalar(
         sa.select(sa.func.count()).select_from(sync_members).where(sync_members.c.audience_id == audience.id)

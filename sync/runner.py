@@ -91,24 +91,47 @@ class Runner:
                 raise ConfigError(f"no audience named {', '.join(sorted(unknown))}")
             valid = [a for a in valid if a.name in options.audiences]
             problems = {i: p for i, p in problems.items() if names[i] in options.audiences}
-        results = [Result(names[i], None, "invalid", error=p) for i, p in problems.items()]
-        for result in results:
-            log.error("%s", result.error, extra={"action": "audience_invalid"})
+        results = [self._invalid_audience(i, names[i], problem, options) for i, problem in problems.items()]
         with ThreadPoolExecutor(4, thread_name_prefix="audience") as pool:
             for audience_results in pool.map(lambda a: self.run_audience(a, options), valid):
                 results += audience_results
         return results
 
     def run_audience(self, audience: Audience, options: Options) -> list[Result]:
-        with self._lease(audience, options) as holder:
-            if holder:
-                message = f"{audience} is being synced by {holder}; try again when it finishes"
-                log.warning("%s", message, extra={"action": "audience_busy"})
-                return [Result(audience.name, None, "busy", error=message)]
-            return self._run_leased(audience, options)
+        """Run one audience under its lease; a state database failure fails this audience only."""
+        try:
+            with self._lease(audience) as holder:
+                if holder:
+                    message = f"{audience} is being synced by {holder}; try again when it finishes"
+                    log.warning("%s", message, extra={"action": "audience_busy"})
+                    return [Result(audience.name, None, "busy", error=message)]
+                return self._run_leased(audience, options)
+        except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+            message = f"{audience}: the state database failed during the run: {_first_line(exc)}"
+            log.error("%s", message, extra={"action": "state_failed"})
+            return [Result(audience.name, None, "failed", error=message)]
+
+    def _invalid_audience(self, audience_id: int, name: str, problem: str, options: Options) -> Result:
+        """Log and record an audience whose row is invalid (status shows the reason)."""
+        log.error("%s", problem, extra={"action": "audience_invalid"})
+        if not options.dry_run:
+            now = self.now()
+            with self.engine.begin() as conn:
+                state.record_run(
+                    conn,
+                    {
+                        "audience_id": audience_id,
+                        "destination_id": None,
+                        "started_at": now,
+                        "finished_at": now,
+                        "outcome": "invalid",
+                        "error": problem,
+                    },
+                )
+        return Result(name, None, "invalid", error=problem)
 
     @contextmanager
-    def _lease(self, audience: Audience, options: Options) -> Iterator[str | None]:
+    def _lease(self, audience: Audience) -> Iterator[str | None]:
         with self.engine.begin() as conn:
             holder = state.acquire_lease(conn, audience.id, self.owner, LEASE_TTL, self.now())
         if holder:
@@ -272,7 +295,8 @@ class Runner:
         options: Options,
     ) -> Result:
         """Deliver one connection's pending changes, recording acceptances after every page."""
-        counts = dict(base, entered=0, exited=0, accepted=0, rejected=0, skipped=0, failed=0)
+        counts = dict(base, entered=0, exited=0, rejected=0, skipped=0, failed=0)
+        counts["to_send" if options.dry_run else "accepted"] = 0
         numbers = state.counts(conn, audience.id, connection.destination_id)
         hold = None
         if numbers.members == 0 and numbers.accepted_members > 0:
@@ -297,7 +321,7 @@ class Runner:
                 counts["entered" if value else "exited"] += len(page)
                 outcomes = self._deliver(connection, destination, page, delivery, options)
                 for outcome in outcomes:
-                    counts[outcome.status] += 1
+                    counts[outcome.status] = counts.get(outcome.status, 0) + 1
                 if delivery:
                     state.record(conn, audience.id, connection.destination_id, outcomes, self.now())
                     conn.commit()
@@ -356,8 +380,8 @@ class Runner:
                         messages[change.user_id],
                         {} if destination.transport else {"request": call.describe()},
                     )
-        return [Outcome(o.change, "accepted") if o.status == "accepted" else o for o in outcomes] + [
-            Outcome(c, "accepted") for call in calls for c in call.changes
+        return [Outcome(o.change, "to_send") if o.status == "accepted" else o for o in outcomes] + [
+            Outcome(c, "to_send") for call in calls for c in call.changes
         ]
 
     @staticmethod
@@ -425,3 +449,8 @@ class Runner:
         except sa.exc.OperationalError as exc:
             raise StateError(f"cannot record the run of {audience}: {exc.orig}") from None
         return result
+
+
+def _first_line(error: BaseException) -> str:
+    cause = getattr(error, "orig", None) or error
+    return (str(cause).strip().splitlines() or [type(cause).__name__])[0]

@@ -38,7 +38,13 @@ def connection_status(conn: sa.Connection, settings: Settings) -> list[dict[str,
     last = {(r.audience_id, r.destination_id): r._asdict() for r in latest}
     rows = []
     for row in conn.execute(CONNECTIONS):
-        run = last.get((row.audience_id, row.destination_id)) or last.get((row.audience_id, None))
+        # the connection's own last run, or a later one that failed the whole audience (an invalid row)
+        runs = [
+            r
+            for r in (last.get((row.audience_id, row.destination_id)), last.get((row.audience_id, None)))
+            if r
+        ]
+        run = max(runs, key=lambda r: r["id"]) if runs else None
         started = run and run["started_at"]
         next_run = None
         if started and row.audience_enabled:

@@ -3,6 +3,8 @@
 import json
 from pathlib import Path
 
+import sqlalchemy as sa
+
 from tests.conftest import Config, Customers, run_cli
 from tests.servers import EverflowServer, RefersionServer
 
@@ -221,3 +223,17 @@ def test_unmigrated_database_and_bad_settings_exit_2(tmp_path: Path) -> None:
     assert bad_interval.returncode == 2
     assert "SYNC_INTERVAL: 'often' is not a duration" in bad_interval.stderr
     assert "Traceback" not in bad_interval.stderr + unmigrated.stderr
+
+
+def test_source_in_another_database(state_url: str, config: Config, tmp_path: Path) -> None:
+    source_url = f"sqlite:///{tmp_path / 'warehouse.db'}"
+    source = sa.create_engine(source_url)
+    Customers(source).add("w1", "w2")
+    source.dispose()
+    with EverflowServer() as everflow:
+        # colons and percent signs in the query are SQL, not parameters
+        query = Customers.QUERY + " AND email LIKE '%@example.com' AND '10:30' = '10:30'"
+        config.connect(config.audience("Warehouse VIPs", query), everflow_destination(config, everflow))
+        result = run_cli(state_url, "run", env={"SYNC_SOURCE_URL": source_url})
+        assert result.returncode == 0, result.stderr
+        assert everflow.accepted == {("tid-w1", "7"): 1, ("tid-w2", "7"): 1}
