@@ -1,0 +1,78 @@
+"""The Segment message: identify by default, track per connection, stable messageIds."""
+
+from datetime import UTC, datetime
+
+import pytest
+
+from sync.errors import ConfigError
+from sync.messages import Change, Connection, build_message
+
+NOW = datetime(2026, 11, 22, 10, 0, 0, 123456, tzinfo=UTC)
+TRAITS = {"email": "a@example.com", "first_name": "Ada", "transaction_id": "tid-1"}
+
+
+def connection(**settings: str) -> Connection:
+    return Connection.from_settings(
+        settings,
+        "row",
+        audience_id=7,
+        audience_key="order_completed_last_30_days",
+        destination_id=3,
+        destination_name="Everflow",
+    )
+
+
+def change(value: bool = True, changes: int = 0) -> Change:
+    return Change("u123", value, TRAITS, "hash", changes)
+
+
+def test_identify_message_matches_the_spec() -> None:
+    message = build_message(connection(), change(), NOW)
+    assert message["type"] == "identify"
+    assert message["userId"] == "u123"
+    assert message["traits"] == {"order_completed_last_30_days": True, **TRAITS}
+    assert message["context"]["personas"] == {
+        "computation_class": "audience",
+        "computation_id": "aud_7",
+        "computation_key": "order_completed_last_30_days",
+        "namespace": "spa_default",
+        "space_id": "spa_default",
+    }
+    assert message["context"]["referrer"] == {"type": "everflow", "id": "tid-1"}
+    assert message["context"]["library"]["name"] == "audience-sync"
+    assert message["integrations"] == {"All": False, "Everflow": True}
+    assert message["timestamp"] == "2026-11-22T10:00:00.123Z"
+    assert len(message["messageId"]) < 100
+
+
+def test_track_message_for_an_exit() -> None:
+    message = build_message(connection(type="track", exited_event="Left VIP"), change(value=False), NOW)
+    assert message["type"] == "track"
+    assert message["event"] == "Left VIP"
+    assert message["properties"] == {
+        "audience_key": "order_completed_last_30_days",
+        "order_completed_last_30_days": False,
+    }
+    assert message["context"]["traits"] == TRAITS
+    assert "traits" not in message
+
+
+def test_message_id_is_stable_for_a_resend_and_new_for_a_reentry() -> None:
+    first = build_message(connection(), change(changes=0), NOW)["messageId"]
+    assert build_message(connection(), change(changes=0), datetime.now(UTC))["messageId"] == first
+    exit_id = build_message(connection(), change(value=False, changes=1), NOW)["messageId"]
+    reentry = build_message(connection(), change(changes=2), NOW)["messageId"]
+    assert len({first, exit_id, reentry}) == 3
+
+
+@pytest.mark.parametrize(
+    ("settings", "error"),
+    [
+        ({"type": "page"}, "settings.type must be 'identify' or 'track'"),
+        ({"entered_event": ""}, "settings.entered_event must be a non-empty text"),
+        ({"exit_event": "x"}, "unknown field(s) exit_event"),
+    ],
+)
+def test_bad_connection_settings(settings: dict[str, str], error: str) -> None:
+    with pytest.raises(ConfigError, match=error.replace("(", r"\(").replace(")", r"\)")):
+        connection(**settings)

@@ -1,0 +1,60 @@
+"""Durations and cadences of SYNC_* variables."""
+
+import random
+
+import pytest
+
+from sync.errors import ConfigError
+from sync.settings import Cadence, Settings, parse_duration
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("90m", 5400),
+        ("2h", 7200),
+        ("45s", 45),
+        ("1h30m", 5400),
+        ("1.5h", 5400),
+        ("250ms", 0.25),
+        ("1d", 86400),
+    ],
+)
+def test_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text, "X") == seconds
+
+
+@pytest.mark.parametrize("text", ["", "often", "10", "-5m", "0s", "5 parsecs", "2h-"])
+def test_bad_durations_name_the_variable(text: str) -> None:
+    with pytest.raises(ConfigError, match="^SYNC_INTERVAL: "):
+        Cadence.parse(text, "SYNC_INTERVAL")
+
+
+def test_cadence_range_draws_uniformly_within_bounds() -> None:
+    cadence = Cadence.parse("2h-3h", "SYNC_INTERVAL")
+    draws = [cadence.draw(random.Random(seed)) for seed in range(200)]
+    assert all(7200 <= d <= 10800 for d in draws)
+    assert min(draws) < 7500 and max(draws) > 10500
+    assert Cadence.parse("90m", "SYNC_INTERVAL").draw() == 5400
+    with pytest.raises(ConfigError, match="start is after its end"):
+        Cadence.parse("3h-2h", "SYNC_INTERVAL")
+
+
+def test_defaults_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in (
+        "SYNC_DATABASE_URL",
+        "SYNC_SOURCE_URL",
+        "SYNC_INTERVAL",
+        "SYNC_RELOAD_INTERVAL",
+        "SYNC_QUERY_TIMEOUT",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    defaults = Settings.from_env()
+    assert defaults.database_url == "sqlite:///audience-sync.db"
+    assert defaults.source_url is None
+    assert defaults.interval == Cadence(7200, 10800)
+    assert (defaults.reload_interval, defaults.query_timeout) == (60, 600)
+    monkeypatch.setenv("SYNC_QUERY_TIMEOUT", "30s")
+    monkeypatch.setenv("SYNC_INTERVAL", "5m")
+    configured = Settings.from_env()
+    assert configured.query_timeout == 30 and configured.interval == Cadence(300, 300)
