@@ -6,7 +6,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from tests.conftest import Config, Customers, run_cli
-from tests.servers import EverflowServer, RefersionServer
+from tests.servers import EverflowServer, RefersionServer, SegmentServer
 
 EVENTS = {"Audience Entered": 7, "Audience Exited": 8}
 
@@ -237,3 +237,50 @@ def test_source_in_another_database(state_url: str, config: Config, tmp_path: Pa
         result = run_cli(state_url, "run", env={"SYNC_SOURCE_URL": source_url})
         assert result.returncode == 0, result.stderr
         assert everflow.accepted == {("tid-w1", "7"): 1, ("tid-w2", "7"): 1}
+
+
+def test_resend_sends_every_member_again_with_the_same_ids(
+    state_url: str, config: Config, customers: Customers
+) -> None:
+    customers.add("u1", "u2")
+    with SegmentServer(api_key="seg-key") as segment:
+        destination = config.destination(
+            "Everflow via Segment",
+            "everflow",
+            {"transport": "segment", "endpoint": segment.url + "/v1/batch", "network_id": "9"},
+            api_key="seg-key",
+        )
+        config.connect(config.audience("VIP", Customers.QUERY), destination)
+        assert run_cli(state_url, "initial").returncode == 0
+        first_ids = sorted(message["messageId"] for message in segment.messages)
+        assert len(first_ids) == 2
+        assert segment.requests[0].settings == {"network_id": "9"}
+
+        assert run_cli(state_url, "initial").returncode == 0  # completed: nothing to do
+        assert len(segment.messages) == 2
+        resend = run_cli(state_url, "initial", "--resend")
+        assert resend.returncode == 0, resend.stderr
+        assert sorted(message["messageId"] for message in segment.messages[2:]) == first_ids
+
+
+def test_key_change_after_sync_is_refused(state_url: str, config: Config, customers: Customers) -> None:
+    customers.add("u1")
+    with EverflowServer() as everflow:
+        audience = config.audience("Order Completed Last 30 Days", Customers.QUERY)
+        config.connect(audience, everflow_destination(config, everflow))
+        assert run_cli(state_url, "run").returncode == 0
+        stored = config.sql("SELECT key FROM audiences WHERE id = :id", id=audience)[0][0]
+        assert stored == "order_completed_last_30_days"
+
+        config.sql("UPDATE audiences SET name = 'Renamed' WHERE id = :id", id=audience)
+        customers.add("u2")
+        assert run_cli(state_url, "run").returncode == 0  # a rename keeps the stored key
+        config.sql("UPDATE audiences SET key = 'something_else' WHERE id = :id", id=audience)
+        customers.add("u3")
+        refused = run_cli(state_url, "run")
+        assert refused.returncode == 1
+        assert (
+            "key changed from 'order_completed_last_30_days' to 'something_else' after syncing to 'Everflow'"
+            in refused.stderr
+        )
+        assert set(everflow.accepted) == {("tid-u1", "7"), ("tid-u2", "7")}
