@@ -8,6 +8,15 @@ from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from sync import database
 from sync.errors import SyncError
@@ -94,7 +103,11 @@ def _sync(engine: sa.Engine, settings: Settings, args: argparse.Namespace) -> in
             resend=getattr(args, "resend", False),
             out=sys.stdout if args.dry_run else None,
         )
-        results = runner.run(options)
+        if args.dry_run or not sys.stderr.isatty():
+            results = runner.run(options)
+        else:
+            with _progress() as runner.progress:
+                results = runner.run(options)
     finally:
         runner.close()
     _summary(results, args.dry_run)
@@ -121,3 +134,16 @@ def _status(engine: sa.Engine, settings: Settings, as_json: bool) -> int:
     else:
         render(rows)
     return 0
+
+
+def _progress() -> Progress:
+    """Bars per connection with count, elapsed time and ETA (the ETA follows the destination's rate limit)."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+    )

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import sqlalchemy as sa
+from rich.progress import Progress
 
 from sync import state
 from sync.audiences import Audience, load_audiences, stage_members, store_key
@@ -75,6 +76,7 @@ class Runner:
         self.senders: dict[int, tuple[Any, Sender]] = {}
         self.senders_lock = threading.Lock()
         self.stopping = threading.Event()  # set on SIGTERM: finish the page in flight, then stop
+        self.progress: Progress | None = None  # a progress bar per connection, on a terminal
 
     def close(self) -> None:
         for _, sender in self.senders.values():
@@ -312,6 +314,11 @@ class Runner:
             conn.commit()
         delivery = None if options.dry_run else Delivery(self._sender(destination))
         page_size = destination.limits.max_in_flight
+        task = None
+        if self.progress is not None:
+            task = self.progress.add_task(
+                f"{audience.name} -> {destination.name}", total=numbers.entries + numbers.exits
+            )
         for value in (True, False):
             after = ""
             while page := state.pending(
@@ -320,6 +327,8 @@ class Runner:
                 after = page[-1].user_id
                 counts["entered" if value else "exited"] += len(page)
                 outcomes = self._deliver(connection, destination, page, delivery, options)
+                if self.progress is not None and task is not None:
+                    self.progress.advance(task, len(page))
                 for outcome in outcomes:
                     counts[outcome.status] = counts.get(outcome.status, 0) + 1
                 if delivery:

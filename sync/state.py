@@ -22,43 +22,45 @@ from sync.tables import (
     upsertable_insert,
 )
 
-ENTRIES = sa.text("""
-    SELECT m.user_id, m.traits, m.traits_hash, s.changes, s.remote_id, s.remote_active
+_ENTRIES = """
     FROM sync_members m
     LEFT JOIN sync_state s
       ON s.audience_id = m.audience_id AND s.destination_id = :destination_id AND s.user_id = m.user_id
-    WHERE m.audience_id = :audience_id AND m.user_id > :after
+    WHERE m.audience_id = :audience_id
       AND (s.user_id IS NULL OR s.member = false)
       AND NOT EXISTS (
         SELECT 1 FROM sync_rejections r
         WHERE r.audience_id = m.audience_id AND r.destination_id = :destination_id
           AND r.user_id = m.user_id AND r.value = true AND r.traits_hash = m.traits_hash)
-    ORDER BY m.user_id
-    LIMIT :limit
-""")
+"""
 
-EXITS = sa.text("""
-    SELECT s.user_id, s.traits, s.changes, s.remote_id, s.remote_active
+_EXITS = """
     FROM sync_state s
-    WHERE s.audience_id = :audience_id AND s.destination_id = :destination_id
-      AND s.member = true AND s.user_id > :after
+    WHERE s.audience_id = :audience_id AND s.destination_id = :destination_id AND s.member = true
       AND NOT EXISTS (
         SELECT 1 FROM sync_members m WHERE m.audience_id = s.audience_id AND m.user_id = s.user_id)
-    ORDER BY s.user_id
-    LIMIT :limit
-""")
+"""
 
-COUNTS = sa.text("""
+ENTRIES = sa.text(
+    "SELECT m.user_id, m.traits, m.traits_hash, s.changes, s.remote_id, s.remote_active"
+    + _ENTRIES
+    + " AND m.user_id > :after ORDER BY m.user_id LIMIT :limit"
+)
+
+EXITS = sa.text(
+    "SELECT s.user_id, s.traits, s.changes, s.remote_id, s.remote_active"
+    + _EXITS
+    + " AND s.user_id > :after ORDER BY s.user_id LIMIT :limit"
+)
+
+COUNTS = sa.text(f"""
     SELECT
       (SELECT count(*) FROM sync_members m WHERE m.audience_id = :audience_id) AS members,
       (SELECT count(*) FROM sync_state s
        WHERE s.audience_id = :audience_id AND s.destination_id = :destination_id AND s.member = true
       ) AS accepted_members,
-      (SELECT count(*) FROM sync_state s
-       WHERE s.audience_id = :audience_id AND s.destination_id = :destination_id AND s.member = true
-         AND NOT EXISTS (
-           SELECT 1 FROM sync_members m WHERE m.audience_id = s.audience_id AND m.user_id = s.user_id)
-      ) AS exits
+      (SELECT count(*) {_ENTRIES}) AS entries,
+      (SELECT count(*) {_EXITS}) AS exits
 """)
 
 
@@ -83,7 +85,7 @@ def pending(
 
 
 def counts(conn: sa.Connection, audience_id: int, destination_id: int) -> sa.Row[Any]:
-    """members, accepted_members and exits of one connection (for the mass-exit guard and status)."""
+    """members, accepted_members, entries and exits of one connection (mass-exit guard, progress)."""
     row = conn.execute(COUNTS, {"audience_id": audience_id, "destination_id": destination_id}).one()
     return row
 
