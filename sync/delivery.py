@@ -1,10 +1,13 @@
 """Sending calls to one destination: shared rate limit, bounded concurrency, retries with backoff."""
 
+import json
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import quote, quote_plus
 
 import httpx
 from tenacity import (
@@ -20,6 +23,7 @@ from sync.errors import AuthError, FatalError, RetriableError
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_CAP = 60.0
+REASON_MAX = 300
 
 
 class RateLimiter:
@@ -51,7 +55,17 @@ class Sender:
     def __init__(self, destination: Destination, client: httpx.Client | None = None) -> None:
         limits = destination.limits
         self.limits = limits
-        self.secrets = [s for s in destination.secrets() if s]
+        # as sent in a query string or JSON body, a secret may come back encoded
+        self.secrets = sorted(
+            {
+                form
+                for secret in destination.secrets()
+                if secret
+                for form in (secret, quote(secret, safe=""), quote_plus(secret), json.dumps(secret)[1:-1])
+            },
+            key=len,
+            reverse=True,
+        )
         self.client = client or httpx.Client(
             timeout=limits.timeout,
             limits=httpx.Limits(
@@ -66,9 +80,10 @@ class Sender:
         self.client.close()
 
     def scrub(self, text: str) -> str:
+        """`text` without any secret, shortened for run history."""
         for secret in self.secrets:
             text = text.replace(secret, "***")
-        return text
+        return text[:REASON_MAX]
 
     def _wait(self, state: RetryCallState) -> float:
         error = state.outcome.exception() if state.outcome else None
@@ -115,11 +130,12 @@ class Sender:
 
 
 class Delivery:
-    """One run's delivery to one connection: stops on refused credentials or when most calls fail."""
+    """One run's delivery to one connection: stops on refused credentials or when most recent calls fail."""
 
     def __init__(self, sender: Sender) -> None:
         self.sender = sender
         self.stopped: str | None = None
+        self.recent: deque[bool] = deque(maxlen=max(8, sender.limits.max_in_flight))  # True: the call failed
 
     def send_all(self, calls: list[Call]) -> list[Outcome]:
         if self.stopped:
@@ -128,15 +144,13 @@ class Delivery:
         outcomes: list[Outcome] = []
         for call, future in futures:
             try:
-                outcomes += future.result()
+                results = future.result()
             except AuthError as exc:
                 self.stopped = f"stopped: {exc.reason}"
-                outcomes += [Outcome(c, "failed", self.stopped) for c in call.changes]
-        failed_calls = sum(
-            1
-            for call, f in futures
-            if f.exception() is None and all(o.status == "failed" for o in f.result())
-        )
-        if not self.stopped and len(calls) >= 4 and failed_calls * 2 > len(calls):
-            self.stopped = f"gave up for this run: {failed_calls} of the last {len(calls)} requests failed"
+                results = [Outcome(c, "failed", self.stopped) for c in call.changes]
+            outcomes += results
+            self.recent.append(all(o.status == "failed" for o in results))
+        failed = sum(self.recent)
+        if not self.stopped and len(self.recent) >= 4 and failed * 2 > len(self.recent):
+            self.stopped = f"gave up for this run: {failed} of the last {len(self.recent)} requests failed"
         return outcomes

@@ -9,6 +9,8 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -79,7 +81,7 @@ def read_accepting(call: Call, response: httpx.Response) -> list[Outcome]:
 
 def error_text(response: httpx.Response) -> str:
     """A short reason from a documented error body (`{"error": ...}` or `{"errors": [...]}`) or the text."""
-    reason = response.text.strip()[:300]
+    reason = response.text.strip()  # shortened only after secrets are scrubbed (Sender.scrub)
     try:
         body = response.json()
     except ValueError:
@@ -102,11 +104,17 @@ def raise_for_retry_or_auth(response: httpx.Response) -> None:
 
 
 def _retry_after(response: httpx.Response) -> float | None:
+    """Retry-After in seconds, given as seconds or as an HTTP date."""
     value = response.headers.get("Retry-After", "")
     try:
         return max(0.0, float(value))
     except ValueError:
+        pass
+    try:
+        moment = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
         return None
+    return max(0.0, (moment - datetime.now(UTC)).total_seconds())
 
 
 def base_url(value: Any, where: str) -> str:

@@ -67,7 +67,7 @@ class Refersion(Destination):
                 + (
                     "(none is set: fill api_key or api_key_env)"
                     if not api_key
-                    else "(the key given has no '.')"
+                    else "(the key given is not two non-empty parts around a '.')"
                 )
             )
         self.headers = {"Refersion-Public-Key": public, "Refersion-Secret-Key": secret}
