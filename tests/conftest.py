@@ -171,7 +171,13 @@ class Customers:
     def add(self, *user_ids: str, segment: str = "vip") -> None:
         rows = [{"u": u, "e": f"{u}@example.com", "t": f"tid-{u}", "s": segment} for u in user_ids]
         with self.engine.begin() as conn:
-            conn.execute(sa.text("INSERT INTO customers VALUES (:u, :e, 'Ada', 'Lovelace', :t, :s)"), rows)
+            conn.execute(
+                sa.text(
+                    "INSERT INTO customers (user_id, email, first_name, last_name, transaction_id, segment) "
+                    "VALUES (:u, :e, 'Ada', 'Lovelace', :t, :s)"
+                ),
+                rows,
+            )
 
     def move(self, *user_ids: str, segment: str) -> None:
         with self.engine.begin() as conn:
