@@ -51,26 +51,32 @@ def audience_from_row(row: sa.Row[Any]) -> Audience:
 
 
 def load_audiences(conn: sa.Connection) -> tuple[list[Audience], dict[int, str]]:
-    """Enabled audiences, and the problems of the invalid ones by audience id."""
-    rows = conn.execute(sa.select(audiences).where(audiences.c.enabled).order_by(audiences.c.id)).all()
+    """Enabled audiences, and the problems of the invalid ones by audience id.
+
+    Keys are compared across all rows, disabled ones too: a disabled audience still owns its key.
+    """
+    rows = conn.execute(sa.select(audiences).order_by(audiences.c.id)).all()
+    by_key: dict[str, list[str]] = {}
+    for row in rows:
+        by_key.setdefault(row.key if row.key is not None else derive_key(row.name), []).append(repr(row.name))
     valid: list[Audience] = []
     problems: dict[int, str] = {}
     for row in rows:
+        if not row.enabled:
+            continue
         try:
-            valid.append(audience_from_row(row))
+            audience = audience_from_row(row)
         except ConfigError as exc:
             problems[row.id] = str(exc)
-    by_key: dict[str, list[Audience]] = {}
-    for audience in valid:
-        by_key.setdefault(audience.key, []).append(audience)
-    for key, same in by_key.items():
-        if len(same) > 1:
-            names = ", ".join(repr(a.name) for a in same)
-            for audience in same:
-                problems[audience.id] = (
-                    f"{audience}: key {key!r} is shared by audiences {names}; set audiences.key"
-                )
-    return [a for a in valid if a.id not in problems], problems
+            continue
+        if len(by_key[audience.key]) > 1:
+            names = ", ".join(by_key[audience.key])
+            problems[row.id] = (
+                f"{audience}: key {audience.key!r} is shared by audiences {names}; set audiences.key"
+            )
+        else:
+            valid.append(audience)
+    return valid, problems
 
 
 def store_key(conn: sa.Connection, audience: Audience) -> None:
@@ -121,41 +127,50 @@ def stage_members(state: sa.Connection, source: sa.Engine, audience: Audience, t
     # Colons are escaped: audience queries have no bind parameters; `'10:30'` or `x::text` stay as they are.
     query = audience.query.strip().rstrip(";").replace(":", r"\:")
     sql = sa.text(f"SELECT * FROM ({query}) AS audience_query")
-    nulls = rows = 0
     try:
         with _read_only(source, timeout) as conn:
             result = conn.execution_options(stream_results=True, yield_per=STAGE_CHUNK).execute(sql)
-            columns = list(result.keys())
-            if "user_id" not in columns:
-                raise SourceError(
-                    f"{audience}: the query returns no user_id column (it returns {', '.join(columns)})"
-                )
-            for chunk in result.partitions():
-                batch = []
-                for row in chunk:
-                    traits = dict(row._mapping)
-                    user_id = traits.pop("user_id")
-                    if user_id is None:
-                        nulls += 1
-                        continue
-                    text = traits_json(traits)
-                    batch.append(
-                        {
-                            "audience_id": audience.id,
-                            "user_id": str(user_id),
-                            "traits": text,
-                            "traits_hash": traits_hash(text),
-                        }
+            with result:
+                columns = list(result.keys())
+                if "user_id" not in columns:
+                    raise SourceError(
+                        f"{audience}: the query returns no user_id column (it returns {', '.join(columns)})"
                     )
-                rows += len(batch)
-                if batch:
-                    state.execute(insert, batch)
+                rows, nulls = _stage_chunks(state, insert, audience, result)
     except sa.exc.StatementError as exc:
         raise SourceError(f"{audience}: the query failed: {_first_line(exc.orig)}") from None
     members = state.scalar(
         sa.select(sa.func.count()).select_from(sync_members).where(sync_members.c.audience_id == audience.id)
     )
     return Staged(members or 0, nulls, rows - (members or 0))
+
+
+def _stage_chunks(
+    state: sa.Connection, insert: Any, audience: Audience, result: sa.Result[Any]
+) -> tuple[int, int]:
+    """Insert the query's rows chunk by chunk; returns (rows with a user_id, rows without)."""
+    rows = nulls = 0
+    for chunk in result.partitions():
+        batch = []
+        for row in chunk:
+            traits = dict(row._mapping)
+            user_id = traits.pop("user_id")
+            if user_id is None or user_id == "":
+                nulls += 1
+                continue
+            text = traits_json(traits)
+            batch.append(
+                {
+                    "audience_id": audience.id,
+                    "user_id": str(user_id),
+                    "traits": text,
+                    "traits_hash": traits_hash(text),
+                }
+            )
+        rows += len(batch)
+        if batch:
+            state.execute(insert, batch)
+    return rows, nulls
 
 
 def _first_line(error: BaseException | None) -> str:

@@ -35,7 +35,7 @@ def describe(url: str) -> str:
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA foreign_keys = ON")
-    cursor.execute("PRAGMA busy_timeout = 30000")
+    cursor.execute("PRAGMA busy_timeout = 120000")
     # WAL lets the read-only audience query and the staging writes share one file.
     cursor.execute("PRAGMA journal_mode = WAL")
     cursor.close()

@@ -1,0 +1,421 @@
+"""The diff contract, driven through sync.state on both backends: what is pending, what recording does."""
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sync import state
+from sync.audiences import Audience, Staged, load_audiences, stage_members
+from sync.destinations import Outcome, accepted, rejected
+from sync.messages import Change, Connection
+from sync.tables import sync_rejections, sync_runs, sync_state
+from tests.conftest import Config, Customers
+
+NOW = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
+EVERFLOW = {"tracking_domain": "http://127.0.0.1:1", "network_id": "1"}
+
+
+@dataclass
+class Sync:
+    """One connection (audience -> destination) and the calls a run makes on its state."""
+
+    engine: sa.Engine
+    audience: Audience
+    destination_id: int
+
+    def stage(self) -> Staged:
+        with self.engine.begin() as conn:
+            return stage_members(conn, self.engine, self.audience, 10.0)
+
+    def pending(self, value: bool, after: str = "", limit: int = 1000) -> list[Change]:
+        with self.engine.connect() as conn:
+            return state.pending(conn, self.audience.id, self.destination_id, value, after=after, limit=limit)
+
+    def all_pending(self, value: bool, limit: int = 1000) -> list[Change]:
+        """Every page, keyset by keyset."""
+        changes: list[Change] = []
+        after = ""
+        while page := self.pending(value, after=after, limit=limit):
+            assert len(page) <= limit
+            changes += page
+            after = page[-1].user_id
+        return changes
+
+    def record(self, outcomes: Iterable[Outcome], now: datetime = NOW) -> None:
+        with self.engine.begin() as conn:
+            state.record(conn, self.audience.id, self.destination_id, list(outcomes), now)
+
+    def accept_all(self, limit: int = 1000) -> None:
+        for value in (True, False):
+            after = ""
+            while page := self.pending(value, after=after, limit=limit):
+                self.record(accepted(change) for change in page)
+                after = page[-1].user_id
+
+    def accepted_members(self) -> set[str]:
+        with self.engine.connect() as conn:
+            return set(
+                conn.scalars(
+                    sa.select(sync_state.c.user_id).where(
+                        sync_state.c.audience_id == self.audience.id,
+                        sync_state.c.destination_id == self.destination_id,
+                        sync_state.c.member,
+                    )
+                )
+            )
+
+    def rejections(self) -> dict[str, tuple[bool, str]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(sync_rejections).where(
+                    sync_rejections.c.audience_id == self.audience.id,
+                    sync_rejections.c.destination_id == self.destination_id,
+                )
+            ).all()
+        return {row.user_id: (row.value, row.reason) for row in rows}
+
+    def counts(self) -> dict[str, int]:
+        with self.engine.connect() as conn:
+            return dict(state.counts(conn, self.audience.id, self.destination_id)._mapping)
+
+    def connection(self) -> Connection:
+        return Connection(self.audience.id, self.audience.key, self.destination_id, "Everflow")
+
+
+@pytest.fixture
+def sync(engine: sa.Engine, config: Config, customers: Customers) -> Sync:
+    audience_id = config.audience("VIP Customers", Customers.QUERY)
+    destination_id = config.destination("Everflow", "everflow", EVERFLOW)
+    config.connect(audience_id, destination_id)
+    with engine.connect() as conn:
+        valid, problems = load_audiences(conn)
+    assert problems == {}
+    return Sync(engine, valid[0], destination_id)
+
+
+def ids(changes: Iterable[Change]) -> list[str]:
+    return [change.user_id for change in changes]
+
+
+def by_user(changes: Iterable[Change]) -> dict[str, Change]:
+    return {change.user_id: change for change in changes}
+
+
+def traits_of(user: str, email: str | None = None) -> dict[str, Any]:
+    return {
+        "email": email or f"{user}@example.com",
+        "first_name": "Ada",
+        "last_name": "Lovelace",
+        "transaction_id": f"tid-{user}",
+    }
+
+
+def set_email(config: Config, user: str, email: str) -> None:
+    config.sql("UPDATE customers SET email = :e WHERE user_id = :u", e=email, u=user)
+
+
+def test_first_sync_is_only_entries(sync: Sync, customers: Customers) -> None:
+    customers.add("u1", "u2", "u3")
+    customers.add("u4", segment="other")
+    sync.stage()
+
+    entries = sync.pending(True)
+
+    assert ids(entries) == ["u1", "u2", "u3"]
+    assert all(change.value is True and change.changes == 0 for change in entries)
+    assert by_user(entries)["u2"].traits == traits_of("u2")
+    assert sync.pending(False) == []
+
+
+def test_record_advances_only_accepted_and_skipped(sync: Sync, customers: Customers) -> None:
+    customers.add("u1", "u2", "u3", "u4")
+    sync.stage()
+    entries = by_user(sync.pending(True))
+
+    sync.record(
+        [
+            accepted(entries["u1"]),
+            Outcome(entries["u2"], "skipped", "no event mapping for 'Audience Entered'"),
+            Outcome(entries["u3"], "failed", "HTTP 503"),
+        ]
+    )
+
+    assert sync.accepted_members() == {"u1", "u2"}
+    assert ids(sync.pending(True)) == ["u3", "u4"]  # failed and unanswered stay pending
+    assert sync.pending(False) == []
+    assert sync.rejections() == {}
+
+
+def test_unchanged_members_have_nothing_pending(sync: Sync, customers: Customers) -> None:
+    customers.add("u1", "u2")
+    sync.stage()
+    sync.accept_all()
+
+    sync.stage()
+
+    assert sync.pending(True) == [] and sync.pending(False) == []
+
+
+def test_a_rejected_entry_waits_until_the_users_traits_change(
+    sync: Sync, customers: Customers, config: Config
+) -> None:
+    customers.add("u1", "u2")
+    sync.stage()
+    entries = by_user(sync.pending(True))
+
+    sync.record([rejected(entries["u1"], "Everflow requires a TransactionId")])
+
+    assert ids(sync.pending(True)) == ["u2"]
+    assert sync.rejections() == {"u1": (True, "Everflow requires a TransactionId")}
+    assert sync.accepted_members() == set()
+    sync.stage()  # same traits next run: still not offered
+    assert ids(sync.pending(True)) == ["u2"]
+
+    set_email(config, "u1", "new@example.com")
+    sync.stage()
+
+    retried = by_user(sync.pending(True))
+    assert set(retried) == {"u1", "u2"}
+    assert retried["u1"].traits["email"] == "new@example.com"
+    sync.record([accepted(retried["u1"])])
+    assert sync.accepted_members() == {"u1"}
+    assert sync.rejections() == {}
+
+
+def test_a_rejected_exit_removes_the_user_and_records_why(sync: Sync, customers: Customers) -> None:
+    customers.add("u1", "u2")
+    sync.stage()
+    sync.accept_all()
+    customers.move("u1", segment="other")
+    sync.stage()
+    exits = sync.pending(False)
+    assert ids(exits) == ["u1"]
+
+    sync.record([rejected(exits[0], "HTTP 404: no such affiliate")])
+
+    assert sync.accepted_members() == {"u2"}
+    assert sync.pending(False) == []
+    assert sync.rejections() == {"u1": (False, "HTTP 404: no such affiliate")}
+    assert sync.counts() == {"members": 1, "accepted_members": 1, "entries": 0, "exits": 0}
+
+    customers.move("u1", segment="vip")  # a later re-entry is a normal entry
+    sync.stage()
+    assert ids(sync.pending(True)) == ["u1"]
+
+
+def test_a_failed_exit_stays_pending(sync: Sync, customers: Customers) -> None:
+    customers.add("u1")
+    sync.stage()
+    sync.accept_all()
+    customers.move("u1", segment="other")
+    sync.stage()
+
+    sync.record([Outcome(change, "failed", "timed out") for change in sync.pending(False)])
+
+    assert ids(sync.pending(False)) == ["u1"]
+    assert sync.accepted_members() == {"u1"}
+
+
+def test_an_exit_carries_the_traits_last_sent(sync: Sync, customers: Customers, config: Config) -> None:
+    customers.add("u1")
+    sync.stage()
+    sync.accept_all()
+    set_email(config, "u1", "changed@example.com")
+    sync.stage()
+    assert sync.pending(True) == []  # a trait change alone is not a membership change
+    customers.move("u1", segment="other")
+    sync.stage()
+
+    exits = sync.pending(False)
+
+    assert ids(exits) == ["u1"]
+    assert exits[0].value is False
+    assert exits[0].traits == traits_of("u1")
+
+
+def test_changes_count_accepted_changes_for_stable_message_ids(sync: Sync, customers: Customers) -> None:
+    connection = sync.connection()
+    customers.add("u1")
+    sync.stage()
+    [entry] = sync.pending(True)
+    assert entry.changes == 0
+
+    sync.record([Outcome(entry, "failed", "HTTP 503")])
+    [resend] = sync.pending(True)
+    assert resend.changes == 0
+    assert connection.message_id(resend) == connection.message_id(entry)  # a re-send keeps its id
+
+    sync.record([accepted(resend)])
+    customers.move("u1", segment="other")
+    sync.stage()
+    [exit_] = sync.pending(False)
+    assert exit_.changes == 1
+    sync.record([accepted(exit_)])
+    customers.move("u1", segment="vip")
+    sync.stage()
+
+    [reentry] = sync.pending(True)
+    assert reentry.changes == 2
+    assert reentry.value == entry.value
+    assert connection.message_id(reentry) != connection.message_id(entry)  # a re-entry gets a new one
+    assert len({connection.message_id(c) for c in (entry, exit_, reentry)}) == 3
+
+
+def test_a_skipped_change_counts_as_a_change(sync: Sync, customers: Customers) -> None:
+    customers.add("u1")
+    sync.stage()
+    sync.record([Outcome(c, "skipped", "no mapping") for c in sync.pending(True)])
+    customers.move("u1", segment="other")
+    sync.stage()
+
+    [exit_] = sync.pending(False)
+
+    assert exit_.changes == 1
+
+
+USERS = [f"u{n:02d}" for n in range(23)]
+
+
+def test_keyset_paging_returns_every_change_exactly_once(sync: Sync, customers: Customers) -> None:
+    customers.add(*USERS)
+    sync.stage()
+
+    entries = sync.all_pending(True, limit=5)
+
+    assert ids(entries) == USERS
+
+    # Accepting each page before asking for the next one (as a run does) loses and repeats nothing.
+    seen: list[str] = []
+    taken: list[str] = []
+    after = ""
+    while page := sync.pending(True, after=after, limit=5):
+        seen += ids(page)
+        taken += ids(page[::2])  # about half accepted, the rest still pending
+        sync.record(accepted(change) for change in page[::2])
+        after = page[-1].user_id
+    assert seen == USERS
+    assert sync.accepted_members() == set(taken)
+    assert ids(sync.all_pending(True, limit=5)) == [user for user in USERS if user not in taken]
+
+    sync.accept_all(limit=5)
+    customers.move(*USERS[:17], segment="other")
+    sync.stage()
+    assert ids(sync.all_pending(False, limit=4)) == USERS[:17]
+    assert sync.all_pending(True, limit=4) == []
+
+
+def test_counts(sync: Sync, customers: Customers) -> None:
+    customers.add("u1", "u2", "u3")
+    sync.stage()
+    assert sync.counts() == {"members": 3, "accepted_members": 0, "entries": 3, "exits": 0}
+    sync.accept_all()
+    customers.move("u1", "u2", segment="other")
+    customers.add("u4")
+    sync.stage()
+
+    assert sync.counts() == {"members": 2, "accepted_members": 3, "entries": 1, "exits": 2}
+
+
+def test_leases(sync: Sync) -> None:
+    audience_id = sync.audience.id
+    with sync.engine.begin() as conn:
+        assert state.acquire_lease(conn, audience_id, "host-a:1", 60, now=NOW) is None
+        assert (
+            state.acquire_lease(conn, audience_id, "host-b:2", 60, now=NOW + timedelta(seconds=30))
+            == "host-a:1"
+        )
+        # The owner renews; the other still waits until the renewed lease expires.
+        assert state.acquire_lease(conn, audience_id, "host-a:1", 60, now=NOW + timedelta(seconds=40)) is None
+        assert (
+            state.acquire_lease(conn, audience_id, "host-b:2", 60, now=NOW + timedelta(seconds=90))
+            == "host-a:1"
+        )
+        # Expired: the second owner takes it (a non-UTC `now` is the same instant).
+        later = (NOW + timedelta(seconds=101)).astimezone(timezone(timedelta(hours=5, minutes=30)))
+        assert state.acquire_lease(conn, audience_id, "host-b:2", 60, now=later) is None
+        assert state.acquire_lease(conn, audience_id, "host-a:1", 60, now=later) == "host-b:2"
+
+        state.release_lease(conn, audience_id, "host-a:1")  # not the holder: no effect
+        assert state.acquire_lease(conn, audience_id, "host-a:1", 60, now=later) == "host-b:2"
+        state.release_lease(conn, audience_id, "host-b:2")
+        assert state.acquire_lease(conn, audience_id, "host-a:1", 60, now=later) is None
+
+
+def test_utc_round_trip(sync: Sync) -> None:
+    started = datetime(2026, 3, 29, 1, 30, 15, 123456, tzinfo=timezone(timedelta(hours=5, minutes=30)))
+    finished = datetime(2026, 3, 29, 0, 0, 1, tzinfo=UTC)
+    with sync.engine.begin() as conn:
+        state.record_run(
+            conn,
+            {
+                "audience_id": sync.audience.id,
+                "destination_id": sync.destination_id,
+                "started_at": started,
+                "finished_at": finished,
+                "outcome": "ok",
+            },
+        )
+    with sync.engine.connect() as conn:
+        row = conn.execute(sa.select(sync_runs.c.started_at, sync_runs.c.finished_at)).one()
+        last = state.last_run_times(conn)
+
+    assert row.started_at == started
+    assert row.started_at.utcoffset() == timedelta(0)
+    assert row.finished_at == finished
+    assert row.finished_at.utcoffset() == timedelta(0)
+    assert last == {sync.audience.id: started}
+    assert last[sync.audience.id].utcoffset() == timedelta(0)
+
+
+def test_a_naive_datetime_is_refused(sync: Sync, customers: Customers) -> None:
+    customers.add("u1")
+    sync.stage()
+
+    with pytest.raises(sa.exc.StatementError, match="naive datetime"):
+        sync.record([accepted(c) for c in sync.pending(True)], now=datetime(2026, 1, 1))  # noqa: DTZ001
+
+
+member_sets = st.sets(st.sampled_from([f"u{n}" for n in range(12)]), max_size=12)
+
+
+@settings(
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(old=member_sets, new=member_sets)
+def test_applying_the_diff_gives_the_new_state(
+    sync: Sync, customers: Customers, old: set[str], new: set[str]
+) -> None:
+    with sync.engine.begin() as conn:
+        for table in ("customers", "sync_members", "sync_state", "sync_rejections"):
+            conn.exec_driver_sql(f"DELETE FROM {table}")
+
+    def become(users: set[str]) -> None:
+        with sync.engine.begin() as conn:
+            conn.exec_driver_sql("DELETE FROM customers")
+        if users:
+            customers.add(*sorted(users))
+        sync.stage()
+
+    become(old)
+    sync.accept_all(limit=3)
+    assert sync.accepted_members() == old
+    assert sync.pending(True) == [] and sync.pending(False) == []  # a state diffed with itself is empty
+
+    become(new)
+    entries = set(ids(sync.all_pending(True, limit=3)))
+    exits = set(ids(sync.all_pending(False, limit=3)))
+
+    assert not entries & exits
+    assert entries == new - old
+    assert exits == old - new
+    sync.accept_all(limit=3)
+    assert sync.accepted_members() == new
+    assert sync.pending(True) == [] and sync.pending(False) == []
