@@ -124,18 +124,12 @@ def stage_members(state: sa.Connection, source: sa.Engine, audience: Audience, t
     """
     state.execute(sa.delete(sync_members).where(sync_members.c.audience_id == audience.id))
     insert = upsertable_insert(state, sync_members).on_conflict_do_nothing()
-    # Colons are escaped: audience queries have no bind parameters; `'10:30'` or `x::text` stay as they are.
-    query = audience.query.strip().rstrip(";").replace(":", r"\:")
-    sql = sa.text(f"SELECT * FROM ({query}) AS audience_query")
+    sql = _wrapped(audience, "")
     try:
         with _read_only(source, timeout) as conn:
             result = conn.execution_options(stream_results=True, yield_per=STAGE_CHUNK).execute(sql)
             with result:
-                columns = list(result.keys())
-                if "user_id" not in columns:
-                    raise SourceError(
-                        f"{audience}: the query returns no user_id column (it returns {', '.join(columns)})"
-                    )
+                _require_user_id(audience, result)
                 rows, nulls = _stage_chunks(state, insert, audience, result)
     except sa.exc.StatementError as exc:
         raise SourceError(f"{audience}: the query failed: {_first_line(exc.orig)}") from None
@@ -143,6 +137,29 @@ def stage_members(state: sa.Connection, source: sa.Engine, audience: Audience, t
         sa.select(sa.func.count()).select_from(sync_members).where(sync_members.c.audience_id == audience.id)
     )
     return Staged(members or 0, nulls, rows - (members or 0))
+
+
+def probe_query(source: sa.Engine, audience: Audience, timeout: float) -> None:
+    """Run the audience query with LIMIT 0: it must parse, run read-only and return user_id."""
+    try:
+        with _read_only(source, timeout) as conn, conn.execute(_wrapped(audience, " LIMIT 0")) as result:
+            _require_user_id(audience, result)
+    except sa.exc.StatementError as exc:
+        raise SourceError(f"{audience}: the query failed: {_first_line(exc.orig)}") from None
+
+
+def _wrapped(audience: Audience, suffix: str) -> sa.TextClause:
+    # Colons are escaped: audience queries have no bind parameters; `'10:30'` or `x::text` stay as they are.
+    query = audience.query.strip().rstrip(";").replace(":", r"\:")
+    return sa.text(f"SELECT * FROM ({query}) AS audience_query{suffix}")
+
+
+def _require_user_id(audience: Audience, result: sa.CursorResult[Any]) -> None:
+    columns = list(result.keys())
+    if "user_id" not in columns:
+        raise SourceError(
+            f"{audience}: the query returns no user_id column (it returns {', '.join(columns)})"
+        )
 
 
 def _stage_chunks(

@@ -17,6 +17,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.table import Table
 
 from sync import database
 from sync.errors import SyncError
@@ -57,6 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("daemon", help="run on the schedule until SIGTERM")
     status = commands.add_parser("status", help="every connection's state and last run")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    commands.add_parser(
+        "check", help="validate every configuration row and audience query; exit 2 on problems"
+    )
+    explain = commands.add_parser("explain", help="one user's membership and what each destination accepted")
+    explain.add_argument("user_id", metavar="USER_ID")
+    explain.add_argument("--json", action="store_true", help="machine-readable output")
+    forget = commands.add_parser(
+        "forget", help="privacy deletion: tell each destination, then drop the user's state"
+    )
+    forget.add_argument("user_id", metavar="USER_ID")
     return parser
 
 
@@ -78,6 +89,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         database.check_migrated(engine, settings.database_url)
         if args.command == "status":
             return _status(engine, settings, args.json)
+        if args.command == "check":
+            return _check(engine, settings)
+        if args.command == "explain":
+            return _explain(engine, args.user_id, args.json)
+        if args.command == "forget":
+            return _forget(engine, args.user_id)
         return _sync(engine, settings, args)
     except SyncError as exc:
         print(f"audience-sync: {exc}", file=sys.stderr)
@@ -147,3 +164,67 @@ def _progress() -> Progress:
         TimeRemainingColumn(),
         console=Console(stderr=True),
     )
+
+
+def _check(engine: sa.Engine, settings: Settings) -> int:
+    from sync.check import find_problems
+
+    source = database.create_engine(settings.source_url) if settings.source_url else engine
+    with engine.connect() as conn:
+        problems, checked = find_problems(conn, source, settings.query_timeout)
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"{len(problems)} problem(s) in {checked} rows checked", file=sys.stderr)
+        return 2
+    print(f"all {checked} rows are valid; every audience query runs and returns user_id", file=sys.stderr)
+    return 0
+
+
+def _explain(engine: sa.Engine, user_id: str, as_json: bool) -> int:
+    from sync.explain import explain_user
+
+    with engine.connect() as conn:
+        entries = explain_user(conn, user_id)
+    if as_json:
+        print(json.dumps(entries, default=str, indent=2))
+        return 0
+    table = Table(title=f"user {user_id}")
+    for column in ("audience", "destination", "member now", "destination accepted", "rejection"):
+        table.add_column(column)
+    for entry in entries:
+        accepted = (
+            "never sent"
+            if entry["accepted"] is None
+            else (f"{str(entry['accepted']).lower()} at {entry['accepted_at']:%Y-%m-%d %H:%M}")
+        )
+        rejection = entry["rejection"]
+        table.add_row(
+            entry["audience"],
+            entry["destination"],
+            "yes" if entry["member"] else "no",
+            accepted,
+            "" if rejection is None else f"{str(rejection['value']).lower()}: {rejection['reason']}",
+        )
+    Console().print(table)
+    return 0
+
+
+def _forget(engine: sa.Engine, user_id: str) -> int:
+    from sync.forget import forget_user
+    from sync.runner import utc_now
+
+    report = forget_user(engine, user_id, utc_now())
+    for line in report:
+        print(f"{line['destination']}: {line['outcome']} ({line['detail']})")
+    failed = [line for line in report if line["outcome"] == "failed"]
+    print(
+        f"user {user_id!r} removed from the state tables"
+        + (
+            f", except at {', '.join(line['destination'] for line in failed)}: run forget again"
+            if failed
+            else ""
+        ),
+        file=sys.stderr,
+    )
+    return 1 if failed else 0

@@ -109,3 +109,16 @@ def traits_json(traits: dict[str, Any]) -> str:
 def traits_hash(text: str) -> str:
     """Identifies a set of traits: a rejected entry is retried only once it changes."""
     return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def delete_message(user_id: str, destination_name: str, now: datetime) -> dict[str, Any]:
+    """A Segment `delete` message: the user asked to be forgotten."""
+    seed = f"delete:{destination_name}:{user_id}"
+    return {
+        "type": "delete",
+        "userId": user_id,
+        "context": {"library": {"name": "audience-sync", "version": __version__}},
+        "integrations": {"All": False, destination_name: True},
+        "messageId": "as-" + hashlib.sha256(seed.encode()).hexdigest()[:40],
+        "timestamp": _iso(now),
+    }

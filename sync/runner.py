@@ -20,12 +20,13 @@ from rich.progress import Progress
 
 from sync import state
 from sync.audiences import Audience, load_audiences, stage_members, store_key
+from sync.connections import connection_rows, load_connection
 from sync.delivery import Delivery, Sender
-from sync.destinations import Destination, Outcome, json_object, load_destination, rejected
+from sync.destinations import Destination, Outcome, rejected
 from sync.errors import ConfigError, SourceError, StateError
 from sync.messages import Change, Connection, build_message
 from sync.settings import Settings
-from sync.tables import audience_destinations, audiences, destinations
+from sync.tables import audiences
 
 log = logging.getLogger(__name__)
 LEASE_TTL = 120.0
@@ -207,18 +208,7 @@ class Runner:
         self, conn: sa.Connection, audience: Audience, options: Options
     ) -> tuple[list[tuple[Connection, Destination]], list[Result]]:
         """The audience's usable connections, and a result for each invalid one."""
-        ad = audience_destinations
-        rows = conn.execute(
-            sa.select(
-                ad.c.destination_id,
-                sa.cast(ad.c.settings, sa.Text).label("connection_settings"),
-                destinations,
-                sa.cast(destinations.c.settings, sa.Text).label("settings_text"),
-            )
-            .join(destinations, destinations.c.id == ad.c.destination_id)
-            .where(ad.c.audience_id == audience.id, ad.c.enabled)
-            .order_by(destinations.c.name)
-        ).all()
+        rows = connection_rows(conn, audience.id)
         usable: list[tuple[Connection, Destination]] = []
         invalid: list[Result] = []
         for row in rows:
@@ -233,22 +223,7 @@ class Runner:
                 )
                 continue
             try:
-                destination = load_destination(row, row.settings_text)
-                where = f"audience_destinations row ({audience.name!r}, {row.name!r})"
-                connection = Connection.from_settings(
-                    json_object(row.connection_settings, f"{where}: settings"),
-                    where,
-                    audience_id=audience.id,
-                    audience_key=audience.key,
-                    destination_id=row.id,
-                    destination_name=row.name,
-                )
-                synced = state.synced_key(conn, audience.id, row.id)
-                if synced is not None and synced != audience.key and not options.resend:
-                    raise ConfigError(
-                        f"{audience}: key changed from {synced!r} to {audience.key!r} after syncing to "
-                        f"{row.name!r}; set audiences.key back to {synced!r} (a new key orphans the trait)"
-                    )
+                connection, destination = load_connection(conn, audience, row, allow_new_key=options.resend)
             except ConfigError as exc:
                 log.error("%s", exc, extra={"action": "connection_invalid"})
                 invalid.append(

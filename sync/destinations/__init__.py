@@ -187,6 +187,15 @@ class Destination:
             return [], self.transport.plan(changes, messages)
         return self.plan_native(changes, messages, event)
 
+    def forget(self, change: Change, message: dict[str, Any]) -> Call | None:
+        """The call that deletes (or disables) a user at the destination; None when it supports neither."""
+        if self.transport is not None:
+            return self.transport.plan([change], {change.user_id: message})[0]
+        return self.forget_native(change)
+
+    def forget_native(self, change: Change) -> Call | None:
+        return None
+
     def plan_native(
         self, changes: list[Change], messages: dict[str, dict[str, Any]], event: Callable[[bool], str]
     ) -> tuple[list[Outcome], list[Call]]:

@@ -116,6 +116,10 @@ class Refersion(Destination):
         calls += self._status_changes(reactivate, "ACTIVE") + self._status_changes(disable, "DISABLED")
         return done, calls
 
+    def forget_native(self, change: Change) -> Call | None:
+        """Refersion has no delete endpoint: the affiliate is disabled."""
+        return self._status_changes([change], "DISABLED")[0] if change.remote_id else None
+
     def _new_affiliate(self, change: Change) -> Call:
         traits = change.traits
         first, last = split_name(traits)

@@ -1,0 +1,42 @@
+"""`audience-sync check`: every configuration problem at once, before anything runs."""
+
+import sqlalchemy as sa
+
+from sync.audiences import load_audiences, probe_query
+from sync.connections import connection_rows, load_connection
+from sync.destinations import load_destination
+from sync.errors import ConfigError, SourceError
+from sync.tables import destinations
+
+
+def find_problems(conn: sa.Connection, source: sa.Engine, timeout: float) -> tuple[list[str], int]:
+    """Every problem of the enabled rows (keys, settings, credentials, URLs, queries); rows checked."""
+    valid, problems = load_audiences(conn)
+    found = list(problems.values())
+    rows = conn.execute(
+        sa.select(destinations, sa.cast(destinations.c.settings, sa.Text).label("settings_text"))
+        .where(destinations.c.enabled)
+        .order_by(destinations.c.id)
+    ).all()
+    broken_destinations = set()
+    for row in rows:
+        try:
+            load_destination(row, row.settings_text)
+        except ConfigError as exc:
+            found.append(str(exc))
+            broken_destinations.add(row.id)
+    checked = len(rows) + len(valid) + len(problems)
+    for audience in valid:
+        try:
+            probe_query(source, audience, timeout)
+        except SourceError as exc:
+            found.append(str(exc))
+        for row in connection_rows(conn, audience.id):
+            checked += 1
+            if not row.enabled or row.id in broken_destinations:
+                continue
+            try:
+                load_connection(conn, audience, row)
+            except ConfigError as exc:
+                found.append(str(exc))
+    return found, checked

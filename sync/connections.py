@@ -1,0 +1,53 @@
+"""Connections: the `audience_destinations` rows of an audience, validated with their destinations."""
+
+from typing import Any
+
+import sqlalchemy as sa
+
+from sync import state
+from sync.audiences import Audience
+from sync.destinations import Destination, json_object, load_destination
+from sync.errors import ConfigError
+from sync.messages import Connection
+from sync.tables import audience_destinations, destinations
+
+
+def connection_rows(conn: sa.Connection, audience_id: int) -> list[sa.Row[Any]]:
+    """The enabled connections of an audience, each with its destination's columns (settings as text)."""
+    ad = audience_destinations
+    return list(
+        conn.execute(
+            sa.select(
+                ad.c.destination_id,
+                sa.cast(ad.c.settings, sa.Text).label("connection_settings"),
+                destinations,
+                sa.cast(destinations.c.settings, sa.Text).label("settings_text"),
+            )
+            .join(destinations, destinations.c.id == ad.c.destination_id)
+            .where(ad.c.audience_id == audience_id, ad.c.enabled)
+            .order_by(destinations.c.name)
+        ).all()
+    )
+
+
+def load_connection(
+    conn: sa.Connection, audience: Audience, row: sa.Row[Any], allow_new_key: bool = False
+) -> tuple[Connection, Destination]:
+    """Validate one connection row and its destination; raises ConfigError naming the row and field."""
+    destination = load_destination(row, row.settings_text)
+    where = f"audience_destinations row ({audience.name!r}, {row.name!r})"
+    connection = Connection.from_settings(
+        json_object(row.connection_settings, f"{where}: settings"),
+        where,
+        audience_id=audience.id,
+        audience_key=audience.key,
+        destination_id=row.id,
+        destination_name=row.name,
+    )
+    synced = state.synced_key(conn, audience.id, row.id)
+    if synced is not None and synced != audience.key and not allow_new_key:
+        raise ConfigError(
+            f"{audience}: key changed from {synced!r} to {audience.key!r} after syncing to "
+            f"{row.name!r}; set audiences.key back to {synced!r} (a new key orphans the trait)"
+        )
+    return connection, destination

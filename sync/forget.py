@@ -1,0 +1,75 @@
+"""`audience-sync forget USER_ID`: privacy deletion at each destination, then in the state tables."""
+
+import json
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from sync.delivery import Sender
+from sync.destinations import load_destination
+from sync.errors import AuthError, ConfigError
+from sync.messages import Change, delete_message
+from sync.tables import destinations, sync_members, sync_rejections, sync_state
+
+
+def forget_user(engine: sa.Engine, user_id: str, now: datetime) -> list[dict[str, Any]]:
+    """Tell every destination that knows the user what it supports, then remove the user's state.
+
+    A destination whose deletion failed keeps the user's state (and affiliate id): run `forget` again.
+    """
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(
+                destinations,
+                sa.cast(destinations.c.settings, sa.Text).label("settings_text"),
+                sync_state.c.traits,
+                sync_state.c.remote_id,
+            )
+            .join(sync_state, sync_state.c.destination_id == destinations.c.id)
+            .where(sync_state.c.user_id == user_id)
+            .order_by(destinations.c.name)
+        ).all()
+    report: list[dict[str, Any]] = []
+    done: set[int] = set()
+    failed: set[int] = set()
+    for row in rows:
+        if row.id in done | failed:
+            continue
+        outcome = _forget_at(row, user_id, now)
+        (failed if outcome["outcome"] == "failed" else done).add(row.id)
+        report.append({"destination": row.name, **outcome})
+    with engine.begin() as conn:
+        for table in (sync_state, sync_rejections):
+            conn.execute(
+                sa.delete(table).where(table.c.user_id == user_id, table.c.destination_id.not_in(failed))
+            )
+        conn.execute(sa.delete(sync_members).where(sync_members.c.user_id == user_id))
+    return report
+
+
+def _forget_at(row: sa.Row[Any], user_id: str, now: datetime) -> dict[str, Any]:
+    try:
+        destination = load_destination(row, row.settings_text)
+    except ConfigError as exc:
+        return {"outcome": "failed", "detail": str(exc)}
+    change = Change(user_id, False, json.loads(row.traits), "", 0, row.remote_id, True)
+    call = destination.forget(change, delete_message(user_id, row.name, now))
+    if call is None:
+        return {
+            "outcome": "nothing to send",
+            "detail": f"{destination.kind} supports no deletion"
+            + ("" if destination.kind != "refersion" else " for a user without a known affiliate id"),
+        }
+    sender = Sender(destination)
+    try:
+        outcomes = sender.send(call)
+    except AuthError as exc:
+        return {"outcome": "failed", "detail": exc.reason}
+    finally:
+        sender.close()
+    outcome = outcomes[0]
+    if outcome.status == "accepted":
+        what = "delete message" if destination.transport else "affiliate disabled"
+        return {"outcome": "sent", "detail": f"{what} accepted"}
+    return {"outcome": "failed", "detail": outcome.reason or outcome.status}

@@ -1,0 +1,106 @@
+"""Operator commands through the real CLI: check, explain, forget."""
+
+import json
+
+import pytest
+
+from tests.conftest import Config, Customers, run_cli
+from tests.servers import EverflowServer, RefersionServer, SegmentServer
+from tests.test_e2e import everflow_destination, refersion_destination
+
+
+def test_check_lists_every_problem_at_once(state_url: str, config: Config, customers: Customers) -> None:
+    good = config.destination(
+        "Everflow", "everflow", {"tracking_domain": "track.example.com", "network_id": "1"}
+    )
+    config.connect(config.audience("VIP", Customers.QUERY), good)
+    ok = run_cli(state_url, "check")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "every audience query runs and returns user_id" in ok.stderr
+
+    config.destination(
+        "Plain", "everflow", {"tracking_domain": "http://track.example.com", "network_id": "1"}
+    )
+    config.destination("Keyless", "refersion", {}, api_key_env="UNSET_REFERSION_KEY")
+    config.destination("Mystery", "hubspot", {})
+    config.audience("No Id", "SELECT email FROM customers")
+    config.audience("Typo", "SELEC user_id FROM customers")
+    config.audience("Bad Connection", Customers.QUERY.replace("'vip'", "'x'"))
+    config.sql(
+        "INSERT INTO audience_destinations (audience_id, destination_id, settings) "
+        "SELECT id, :d, '{\"type\": \"page\"}' FROM audiences WHERE name = 'Bad Connection'",
+        d=good,
+    )
+    bad = run_cli(state_url, "check")
+    assert bad.returncode == 2
+    problems = bad.stdout.splitlines()
+    assert len(problems) == 6, bad.stdout
+    for expected in (
+        "('Plain'): settings.tracking_domain: 'http://track.example.com' must use https://",
+        "('Keyless'): api_key_env names 'UNSET_REFERSION_KEY', which is not set or empty",
+        "('Mystery'): kind 'hubspot' is unknown (use 'everflow' or 'refersion')",
+        "audience 'No Id' (id 2): the query returns no user_id column (it returns email)",
+        "audience 'Typo' (id 3): the query failed:",
+        "('Bad Connection', 'Everflow'): settings.type must be 'identify' or 'track'",
+    ):
+        assert any(expected in line for line in problems), (expected, problems)
+
+
+def test_explain_shows_membership_and_acceptance(
+    state_url: str, config: Config, customers: Customers
+) -> None:
+    customers.add("u1", "u2")
+    config.sql("UPDATE customers SET transaction_id = NULL WHERE user_id = 'u2'")
+    with EverflowServer() as everflow:
+        config.connect(config.audience("VIP", Customers.QUERY), everflow_destination(config, everflow))
+        assert run_cli(state_url, "run").returncode == 0
+        u1 = json.loads(run_cli(state_url, "explain", "u1", "--json").stdout)
+        assert [(e["audience"], e["destination"], e["member"], e["accepted"]) for e in u1] == [
+            ("VIP", "Everflow", True, True)
+        ]
+        u2 = json.loads(run_cli(state_url, "explain", "u2", "--json").stdout)
+        assert u2[0]["accepted"] is None
+        assert u2[0]["rejection"]["reason"].startswith("Everflow requires a TransactionId")
+        table = run_cli(state_url, "explain", "u2", env={"COLUMNS": "200"})
+        assert table.returncode == 0 and "Everflow requires a TransactionId" in table.stdout
+
+
+@pytest.mark.parametrize("refersion_fails", [False, True])
+def test_forget_tells_each_destination_then_drops_state(
+    state_url: str, config: Config, customers: Customers, refersion_fails: bool
+) -> None:
+    customers.add("u1", "u2")
+    with EverflowServer() as everflow, RefersionServer() as refersion, SegmentServer(api_key="k") as segment:
+        audience = config.audience("VIP", Customers.QUERY)
+        config.connect(audience, everflow_destination(config, everflow))
+        config.connect(audience, refersion_destination(config, refersion, max_attempts=1))
+        config.connect(
+            audience,
+            config.destination(
+                "Segment", "refersion", {"transport": "segment", "endpoint": segment.url}, api_key="k"
+            ),
+        )
+        assert run_cli(state_url, "initial").returncode == 0
+        if refersion_fails:
+            refersion.fault(500, times=5)
+
+        result = run_cli(state_url, "forget", "u1")
+        assert result.returncode == (1 if refersion_fails else 0), result.stderr
+        lines = dict(line.split(": ", 1) for line in result.stdout.splitlines())
+        assert lines["Everflow"].startswith("nothing to send")
+        assert lines["Segment"] == "sent (delete message accepted)"
+        assert segment.messages[-1]["type"] == "delete" and segment.messages[-1]["userId"] == "u1"
+        affiliate = next(a for a in refersion.affiliates.values() if a["unique_merchant_id"] == "u1")
+        if refersion_fails:
+            assert lines["Refersion"].startswith("failed")
+            assert affiliate["status"] != "DISABLED"
+        else:
+            assert lines["Refersion"] == "sent (affiliate disabled accepted)"
+            assert affiliate["status"] == "DISABLED"
+        left = config.sql(
+            "SELECT d.name FROM sync_state s JOIN destinations d ON d.id = s.destination_id "
+            "WHERE s.user_id = 'u1'"
+        )
+        assert [name for (name,) in left] == (["Refersion"] if refersion_fails else [])
+        assert config.sql("SELECT count(*) FROM sync_members WHERE user_id = 'u1'")[0][0] == 0
+        assert config.sql("SELECT count(*) FROM sync_state WHERE user_id = 'u2'")[0][0] == 3
