@@ -19,7 +19,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from sync import database
+from sync import database, logs
 from sync.errors import SyncError
 from sync.settings import Settings
 
@@ -73,11 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
-    for noisy in ("httpx", "alembic.runtime.migration"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         settings = Settings.from_env()
+        logs.configure(settings.log_format)
         if args.command == "db":
             database.upgrade(settings.database_url)
             print(f"{database.describe(settings.database_url)} is at the newest schema", file=sys.stderr)

@@ -18,7 +18,7 @@ from typing import Any, TextIO
 import sqlalchemy as sa
 from rich.progress import Progress
 
-from sync import state
+from sync import metrics, state
 from sync.audiences import Audience, load_audiences, stage_members, store_key
 from sync.connections import connection_rows, load_connection
 from sync.delivery import Delivery, Sender
@@ -414,11 +414,20 @@ class Runner:
         )
         if options.dry_run:
             return result
+        finished = self.now()
+        metrics.observe_run(
+            audience.name,
+            destination_name,
+            outcome,
+            counts,
+            (finished - started).total_seconds(),
+            finished.timestamp(),
+        )
         row = {
             "audience_id": audience.id,
             "destination_id": destination_id,
             "started_at": started,
-            "finished_at": self.now(),
+            "finished_at": finished,
             "outcome": outcome,
             "error": error,
             **counts,

@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from apscheduler.schedulers.blocking import BlockingScheduler
 from apscheduler.triggers.base import BaseTrigger
 
-from sync import state
+from sync import metrics, state
 from sync.audiences import Audience, load_audiences
 from sync.runner import Options, Runner
 from sync.settings import Cadence
@@ -51,6 +51,7 @@ class Daemon:
         )
         self.cadences: dict[int, Cadence] = {}
         self.rng = random.Random()
+        self.healthy = False  # the last reload could read the state database
 
     def start(self) -> None:
         self.reload()
@@ -63,8 +64,14 @@ class Daemon:
         )
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._stop)
+        port = self.runner.settings.metrics_port
+        stop_metrics = metrics.serve(port, lambda: self.healthy) if port else None
         log.info("daemon started with %d audiences", len(self.cadences), extra={"action": "daemon_started"})
-        self.scheduler.start()
+        try:
+            self.scheduler.start()
+        finally:
+            if stop_metrics:
+                stop_metrics()
         log.info("daemon stopped", extra={"action": "daemon_stopped"})
 
     def _stop(self, signum: int, _frame: FrameType | None) -> None:
@@ -83,8 +90,10 @@ class Daemon:
                 valid, problems = load_audiences(conn)
                 last_runs = state.last_run_times(conn)
         except sa.exc.OperationalError as exc:
+            self.healthy = False
             log.error("cannot read the configuration: %s", exc.orig, extra={"action": "reload_failed"})
             return
+        self.healthy = True
         for problem in problems.values():
             log.error("%s", problem, extra={"action": "audience_invalid"})
         wanted = {audience.id: audience for audience in valid}

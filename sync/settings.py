@@ -51,6 +51,8 @@ class Settings:
     interval: Cadence
     reload_interval: float
     query_timeout: float
+    metrics_port: int | None = None
+    log_format: str = "text"
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -61,7 +63,23 @@ class Settings:
             interval=Cadence.parse(env.get("SYNC_INTERVAL") or "2h-3h", "SYNC_INTERVAL"),
             reload_interval=parse_duration(env.get("SYNC_RELOAD_INTERVAL") or "60s", "SYNC_RELOAD_INTERVAL"),
             query_timeout=parse_duration(env.get("SYNC_QUERY_TIMEOUT") or "10m", "SYNC_QUERY_TIMEOUT"),
+            metrics_port=_port(env.get("SYNC_METRICS_PORT")),
+            log_format=_choice(env.get("SYNC_LOG_FORMAT") or "text", "SYNC_LOG_FORMAT", ("text", "json")),
         )
+
+
+def _port(text: str | None) -> int | None:
+    if not text:
+        return None
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ConfigError(f"SYNC_METRICS_PORT: {text!r} is not a TCP port (1-65535)")
+    return int(text)
+
+
+def _choice(text: str, name: str, choices: tuple[str, ...]) -> str:
+    if text not in choices:
+        raise ConfigError(f"{name}: {text!r} is not one of {', '.join(choices)}")
+    return text
 
 
 def secret_from_env(variable: str) -> str | None:

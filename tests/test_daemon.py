@@ -1,12 +1,15 @@
 """The daemon: seconds-scale cadence, config reload, resume after restart, clean SIGTERM."""
 
+import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import time
 from datetime import UTC, datetime, timedelta
 
+import httpx
 import pytest
 
 from sync.scheduler import CadenceTrigger
@@ -29,6 +32,12 @@ def _wait_for(condition: object, timeout: float) -> None:
     pytest.fail(f"condition not met within {timeout}s")
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 def test_daemon_runs_cycles_picks_up_changes_and_stops_on_sigterm(
     state_url: str, config: Config, customers: Customers
 ) -> None:
@@ -37,7 +46,14 @@ def test_daemon_runs_cycles_picks_up_changes_and_stops_on_sigterm(
         audience = config.audience("VIP", Customers.QUERY)
         config.connect(audience, everflow_destination(config, everflow))
         env = {k: v for k, v in os.environ.items() if not k.startswith("SYNC_")}
-        env.update(SYNC_DATABASE_URL=state_url, SYNC_INTERVAL="2s", SYNC_RELOAD_INTERVAL="1s")
+        port = _free_port()
+        env.update(
+            SYNC_DATABASE_URL=state_url,
+            SYNC_INTERVAL="2s",
+            SYNC_RELOAD_INTERVAL="1s",
+            SYNC_METRICS_PORT=str(port),
+            SYNC_LOG_FORMAT="json",
+        )
         daemon = subprocess.Popen(
             [COMMAND, "daemon"],
             env=env,
@@ -58,11 +74,22 @@ def test_daemon_runs_cycles_picks_up_changes_and_stops_on_sigterm(
                 {"entered_event": "Later Entered"},  # unmapped: skipped, so the counts below stay exact
             )
             _wait_for(lambda: _runs(config, later) >= 1, 30)
+            health = httpx.get(f"http://127.0.0.1:{port}/healthz")
+            assert (health.status_code, health.text) == (200, "ok\n")
+            exposed = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+            assert 'audience_sync_runs_total{audience="VIP",destination="Everflow",outcome="ok"}' in exposed
+            assert (
+                'audience_sync_changes_total{audience="VIP",destination="Everflow",outcome="accepted"} 2.0'
+                in (exposed)
+            )
+            assert 'audience_sync_pending_changes{audience="VIP",destination="Everflow"} 0.0' in exposed
         finally:
             daemon.send_signal(signal.SIGTERM)
             _, stderr = daemon.communicate(timeout=30)
         assert daemon.returncode == 0, stderr
-        assert "daemon stopped" in stderr
+        records = [json.loads(line) for line in stderr.splitlines()]  # SYNC_LOG_FORMAT=json: every line
+        actions = {record.get("action") for record in records}
+        assert {"daemon_started", "audience_scheduled", "run_finished", "daemon_stopped"} <= actions
         assert everflow.accepted == {("tid-u1", "7"): 1, ("tid-u2", "7"): 1}
 
 
