@@ -1,10 +1,13 @@
 """Operator commands through the real CLI: check, explain, forget."""
 
 import json
+import os
+import pty
+import subprocess
 
 import pytest
 
-from tests.conftest import Config, Customers, run_cli
+from tests.conftest import COMMAND, Config, Customers, run_cli
 from tests.servers import EverflowServer, RefersionServer, SegmentServer
 from tests.test_e2e import everflow_destination, refersion_destination
 
@@ -104,3 +107,43 @@ def test_forget_tells_each_destination_then_drops_state(
         assert [name for (name,) in left] == (["Refersion"] if refersion_fails else [])
         assert config.sql("SELECT count(*) FROM sync_members WHERE user_id = 'u1'")[0][0] == 0
         assert config.sql("SELECT count(*) FROM sync_state WHERE user_id = 'u2'")[0][0] == 3
+
+
+def test_status_table_and_progress_bar_on_a_terminal(
+    state_url: str, config: Config, customers: Customers
+) -> None:
+    customers.add("u1", "u2", "u3")
+    with EverflowServer() as everflow:
+        config.connect(config.audience("VIP", Customers.QUERY), everflow_destination(config, everflow))
+        before = run_cli(state_url, "status", env={"COLUMNS": "200"})
+        assert before.returncode == 0 and "VIP" in before.stdout and "never" in before.stdout
+
+        leader, follower = pty.openpty()  # stderr on a terminal: progress bars instead of log lines only
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SYNC_")}
+        env.update(SYNC_DATABASE_URL=state_url, COLUMNS="120")
+        process = subprocess.Popen(
+            [COMMAND, "initial"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=follower,
+        )
+        os.close(follower)
+        output = b""
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # the terminal closed with the process
+                break
+            if not chunk:
+                break
+            output += chunk
+        os.close(leader)
+        assert process.wait(timeout=60) == 0
+        screen = output.decode(errors="replace")
+        assert "VIP -> Everflow" in screen and "3/3" in screen and "eta" in screen
+
+        after = run_cli(state_url, "status", env={"COLUMNS": "200"})
+        row = next(line for line in after.stdout.splitlines() if "Everflow" in line)
+        assert "ok +3 -0 ok=3 rej=0 fail=0" in row
+        assert [cell.strip() for cell in row.split("│")[1:6]] == ["VIP", "Everflow", "3", "3", "0"]
