@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from sync.errors import ConfigError, SourceError
 from sync.messages import traits_hash, traits_json
 from sync.settings import Cadence
-from sync.tables import audiences, sync_members, upsertable_insert
+from sync.tables import audiences, sync_members, sync_stage, upsertable_insert
 
 KEY_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
 STAGE_CHUNK = 5000
@@ -117,26 +117,43 @@ def _read_only(engine: sa.Engine, timeout: float) -> Iterator[sa.Connection]:
 
 
 def stage_members(state: sa.Connection, source: sa.Engine, audience: Audience, timeout: float) -> Staged:
-    """Replace the audience's rows in `sync_members` with its query's result, in `state`'s transaction.
+    """Replace the audience's rows in `sync_members` with its query's result, leaving the transaction open.
 
-    Any failure raises SourceError before the caller commits, so a broken query never looks like an
-    empty audience.
+    The query's rows go to a temporary table first (committed: it belongs to this connection alone), so the
+    state database is not write-locked while the query runs; then one short transaction swaps them into
+    `sync_members`, which the caller commits or, on a dry run, rolls back. Any failure raises SourceError
+    before `sync_members` is touched, so a broken query never looks like an empty audience.
     """
-    state.execute(sa.delete(sync_members).where(sync_members.c.audience_id == audience.id))
-    insert = upsertable_insert(state, sync_members).on_conflict_do_nothing()
+    state.commit()
+    state.exec_driver_sql(
+        f"CREATE TEMPORARY TABLE IF NOT EXISTS {sync_stage.name} "
+        "(user_id TEXT PRIMARY KEY, traits TEXT NOT NULL, traits_hash TEXT NOT NULL)"
+    )
+    state.execute(sa.delete(sync_stage))
+    insert = upsertable_insert(state, sync_stage).on_conflict_do_nothing()
     sql = _wrapped(audience, "")
     try:
         with _read_only(source, timeout) as conn:
             result = conn.execution_options(stream_results=True, yield_per=STAGE_CHUNK).execute(sql)
             with result:
                 _require_user_id(audience, result)
-                rows, nulls = _stage_chunks(state, insert, audience, result)
+                rows, nulls = _stage_chunks(state, insert, result)
     except sa.exc.StatementError as exc:
+        state.rollback()
         raise SourceError(f"{audience}: the query failed: {_first_line(exc.orig)}") from None
-    members = state.scalar(
-        sa.select(sa.func.count()).select_from(sync_members).where(sync_members.c.audience_id == audience.id)
+    except SourceError:
+        state.rollback()
+        raise
+    state.commit()
+    state.execute(sa.delete(sync_members).where(sync_members.c.audience_id == audience.id))
+    copied = sa.select(
+        sa.literal(audience.id), sync_stage.c.user_id, sync_stage.c.traits, sync_stage.c.traits_hash
     )
-    return Staged(members or 0, nulls, rows - (members or 0))
+    state.execute(
+        sa.insert(sync_members).from_select(["audience_id", "user_id", "traits", "traits_hash"], copied)
+    )
+    members = state.scalar(sa.select(sa.func.count()).select_from(sync_stage)) or 0
+    return Staged(members, nulls, rows - members)
 
 
 def probe_query(source: sa.Engine, audience: Audience, timeout: float) -> None:
@@ -162,9 +179,7 @@ def _require_user_id(audience: Audience, result: sa.CursorResult[Any]) -> None:
         )
 
 
-def _stage_chunks(
-    state: sa.Connection, insert: Any, audience: Audience, result: sa.Result[Any]
-) -> tuple[int, int]:
+def _stage_chunks(state: sa.Connection, insert: Any, result: sa.Result[Any]) -> tuple[int, int]:
     """Insert the query's rows chunk by chunk; returns (rows with a user_id, rows without)."""
     rows = nulls = 0
     for chunk in result.partitions():
@@ -178,7 +193,6 @@ def _stage_chunks(
             text = traits_json(traits)
             batch.append(
                 {
-                    "audience_id": audience.id,
                     "user_id": str(user_id),
                     "traits": text,
                     "traits_hash": traits_hash(text),

@@ -6,7 +6,7 @@ from sync.audiences import load_audiences, probe_query
 from sync.connections import connection_rows, load_connection
 from sync.destinations import load_destination
 from sync.errors import ConfigError, SourceError
-from sync.tables import destinations
+from sync.tables import destination_columns, destinations
 
 
 def find_problems(conn: sa.Connection, source: sa.Engine, timeout: float) -> tuple[list[str], int]:
@@ -14,9 +14,7 @@ def find_problems(conn: sa.Connection, source: sa.Engine, timeout: float) -> tup
     valid, problems = load_audiences(conn)
     found = list(problems.values())
     rows = conn.execute(
-        sa.select(destinations, sa.cast(destinations.c.settings, sa.Text).label("settings_text"))
-        .where(destinations.c.enabled)
-        .order_by(destinations.c.id)
+        sa.select(*destination_columns()).where(destinations.c.enabled).order_by(destinations.c.id)
     ).all()
     broken_destinations = set()
     for row in rows:

@@ -9,7 +9,7 @@ from sync.audiences import Audience
 from sync.destinations import Destination, json_object, load_destination
 from sync.errors import ConfigError
 from sync.messages import Connection
-from sync.tables import audience_destinations, destinations
+from sync.tables import audience_destinations, destination_columns, destinations
 
 
 def connection_rows(conn: sa.Connection, audience_id: int) -> list[sa.Row[Any]]:
@@ -20,8 +20,7 @@ def connection_rows(conn: sa.Connection, audience_id: int) -> list[sa.Row[Any]]:
             sa.select(
                 ad.c.destination_id,
                 sa.cast(ad.c.settings, sa.Text).label("connection_settings"),
-                destinations,
-                sa.cast(destinations.c.settings, sa.Text).label("settings_text"),
+                *destination_columns(),
             )
             .join(destinations, destinations.c.id == ad.c.destination_id)
             .where(ad.c.audience_id == audience_id, ad.c.enabled)

@@ -26,7 +26,10 @@ def _migrations_dir() -> Path:
 
 def describe(url: str) -> str:
     """Where a database is, for logs and messages: the absolute file for SQLite, no password."""
-    parsed = sa.make_url(url)
+    try:
+        parsed = sa.make_url(url)
+    except sa.exc.ArgumentError:
+        return "a URL that is not a SQLAlchemy URL (e.g. sqlite:///audience-sync.db or postgresql://host/db)"
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
         return f"sqlite file {Path(parsed.database or '').resolve()}"
     return parsed.render_as_string(hide_password=True)
@@ -43,10 +46,10 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 def create_engine(url: str) -> sa.Engine:
     """An engine for `url`; SQLite gets foreign keys, a busy timeout and WAL."""
-    parsed = sa.make_url(url)
-    if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
-        parsed = parsed.set(drivername="postgresql+psycopg")
     try:
+        parsed = sa.make_url(url)
+        if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
+            parsed = parsed.set(drivername="postgresql+psycopg")
         engine = sa.create_engine(parsed, pool_pre_ping=True)
     except (sa.exc.ArgumentError, ImportError) as exc:
         raise StateError(f"cannot use database URL {describe(url)}: {exc}") from None
@@ -64,7 +67,10 @@ def alembic_config(url: str) -> Config:
 
 def upgrade(url: str) -> None:
     """Bring the state database to the newest schema."""
-    command.upgrade(alembic_config(url), "head")
+    try:
+        command.upgrade(alembic_config(url), "head")
+    except sa.exc.OperationalError as exc:
+        raise StateError(f"cannot reach the state database ({describe(url)}): {exc.orig}") from None
 
 
 def check_migrated(engine: sa.Engine, url: str) -> None:

@@ -102,6 +102,8 @@ class Sender:
             raise RetriableError(f"no answer within {self.limits.timeout:g}s") from None
         except httpx.TransportError as exc:
             raise RetriableError(f"connection failed ({type(exc).__name__})") from None
+        except httpx.HTTPError as exc:  # e.g. a body that cannot be decoded; its text may hold the URL
+            raise RetriableError(f"unreadable answer ({type(exc).__name__})") from None
         try:
             raise_for_retry_or_auth(response)
         except RetriableError as exc:

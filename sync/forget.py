@@ -10,7 +10,7 @@ from sync.delivery import Sender
 from sync.destinations import load_destination
 from sync.errors import AuthError, ConfigError
 from sync.messages import Change, delete_message
-from sync.tables import destinations, sync_members, sync_rejections, sync_state
+from sync.tables import destination_columns, destinations, sync_members, sync_rejections, sync_state
 
 
 def forget_user(engine: sa.Engine, user_id: str, now: datetime) -> list[dict[str, Any]]:
@@ -21,8 +21,7 @@ def forget_user(engine: sa.Engine, user_id: str, now: datetime) -> list[dict[str
     with engine.connect() as conn:
         rows = conn.execute(
             sa.select(
-                destinations,
-                sa.cast(destinations.c.settings, sa.Text).label("settings_text"),
+                *destination_columns(),
                 sync_state.c.traits,
                 sync_state.c.remote_id,
             )
@@ -48,7 +47,7 @@ def forget_user(engine: sa.Engine, user_id: str, now: datetime) -> list[dict[str
     return report
 
 
-def _forget_at(row: sa.Row[Any], user_id: str, now: datetime) -> dict[str, Any]:
+def _forget_at(row: Any, user_id: str, now: datetime) -> dict[str, Any]:
     try:
         destination = load_destination(row, row.settings_text)
     except ConfigError as exc:

@@ -26,7 +26,7 @@ from sync.destinations import Destination, Outcome, rejected
 from sync.errors import ConfigError, SourceError, StateError
 from sync.messages import Change, Connection, build_message
 from sync.settings import Settings
-from sync.tables import audiences
+from sync.tables import audiences, destinations
 
 log = logging.getLogger(__name__)
 LEASE_TTL = 120.0
@@ -76,11 +76,12 @@ class Runner:
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         self.senders: dict[int, tuple[Any, Sender]] = {}
         self.senders_lock = threading.Lock()
+        self.retired: list[Sender] = []
         self.stopping = threading.Event()  # set on SIGTERM: finish the page in flight, then stop
         self.progress: Progress | None = None  # a progress bar per connection, on a terminal
 
     def close(self) -> None:
-        for _, sender in self.senders.values():
+        for sender in [s for _, s in self.senders.values()] + self.retired:
             sender.close()
 
     def run(self, options: Options) -> list[Result]:
@@ -88,10 +89,14 @@ class Runner:
         with self.engine.connect() as conn:
             valid, problems = load_audiences(conn)
             names = {row.id: row.name for row in conn.execute(sa.select(audiences.c.id, audiences.c.name))}
+            destination_names = set(conn.scalars(sa.select(destinations.c.name)))
+        for asked, known, what in (
+            (options.audiences, set(names.values()), "audience"),
+            (options.destinations, destination_names, "destination"),
+        ):
+            if set(asked) - known:
+                raise ConfigError(f"no {what} named {', '.join(sorted(set(asked) - known))}")
         if options.audiences:
-            unknown = set(options.audiences) - set(names.values())
-            if unknown:
-                raise ConfigError(f"no audience named {', '.join(sorted(unknown))}")
             valid = [a for a in valid if a.name in options.audiences]
             problems = {i: p for i, p in problems.items() if names[i] in options.audiences}
         results = [self._invalid_audience(i, names[i], problem, options) for i, problem in problems.items()]
@@ -103,12 +108,12 @@ class Runner:
     def run_audience(self, audience: Audience, options: Options) -> list[Result]:
         """Run one audience under its lease; a state database failure fails this audience only."""
         try:
-            with self._lease(audience) as holder:
+            with self._lease(audience) as (holder, lost):
                 if holder:
                     message = f"{audience} is being synced by {holder}; try again when it finishes"
                     log.warning("%s", message, extra={"action": "audience_busy"})
                     return [Result(audience.name, None, "busy", error=message)]
-                return self._run_leased(audience, options)
+                return self._run_leased(audience, options, lost)
         except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
             message = f"{audience}: the state database failed during the run: {_first_line(exc)}"
             log.error("%s", message, extra={"action": "state_failed"})
@@ -134,30 +139,44 @@ class Runner:
         return Result(name, None, "invalid", error=problem)
 
     @contextmanager
-    def _lease(self, audience: Audience) -> Iterator[str | None]:
+    def _lease(self, audience: Audience) -> Iterator[tuple[str | None, threading.Event]]:
+        """Hold the audience's lease for the run: (holder if taken, an event set if the lease was lost)."""
+        lost = threading.Event()
         with self.engine.begin() as conn:
             holder = state.acquire_lease(conn, audience.id, self.owner, LEASE_TTL, self.now())
         if holder:
-            yield holder
+            yield holder, lost
             return
         done = threading.Event()
 
         def renew() -> None:
             while not done.wait(LEASE_TTL / 4):
-                with self.engine.begin() as conn:
-                    state.acquire_lease(conn, audience.id, self.owner, LEASE_TTL, self.now())
+                try:
+                    with self.engine.begin() as conn:
+                        holder = state.acquire_lease(conn, audience.id, self.owner, LEASE_TTL, self.now())
+                except sa.exc.DBAPIError as exc:
+                    holder = f"nobody we can tell (renewing failed: {_first_line(exc)})"
+                if holder:
+                    log.error(
+                        "%s: lease lost to %s; stopping this run",
+                        audience,
+                        holder,
+                        extra={"action": "lease_lost"},
+                    )
+                    lost.set()
+                    return
 
         heartbeat = threading.Thread(target=renew, name=f"lease-{audience.id}", daemon=True)
         heartbeat.start()
         try:
-            yield None
+            yield None, lost
         finally:
             done.set()
             heartbeat.join()
             with self.engine.begin() as conn:
                 state.release_lease(conn, audience.id, self.owner)
 
-    def _run_leased(self, audience: Audience, options: Options) -> list[Result]:
+    def _run_leased(self, audience: Audience, options: Options, lost: threading.Event) -> list[Result]:
         started = self.now()
         results: list[Result] = []
         with self.engine.connect() as conn:
@@ -165,9 +184,8 @@ class Runner:
             results += invalid
             if not connections:
                 return results
-            if options.resend and not options.dry_run:
-                for connection, _ in connections:
-                    state.forget_connection(conn, audience.id, connection.destination_id)
+            if self.stopping.is_set():
+                return results
             try:
                 staged = stage_members(conn, self.source, audience, self.settings.query_timeout)
             except SourceError as exc:
@@ -178,6 +196,9 @@ class Runner:
                         self._finish(audience, connection, started, "failed", {}, str(exc), options)
                     )
                 return results
+            if options.resend:  # in the transaction that replaces the members: a dry run undoes it
+                for connection, _ in connections:
+                    state.forget_connection(conn, audience.id, connection.destination_id)
             store_key(conn, audience)
             log.info(
                 "%s: %d members (%d null user_ids, %d duplicates)",
@@ -193,13 +214,15 @@ class Runner:
                 "duplicate_user_ids": staged.duplicate_user_ids,
             }
             if options.dry_run:
-                results += [self._sync(conn, audience, c, d, base, started, options) for c, d in connections]
+                results += [
+                    self._sync(conn, audience, c, d, base, started, options, lost) for c, d in connections
+                ]
                 conn.rollback()
                 return results
             conn.commit()
         with ThreadPoolExecutor(len(connections), thread_name_prefix=f"aud{audience.id}") as pool:
             results += pool.map(
-                lambda cd: self._sync_in_own_connection(audience, cd[0], cd[1], base, started, options),
+                lambda cd: self._sync_in_own_connection(audience, cd[0], cd[1], base, started, options, lost),
                 connections,
             )
         return results
@@ -257,9 +280,10 @@ class Runner:
         base: dict[str, int],
         started: datetime,
         options: Options,
+        lost: threading.Event,
     ) -> Result:
         with self.engine.connect() as conn:
-            return self._sync(conn, audience, connection, destination, base, started, options)
+            return self._sync(conn, audience, connection, destination, base, started, options, lost)
 
     def _sync(
         self,
@@ -270,6 +294,7 @@ class Runner:
         base: dict[str, int],
         started: datetime,
         options: Options,
+        lost: threading.Event,
     ) -> Result:
         """Deliver one connection's pending changes, recording acceptances after every page."""
         counts = dict(base, entered=0, exited=0, rejected=0, skipped=0, failed=0)
@@ -311,6 +336,8 @@ class Runner:
                     conn.commit()
                     if self.stopping.is_set() and not delivery.stopped:
                         delivery.stopped = "interrupted by shutdown"
+                    if lost.is_set() and not delivery.stopped:
+                        delivery.stopped = "stopped: the audience's lease was lost"
                     if delivery.stopped:
                         break
             if delivery and delivery.stopped:
@@ -383,8 +410,8 @@ class Runner:
                 return known[1]
             sender = Sender(destination)
             self.senders[destination.id] = (identity, sender)
-        if known:
-            known[1].close()
+            if known:  # another run may still be sending with it: close it with the runner
+                self.retired.append(known[1])
         return sender
 
     def _finish(

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from types import FrameType
 
 import sqlalchemy as sa
+from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.blocking import BlockingScheduler
 from apscheduler.triggers.base import BaseTrigger
 
@@ -44,10 +45,11 @@ class Daemon:
 
     def __init__(self, runner: Runner) -> None:
         self.runner = runner
+        self.executor = ThreadPoolExecutor(max_workers=4)
         self.scheduler = BlockingScheduler(
             timezone=UTC,
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 3600},
-            executors={"default": {"type": "threadpool", "max_workers": 4}},
+            executors={"default": self.executor},
         )
         self.cadences: dict[int, Cadence] = {}
         self.rng = random.Random()
@@ -69,6 +71,8 @@ class Daemon:
         log.info("daemon started with %d audiences", len(self.cadences), extra={"action": "daemon_started"})
         try:
             self.scheduler.start()
+            # the scheduler stopped on a signal: let runs in flight finish their page and record themselves
+            self.executor.shutdown(wait=True)
         finally:
             if stop_metrics:
                 stop_metrics()

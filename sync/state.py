@@ -198,8 +198,13 @@ def complete_initial(conn: sa.Connection, audience_id: int, destination_id: int,
 
 
 def forget_connection(conn: sa.Connection, audience_id: int, destination_id: int) -> None:
-    """For `initial --resend`: forget what the destination accepted, so every member is sent again."""
-    for table in (sync_state, sync_rejections, sync_connections):
+    """For `initial --resend`: mark every accepted member as not accepted, so every member is sent again.
+
+    The rows stay: their change counts keep later messageIds new, and Refersion affiliate ids stay known.
+    """
+    where = (sync_state.c.audience_id == audience_id, sync_state.c.destination_id == destination_id)
+    conn.execute(sa.update(sync_state).where(*where).values(member=False))
+    for table in (sync_rejections, sync_connections):
         conn.execute(
             sa.delete(table).where(
                 table.c.audience_id == audience_id, table.c.destination_id == destination_id

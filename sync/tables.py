@@ -173,6 +173,25 @@ sync_leases = sa.Table(
 )
 
 
+# Per connection, temporary: an audience query's rows before they replace the audience's `sync_members` rows.
+# Created by `audiences.stage_members`, not by migrations (hence its own MetaData).
+sync_stage = sa.Table(
+    "sync_stage_members",
+    sa.MetaData(),
+    sa.Column("user_id", sa.Text, primary_key=True),
+    sa.Column("traits", sa.Text, nullable=False),
+    sa.Column("traits_hash", sa.Text, nullable=False),
+)
+
+
+def destination_columns() -> list[sa.ColumnElement[Any]]:
+    """The `destinations` columns with settings as raw text: a malformed JSON row must not break the query."""
+    return [
+        *(c for c in destinations.c if c.name != "settings"),
+        sa.cast(destinations.c.settings, sa.Text).label("settings_text"),
+    ]
+
+
 def upsertable_insert(conn: sa.Connection, table: sa.Table) -> Any:
     """An INSERT for `table` that takes ON CONFLICT clauses, on either backend."""
     if conn.dialect.name == "postgresql":

@@ -134,8 +134,10 @@ def test_problems_name_the_row_and_field_and_never_stop_the_others(config: Confi
 def stage(
     engine: sa.Engine, audience: Audience, timeout: float = TIMEOUT, source: sa.Engine | None = None
 ) -> Staged:
-    with engine.begin() as conn:
-        return stage_members(conn, source or engine, audience, timeout)
+    with engine.connect() as conn:  # stage_members manages the transactions; the caller commits the swap
+        staged = stage_members(conn, source or engine, audience, timeout)
+        conn.commit()
+        return staged
 
 
 def members(engine: sa.Engine, audience: Audience) -> dict[str, dict[str, Any]]:

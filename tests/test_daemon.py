@@ -14,7 +14,7 @@ import pytest
 
 from sync.scheduler import CadenceTrigger
 from sync.settings import Cadence
-from tests.conftest import COMMAND, Config, Customers
+from tests.conftest import COMMAND, Config, Customers, run_cli
 from tests.servers import EverflowServer
 from tests.test_e2e import everflow_destination
 
@@ -105,3 +105,38 @@ def test_cadence_trigger_resumes_from_the_last_run() -> None:
     draws = {ranged.get_next_fire_time(now, now) for _ in range(20)}
     assert all(now + timedelta(hours=2) <= fire <= now + timedelta(hours=3) for fire in draws)
     assert len(draws) > 1  # drawn anew each time
+
+
+def test_sigterm_during_delivery_finishes_the_page_and_loses_nothing(
+    state_url: str, config: Config, customers: Customers
+) -> None:
+    users = [f"u{i:02d}" for i in range(40)]
+    customers.add(*users)
+    with EverflowServer(delay=0.05) as everflow:
+        audience = config.audience("VIP", Customers.QUERY)
+        config.connect(audience, everflow_destination(config, everflow, rate_limit=10, max_in_flight=4))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SYNC_")}
+        env.update(SYNC_DATABASE_URL=state_url, SYNC_INTERVAL="1h")
+        daemon = subprocess.Popen(
+            [COMMAND, "daemon"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        _wait_for(lambda: len(everflow.requests) >= 6, 30)
+        daemon.send_signal(signal.SIGTERM)
+        _, stderr = daemon.communicate(timeout=30)
+        assert daemon.returncode == 0, stderr
+        assert "Traceback" not in stderr
+        outcome, error = config.sql(
+            "SELECT outcome, error FROM sync_runs WHERE audience_id = :a", a=audience
+        )[0]
+        assert outcome == "failed" and error.startswith("interrupted by shutdown")
+        sent_before = len(everflow.accepted)
+        assert 0 < sent_before < len(users)
+
+        finish = run_cli(state_url, "run")
+        assert finish.returncode == 0, finish.stderr
+        assert everflow.accepted == {(f"tid-{u}", "7"): 1 for u in users}

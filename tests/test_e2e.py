@@ -239,9 +239,7 @@ def test_source_in_another_database(state_url: str, config: Config, tmp_path: Pa
         assert everflow.accepted == {("tid-w1", "7"): 1, ("tid-w2", "7"): 1}
 
 
-def test_resend_sends_every_member_again_with_the_same_ids(
-    state_url: str, config: Config, customers: Customers
-) -> None:
+def test_resend_sends_every_member_again(state_url: str, config: Config, customers: Customers) -> None:
     customers.add("u1", "u2")
     with SegmentServer(api_key="seg-key") as segment:
         destination = config.destination(
@@ -258,9 +256,14 @@ def test_resend_sends_every_member_again_with_the_same_ids(
 
         assert run_cli(state_url, "initial").returncode == 0  # completed: nothing to do
         assert len(segment.messages) == 2
+        preview = run_cli(state_url, "initial", "--resend", "--dry-run")
+        assert preview.returncode == 0 and len(preview.stdout.splitlines()) == 2
         resend = run_cli(state_url, "initial", "--resend")
         assert resend.returncode == 0, resend.stderr
-        assert sorted(message["messageId"] for message in segment.messages[2:]) == first_ids
+        assert len(segment.messages) == 4
+        # a resend is a new delivery: new messageIds, so a receiver de-duplicating by id does not drop it
+        resent_ids = {message["messageId"] for message in segment.messages[2:]}
+        assert len(resent_ids) == 2 and not resent_ids & set(first_ids)
 
 
 def test_key_change_after_sync_is_refused(state_url: str, config: Config, customers: Customers) -> None:

@@ -30,8 +30,10 @@ class Sync:
     destination_id: int
 
     def stage(self) -> Staged:
-        with self.engine.begin() as conn:
-            return stage_members(conn, self.engine, self.audience, 10.0)
+        with self.engine.connect() as conn:  # stage_members manages the transactions; the caller commits
+            staged = stage_members(conn, self.engine, self.audience, 10.0)
+            conn.commit()
+            return staged
 
     def pending(self, value: bool, after: str = "", limit: int = 1000) -> list[Change]:
         with self.engine.connect() as conn:

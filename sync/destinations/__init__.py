@@ -157,9 +157,9 @@ class Destination:
         self.api_key = api_key
         self.limits = Limits(
             rate_limit=self._number("rate_limit", self.default_rate_limit),
-            max_in_flight=int(self._number("max_in_flight", 32)),
+            max_in_flight=self._count("max_in_flight", 32),
             timeout=self._number("timeout", 10),
-            max_attempts=int(self._number("max_attempts", 5)),
+            max_attempts=self._count("max_attempts", 5),
             backoff_initial=self._number("backoff_initial", 0.5),
             backoff_max=self._number("backoff_max", 30),
         )
@@ -170,6 +170,14 @@ class Destination:
         if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
             raise ConfigError(f"{self.where}: settings.{name} must be a positive number, not {value!r}")
         return float(value)
+
+    def _count(self, name: str, default: int) -> int:
+        value = self.settings.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(
+                f"{self.where}: settings.{name} must be a whole number of at least 1, not {value!r}"
+            )
+        return value
 
     def secrets(self) -> list[str]:
         """Values that must never be shown (scrubbed from any error text)."""

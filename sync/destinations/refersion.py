@@ -186,7 +186,13 @@ def _read_new(call: Call, response: httpx.Response) -> list[Outcome]:
         remote_id = response.json().get("id")
     except (ValueError, AttributeError):
         remote_id = None
-    return [accepted(change, remote_id=str(remote_id) if remote_id else None, remote_active=True)]
+    if (
+        not remote_id
+    ):  # without the id the affiliate could never be disabled: not accepted, sent again next run
+        return [
+            Outcome(change, "failed", f"Refersion answered {response.status_code} without an affiliate id")
+        ]
+    return [accepted(change, remote_id=str(remote_id), remote_active=True)]
 
 
 def _read_status_change(call: Call, response: httpx.Response) -> list[Outcome]:
