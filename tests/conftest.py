@@ -192,17 +192,32 @@ def customers(engine: sa.Engine) -> Customers:
     return Customers(engine)
 
 
+def cli_env(state_url: str, env: dict[str, str] | None = None) -> dict[str, str]:
+    """The process environment without the developer's SYNC_* settings, pointed at `state_url`."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("SYNC_")}
+    full_env.update({"SYNC_DATABASE_URL": state_url, **(env or {})})
+    return full_env
+
+
 def run_cli(
     state_url: str, *args: str, env: dict[str, str] | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
     """The real `audience-sync` command, as an operator runs it."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("SYNC_")}
-    full_env.update({"SYNC_DATABASE_URL": state_url, **(env or {})})
     return subprocess.run(
         [COMMAND, *args],
-        env=full_env,
+        env=cli_env(state_url, env),
         capture_output=True,
         text=True,
         timeout=timeout,
         stdin=subprocess.DEVNULL,
+    )
+
+
+def start_cli(
+    state_url: str, *args: str, env: dict[str, str] | None = None, **popen: Any
+) -> subprocess.Popen[str]:
+    """The real command in the background (the daemon), output captured unless `popen` says otherwise."""
+    options: dict[str, Any] = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **popen}
+    return subprocess.Popen(
+        [COMMAND, *args], env=cli_env(state_url, env), stdin=subprocess.DEVNULL, text=True, **options
     )

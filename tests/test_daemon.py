@@ -1,11 +1,9 @@
 """The daemon: seconds-scale cadence, config reload, resume after restart, clean SIGTERM."""
 
 import json
-import os
 import random
 import signal
 import socket
-import subprocess
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -14,7 +12,7 @@ import pytest
 
 from sync.scheduler import CadenceTrigger
 from sync.settings import Cadence
-from tests.conftest import COMMAND, Config, Customers, run_cli
+from tests.conftest import Config, Customers, run_cli, start_cli
 from tests.servers import EverflowServer
 from tests.test_e2e import everflow_destination
 
@@ -45,23 +43,14 @@ def test_daemon_runs_cycles_picks_up_changes_and_stops_on_sigterm(
     with EverflowServer() as everflow:
         audience = config.audience("VIP", Customers.QUERY)
         config.connect(audience, everflow_destination(config, everflow))
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SYNC_")}
         port = _free_port()
-        env.update(
-            SYNC_DATABASE_URL=state_url,
+        env = dict(
             SYNC_INTERVAL="2s",
             SYNC_RELOAD_INTERVAL="1s",
             SYNC_METRICS_PORT=str(port),
             SYNC_LOG_FORMAT="json",
         )
-        daemon = subprocess.Popen(
-            [COMMAND, "daemon"],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        daemon = start_cli(state_url, "daemon", env=env)
         try:
             _wait_for(lambda: _runs(config, audience) >= 1, 30)
             customers.add("u2")
@@ -115,16 +104,7 @@ def test_sigterm_during_delivery_finishes_the_page_and_loses_nothing(
     with EverflowServer(delay=0.05) as everflow:
         audience = config.audience("VIP", Customers.QUERY)
         config.connect(audience, everflow_destination(config, everflow, rate_limit=10, max_in_flight=4))
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SYNC_")}
-        env.update(SYNC_DATABASE_URL=state_url, SYNC_INTERVAL="1h")
-        daemon = subprocess.Popen(
-            [COMMAND, "daemon"],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        daemon = start_cli(state_url, "daemon", env={"SYNC_INTERVAL": "1h"})
         _wait_for(lambda: len(everflow.requests) >= 6, 30)
         daemon.send_signal(signal.SIGTERM)
         _, stderr = daemon.communicate(timeout=30)

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import COMMAND, Config, Customers, run_cli
+from tests.conftest import Config, Customers, run_cli, start_cli
 from tests.servers import EverflowServer, RefersionServer, SegmentServer
 from tests.test_e2e import everflow_destination, refersion_destination
 
@@ -119,14 +119,8 @@ def test_status_table_and_progress_bar_on_a_terminal(
         assert before.returncode == 0 and "VIP" in before.stdout and "never" in before.stdout
 
         leader, follower = pty.openpty()  # stderr on a terminal: progress bars instead of log lines only
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SYNC_")}
-        env.update(SYNC_DATABASE_URL=state_url, COLUMNS="120")
-        process = subprocess.Popen(
-            [COMMAND, "initial"],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=follower,
+        process = start_cli(
+            state_url, "initial", env={"COLUMNS": "120"}, stdout=subprocess.DEVNULL, stderr=follower
         )
         os.close(follower)
         output = b""
