@@ -1,6 +1,7 @@
 """Audiences: their keys, their configuration rows, and evaluating their queries into `sync_members`."""
 
 import re
+import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,7 +12,7 @@ import inflection
 import sqlalchemy as sa
 
 from sync.errors import ConfigError, SourceError
-from sync.messages import traits_hash, traits_json
+from sync.messages import traits_json
 from sync.settings import Cadence
 from sync.tables import audiences, sync_members, sync_stage, upsertable_insert
 
@@ -93,115 +94,169 @@ class Staged:
 
 
 @contextmanager
-def _read_only(engine: sa.Engine, timeout: float) -> Iterator[sa.Connection]:
-    """A source connection that refuses writes and stops a query after `timeout` seconds."""
-    with engine.connect() as conn:
-        if conn.dialect.name == "postgresql":
-            conn.exec_driver_sql("SET TRANSACTION READ ONLY")
-            conn.exec_driver_sql(f"SET LOCAL statement_timeout = {int(timeout * 1000)}")
-            yield conn
-            conn.rollback()
-            return
-        raw = conn.connection.dbapi_connection
-        assert raw is not None
-        deadline = time.monotonic() + timeout
+def _read_only(conn: sa.Connection, timeout: float, stage: bool = False) -> Iterator[sa.Connection]:
+    """`conn` refusing writes (but to the staging table when `stage`), stopping a query after `timeout` s.
+
+    Postgres: a READ ONLY transaction, which may still write temporary tables, with a statement timeout.
+    SQLite: `PRAGMA query_only`, or for staging an authorizer that allows only inserts into the staging
+    table; a progress handler enforces the timeout. Commits on success; the caller rolls back on failure.
+    """
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql("SET TRANSACTION READ ONLY")
+        conn.exec_driver_sql(f"SET LOCAL statement_timeout = {int(timeout * 1000)}")
+        yield conn
+        conn.commit()
+        return
+    raw: Any = conn.connection.dbapi_connection
+    deadline = time.monotonic() + timeout
+    raw.set_progress_handler(lambda: int(time.monotonic() > deadline), 10_000)
+    if stage:
+        raw.set_authorizer(_allow_reads_and_staging)
+    else:
         conn.exec_driver_sql("PRAGMA query_only = ON")
-        raw.set_progress_handler(lambda: int(time.monotonic() > deadline), 10_000)
-        try:
-            yield conn
-        finally:
-            conn.rollback()
-            raw.set_progress_handler(None, 0)
-            conn.exec_driver_sql("PRAGMA query_only = OFF")
-            conn.commit()
+    try:
+        yield conn
+        conn.commit()
+    finally:
+        conn.rollback()
+        raw.set_progress_handler(None, 0)
+        raw.set_authorizer(None)
+        conn.exec_driver_sql("PRAGMA query_only = OFF")
+        conn.commit()
+
+
+def _allow_reads_and_staging(
+    action: int, table: str | None, _arg: str | None, database: str | None, _trigger: str | None
+) -> int:
+    reading = (sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE)
+    if action in reading or action == sqlite3.SQLITE_TRANSACTION:  # the driver's own BEGIN
+        return sqlite3.SQLITE_OK
+    if action == sqlite3.SQLITE_INSERT and table == sync_stage.name and database == "temp":
+        return sqlite3.SQLITE_OK
+    return sqlite3.SQLITE_DENY
 
 
 def stage_members(state: sa.Connection, source: sa.Engine, audience: Audience, timeout: float) -> Staged:
     """Replace the audience's rows in `sync_members` with its query's result, leaving the transaction open.
 
-    The query's rows go to a temporary table first (committed: it belongs to this connection alone), so the
-    state database is not write-locked while the query runs; then one short transaction swaps them into
-    `sync_members`, which the caller commits or, on a dry run, rolls back. Any failure raises SourceError
-    before `sync_members` is touched, so a broken query never looks like an empty audience.
+    The query's rows go to a temporary table first, read-only and committed (the table belongs to this
+    connection alone), so the state database is not write-locked while the query runs: with `INSERT ...
+    SELECT` when the source is the state database, streamed in chunks otherwise. Then one short transaction
+    swaps them into `sync_members`; the caller commits it or, on a dry run, rolls it back. Any failure raises
+    SourceError before `sync_members` is touched, so a broken query never looks like an empty audience.
     """
     state.commit()
     state.exec_driver_sql(
-        f"CREATE TEMPORARY TABLE IF NOT EXISTS {sync_stage.name} "
-        "(user_id TEXT PRIMARY KEY, traits TEXT NOT NULL, traits_hash TEXT NOT NULL)"
+        f"CREATE TEMPORARY TABLE IF NOT EXISTS {sync_stage.name} (user_id TEXT, traits TEXT)"
     )
     state.execute(sa.delete(sync_stage))
-    insert = upsertable_insert(state, sync_stage).on_conflict_do_nothing()
-    sql = _wrapped(audience, "")
+    state.commit()
     try:
-        with _read_only(source, timeout) as conn:
-            result = conn.execution_options(stream_results=True, yield_per=STAGE_CHUNK).execute(sql)
-            with result:
-                _require_user_id(audience, result)
-                rows, nulls = _stage_chunks(state, insert, result)
+        if source is state.engine:
+            with _read_only(state, timeout, stage=True):
+                _stage_in_place(state, audience)
+        else:
+            with source.connect() as conn, _read_only(conn, timeout):
+                _stage_streamed(state, conn, audience)
+            state.commit()
     except sa.exc.StatementError as exc:
         state.rollback()
         raise SourceError(f"{audience}: the query failed: {_first_line(exc.orig)}") from None
     except SourceError:
         state.rollback()
         raise
-    state.commit()
+    missing_id = (sync_stage.c.user_id.is_(None)) | (sync_stage.c.user_id == "")
+    total, missing = state.execute(
+        sa.select(sa.func.count(), sa.func.count().filter(missing_id)).select_from(sync_stage)
+    ).one()
     state.execute(sa.delete(sync_members).where(sync_members.c.audience_id == audience.id))
-    copied = sa.select(
-        sa.literal(audience.id), sync_stage.c.user_id, sync_stage.c.traits, sync_stage.c.traits_hash
-    )
+    rows = sa.select(sa.literal(audience.id), sync_stage.c.user_id, sync_stage.c.traits).where(~missing_id)
     state.execute(
-        sa.insert(sync_members).from_select(["audience_id", "user_id", "traits", "traits_hash"], copied)
+        upsertable_insert(state, sync_members)
+        .from_select(["audience_id", "user_id", "traits"], rows)
+        .on_conflict_do_nothing()
     )
-    members = state.scalar(sa.select(sa.func.count()).select_from(sync_stage)) or 0
-    return Staged(members, nulls, rows - members)
+    members = (
+        state.scalar(
+            sa.select(sa.func.count())
+            .select_from(sync_members)
+            .where(sync_members.c.audience_id == audience.id)
+        )
+        or 0
+    )
+    return Staged(members, missing, total - missing - members)
+
+
+def _stage_in_place(state: sa.Connection, audience: Audience) -> None:
+    """`INSERT ... SELECT` the query's rows into the staging table, traits built as JSON by the database."""
+    with state.execute(_wrapped(audience, " LIMIT 0")) as probe:
+        columns = _require_user_id(audience, probe)
+    if state.dialect.name == "postgresql":
+        traits = "(to_jsonb(q) - 'user_id')::text"
+    else:
+        pairs = [
+            f"'{c.replace(chr(39), chr(39) * 2)}', q.\"{c.replace(chr(34), chr(34) * 2)}\""
+            for c in columns
+            if c != "user_id"
+        ]
+        traits = f"json_object({', '.join(pairs)})"
+    query = _escaped(audience.query.strip().rstrip(";"))
+    state.execute(
+        sa.text(
+            f"INSERT INTO {sync_stage.name} (user_id, traits) "
+            f"SELECT CAST(q.user_id AS TEXT), {_escaped(traits)} FROM ({query}) AS q"
+        )
+    )
+
+
+def _stage_streamed(state: sa.Connection, source: sa.Connection, audience: Audience) -> None:
+    """Stream the query's rows from another database into the staging table in chunks."""
+    result = source.execution_options(stream_results=True, yield_per=STAGE_CHUNK).execute(
+        _wrapped(audience, "")
+    )
+    with result:
+        _require_user_id(audience, result)
+        for chunk in result.partitions():
+            batch = []
+            for row in chunk:
+                traits = dict(row._mapping)
+                user_id = traits.pop("user_id")
+                batch.append(
+                    {"user_id": None if user_id is None else str(user_id), "traits": traits_json(traits)}
+                )
+            state.execute(sa.insert(sync_stage), batch)
 
 
 def probe_query(source: sa.Engine, audience: Audience, timeout: float) -> None:
     """Run the audience query with LIMIT 0: it must parse, run read-only and return user_id."""
     try:
-        with _read_only(source, timeout) as conn, conn.execute(_wrapped(audience, " LIMIT 0")) as result:
+        with (
+            source.connect() as conn,
+            _read_only(conn, timeout),
+            conn.execute(_wrapped(audience, " LIMIT 0")) as result,
+        ):
             _require_user_id(audience, result)
     except sa.exc.StatementError as exc:
         raise SourceError(f"{audience}: the query failed: {_first_line(exc.orig)}") from None
 
 
-def _wrapped(audience: Audience, suffix: str) -> sa.TextClause:
+def _escaped(sql: str) -> str:
     # Colons are escaped: audience queries have no bind parameters; `'10:30'` or `x::text` stay as they are.
-    query = audience.query.strip().rstrip(";").replace(":", r"\:")
+    return sql.replace(":", r"\:")
+
+
+def _wrapped(audience: Audience, suffix: str) -> sa.TextClause:
+    query = _escaped(audience.query.strip().rstrip(";"))
     return sa.text(f"SELECT * FROM ({query}) AS audience_query{suffix}")
 
 
-def _require_user_id(audience: Audience, result: sa.CursorResult[Any]) -> None:
+def _require_user_id(audience: Audience, result: sa.CursorResult[Any]) -> list[str]:
     columns = list(result.keys())
     if "user_id" not in columns:
         raise SourceError(
             f"{audience}: the query returns no user_id column (it returns {', '.join(columns)})"
         )
-
-
-def _stage_chunks(state: sa.Connection, insert: Any, result: sa.Result[Any]) -> tuple[int, int]:
-    """Insert the query's rows chunk by chunk; returns (rows with a user_id, rows without)."""
-    rows = nulls = 0
-    for chunk in result.partitions():
-        batch = []
-        for row in chunk:
-            traits = dict(row._mapping)
-            user_id = traits.pop("user_id")
-            if user_id is None or user_id == "":
-                nulls += 1
-                continue
-            text = traits_json(traits)
-            batch.append(
-                {
-                    "user_id": str(user_id),
-                    "traits": text,
-                    "traits_hash": traits_hash(text),
-                }
-            )
-        rows += len(batch)
-        if batch:
-            state.execute(insert, batch)
-    return rows, nulls
+    return columns
 
 
 def _first_line(error: BaseException | None) -> str:

@@ -19,7 +19,7 @@ class Change:
     user_id: str
     value: bool  # True: entered, False: exited
     traits: dict[str, Any]  # current traits for an entry; the traits last sent for an exit
-    traits_hash: str
+    traits_text: str  # the traits as stored (JSON): a rejected entry is retried once they change
     changes: int  # how many changes of this user the destination accepted before
     remote_id: str | None = None  # the destination's own id for the user (Refersion affiliate id)
     remote_active: bool = True
@@ -104,11 +104,6 @@ def _without(traits: dict[str, Any], connection: Connection) -> dict[str, Any]:
 def traits_json(traits: dict[str, Any]) -> str:
     """Canonical JSON for a member's traits (values JSON cannot hold become text)."""
     return json.dumps(traits, sort_keys=True, default=str, ensure_ascii=False)
-
-
-def traits_hash(text: str) -> str:
-    """Identifies a set of traits: a rejected entry is retried only once it changes."""
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 def delete_message(user_id: str, destination_name: str, now: datetime) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from sync.destinations import Outcome
-from sync.messages import Change, traits_hash, traits_json
+from sync.messages import Change
 from sync.tables import (
     sync_connections,
     sync_leases,
@@ -31,7 +31,7 @@ _ENTRIES = """
       AND NOT EXISTS (
         SELECT 1 FROM sync_rejections r
         WHERE r.audience_id = m.audience_id AND r.destination_id = :destination_id
-          AND r.user_id = m.user_id AND r.value = true AND r.traits_hash = m.traits_hash)
+          AND r.user_id = m.user_id AND r.value = true AND r.traits = m.traits)
 """
 
 _EXITS = """
@@ -42,7 +42,7 @@ _EXITS = """
 """
 
 ENTRIES = sa.text(
-    "SELECT m.user_id, m.traits, m.traits_hash, s.changes, s.remote_id, s.remote_active"
+    "SELECT m.user_id, m.traits, s.changes, s.remote_id, s.remote_active"
     + _ENTRIES
     + " AND m.user_id > :after ORDER BY m.user_id LIMIT :limit"
 )
@@ -75,7 +75,7 @@ def pending(
             user_id=row.user_id,
             value=value,
             traits=json.loads(row.traits),
-            traits_hash=row.traits_hash if value else traits_hash(row.traits),
+            traits_text=row.traits,
             changes=row.changes or 0,
             remote_id=row.remote_id,
             remote_active=True if row.remote_active is None else bool(row.remote_active),
@@ -119,7 +119,7 @@ def record(
                 **ids,
                 "user_id": change.user_id,
                 "member": change.value and outcome.status != "rejected",
-                "traits": traits_json(change.traits),
+                "traits": change.traits_text,
                 "changes": change.changes + 1,
                 "remote_id": outcome.remote_id or change.remote_id,
                 "remote_active": change.remote_active
@@ -144,7 +144,7 @@ def record(
                 sync_rejections.c.user_id.in_(accepted_entries),
             )
         )
-    _upsert(conn, sync_rejections, rejections, ("value", "traits_hash", "reason", "rejected_at"))
+    _upsert(conn, sync_rejections, rejections, ("value", "traits", "reason", "rejected_at"))
 
 
 def _rejection(ids: dict[str, int], outcome: Outcome, now: datetime) -> dict[str, Any]:
@@ -152,7 +152,7 @@ def _rejection(ids: dict[str, int], outcome: Outcome, now: datetime) -> dict[str
         **ids,
         "user_id": outcome.change.user_id,
         "value": outcome.change.value,
-        "traits_hash": outcome.change.traits_hash,
+        "traits": outcome.change.traits_text,
         "reason": outcome.reason or "rejected",
         "rejected_at": now,
     }

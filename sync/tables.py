@@ -98,7 +98,6 @@ sync_members = sa.Table(
     _audience_fk(),
     sa.Column("user_id", sa.Text, primary_key=True),
     sa.Column("traits", sa.Text, nullable=False),
-    sa.Column("traits_hash", sa.Text, nullable=False),
 )
 
 # Per connection and user: what the destination last accepted.
@@ -159,7 +158,7 @@ sync_rejections = sa.Table(
     _destination_fk(),
     sa.Column("user_id", sa.Text, primary_key=True),
     sa.Column("value", sa.Boolean, nullable=False),
-    sa.Column("traits_hash", sa.Text, nullable=False),
+    sa.Column("traits", sa.Text, nullable=False),  # a rejected entry is offered again once they change
     sa.Column("reason", sa.Text, nullable=False),
     sa.Column("rejected_at", UTCDateTime, nullable=False),
 )
@@ -178,9 +177,8 @@ sync_leases = sa.Table(
 sync_stage = sa.Table(
     "sync_stage_members",
     sa.MetaData(),
-    sa.Column("user_id", sa.Text, primary_key=True),
-    sa.Column("traits", sa.Text, nullable=False),
-    sa.Column("traits_hash", sa.Text, nullable=False),
+    sa.Column("user_id", sa.Text),
+    sa.Column("traits", sa.Text),
 )
 
 

@@ -257,8 +257,12 @@ def test_a_query_sees_a_read_only_transaction(
         probe = "(SELECT query_only FROM pragma_query_only)"
         expected = 1
     audience = the_audience(config, "Probe", f"SELECT user_id, {probe} AS read_only FROM customers")
+    # SQLite stages a same-engine source with INSERT ... SELECT under an authorizer (see the write attempts
+    # below); another engine, even on the same file, is streamed from a `PRAGMA query_only` connection.
+    source = database.create_engine(engine.url.render_as_string(hide_password=False))
 
-    stage(engine, audience)
+    stage(engine, audience, source=source)
+    source.dispose()
 
     assert members(engine, audience) == {"u1": {"read_only": expected}}
 

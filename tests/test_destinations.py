@@ -24,7 +24,7 @@ import pytest
 from sync.delivery import Delivery, RateLimiter, Sender
 from sync.destinations import Call, Destination, Outcome, load_destination, rejected
 from sync.errors import ConfigError
-from sync.messages import Change, Connection, build_message, traits_hash, traits_json
+from sync.messages import Change, Connection, build_message, traits_json
 from tests.servers import EverflowServer, RefersionServer, SegmentServer
 
 NOW = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
@@ -49,7 +49,7 @@ def change(
     remote_active: bool = True,
     **traits: Any,
 ) -> Change:
-    return Change(user_id, value, traits, traits_hash(traits_json(traits)), 0, remote_id, remote_active)
+    return Change(user_id, value, traits, traits_json(traits), 0, remote_id, remote_active)
 
 
 def member(user_id: str, value: bool = True, **extra: Any) -> Change:

@@ -112,7 +112,6 @@ def upgrade() -> None:
         sa.Column("audience_id", sa.Integer(), nullable=False),
         sa.Column("user_id", sa.Text(), nullable=False),
         sa.Column("traits", sa.Text(), nullable=False),
-        sa.Column("traits_hash", sa.Text(), nullable=False),
         sa.ForeignKeyConstraint(
             ["audience_id"],
             ["audiences.id"],
@@ -127,7 +126,7 @@ def upgrade() -> None:
         sa.Column("destination_id", sa.Integer(), nullable=False),
         sa.Column("user_id", sa.Text(), nullable=False),
         sa.Column("value", sa.Boolean(), nullable=False),
-        sa.Column("traits_hash", sa.Text(), nullable=False),
+        sa.Column("traits", sa.Text(), nullable=False),
         sa.Column("reason", sa.Text(), nullable=False),
         sa.Column("rejected_at", sync.tables.UTCDateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
