@@ -313,18 +313,16 @@ class Runner:
             state.begin_connection(conn, audience.id, connection.destination_id, audience.key)
             conn.commit()
         delivery = None if options.dry_run else Delivery(self._sender(destination))
-        page_size = destination.limits.max_in_flight
         task = None
         if self.progress is not None:
             task = self.progress.add_task(
                 f"{audience.name} -> {destination.name}", total=numbers.entries + numbers.exits
             )
         for value in (True, False):
-            after = ""
-            while page := state.pending(
-                conn, audience.id, connection.destination_id, value, after, page_size
-            ):
-                after = page[-1].user_id
+            batches = state.pending_batches(
+                conn, audience.id, connection.destination_id, value, destination.limits.max_in_flight
+            )
+            for page in batches:
                 counts["entered" if value else "exited"] += len(page)
                 outcomes = self._deliver(connection, destination, page, delivery, options)
                 if self.progress is not None and task is not None:

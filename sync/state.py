@@ -5,7 +5,7 @@ so memory does not grow with the audience.
 """
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -40,6 +40,8 @@ _EXITS = """
       AND NOT EXISTS (
         SELECT 1 FROM sync_members m WHERE m.audience_id = s.audience_id AND m.user_id = s.user_id)
 """
+
+PAGE = 2000  # rows per diff query: the diff stays a few queries per audience, memory stays flat
 
 ENTRIES = sa.text(
     "SELECT m.user_id, m.traits, s.changes, s.remote_id, s.remote_active"
@@ -82,6 +84,21 @@ def pending(
         )
         for row in rows
     ]
+
+
+def pending_batches(
+    conn: sa.Connection, audience_id: int, destination_id: int, value: bool, size: int
+) -> Iterator[list[Change]]:
+    """Every pending entry or exit in batches of `size`, read from the database in larger pages.
+
+    Each page is read whole before its first batch is handed out, so the caller may record and commit
+    between batches.
+    """
+    after = ""
+    while page := pending(conn, audience_id, destination_id, value, after, max(size, PAGE)):
+        after = page[-1].user_id
+        for start in range(0, len(page), size):
+            yield page[start : start + size]
 
 
 def counts(conn: sa.Connection, audience_id: int, destination_id: int) -> sa.Row[Any]:
