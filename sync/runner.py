@@ -144,6 +144,15 @@ class Runner:
         lost = threading.Event()
         with self.engine.begin() as conn:
             holder = state.acquire_lease(conn, audience.id, self.owner, LEASE_TTL, self.now())
+            if holder and _dead_here(holder):
+                if state.take_over_lease(conn, audience.id, self.owner, holder, LEASE_TTL, self.now()):
+                    log.warning(
+                        "%s: took over the lease of %s, which is no longer running",
+                        audience,
+                        holder,
+                        extra={"action": "lease_taken_over"},
+                    )
+                    holder = None
         if holder:
             yield holder, lost
             return
@@ -467,6 +476,20 @@ class Runner:
         except sa.exc.OperationalError as exc:
             raise StateError(f"cannot record the run of {audience}: {exc.orig}") from None
         return result
+
+
+def _dead_here(owner: str) -> bool:
+    """Whether a lease owner (`host:pid`) is a process of this host that no longer runs (killed, crashed)."""
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def _first_line(error: BaseException) -> str:

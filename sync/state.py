@@ -263,6 +263,19 @@ def acquire_lease(conn: sa.Connection, audience_id: int, owner: str, ttl: float,
     return holder or "another process"
 
 
+def take_over_lease(
+    conn: sa.Connection, audience_id: int, owner: str, previous: str, ttl: float, now: datetime
+) -> bool:
+    """Take the lease from `previous` (a process known to be dead); False if someone else got it first."""
+    taken = conn.execute(
+        sa.update(sync_leases)
+        .where(sync_leases.c.audience_id == audience_id, sync_leases.c.owner == previous)
+        .values(owner=owner, expires_at=now + timedelta(seconds=ttl))
+        .returning(sync_leases.c.owner)
+    ).first()
+    return taken is not None
+
+
 def release_lease(conn: sa.Connection, audience_id: int, owner: str) -> None:
     conn.execute(
         sa.delete(sync_leases).where(sync_leases.c.audience_id == audience_id, sync_leases.c.owner == owner)

@@ -1,0 +1,216 @@
+"""Delivery guarantees under crashes and concurrency, and secrets kept out of every output."""
+
+import json
+import signal
+import time
+from collections import Counter
+
+import pytest
+import sqlalchemy as sa
+
+from tests.conftest import Config, Customers, run_cli, start_cli
+from tests.servers import EverflowServer, RefersionServer, SegmentServer
+from tests.test_e2e import EVENTS
+
+
+def _dump(engine: sa.Engine) -> str:
+    """Every row of every table the product writes (not `destinations`, where the operator put the keys)."""
+    with engine.connect() as conn:
+        tables = [t for t in sa.inspect(conn).get_table_names() if t != "destinations"]
+        return "\n".join(
+            repr(row) for table in tables for row in conn.execute(sa.text(f'SELECT * FROM "{table}"'))
+        )
+
+
+def test_secrets_never_appear_in_output_logs_or_state(
+    state_url: str, engine: sa.Engine, config: Config, customers: Customers
+) -> None:
+    token, public, secret, segment_key = "vtok-S3CRET-1", "pubS3CRET2", "secS3CRET3", "segS3CRET4"
+    customers.add("u1", "u2", "u3")
+    with (
+        EverflowServer(verification_token=token) as everflow,
+        RefersionServer(public_key=public, secret_key=secret) as refersion,
+        SegmentServer(api_key=segment_key) as segment,
+    ):
+        audience = config.audience("VIP", Customers.QUERY)
+        config.connect(
+            audience,
+            config.destination(
+                "Everflow",
+                "everflow",
+                {
+                    "tracking_domain": everflow.url,
+                    "network_id": "1",
+                    "verification_token": token,
+                    "event_mapping": EVENTS,
+                    "backoff_initial": 0.01,
+                    "backoff_max": 0.02,
+                    "max_attempts": 2,
+                },
+            ),
+        )
+        config.connect(
+            audience,
+            config.destination(
+                "Refersion",
+                "refersion",
+                {"api_base": refersion.url + "/v2", "on_exit": "disable"},
+                api_key_env="TEST_REFERSION_KEY",
+            ),
+        )
+        config.connect(
+            audience,
+            config.destination(
+                "Segment", "everflow", {"transport": "segment", "endpoint": segment.url}, api_key=segment_key
+            ),
+        )
+        env = {"TEST_REFERSION_KEY": f"{public}.{secret}", "SYNC_LOG_FORMAT": "json"}
+        # destinations that echo the secrets back in their error bodies
+        everflow.fault(500, body=f"bad token {token} for {everflow.url}/?verification_token={token}", times=2)
+        segment.fault(400, body=f'{{"error": "key {segment_key} refused"}}')
+        outputs = [
+            run_cli(state_url, *args, env=env)
+            for args in (
+                ["check"],
+                ["initial", "--dry-run"],
+                ["initial"],
+                ["run"],
+                ["status"],
+                ["status", "--json"],
+                ["explain", "u1"],
+                ["explain", "u2", "--json"],
+            )
+        ]
+        customers.move("u3", segment="lapsed")
+        refersion.fault(401, body=f'{{"error": "Invalid API credentials for {public}.{secret}"}}')
+        outputs.append(run_cli(state_url, "run", env=env))
+        outputs.append(run_cli(state_url, "forget", "u1", env=env))
+        outputs.append(run_cli(state_url, "run", env={**env, "TEST_REFERSION_KEY": f"{public}.wrong"}))
+
+        passwords = [r.json["password"] for r in refersion.requests if r.json and "password" in r.json]
+        assert len(passwords) >= 3  # affiliates were created: there are generated passwords to look for
+        everything = "\n".join(o.stdout + o.stderr for o in outputs) + _dump(engine)
+        assert "Refersion" in everything and "credentials refused" in everything  # the outputs are real
+        for value in (token, public, secret, segment_key, *passwords):
+            assert value not in everything
+
+
+def test_sigkill_mid_delivery_loses_nothing_and_resends_only_what_was_in_flight(
+    state_url: str, config: Config, customers: Customers
+) -> None:
+    users = [f"u{i:03d}" for i in range(60)]
+    customers.add(*users)
+    max_in_flight = 4
+    with SegmentServer(api_key="k", delay=0.05) as segment:
+        config.connect(
+            config.audience("VIP", Customers.QUERY),
+            config.destination(
+                "Segment",
+                "everflow",
+                {
+                    "transport": "segment",
+                    "endpoint": segment.url,
+                    "max_in_flight": max_in_flight,
+                    "rate_limit": 40,
+                },
+                api_key="k",
+            ),
+        )
+        process = start_cli(state_url, "initial")
+        deadline = time.monotonic() + 30
+        while len(segment.messages) < 20 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+        process.communicate(timeout=10)
+        sent_before = len(segment.messages)
+        assert 0 < sent_before < len(users)
+
+        again = run_cli(state_url, "initial")
+        assert again.returncode == 0, again.stderr
+        by_user: dict[str, set[str]] = {}
+        for message in segment.messages:
+            by_user.setdefault(message["userId"], set()).add(message["messageId"])
+        assert sorted(by_user) == users  # nothing lost
+        assert all(len(ids) == 1 for ids in by_user.values())  # a re-send carries the same messageId
+        resent = len(segment.messages) - len(users)
+        assert resent <= max_in_flight  # only the batch in flight when the process died
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+def test_three_daemons_and_a_run_share_the_work_without_overlap(
+    state_url: str, config: Config, customers: Customers
+) -> None:
+    customers.add(*[f"u{i:02d}" for i in range(20)])
+    with SegmentServer(api_key="k", delay=0.01) as segment:
+        destination = config.destination(
+            "Segment", "everflow", {"transport": "segment", "endpoint": segment.url}, api_key="k"
+        )
+        audiences = [config.audience(f"Audience {i}", Customers.QUERY) for i in range(8)]
+        for audience in audiences:
+            config.connect(audience, destination)
+        env = {"SYNC_INTERVAL": "1s", "SYNC_RELOAD_INTERVAL": "1s", "SYNC_LOG_FORMAT": "json"}
+        daemons = [start_cli(state_url, "daemon", env=env) for _ in range(3)]
+        try:
+            manual = run_cli(state_url, "run", env=env)
+            assert manual.returncode in (0, 1)  # 1: some audiences were busy in a daemon, and it says so
+            assert "Traceback" not in manual.stderr
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                done = config.sql("SELECT count(DISTINCT audience_id) FROM sync_runs WHERE outcome = 'ok'")[
+                    0
+                ][0]
+                if done == len(audiences):
+                    break
+                time.sleep(0.5)
+            time.sleep(3)  # a few more cycles: nothing new may be sent
+        finally:
+            for daemon in daemons:
+                daemon.send_signal(signal.SIGTERM)
+            logs = [daemon.communicate(timeout=30)[1] for daemon in daemons]
+        assert all(daemon.returncode == 0 for daemon in daemons), logs
+        # every (audience, user) entry accepted exactly once across all processes
+        per_change = Counter(
+            (m["context"]["personas"]["computation_key"], m["userId"]) for m in segment.messages
+        )
+        assert len(per_change) == len(audiences) * 20 and set(per_change.values()) == {1}
+        runs = config.sql("SELECT audience_id, started_at, finished_at FROM sync_runs ORDER BY started_at")
+        for audience in audiences:
+            spans = [(s, f) for a, s, f in runs if a == audience]
+            assert all(f1 <= s2 for (_, f1), (s2, _) in zip(spans, spans[1:], strict=False))  # no overlap
+        workers = [
+            {
+                json.loads(line).get("message", "").split(" -> ")[0]
+                for line in log.splitlines()
+                if '"run_finished"' in line and "ok" in line
+            }
+            for log in logs
+        ]
+        assert sum(1 for names in workers if names) >= 2  # the work spread over several daemons
+
+
+def test_a_second_process_says_a_run_is_in_progress(
+    state_url: str, config: Config, customers: Customers, backend: str
+) -> None:
+    customers.add(*[f"u{i:02d}" for i in range(30)])
+    with SegmentServer(api_key="k", delay=0.1) as segment:
+        config.connect(
+            config.audience("VIP", Customers.QUERY),
+            config.destination(
+                "Segment",
+                "everflow",
+                {"transport": "segment", "endpoint": segment.url, "max_in_flight": 2, "rate_limit": 10},
+                api_key="k",
+            ),
+        )
+        first = start_cli(state_url, "run")
+        deadline = time.monotonic() + 30
+        while not segment.messages and time.monotonic() < deadline:
+            time.sleep(0.02)
+        second = run_cli(state_url, "run")
+        assert second.returncode == 1
+        assert "audience 'VIP' (id 1) is being synced by" in second.stderr
+        assert "try again when it finishes" in second.stderr
+        first.communicate(timeout=60)
+        assert first.returncode == 0
+        assert sorted(Counter(m["userId"] for m in segment.messages).values()) == [1] * 30
