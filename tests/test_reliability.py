@@ -10,6 +10,7 @@ import sqlalchemy as sa
 
 from tests.conftest import Config, Customers, run_cli, start_cli
 from tests.servers import EverflowServer, RefersionServer, SegmentServer
+from tests.tcp_proxy import TcpProxy
 from tests.test_e2e import EVENTS
 
 
@@ -214,3 +215,50 @@ def test_a_second_process_says_a_run_is_in_progress(
         first.communicate(timeout=60)
         assert first.returncode == 0
         assert sorted(Counter(m["userId"] for m in segment.messages).values()) == [1] * 30
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+def test_state_database_lost_at_start_and_mid_run(
+    state_url: str, config: Config, customers: Customers
+) -> None:
+    users = [f"u{i:02d}" for i in range(40)]
+    customers.add(*users)
+    url = sa.make_url(state_url)
+    with (
+        TcpProxy(url.host or "127.0.0.1", url.port or 5432) as proxy,
+        SegmentServer(api_key="k", delay=0.05) as segment,
+    ):
+        config.connect(
+            config.audience("VIP", Customers.QUERY),
+            config.destination(
+                "Segment",
+                "everflow",
+                {"transport": "segment", "endpoint": segment.url, "max_in_flight": 4, "rate_limit": 40},
+                api_key="k",
+            ),
+        )
+        via_proxy = url.set(port=proxy.port).render_as_string(hide_password=False)
+
+        proxy.cut()
+        down = run_cli(via_proxy, "run")
+        assert down.returncode == 2
+        assert "cannot reach the state database" in down.stderr and "Traceback" not in down.stderr
+        assert segment.messages == []
+
+        proxy.restore()
+        process = start_cli(via_proxy, "run")
+        deadline = time.monotonic() + 30
+        while len(segment.messages) < 12 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proxy.cut()
+        _, stderr = process.communicate(timeout=60)
+        assert process.returncode in (1, 2), stderr
+        assert "state database" in stderr and "Traceback" not in stderr
+
+        proxy.restore()
+        again = run_cli(via_proxy, "run")
+        assert again.returncode == 0, again.stderr
+        by_user = Counter(m["userId"] for m in segment.messages)
+        assert sorted(by_user) == users
+        assert sum(by_user.values()) - len(users) <= 4  # only the batch that could not be recorded
