@@ -182,6 +182,12 @@ class FakeServer:
         with self._lock:
             self._resets += times
 
+    def clear_faults(self) -> None:
+        """Forget queued faults and resets: the destination behaves again."""
+        with self._lock:
+            self._faults.clear()
+            self._resets = 0
+
     def close(self) -> None:
         """Stop serving, end open connections and join every thread."""
         with self._lock:

@@ -262,3 +262,56 @@ def test_state_database_lost_at_start_and_mid_run(
         by_user = Counter(m["userId"] for m in segment.messages)
         assert sorted(by_user) == users
         assert sum(by_user.values()) - len(users) <= 4  # only the batch that could not be recorded
+
+
+FAULTS = {
+    "a share of 503s": lambda s: setattr(s, "fail_ratio", 0.3),
+    "500 and 502 bursts": lambda s: (s.fault(500, times=3), s.fault(502, times=3)),
+    "429 with Retry-After": lambda s: s.fault(429, headers={"Retry-After": "1"}, times=3),
+    "429 without Retry-After": lambda s: s.fault(429, times=3),
+    "rate limited by the server": lambda s: setattr(s, "rate_limit", 8),
+    "connections reset": lambda s: s.reset_connection(times=4),
+    "slower than the timeout": lambda s: s.fault(200, delay=1.0, times=3),
+    "401 for everything": lambda s: s.fault(401, body='{"error": "Invalid API key"}', times=10_000),
+    "empty 500 bodies": lambda s: s.fault(500, body=b"", times=4),
+}
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_fault_matrix_every_change_accepted_once(
+    state_url: str, config: Config, customers: Customers, fault: str
+) -> None:
+    users = [f"u{i:02d}" for i in range(20)]
+    customers.add(*users)
+    with EverflowServer() as everflow:
+        config.connect(
+            config.audience("VIP", Customers.QUERY),
+            config.destination(
+                "Everflow",
+                "everflow",
+                {
+                    "tracking_domain": everflow.url,
+                    "network_id": "1",
+                    "event_mapping": EVENTS,
+                    "timeout": 0.5,
+                    "backoff_initial": 0.05,
+                    "backoff_max": 0.2,
+                    "max_in_flight": 4,
+                    "rate_limit": 50,
+                },
+            ),
+        )
+        FAULTS[fault](everflow)
+        exits = []
+        for _ in range(4):
+            result = run_cli(state_url, "run")
+            assert "Traceback" not in result.stderr
+            exits.append(result.returncode)
+            if result.returncode == 0:
+                break
+            if fault == "401 for everything":
+                assert "credentials refused (HTTP 401: Invalid API key)" in result.stderr
+                everflow.clear_faults()  # the key was fixed: the destination accepts again
+        assert exits[-1] == 0, exits
+        # server-side: every entry accepted, none twice (no process died, so nothing may be re-sent)
+        assert everflow.accepted == {(f"tid-{u}", "7"): 1 for u in users}
