@@ -200,13 +200,8 @@ def _stage_in_place(state: sa.Connection, audience: Audience) -> None:
             if c != "user_id"
         ]
         traits = f"json_object({', '.join(pairs)})"
-    query = _escaped(audience.query.strip().rstrip(";"))
-    state.execute(
-        sa.text(
-            f"INSERT INTO {sync_stage.name} (user_id, traits) "
-            f"SELECT CAST(q.user_id AS TEXT), {_escaped(traits)} FROM ({query}) AS q"
-        )
-    )
+    insert = f"INSERT INTO {sync_stage.name} (user_id, traits) "
+    state.execute(_over_query(audience, f"CAST(q.user_id AS TEXT), {_escaped(traits)}", prefix=insert))
 
 
 def _stage_streamed(state: sa.Connection, source: sa.Connection, audience: Audience) -> None:
@@ -246,8 +241,19 @@ def _escaped(sql: str) -> str:
 
 
 def _wrapped(audience: Audience, suffix: str) -> sa.TextClause:
+    return _over_query(audience, "*", suffix=suffix)
+
+
+def _over_query(audience: Audience, select_list: str, prefix: str = "", suffix: str = "") -> sa.TextClause:
+    """`{prefix}SELECT {select_list} FROM (<audience query>) AS q WHERE :one = 1{suffix}`.
+
+    The bound parameter makes psycopg use the extended protocol, which refuses a query that smuggles in
+    more statements (`...) AS x; COMMIT; DELETE ...`); SQLite's driver refuses those anyway.
+    """
     query = _escaped(audience.query.strip().rstrip(";"))
-    return sa.text(f"SELECT * FROM ({query}) AS audience_query{suffix}")
+    return sa.text(f"{prefix}SELECT {select_list} FROM ({query}) AS q WHERE :one = 1{suffix}").bindparams(
+        one=1
+    )
 
 
 def _require_user_id(audience: Audience, result: sa.CursorResult[Any]) -> list[str]:

@@ -133,7 +133,7 @@ def _summary(results: list[Any], dry_run: bool) -> None:
     if not results:
         print("nothing to sync: no enabled audience with an enabled connection matched", file=sys.stderr)
     for result in results:
-        counts = " ".join(f"{k}={v}" for k, v in result.counts.items() if k not in ("null_user_ids",))
+        counts = " ".join(f"{k}={v}" for k, v in result.counts.items())
         where = result.audience + (f" -> {result.destination}" if result.destination else "")
         line = f"{'[dry run] ' if dry_run else ''}{where}: {result.outcome} {counts}".rstrip()
         print(line + (f" ({result.error})" if result.error else ""), file=sys.stderr)

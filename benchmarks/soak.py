@@ -1,0 +1,162 @@
+"""Soak: the daemon with many audiences at a seconds-scale cadence, random churn and random faults.
+
+    .venv/bin/python benchmarks/soak.py --seconds 120 [--audiences 50] [--backend sqlite|postgres]
+
+Reports cycles run, overlapping runs of one audience (must be 0), changes lost (must be 0), duplicate
+deliveries (same messageId accepted twice; only a crash may cause them) and the daemon's RSS at start and end.
+Exits 1 when a "must" fails. Every request goes to loopback servers this script starts; it stops by itself.
+"""
+
+import argparse
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import sqlalchemy as sa
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from sync import database  # noqa: E402
+from tests.servers import SegmentServer  # noqa: E402
+
+COMMAND = str(Path(sys.executable).with_name("audience-sync"))
+POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=120)
+    parser.add_argument("--audiences", type=int, default=50)
+    parser.add_argument("--users", type=int, default=40, help="users in the source table")
+    parser.add_argument("--backend", choices=("sqlite", "postgres"), default="sqlite")
+    args = parser.parse_args()
+    rng = random.Random(7)
+
+    admin = None
+    if args.backend == "sqlite":
+        url = f"sqlite:///{Path(tempfile.mkdtemp()) / 'soak.db'}"
+    else:
+        name = f"soak_{uuid.uuid4().hex[:8]}"
+        admin = sa.create_engine(POSTGRES, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+        url = sa.make_url(POSTGRES).set(database=name).render_as_string(hide_password=False)
+    database.upgrade(url)
+    engine = database.create_engine(url)
+
+    with SegmentServer(api_key="soak", fail_ratio=0.05, delay=0.005) as server:
+        result = soak(args, url, engine, server, rng)
+    engine.dispose()
+    if admin is not None:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE "{sa.make_url(url).database}" WITH (FORCE)')
+    return result
+
+
+def soak(
+    args: argparse.Namespace, url: str, engine: sa.Engine, server: SegmentServer, rng: random.Random
+) -> int:
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE memberships (audience_no INTEGER, user_id TEXT, email TEXT)")
+        conn.execute(
+            sa.text(
+                "INSERT INTO destinations (name, kind, api_key, settings) VALUES "
+                "('Sink', 'everflow', 'soak', :s)"
+            ),
+            {"s": f'{{"transport": "segment", "endpoint": "{server.url}", "backoff_initial": 0.05}}'},
+        )
+        for n in range(args.audiences):
+            conn.execute(
+                sa.text("INSERT INTO audiences (name, query) VALUES (:name, :query)"),
+                {
+                    "name": f"Soak {n}",
+                    "query": "SELECT user_id, email, user_id AS transaction_id FROM memberships "
+                    f"WHERE audience_no = {n}",
+                },
+            )
+        conn.exec_driver_sql(
+            "INSERT INTO audience_destinations (audience_id, destination_id) "
+            "SELECT id, (SELECT id FROM destinations) FROM audiences"
+        )
+        conn.execute(
+            sa.text("INSERT INTO memberships VALUES (:a, :u, :e)"),
+            [
+                {"a": n, "u": f"u{i}", "e": f"u{i}@example.com"}
+                for n in range(args.audiences)
+                for i in range(args.users)
+                if rng.random() < 0.5
+            ],
+        )
+
+    env = {"SYNC_DATABASE_URL": url, "SYNC_INTERVAL": "2s-4s", "SYNC_RELOAD_INTERVAL": "2s", "PATH": ""}
+    daemon = subprocess.Popen(
+        [COMMAND, "daemon"],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(min(10.0, args.seconds / 4))
+    rss_start = rss_kib(daemon.pid)
+    deadline = time.monotonic() + args.seconds
+    while time.monotonic() < deadline:  # churn: a few users enter or leave some audience every second
+        with engine.begin() as conn:
+            for _ in range(5):
+                n, user = rng.randrange(args.audiences), f"u{rng.randrange(args.users)}"
+                gone = conn.execute(
+                    sa.text("DELETE FROM memberships WHERE audience_no = :a AND user_id = :u"),
+                    {"a": n, "u": user},
+                ).rowcount
+                if not gone:
+                    conn.execute(
+                        sa.text("INSERT INTO memberships VALUES (:a, :u, :e)"),
+                        {"a": n, "u": user, "e": f"{user}@example.com"},
+                    )
+        time.sleep(1)
+    server.fail_ratio = 0
+    time.sleep(10)  # two more cycles without faults to deliver what is pending
+    rss_end = rss_kib(daemon.pid)
+    daemon.send_signal(signal.SIGTERM)
+    daemon.wait(timeout=120)
+
+    with engine.connect() as conn:
+        runs = conn.execute(
+            sa.text(
+                "SELECT audience_id, started_at, finished_at FROM sync_runs ORDER BY audience_id, started_at"
+            )
+        ).all()
+        keys: dict[int, str] = dict(conn.execute(sa.text("SELECT id, key FROM audiences")).all())
+        wanted = {
+            (f"soak_{a}", u) for a, u in conn.execute(sa.text("SELECT audience_no, user_id FROM memberships"))
+        }
+    overlaps = sum(1 for a, b in zip(runs, runs[1:], strict=False) if a[0] == b[0] and b[1] < a[2])
+    final: dict[tuple[str, str], bool] = {}
+    for message in server.messages:  # the destination's view, in the order it accepted them
+        key = message["context"]["personas"]["computation_key"]
+        final[(key, message["userId"])] = message["traits"][key]
+    members_there = {k for k, value in final.items() if value}
+    lost = len(wanted ^ members_there)
+    duplicates = sum(n - 1 for n in Counter(m["messageId"] for m in server.messages).values())
+    print(f"audiences {len(keys)}  cycles (connection runs) {len(runs)}  messages {len(server.messages)}")
+    print(f"overlaps {overlaps} (must be 0)  lost {lost} (must be 0)  duplicates {duplicates}")
+    print(
+        f"daemon RSS start {rss_start / 1024:.1f} MiB  end {rss_end / 1024:.1f} MiB  exit {daemon.returncode}"
+    )
+    return 0 if overlaps == 0 and lost == 0 and daemon.returncode == 0 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

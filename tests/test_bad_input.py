@@ -1,0 +1,518 @@
+"""The bad input catalogue: each kind of broken row, query or value, through the real `audience-sync` command.
+
+Each case checks, on SQLite and on Postgres: the exit code, one clear message naming the row and the field,
+no traceback, that a healthy audience on a healthy destination in the same configuration still synced (counted
+by the loopback server), and that `audience-sync status --json` keeps the reason.
+"""
+
+import json
+import subprocess
+import time
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from tests.conftest import Config, Customers, run_cli
+from tests.servers import EverflowServer, RefersionServer, SegmentServer
+from tests.test_e2e import EVENTS, everflow_destination, refersion_destination
+
+Status = dict[tuple[str, str], dict[str, Any]]
+
+
+def clean(*results: subprocess.CompletedProcess[str]) -> None:
+    """Expected errors print one line each: no traceback anywhere."""
+    for result in results:
+        assert "Traceback" not in result.stderr + result.stdout, result.stderr
+
+
+def status(state_url: str, env: dict[str, str] | None = None) -> Status:
+    result = run_cli(state_url, "status", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    clean(result)
+    return {(row["audience"], row["destination"]): row for row in json.loads(result.stdout)}
+
+
+def broken(rows: Status, audience: str, destination: str, outcome: str, reason: str) -> None:
+    """Status shows the connection's last run with that outcome and the reason in last_error."""
+    row = rows[(audience, destination)]
+    assert row["last_run"] is not None, row
+    assert row["last_run"]["outcome"] == outcome, row
+    assert reason in (row["last_error"] or ""), row
+
+
+def raw_destination(
+    config: Config,
+    name: str,
+    kind: str,
+    settings: str,
+    api_key: str | None = None,
+    api_key_env: str | None = None,
+) -> int:
+    """A destinations row with its settings written as the operator typed them (any text)."""
+    config.sql(
+        "INSERT INTO destinations (name, kind, api_key, api_key_env, settings) "
+        "VALUES (:name, :kind, :api_key, :api_key_env, :settings)",
+        name=name,
+        kind=kind,
+        api_key=api_key,
+        api_key_env=api_key_env,
+        settings=settings,
+    )
+    return int(config.sql("SELECT id FROM destinations WHERE name = :name", name=name)[0][0])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# destinations rows
+
+
+def test_bad_destination_rows(backend: str, state_url: str, config: Config, customers: Customers) -> None:
+    customers.add("u1", "u2")
+    env = {"AS_TEST_EMPTY_KEY": ""}
+    with EverflowServer() as everflow, RefersionServer() as refersion:
+        good_everflow = everflow_destination(config, everflow, event_mapping={**EVENTS, "Probe Entered": 9})
+        # loopback may be plain http, by address (Everflow above) or by name (this one)
+        good_refersion = refersion_destination(config, refersion)
+        config.sql(
+            "UPDATE destinations SET settings = :s WHERE id = :id",
+            id=good_refersion,
+            s=json.dumps({"api_base": refersion.url.replace("127.0.0.1", "localhost") + "/v2"}),
+        )
+        healthy = config.audience("Healthy", Customers.QUERY)
+        config.connect(healthy, good_everflow)
+        config.connect(healthy, good_refersion)
+        probe = config.audience("Probe", Customers.QUERY)
+        config.connect(probe, good_everflow, {"entered_event": "Probe Entered"})  # a healthy sibling
+
+        expected: dict[str, str] = {}  # destination name -> the message, as run, check and status show it
+
+        def bad(name: str, kind: str, settings: str, message: str, **key: str) -> None:
+            destination = raw_destination(config, name, kind, settings, **key)
+            config.connect(probe, destination)
+            expected[name] = f"destinations row id={destination} ({name!r}): {message}"
+
+        malformed = '{"tracking_domain": "https://t.example.com", "network_id": 1,'
+        if backend == "sqlite":
+            bad("Malformed JSON", "everflow", malformed, "settings is not valid JSON (")
+        else:  # JSONB refuses it at INSERT: the operator learns at once
+            with pytest.raises(sa.exc.DBAPIError, match="invalid input syntax for type json"):
+                raw_destination(config, "Malformed JSON", "everflow", malformed)
+        bad("Not An Object", "everflow", "[1, 2]", "settings must be a JSON object, not list")
+        bad(
+            "Unknown Kind", "tapfiliate", "{}", "kind 'tapfiliate' is unknown (use 'everflow' or 'refersion')"
+        )
+        none_set = (
+            "the Refersion API key must be 'publickey.secretkey' (none is set: fill api_key or api_key_env)"
+        )
+        bad("No Credential", "refersion", "{}", none_set)
+        bad(
+            "Unset Env",
+            "refersion",
+            "{}",
+            "api_key_env names 'AS_TEST_NEVER_SET', which is not set or empty",
+            api_key_env="AS_TEST_NEVER_SET",
+        )
+        bad(
+            "Empty Env",
+            "refersion",
+            "{}",
+            "api_key_env names 'AS_TEST_EMPTY_KEY', which is not set or empty",
+            api_key_env="AS_TEST_EMPTY_KEY",
+        )
+        not_two_parts = (
+            "the Refersion API key must be 'publickey.secretkey' "
+            "(the key given is not two non-empty parts around a '.')"
+        )
+        secrets = {
+            "No Dot": "nodotsecret4711",
+            "No Secret": "publichalf4711.",
+            "No Public": ".secrethalf4711",
+        }
+        for name, api_key in secrets.items():
+            bad(name, "refersion", "{}", not_two_parts, api_key=api_key)
+        http = json.dumps({"tracking_domain": "http://example.com", "network_id": "1"})
+        bad(
+            "Plain HTTP",
+            "everflow",
+            http,
+            "settings.tracking_domain: 'http://example.com' must use https:// "
+            "(http is allowed only for loopback hosts)",
+        )
+        bad(
+            "Plain HTTP Refersion",
+            "refersion",
+            json.dumps({"api_base": "http://api.refersion.com/v2"}),
+            "settings.api_base: 'http://api.refersion.com/v2' must use https:// "
+            "(http is allowed only for loopback hosts)",
+            api_key="pub.sec",
+        )
+
+        result = run_cli(state_url, "run", env=env)
+        check = run_cli(state_url, "check", env=env)
+        rows = status(state_url, env)
+
+    clean(result, check)
+    assert result.returncode == 1, result.stderr
+    for name, message in expected.items():
+        assert message in result.stderr, result.stderr
+        assert f"Probe -> {name}: invalid ({message}" in result.stderr, name
+        broken(rows, "Probe", name, "invalid", message)
+    # the healthy audience, and the healthy sibling connection of the broken one, still synced
+    assert everflow.accepted == {(f"tid-{u}", e): 1 for u in ("u1", "u2") for e in ("7", "9")}
+    assert sorted(a["unique_merchant_id"] for a in refersion.affiliates.values()) == ["u1", "u2"]
+    for destination in ("Everflow", "Refersion"):
+        assert rows[("Healthy", destination)]["last_run"]["outcome"] == "ok"
+        assert rows[("Healthy", destination)]["accepted_members"] == 2
+    assert rows[("Probe", "Everflow")]["last_run"]["outcome"] == "ok"
+    # a credential never shows, not even a malformed one
+    everything = (
+        result.stdout
+        + result.stderr
+        + check.stdout
+        + check.stderr
+        + json.dumps(list(rows.values()), default=str)
+    )
+    for api_key in secrets.values():
+        assert api_key.strip(".") not in everything
+
+    assert check.returncode == 2, check.stderr
+    for message in expected.values():
+        assert message in check.stdout, check.stdout
+    assert f"{len(expected)} problem(s)" in check.stderr
+    for healthy_id in (good_everflow, good_refersion):  # loopback http is allowed
+        assert f"destinations row id={healthy_id} " not in check.stdout
+
+
+# ------------------------------------------------------------------------------------------------------------
+# audience queries
+
+
+def test_bad_audience_queries(backend: str, state_url: str, config: Config, customers: Customers) -> None:
+    customers.add("u1", "u2", "u3")
+    before = config.sql("SELECT user_id, email, segment FROM customers ORDER BY user_id")
+    env = {"SYNC_QUERY_TIMEOUT": "1s"}
+    with EverflowServer() as everflow:
+        destination = everflow_destination(config, everflow)
+        config.connect(config.audience("Healthy", Customers.QUERY), destination)
+        expected: dict[str, str] = {}  # audience name -> the message
+
+        def bad(name: str, query: str, message: str) -> None:
+            audience = config.audience(name, query)
+            config.connect(audience, destination)
+            expected[name] = f"audience {name!r} (id {audience}): {message}"
+
+        syntax = 'near ",": syntax error' if backend == "sqlite" else 'syntax error at or near ","'
+        bad("Syntax Error", "SELECT user_id,, email FROM customers", f"the query failed: {syntax}")
+        bad(
+            "No User Id",
+            "SELECT email, first_name FROM customers",
+            "the query returns no user_id column (it returns email, first_name)",
+        )
+        # writes smuggled past the wrapper the query runs in
+        bad(
+            "Break-out Delete",
+            "SELECT user_id FROM customers) AS x; DELETE FROM customers; --",
+            "the query failed: ",
+        )
+        bad(
+            "Break-out Update",
+            "SELECT user_id FROM customers) AS x; UPDATE customers SET segment = 'gone'; --",
+            "the query failed: ",
+        )
+        if backend == "postgres":
+            bad(
+                "Delete CTE",
+                "WITH d AS (DELETE FROM customers RETURNING user_id) SELECT user_id FROM d",
+                "the query failed: ",
+            )
+            bad(
+                "Update CTE",
+                "WITH u AS (UPDATE customers SET segment = 'gone' RETURNING user_id) SELECT user_id FROM u",
+                "the query failed: ",
+            )
+            slow = "SELECT user_id FROM customers, pg_sleep(5)"
+        else:
+            slow = (
+                "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < 1000000000) "
+                "SELECT CAST(max(n) AS TEXT) AS user_id FROM c"
+            )
+        bad("Too Slow", slow, "the query failed: timed out (SYNC_QUERY_TIMEOUT)")
+
+        started = time.monotonic()
+        result = run_cli(state_url, "run", env=env)
+        elapsed = time.monotonic() - started
+        check = run_cli(state_url, "check", env=env)
+        rows = status(state_url, env)
+
+    clean(result, check)
+    assert result.returncode == 1, result.stderr
+    assert elapsed < 4.5, f"the 1s timeout was not enforced: the run took {elapsed:.1f}s"
+    for name, message in expected.items():
+        assert message in result.stderr, result.stderr
+        assert f"{name} -> Everflow: failed" in result.stderr, name
+        broken(rows, name, "Everflow", "failed", message)
+        assert rows[(name, "Everflow")]["members"] == 0
+    # nothing was written by the smuggled statements
+    assert config.sql("SELECT user_id, email, segment FROM customers ORDER BY user_id") == before
+    # only the healthy audience sent anything, once per member
+    assert everflow.accepted == {("tid-u1", "7"): 1, ("tid-u2", "7"): 1, ("tid-u3", "7"): 1}
+    assert rows[("Healthy", "Everflow")]["last_run"]["outcome"] == "ok"
+
+    assert check.returncode == 2, check.stderr
+    for name, message in expected.items():
+        if name != "Too Slow":  # check runs each query with LIMIT 0: a slow query is found only by a run
+            assert message in check.stdout, check.stdout
+
+
+def test_write_smuggled_past_the_read_only_transaction_is_refused(
+    state_url: str, config: Config, customers: Customers
+) -> None:
+    """Ending the read-only transaction from inside the query must not open a way to write."""
+    customers.add("u1", "u2", "u3")
+    before = config.sql("SELECT user_id, email, segment FROM customers ORDER BY user_id")
+    with EverflowServer() as everflow:
+        destination = everflow_destination(config, everflow)
+        # this audience does not read customers, so it syncs whatever the broken one does to that table
+        healthy = config.audience("Healthy", "SELECT 'h1' AS user_id, 'tid-h1' AS transaction_id")
+        config.connect(healthy, destination)
+        smuggler = config.audience(
+            "Commit Break-out", "SELECT user_id FROM customers) AS x; COMMIT; DELETE FROM customers; --"
+        )
+        config.connect(smuggler, destination)
+        message = f"audience 'Commit Break-out' (id {smuggler}): the query failed: "
+
+        result = run_cli(state_url, "run")
+        after_run = config.sql("SELECT user_id, email, segment FROM customers ORDER BY user_id")
+        assert after_run == before, f"`run` let the audience query write to customers:\n{result.stderr}"
+        check = run_cli(state_url, "check")
+        after_check = config.sql("SELECT user_id, email, segment FROM customers ORDER BY user_id")
+        assert after_check == before, f"`check` let the audience query write to customers:\n{check.stderr}"
+        rows = status(state_url)
+
+    clean(result, check)
+    assert result.returncode == 1, result.stderr
+    assert message in result.stderr, result.stderr
+    assert check.returncode == 2, check.stdout + check.stderr
+    assert message in check.stdout, check.stdout
+    broken(rows, "Commit Break-out", "Everflow", "failed", message)
+    assert everflow.accepted == {("tid-h1", "7"): 1}
+    assert rows[("Healthy", "Everflow")]["last_run"]["outcome"] == "ok"
+
+
+def test_null_and_duplicate_user_ids_are_counted(
+    state_url: str, config: Config, customers: Customers
+) -> None:
+    customers.add("u1", "u2")
+    config.sql(
+        "INSERT INTO customers (user_id, email, first_name, last_name, transaction_id, segment) VALUES "
+        "(NULL, 'null@example.com', 'No', 'Id', 'tid-null', 'odd'), "
+        "('', 'empty@example.com', 'Empty', 'Id', 'tid-empty', 'odd')"
+    )
+    with EverflowServer() as everflow:
+        destination = everflow_destination(
+            config, everflow, event_mapping={**EVENTS, "Nullable Entered": 11, "Doubled Entered": 12}
+        )
+        config.connect(config.audience("Healthy", Customers.QUERY), destination)
+        nullable = config.audience("Nullable", Customers.QUERY.replace("= 'vip'", "IN ('vip', 'odd')"))
+        config.connect(nullable, destination, {"entered_event": "Nullable Entered"})
+        doubled_query = (
+            Customers.QUERY + " UNION ALL SELECT user_id, 'other-' || email, first_name, last_name, "
+            "transaction_id FROM customers WHERE segment = 'vip'"
+        )
+        doubled = config.audience("Doubled", doubled_query)
+        config.connect(doubled, destination, {"entered_event": "Doubled Entered"})
+
+        result = run_cli(state_url, "run")
+        rows = status(state_url)
+
+    clean(result)
+    # skipped and counted, not an error: the run is good
+    assert result.returncode == 0, result.stderr
+    assert f"audience 'Nullable' (id {nullable}): 2 members (2 null user_ids, 0 duplicates)" in result.stderr
+    assert f"audience 'Doubled' (id {doubled}): 2 members (0 null user_ids, 2 duplicates)" in result.stderr
+    runs = config.sql(
+        "SELECT audience_id, outcome, members, accepted, null_user_ids, duplicate_user_ids FROM sync_runs "
+        "WHERE audience_id IN (:n, :d) ORDER BY audience_id",
+        n=nullable,
+        d=doubled,
+    )
+    assert [tuple(r) for r in runs] == [(nullable, "ok", 2, 2, 2, 0), (doubled, "ok", 2, 2, 0, 2)]
+    # every member sent once per connection; the rows without a user_id were not sent at all
+    assert everflow.accepted == {(f"tid-{u}", e): 1 for u in ("u1", "u2") for e in ("7", "11", "12")}
+    assert len(everflow.requests) == 6
+    for audience in ("Healthy", "Nullable", "Doubled"):
+        assert rows[(audience, "Everflow")]["last_run"]["outcome"] == "ok"
+        assert rows[(audience, "Everflow")]["accepted_members"] == 2
+
+
+# ------------------------------------------------------------------------------------------------------------
+# audience keys
+
+
+def test_bad_colliding_and_changed_keys(state_url: str, config: Config, customers: Customers) -> None:
+    customers.add("u1")
+    with EverflowServer() as everflow:
+        destination = everflow_destination(config, everflow, event_mapping={**EVENTS, "Keyed Entered": 13})
+        config.connect(config.audience("Healthy", Customers.QUERY), destination)
+        empty = config.audience("!!!", Customers.QUERY)
+        upper = config.audience("VIP Customers", Customers.QUERY)
+        lower = config.audience("vip customers", Customers.QUERY)
+        keyed = config.audience("Order Completed", Customers.QUERY)
+        for audience in (empty, upper, lower):
+            config.connect(audience, destination)
+        config.connect(keyed, destination, {"entered_event": "Keyed Entered"})
+        expected = {
+            "!!!": f"audiences row id={empty} ('!!!'): key '' (from name) is not snake_case; "
+            "set audiences.key by hand",
+            "VIP Customers": f"audience 'VIP Customers' (id {upper}): key 'vip_customers' is shared by "
+            "audiences 'VIP Customers', 'vip customers'; set audiences.key",
+            "vip customers": f"audience 'vip customers' (id {lower}): key 'vip_customers' is shared by "
+            "audiences 'VIP Customers', 'vip customers'; set audiences.key",
+        }
+
+        first = run_cli(state_url, "run")
+        clean(first)
+        assert first.returncode == 1, first.stderr
+        assert everflow.accepted == {("tid-u1", "7"): 1, ("tid-u1", "13"): 1}
+        assert config.sql("SELECT key FROM audiences WHERE id = :id", id=keyed)[0][0] == "order_completed"
+
+        config.sql("UPDATE audiences SET key = 'something_else' WHERE id = :id", id=keyed)
+        expected["Order Completed"] = (
+            f"audience 'Order Completed' (id {keyed}): key changed from 'order_completed' to "
+            "'something_else' after syncing to 'Everflow'; set audiences.key back to 'order_completed'"
+        )
+        customers.add("u2")
+        second = run_cli(state_url, "run")
+        check = run_cli(state_url, "check")
+        rows = status(state_url)
+
+    clean(second, check)
+    assert second.returncode == 1, second.stderr
+    for name, message in expected.items():
+        assert message in second.stderr, second.stderr
+        broken(rows, name, "Everflow", "invalid", message)
+        assert message in check.stdout, check.stdout
+    assert check.returncode == 2, check.stderr
+    # the healthy audience got its new member; nothing went out under the bad or edited keys
+    assert everflow.accepted == {("tid-u1", "7"): 1, ("tid-u2", "7"): 1, ("tid-u1", "13"): 1}
+    assert rows[("Healthy", "Everflow")]["last_run"]["outcome"] == "ok"
+    assert rows[("Order Completed", "Everflow")]["accepted_members"] == 1
+
+
+# ------------------------------------------------------------------------------------------------------------
+# a disabled destination
+
+
+def test_connection_to_disabled_destination_is_skipped(
+    state_url: str, config: Config, customers: Customers
+) -> None:
+    customers.add("u1")
+    with EverflowServer() as everflow, RefersionServer() as refersion:
+        good = everflow_destination(config, everflow)
+        paused = refersion_destination(config, refersion)
+        # disabled, and broken too: a disabled row is not validated, so it cannot fail anything
+        config.sql("UPDATE destinations SET enabled = false, api_key = NULL WHERE id = :id", id=paused)
+        healthy = config.audience("Healthy", Customers.QUERY)
+        config.connect(healthy, good)
+        config.connect(healthy, paused)
+        only_paused = config.audience("Only Paused", Customers.QUERY)
+        config.connect(only_paused, paused)
+
+        result = run_cli(state_url, "run")
+        check = run_cli(state_url, "check")
+        rows = status(state_url)
+
+    clean(result, check)
+    assert result.returncode == 0, result.stderr
+    assert f"audience 'Healthy' (id {healthy}): destination 'Refersion' is disabled; skipped" in result.stderr
+    assert f"audience 'Only Paused' (id {only_paused}): destination 'Refersion' is disabled; skipped" in (
+        result.stderr
+    )
+    assert refersion.requests == []
+    assert everflow.accepted == {("tid-u1", "7"): 1}
+    assert config.sql("SELECT count(*) FROM sync_runs WHERE destination_id = :id", id=paused)[0][0] == 0
+    assert check.returncode == 0, check.stdout + check.stderr
+    for audience in ("Healthy", "Only Paused"):
+        row = rows[(audience, "Refersion")]
+        assert row["enabled"] is False and row["last_run"] is None and row["last_error"] is None, row
+    assert rows[("Healthy", "Everflow")]["last_run"]["outcome"] == "ok"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# trait values
+
+
+HUGE = ("Zoë 東京 🚀 " + "x" * 90 + "\n")[:100] * 10_000  # 1,000,000 characters
+NAME = "Zoë 東京 🚀"
+USER = "zoë-東京-🚀"
+TID = "tid-Zoë-東京-🚀"
+
+
+def test_huge_and_non_ascii_trait_values_arrive_intact(
+    state_url: str, config: Config, customers: Customers
+) -> None:
+    assert len(HUGE) == 1_000_000
+    customers.add("u1")
+    config.sql("ALTER TABLE customers ADD COLUMN notes TEXT")
+    config.sql(
+        "INSERT INTO customers (user_id, email, first_name, last_name, transaction_id, segment, notes) "
+        "VALUES (:u, 'zoe@example.com', :n, :n, :t, 'world', :notes)",
+        u=USER,
+        n=NAME,
+        t=TID,
+        notes=HUGE,
+    )
+    query = (
+        "SELECT user_id, email, first_name, last_name, transaction_id, notes FROM customers "
+        "WHERE segment = 'world'"
+    )
+    with (
+        EverflowServer() as everflow,
+        RefersionServer() as refersion,
+        SegmentServer(api_key="seg-key") as segment,
+    ):
+        everflow_id = everflow_destination(config, everflow)
+        refersion_id = refersion_destination(config, refersion)
+        segment_id = config.destination(
+            "Segment",
+            "everflow",
+            {"transport": "segment", "endpoint": segment.url + "/v1/batch", "network_id": "1"},
+            api_key="seg-key",
+        )
+        config.connect(config.audience("Healthy", Customers.QUERY), everflow_id)
+        worldwide = config.audience("Worldwide", query)
+        for destination in (everflow_id, refersion_id, segment_id):
+            config.connect(worldwide, destination)
+
+        result = run_cli(state_url, "run")
+        rows = status(state_url)
+
+    clean(result)
+    assert result.returncode == 0, result.stderr
+    assert everflow.accepted == {("tid-u1", "7"): 1, (TID, "7"): 1}
+    [affiliate] = refersion.affiliates.values()
+    assert (affiliate["first_name"], affiliate["last_name"], affiliate["unique_merchant_id"]) == (
+        NAME,
+        NAME,
+        USER,
+    )
+    [message] = segment.messages
+    assert message["userId"] == USER
+    assert message["traits"]["notes"] == HUGE
+    assert (message["traits"]["first_name"], message["traits"]["transaction_id"]) == (NAME, TID)
+    assert message["context"]["referrer"] == {"type": "everflow", "id": TID}
+
+    stored = config.sql(
+        "SELECT destination_id, user_id, traits FROM sync_state WHERE audience_id = :a "
+        "ORDER BY destination_id",
+        a=worldwide,
+    )
+    assert [(d, u) for d, u, _ in stored] == [(everflow_id, USER), (refersion_id, USER), (segment_id, USER)]
+    for _, _, traits in stored:
+        loaded = json.loads(traits)
+        assert loaded["notes"] == HUGE
+        assert (loaded["first_name"], loaded["last_name"], loaded["transaction_id"]) == (NAME, NAME, TID)
+    for destination in ("Everflow", "Refersion", "Segment"):
+        assert rows[("Worldwide", destination)]["last_run"]["outcome"] == "ok"
+        assert rows[("Worldwide", destination)]["accepted_members"] == 1
+    assert rows[("Healthy", "Everflow")]["accepted_members"] == 1
