@@ -2,6 +2,7 @@
 
 import json
 import signal
+import socket
 import time
 from collections import Counter
 
@@ -274,7 +275,14 @@ FAULTS = {
     "slower than the timeout": lambda s: s.fault(200, delay=1.0, times=3),
     "401 for everything": lambda s: s.fault(401, body='{"error": "Invalid API key"}', times=10_000),
     "empty 500 bodies": lambda s: s.fault(500, body=b"", times=4),
+    "connection refused until it comes up": lambda s: None,  # the first run points at a closed port
 }
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 @pytest.mark.parametrize("fault", FAULTS)
@@ -284,23 +292,20 @@ def test_fault_matrix_every_change_accepted_once(
     users = [f"u{i:02d}" for i in range(20)]
     customers.add(*users)
     with EverflowServer() as everflow:
-        config.connect(
-            config.audience("VIP", Customers.QUERY),
-            config.destination(
-                "Everflow",
-                "everflow",
-                {
-                    "tracking_domain": everflow.url,
-                    "network_id": "1",
-                    "event_mapping": EVENTS,
-                    "timeout": 0.5,
-                    "backoff_initial": 0.05,
-                    "backoff_max": 0.2,
-                    "max_in_flight": 4,
-                    "rate_limit": 50,
-                },
-            ),
-        )
+        settings = {
+            "tracking_domain": everflow.url,
+            "network_id": "1",
+            "event_mapping": EVENTS,
+            "timeout": 0.5,
+            "backoff_initial": 0.05,
+            "backoff_max": 0.2,
+            "max_in_flight": 4,
+            "rate_limit": 50,
+        }
+        refused = fault == "connection refused until it comes up"
+        closed = {**settings, "tracking_domain": f"http://127.0.0.1:{_closed_port()}"}
+        destination = config.destination("Everflow", "everflow", closed if refused else settings)
+        config.connect(config.audience("VIP", Customers.QUERY), destination)
         FAULTS[fault](everflow)
         exits = []
         for _ in range(4):
@@ -312,6 +317,34 @@ def test_fault_matrix_every_change_accepted_once(
             if fault == "401 for everything":
                 assert "credentials refused (HTTP 401: Invalid API key)" in result.stderr
                 everflow.clear_faults()  # the key was fixed: the destination accepts again
+            if refused:
+                assert "connection failed (ConnectError)" in result.stderr
+                config.sql("UPDATE destinations SET settings = :s", s=json.dumps(settings))  # it came up
         assert exits[-1] == 0, exits
         # server-side: every entry accepted, none twice (no process died, so nothing may be re-sent)
         assert everflow.accepted == {(f"tid-{u}", "7"): 1 for u in users}
+
+
+def test_refersion_answering_garbage_is_not_taken_for_acceptance(
+    state_url: str, config: Config, customers: Customers
+) -> None:
+    customers.add("u1", "u2", "u3")
+    with RefersionServer() as refersion:
+        config.connect(
+            config.audience("VIP", Customers.QUERY),
+            config.destination(
+                "Refersion",
+                "refersion",
+                {"api_base": refersion.url + "/v2", "max_attempts": 1},
+                api_key="pub.sec",
+            ),
+        )
+        refersion.fault(200, body="<html><body>502 Bad Gateway</body></html>", times=2)
+        first = run_cli(state_url, "run")
+        assert first.returncode == 1
+        assert "2 changes were not accepted" in first.stderr
+        second = run_cli(state_url, "run")
+        assert second.returncode == 0, second.stderr
+        created = Counter(a["unique_merchant_id"] for a in refersion.affiliates.values())
+        assert created == {"u1": 1, "u2": 1, "u3": 1}
+        assert config.sql("SELECT count(*) FROM sync_state WHERE remote_id IS NOT NULL")[0][0] == 3
