@@ -155,5 +155,8 @@ class Delivery:
         failed = sum(self.recent)
         if not self.stopped and len(self.recent) >= 4 and failed * 2 > len(self.recent):
             last = next((o.reason for o in reversed(outcomes) if o.status == "failed"), None)
-            self.stopped = f"gave up for this run: {failed} of the last {len(self.recent)} requests failed (last: {last})"
+            window = len(self.recent)
+            self.stopped = (
+                f"gave up for this run: {failed} of the last {window} requests failed (last: {last})"
+            )
         return outcomes
