@@ -1,5 +1,5 @@
 # `make run`: install, migrate the SQLite state database and run one sync cycle.
-# `make test`: install, lint, type-check and run the tests (Postgres at 127.0.0.1:5432 when reachable).
+# `make test`: install, lint, type-check, smoke-run the benchmark and run the tests (Postgres at 127.0.0.1:5432).
 VENV := .venv
 BIN := $(VENV)/bin
 
@@ -15,7 +15,8 @@ run: $(BIN)/audience-sync
 	$(BIN)/audience-sync run
 
 test: $(BIN)/audience-sync
-	$(BIN)/ruff check sync tests migrations
-	$(BIN)/ruff format --check sync tests migrations
+	$(BIN)/ruff check sync tests migrations benchmarks
+	$(BIN)/ruff format --check sync tests migrations benchmarks
 	$(BIN)/mypy
+	$(BIN)/python benchmarks/bench.py --smoke --backends sqlite  # only checks that it completes
 	$(BIN)/python -m pytest
