@@ -1,4 +1,4 @@
-"""Audiences: their keys, their configuration rows, and evaluating their queries into `sync_members`."""
+"""Audiences: their keys, their configuration rows, and evaluating their queries for a run."""
 
 import re
 import sqlite3
@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from sync.errors import ConfigError, SourceError
 from sync.messages import traits_json
 from sync.settings import Cadence
-from sync.tables import audiences, sync_members, sync_stage, upsertable_insert
+from sync.tables import audiences, sync_stage
 
 KEY_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
 STAGE_CHUNK = 5000
@@ -137,19 +137,16 @@ def _allow_reads_and_staging(
 
 
 def stage_members(state: sa.Connection, source: sa.Engine, audience: Audience, timeout: float) -> Staged:
-    """Replace the audience's rows in `sync_members` with its query's result, leaving the transaction open.
+    """Evaluate the audience's query into `sync_stage_members`, this connection's temporary table.
 
-    The query's rows go to a temporary table first, read-only and committed (the table belongs to this
-    connection alone), so the state database is not write-locked while the query runs: with `INSERT ...
-    SELECT` when the source is the state database, streamed in chunks otherwise. Then one short transaction
-    swaps them into `sync_members`; the caller commits it or, on a dry run, rolls it back. Any failure raises
-    SourceError before `sync_members` is touched, so a broken query never looks like an empty audience.
+    The table holds the members for this run: one row per user id (the first of duplicates), indexed for
+    the diff. The query runs read-only, so the state database is not write-locked while it runs: with
+    `INSERT ... SELECT` when the source is the state database, streamed in chunks otherwise. Commits;
+    any failure raises SourceError, so a broken query never looks like an empty audience.
     """
     state.commit()
-    state.exec_driver_sql(
-        f"CREATE TEMPORARY TABLE IF NOT EXISTS {sync_stage.name} (user_id TEXT, traits TEXT)"
-    )
-    state.execute(sa.delete(sync_stage))
+    drop_stage(state)
+    state.exec_driver_sql(f"CREATE TEMPORARY TABLE {sync_stage.name} (user_id TEXT, traits TEXT)")
     state.commit()
     try:
         if source is state.engine:
@@ -165,26 +162,48 @@ def stage_members(state: sa.Connection, source: sa.Engine, audience: Audience, t
     except SourceError:
         state.rollback()
         raise
-    missing_id = (sync_stage.c.user_id.is_(None)) | (sync_stage.c.user_id == "")
-    total, missing = state.execute(
-        sa.select(sa.func.count(), sa.func.count().filter(missing_id)).select_from(sync_stage)
+    state.exec_driver_sql(f"CREATE INDEX ix_{sync_stage.name}_user_id ON {sync_stage.name} (user_id)")
+    user_id = sync_stage.c.user_id
+    rows, with_id, members = state.execute(
+        sa.select(sa.func.count(), sa.func.count(user_id), sa.func.count(user_id.distinct()))
     ).one()
-    state.execute(sa.delete(sync_members).where(sync_members.c.audience_id == audience.id))
-    rows = sa.select(sa.literal(audience.id), sync_stage.c.user_id, sync_stage.c.traits).where(~missing_id)
-    state.execute(
-        upsertable_insert(state, sync_members)
-        .from_select(["audience_id", "user_id", "traits"], rows)
-        .on_conflict_do_nothing()
-    )
-    members = (
-        state.scalar(
-            sa.select(sa.func.count())
-            .select_from(sync_members)
-            .where(sync_members.c.audience_id == audience.id)
-        )
-        or 0
-    )
-    return Staged(members, missing, total - missing - members)
+    if with_id < rows:
+        state.execute(sa.delete(sync_stage).where(user_id.is_(None)))
+    if members < with_id:
+        state.exec_driver_sql(DEDUPLICATE[state.dialect.name])
+    if state.dialect.name == "postgresql":  # temporary tables get no statistics otherwise
+        state.exec_driver_sql(f"ANALYZE {sync_stage.name}")
+    state.commit()
+    return Staged(members, rows - with_id, with_id - members)
+
+
+# Keep the first row of each user id (the table is only ever inserted into, so physical order is
+# insertion order).
+DEDUPLICATE = {
+    "sqlite": f"DELETE FROM {sync_stage.name} WHERE rowid NOT IN "
+    f"(SELECT min(rowid) FROM {sync_stage.name} GROUP BY user_id)",
+    "postgresql": f"DELETE FROM {sync_stage.name} a USING {sync_stage.name} b "
+    "WHERE a.user_id = b.user_id AND a.ctid > b.ctid",
+}
+
+
+def drop_stage(state: sa.Connection) -> None:
+    """Drop this connection's staged members (a temporary table), if any."""
+    state.exec_driver_sql(f"DROP TABLE IF EXISTS {sync_stage.name}")
+
+
+@contextmanager
+def dropping_stage(state: sa.Connection) -> Iterator[None]:
+    """Drop the staged members at the end, so that a pooled connection does not keep them."""
+    try:
+        yield
+    finally:
+        try:
+            state.rollback()
+            drop_stage(state)
+            state.commit()
+        except sa.exc.DBAPIError:
+            pass  # the connection is lost, and its temporary table with it
 
 
 def _stage_in_place(state: sa.Connection, audience: Audience) -> None:
@@ -201,7 +220,8 @@ def _stage_in_place(state: sa.Connection, audience: Audience) -> None:
         ]
         traits = f"json_object({', '.join(pairs)})"
     insert = f"INSERT INTO {sync_stage.name} (user_id, traits) "
-    state.execute(_over_query(audience, f"CAST(q.user_id AS TEXT), {_escaped(traits)}", prefix=insert))
+    user_id = "NULLIF(CAST(q.user_id AS TEXT), '')"
+    state.execute(_over_query(audience, f"{user_id}, {_escaped(traits)}", prefix=insert))
 
 
 def _stage_streamed(state: sa.Connection, source: sa.Connection, audience: Audience) -> None:
@@ -217,7 +237,10 @@ def _stage_streamed(state: sa.Connection, source: sa.Connection, audience: Audie
                 traits = dict(row._mapping)
                 user_id = traits.pop("user_id")
                 batch.append(
-                    {"user_id": None if user_id is None else str(user_id), "traits": traits_json(traits)}
+                    {
+                        "user_id": str(user_id) if user_id not in (None, "") else None,
+                        "traits": traits_json(traits),
+                    }
                 )
             state.execute(sa.insert(sync_stage), batch)
 
@@ -231,6 +254,16 @@ def probe_query(source: sa.Engine, audience: Audience, timeout: float) -> None:
             conn.execute(_wrapped(audience, " LIMIT 0")) as result,
         ):
             _require_user_id(audience, result)
+    except sa.exc.StatementError as exc:
+        raise SourceError(f"{audience}: the query failed: {_first_line(exc.orig)}") from None
+
+
+def is_member(source: sa.Engine, audience: Audience, user_id: str, timeout: float) -> bool:
+    """Whether the audience's query returns `user_id` now (read-only, like a run)."""
+    select = _over_query(audience, "1", suffix=" AND CAST(q.user_id AS TEXT) = :user_id LIMIT 1")
+    try:
+        with source.connect() as conn, _read_only(conn, timeout):
+            return conn.execute(select, {"user_id": user_id}).first() is not None
     except sa.exc.StatementError as exc:
         raise SourceError(f"{audience}: the query failed: {_first_line(exc.orig)}") from None
 

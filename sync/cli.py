@@ -90,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check":
             return _check(engine, settings)
         if args.command == "explain":
-            return _explain(engine, args.user_id, args.json)
+            return _explain(engine, settings, args.user_id, args.json)
         if args.command == "forget":
             return _forget(engine, args.user_id)
         return _sync(engine, settings, args)
@@ -99,11 +99,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def _source(engine: sa.Engine, settings: Settings) -> sa.Engine:
+    """Where audience queries run: SYNC_SOURCE_URL, or the state database."""
+    return database.create_engine(settings.source_url) if settings.source_url else engine
+
+
 def _sync(engine: sa.Engine, settings: Settings, args: argparse.Namespace) -> int:
     from sync.runner import Options, Runner
     from sync.scheduler import Daemon
 
-    source = database.create_engine(settings.source_url) if settings.source_url else engine
+    source = _source(engine, settings)
     runner = Runner(engine, source, settings)
     try:
         if args.command == "daemon":
@@ -167,7 +172,7 @@ def _progress() -> Progress:
 def _check(engine: sa.Engine, settings: Settings) -> int:
     from sync.check import find_problems
 
-    source = database.create_engine(settings.source_url) if settings.source_url else engine
+    source = _source(engine, settings)
     with engine.connect() as conn:
         problems, checked = find_problems(conn, source, settings.query_timeout)
     for problem in problems:
@@ -179,11 +184,12 @@ def _check(engine: sa.Engine, settings: Settings) -> int:
     return 0
 
 
-def _explain(engine: sa.Engine, user_id: str, as_json: bool) -> int:
+def _explain(engine: sa.Engine, settings: Settings, user_id: str, as_json: bool) -> int:
     from sync.explain import explain_user
 
+    source = _source(engine, settings)
     with engine.connect() as conn:
-        entries = explain_user(conn, user_id)
+        entries = explain_user(conn, source, user_id, settings.query_timeout)
     if as_json:
         print(json.dumps(entries, default=str, indent=2))
         return 0
@@ -200,7 +206,7 @@ def _explain(engine: sa.Engine, user_id: str, as_json: bool) -> int:
         table.add_row(
             entry["audience"],
             entry["destination"],
-            "yes" if entry["member"] else "no",
+            entry["member_unknown"] or ("yes" if entry["member"] else "no"),
             accepted,
             "" if rejection is None else f"{str(rejection['value']).lower()}: {rejection['reason']}",
         )

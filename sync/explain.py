@@ -4,24 +4,35 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from sync.tables import (
-    audience_destinations,
-    audiences,
-    destinations,
-    sync_members,
-    sync_rejections,
-    sync_state,
-)
+from sync.audiences import is_member, load_audiences
+from sync.errors import SourceError
+from sync.tables import audience_destinations, audiences, destinations, sync_rejections, sync_state
 
 
-def explain_user(conn: sa.Connection, user_id: str) -> list[dict[str, Any]]:
-    """One entry per connection: member as of the audience's last evaluation, accepted value, rejection."""
-    ad, s, r, m = audience_destinations, sync_state, sync_rejections, sync_members
+def membership(conn: sa.Connection, source: sa.Engine, user_id: str, timeout: float) -> dict[int, bool | str]:
+    """Per audience id: whether its query returns the user now, or why that is not known."""
+    valid, problems = load_audiences(conn)
+    found: dict[int, bool | str] = dict(problems)
+    for audience in valid:
+        try:
+            found[audience.id] = is_member(source, audience, user_id, timeout)
+        except SourceError as exc:
+            found[audience.id] = str(exc)
+    return found
+
+
+def explain_user(
+    conn: sa.Connection, source: sa.Engine, user_id: str, timeout: float
+) -> list[dict[str, Any]]:
+    """One entry per connection: member now (the audience's query, run for this user), what the
+    destination last accepted, any rejection."""
+    members = membership(conn, source, user_id, timeout)
+    ad, s, r = audience_destinations, sync_state, sync_rejections
     rows = conn.execute(
         sa.select(
+            audiences.c.id.label("audience_id"),
             audiences.c.name.label("audience"),
             destinations.c.name.label("destination"),
-            m.c.user_id.is_not(None).label("member"),
             s.c.member.label("accepted_member"),
             s.c.accepted_at,
             s.c.changes,
@@ -32,7 +43,6 @@ def explain_user(conn: sa.Connection, user_id: str) -> list[dict[str, Any]]:
         .select_from(ad)
         .join(audiences, audiences.c.id == ad.c.audience_id)
         .join(destinations, destinations.c.id == ad.c.destination_id)
-        .outerjoin(m, (m.c.audience_id == ad.c.audience_id) & (m.c.user_id == user_id))
         .outerjoin(
             s,
             (s.c.audience_id == ad.c.audience_id)
@@ -47,17 +57,26 @@ def explain_user(conn: sa.Connection, user_id: str) -> list[dict[str, Any]]:
         )
         .order_by(audiences.c.name, destinations.c.name)
     )
-    return [
-        {
-            "audience": row.audience,
-            "destination": row.destination,
-            "member": bool(row.member),
-            "accepted": None if row.accepted_member is None else bool(row.accepted_member),
-            "accepted_at": row.accepted_at,
-            "accepted_changes": row.changes or 0,
-            "rejection": None
-            if row.rejection_reason is None
-            else {"value": bool(row.rejected_value), "reason": row.rejection_reason, "at": row.rejected_at},
-        }
-        for row in rows
-    ]
+    entries = []
+    for row in rows:
+        member = members.get(row.audience_id, "the audience is disabled")
+        known = isinstance(member, bool)
+        entries.append(
+            {
+                "audience": row.audience,
+                "destination": row.destination,
+                "member": member if known else None,
+                "member_unknown": None if known else member,
+                "accepted": None if row.accepted_member is None else bool(row.accepted_member),
+                "accepted_at": row.accepted_at,
+                "accepted_changes": row.changes or 0,
+                "rejection": None
+                if row.rejection_reason is None
+                else {
+                    "value": bool(row.rejected_value),
+                    "reason": row.rejection_reason,
+                    "at": row.rejected_at,
+                },
+            }
+        )
+    return entries

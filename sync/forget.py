@@ -1,6 +1,5 @@
 """`audience-sync forget USER_ID`: privacy deletion at each destination, then in the state tables."""
 
-import json
 from datetime import datetime
 from typing import Any
 
@@ -10,7 +9,7 @@ from sync.delivery import Sender
 from sync.destinations import load_destination
 from sync.errors import AuthError, ConfigError
 from sync.messages import Change, delete_message
-from sync.tables import destination_columns, destinations, sync_members, sync_rejections, sync_state
+from sync.tables import destination_columns, destinations, sync_rejections, sync_state
 
 
 def forget_user(engine: sa.Engine, user_id: str, now: datetime) -> list[dict[str, Any]]:
@@ -43,7 +42,6 @@ def forget_user(engine: sa.Engine, user_id: str, now: datetime) -> list[dict[str
             conn.execute(
                 sa.delete(table).where(table.c.user_id == user_id, table.c.destination_id.not_in(failed))
             )
-        conn.execute(sa.delete(sync_members).where(sync_members.c.user_id == user_id))
     return report
 
 
@@ -52,7 +50,7 @@ def _forget_at(row: Any, user_id: str, now: datetime) -> dict[str, Any]:
         destination = load_destination(row, row.settings_text)
     except ConfigError as exc:
         return {"outcome": "failed", "detail": str(exc)}
-    change = Change(user_id, False, json.loads(row.traits), "", 0, row.remote_id, True)
+    change = Change(user_id, False, row.traits, 0, row.remote_id, True)
     call = destination.forget(change, delete_message(user_id, row.name, now))
     if call is None:
         return {

@@ -4,6 +4,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cached_property
 from typing import Any
 
 from sync import __version__
@@ -18,11 +19,16 @@ class Change:
 
     user_id: str
     value: bool  # True: entered, False: exited
-    traits: dict[str, Any]  # current traits for an entry; the traits last sent for an exit
     traits_text: str  # the traits as stored (JSON): a rejected entry is retried once they change
     changes: int  # how many changes of this user the destination accepted before
     remote_id: str | None = None  # the destination's own id for the user (Refersion affiliate id)
     remote_active: bool = True
+
+    @cached_property
+    def traits(self) -> dict[str, Any]:
+        """Current traits for an entry; the traits last sent for an exit (decoded when first used)."""
+        traits: dict[str, Any] = json.loads(self.traits_text)
+        return traits
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from rich.progress import Progress
 
 from sync import metrics, state
-from sync.audiences import Audience, load_audiences, stage_members, store_key
+from sync.audiences import Audience, dropping_stage, load_audiences, stage_members, store_key
 from sync.connections import connection_rows, load_connection
 from sync.delivery import Delivery, Sender
 from sync.destinations import Destination, Outcome, rejected
@@ -188,7 +188,9 @@ class Runner:
     def _run_leased(self, audience: Audience, options: Options, lost: threading.Event) -> list[Result]:
         started = self.now()
         results: list[Result] = []
-        with self.engine.connect() as conn:
+        # This connection holds the run's staged members (a temporary table): the connections' threads
+        # read their diff through it and write with connections of their own.
+        with self.engine.connect() as conn, dropping_stage(conn):
             connections, invalid = self._connections(conn, audience, options)
             results += invalid
             if not connections:
@@ -205,7 +207,7 @@ class Runner:
                         self._finish(audience, connection, started, "failed", {}, str(exc), options)
                     )
                 return results
-            if options.resend:  # in the transaction that replaces the members: a dry run undoes it
+            if options.resend:  # a dry run rolls this back
                 for connection, _ in connections:
                     state.forget_connection(conn, audience.id, connection.destination_id)
             store_key(conn, audience)
@@ -223,18 +225,23 @@ class Runner:
                 "duplicate_user_ids": staged.duplicate_user_ids,
             }
             if options.dry_run:
+                reads = state.SharedReads(conn, keep_transaction=True)
                 results += [
-                    self._sync(conn, audience, c, d, base, started, options, lost) for c, d in connections
+                    self._sync(conn, reads, audience, c, d, base, started, options, lost)
+                    for c, d in connections
                 ]
                 conn.rollback()
                 return results
             conn.commit()
-        with ThreadPoolExecutor(len(connections), thread_name_prefix=f"aud{audience.id}") as pool:
-            results += pool.map(
-                lambda cd: self._sync_in_own_connection(audience, cd[0], cd[1], base, started, options, lost),
-                connections,
-            )
-        return results
+            reads = state.SharedReads(conn)
+            with ThreadPoolExecutor(len(connections), thread_name_prefix=f"aud{audience.id}") as pool:
+                results += pool.map(
+                    lambda cd: self._sync_in_own_connection(
+                        reads, audience, cd[0], cd[1], base, started, options, lost
+                    ),
+                    connections,
+                )
+            return results
 
     def _connections(
         self, conn: sa.Connection, audience: Audience, options: Options
@@ -283,6 +290,7 @@ class Runner:
 
     def _sync_in_own_connection(
         self,
+        reads: state.SharedReads,
         audience: Audience,
         connection: Connection,
         destination: Destination,
@@ -292,11 +300,12 @@ class Runner:
         lost: threading.Event,
     ) -> Result:
         with self.engine.connect() as conn:
-            return self._sync(conn, audience, connection, destination, base, started, options, lost)
+            return self._sync(conn, reads, audience, connection, destination, base, started, options, lost)
 
     def _sync(
         self,
         conn: sa.Connection,
+        reads: state.SharedReads,
         audience: Audience,
         connection: Connection,
         destination: Destination,
@@ -305,10 +314,10 @@ class Runner:
         options: Options,
         lost: threading.Event,
     ) -> Result:
-        """Deliver one connection's pending changes, recording acceptances after every page."""
+        """Deliver one connection's pending changes (read through `reads`), recording them with `conn`."""
         counts = dict(base, entered=0, exited=0, rejected=0, skipped=0, failed=0)
         counts["to_send" if options.dry_run else "accepted"] = 0
-        numbers = state.counts(conn, audience.id, connection.destination_id)
+        numbers = state.counts(reads, audience.id, connection.destination_id)
         hold = None
         if numbers.members == 0 and numbers.accepted_members > 0:
             hold = f"the query returned no rows while {numbers.accepted_members} members are accepted"
@@ -329,7 +338,7 @@ class Runner:
             )
         for value in (True, False):
             batches = state.pending_batches(
-                conn, audience.id, connection.destination_id, value, destination.limits.max_in_flight
+                reads, audience.id, connection.destination_id, value, destination.limits.max_in_flight
             )
             for page in batches:
                 counts["entered" if value else "exited"] += len(page)

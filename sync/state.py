@@ -1,11 +1,13 @@
 """Sync state in the state database: the diff, acceptances, rejections, run history and leases.
 
-The diff is set-based SQL (anti-joins between `sync_members` and `sync_state`), read in keyset pages
-so memory does not grow with the audience.
+The diff is set-based SQL: anti-joins between the run's staged members (`sync_stage_members`, a
+temporary table of the connection that staged them) and `sync_state`, read in keyset pages so memory
+does not grow with the audience.
 """
 
-import json
+import threading
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -18,30 +20,29 @@ from sync.tables import (
     sync_leases,
     sync_rejections,
     sync_runs,
+    sync_stage,
     sync_state,
     upsertable_insert,
 )
 
-_ENTRIES = """
-    FROM sync_members m
+_ENTRIES = f"""
+    FROM {sync_stage.name} m
     LEFT JOIN sync_state s
-      ON s.audience_id = m.audience_id AND s.destination_id = :destination_id AND s.user_id = m.user_id
-    WHERE m.audience_id = :audience_id
-      AND (s.user_id IS NULL OR s.member = false)
+      ON s.audience_id = :audience_id AND s.destination_id = :destination_id AND s.user_id = m.user_id
+    WHERE (s.user_id IS NULL OR s.member = false)
       AND NOT EXISTS (
         SELECT 1 FROM sync_rejections r
-        WHERE r.audience_id = m.audience_id AND r.destination_id = :destination_id
+        WHERE r.audience_id = :audience_id AND r.destination_id = :destination_id
           AND r.user_id = m.user_id AND r.value = true AND r.traits = m.traits)
 """
 
-_EXITS = """
+_EXITS = f"""
     FROM sync_state s
     WHERE s.audience_id = :audience_id AND s.destination_id = :destination_id AND s.member = true
-      AND NOT EXISTS (
-        SELECT 1 FROM sync_members m WHERE m.audience_id = s.audience_id AND m.user_id = s.user_id)
+      AND NOT EXISTS (SELECT 1 FROM {sync_stage.name} m WHERE m.user_id = s.user_id)
 """
 
-PAGE = 2000  # rows per diff query: the diff stays a few queries per audience, memory stays flat
+PAGE = 10_000  # rows per diff query: few queries per audience, memory flat (a few MB a page)
 
 ENTRIES = sa.text(
     "SELECT m.user_id, m.traits, s.changes, s.remote_id, s.remote_active"
@@ -57,7 +58,7 @@ EXITS = sa.text(
 
 COUNTS = sa.text(f"""
     SELECT
-      (SELECT count(*) FROM sync_members m WHERE m.audience_id = :audience_id) AS members,
+      (SELECT count(*) FROM {sync_stage.name}) AS members,
       (SELECT count(*) FROM sync_state s
        WHERE s.audience_id = :audience_id AND s.destination_id = :destination_id AND s.member = true
       ) AS accepted_members,
@@ -71,23 +72,37 @@ def pending(
 ) -> list[Change]:
     """The next page of entries (value True) or exits (False) after user id `after`."""
     params = {"audience_id": audience_id, "destination_id": destination_id, "after": after, "limit": limit}
-    rows = conn.execute(ENTRIES if value else EXITS, params).all()
+    rows = conn.execute(ENTRIES if value else EXITS, params)
     return [
-        Change(
-            user_id=row.user_id,
-            value=value,
-            traits=json.loads(row.traits),
-            traits_text=row.traits,
-            changes=row.changes or 0,
-            remote_id=row.remote_id,
-            remote_active=True if row.remote_active is None else bool(row.remote_active),
-        )
-        for row in rows
+        Change(user_id, value, traits, changes or 0, remote_id, remote_active in (None, 1, True))
+        for user_id, traits, changes, remote_id, remote_active in rows
     ]
 
 
+class SharedReads:
+    """A connection several threads take turns reading from: the one holding the run's staged members.
+
+    Each turn ends its transaction (unless `keep_transaction`, for a dry run's single thread), so no
+    snapshot outlives a page.
+    """
+
+    def __init__(self, conn: sa.Connection, keep_transaction: bool = False) -> None:
+        self.conn = conn
+        self.keep_transaction = keep_transaction
+        self.lock = threading.Lock()
+
+    @contextmanager
+    def turn(self) -> Iterator[sa.Connection]:
+        with self.lock:
+            try:
+                yield self.conn
+            finally:
+                if not self.keep_transaction:
+                    self.conn.rollback()
+
+
 def pending_batches(
-    conn: sa.Connection, audience_id: int, destination_id: int, value: bool, size: int
+    reads: SharedReads, audience_id: int, destination_id: int, value: bool, size: int
 ) -> Iterator[list[Change]]:
     """Every pending entry or exit in batches of `size`, read from the database in larger pages.
 
@@ -95,16 +110,20 @@ def pending_batches(
     between batches.
     """
     after = ""
-    while page := pending(conn, audience_id, destination_id, value, after, max(size, PAGE)):
+    while True:
+        with reads.turn() as conn:
+            page = pending(conn, audience_id, destination_id, value, after, max(size, PAGE))
+        if not page:
+            return
         after = page[-1].user_id
         for start in range(0, len(page), size):
             yield page[start : start + size]
 
 
-def counts(conn: sa.Connection, audience_id: int, destination_id: int) -> sa.Row[Any]:
+def counts(reads: SharedReads, audience_id: int, destination_id: int) -> sa.Row[Any]:
     """members, accepted_members, entries and exits of one connection (mass-exit guard, progress)."""
-    row = conn.execute(COUNTS, {"audience_id": audience_id, "destination_id": destination_id}).one()
-    return row
+    with reads.turn() as conn:
+        return conn.execute(COUNTS, {"audience_id": audience_id, "destination_id": destination_id}).one()
 
 
 def _upsert(conn: sa.Connection, table: sa.Table, rows: list[dict[str, Any]], update: Iterable[str]) -> None:

@@ -14,7 +14,6 @@ CONNECTIONS = sa.text("""
     SELECT a.id AS audience_id, a.name AS audience, a.schedule, a.enabled AS audience_enabled,
            d.id AS destination_id, d.name AS destination, d.enabled AS destination_enabled,
            ad.enabled AS connection_enabled,
-           (SELECT count(*) FROM sync_members m WHERE m.audience_id = a.id) AS members,
            (SELECT count(*) FROM sync_state s
             WHERE s.audience_id = a.id AND s.destination_id = d.id AND s.member = true) AS accepted_members,
            (SELECT count(*) FROM sync_rejections r
@@ -45,6 +44,7 @@ def connection_status(conn: sa.Connection, settings: Settings) -> list[dict[str,
             if r
         ]
         run = max(runs, key=lambda r: r["id"]) if runs else None
+        own_run = last.get((row.audience_id, row.destination_id))
         started = run and run["started_at"]
         next_run = None
         if started and row.audience_enabled:
@@ -57,7 +57,7 @@ def connection_status(conn: sa.Connection, settings: Settings) -> list[dict[str,
                 "audience": row.audience,
                 "destination": row.destination,
                 "enabled": bool(row.audience_enabled and row.destination_enabled and row.connection_enabled),
-                "members": row.members,
+                "members": own_run and own_run["members"],  # as of its last run
                 "accepted_members": row.accepted_members,
                 "rejected_users": row.rejected_users,
                 "initial_sync_completed": row.initial_completed_at is not None,
@@ -118,7 +118,7 @@ def render(rows: list[dict[str, Any]]) -> None:
         table.add_row(
             row["audience"] + ("" if row["enabled"] else " (disabled)"),
             row["destination"],
-            str(row["members"]),
+            "-" if row["members"] is None else str(row["members"]),
             str(row["accepted_members"]),
             str(row["rejected_users"]),
             last,

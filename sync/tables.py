@@ -91,15 +91,6 @@ audience_destinations = sa.Table(
     _enabled(),
 )
 
-# The audience's members as of its last evaluation: one row per user, traits as JSON text.
-sync_members = sa.Table(
-    "sync_members",
-    metadata,
-    _audience_fk(),
-    sa.Column("user_id", sa.Text, primary_key=True),
-    sa.Column("traits", sa.Text, nullable=False),
-)
-
 # Per connection and user: what the destination last accepted.
 sync_state = sa.Table(
     "sync_state",
@@ -172,8 +163,8 @@ sync_leases = sa.Table(
 )
 
 
-# Per connection, temporary: an audience query's rows before they replace the audience's `sync_members` rows.
-# Created by `audiences.stage_members`, not by migrations (hence its own MetaData).
+# Per database connection, temporary: the members of the audience being run, one row per user, traits as
+# JSON text. Created by `audiences.stage_members`, not by migrations (hence its own MetaData).
 sync_stage = sa.Table(
     "sync_stage_members",
     sa.MetaData(),

@@ -49,7 +49,7 @@ def change(
     remote_active: bool = True,
     **traits: Any,
 ) -> Change:
-    return Change(user_id, value, traits, traits_json(traits), 0, remote_id, remote_active)
+    return Change(user_id, value, traits_json(traits), 0, remote_id, remote_active)
 
 
 def member(user_id: str, value: bool = True, **extra: Any) -> Change:

@@ -1,5 +1,6 @@
 """The Segment message: identify by default, track per connection, stable messageIds."""
 
+import json
 from datetime import UTC, datetime
 
 import pytest
@@ -23,7 +24,7 @@ def connection(**settings: str) -> Connection:
 
 
 def change(value: bool = True, changes: int = 0) -> Change:
-    return Change("u123", value, TRAITS, "hash", changes)
+    return Change("u123", value, json.dumps(TRAITS), changes)
 
 
 def test_identify_message_matches_the_spec() -> None:

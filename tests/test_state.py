@@ -1,6 +1,6 @@
 """The diff contract, driven through sync.state on both backends: what is pending, what recording does."""
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -28,15 +28,13 @@ class Sync:
     engine: sa.Engine
     audience: Audience
     destination_id: int
+    members: sa.Connection  # holds the staged members (a temporary table), as in a run
 
     def stage(self) -> Staged:
-        with self.engine.connect() as conn:  # stage_members manages the transactions; the caller commits
-            staged = stage_members(conn, self.engine, self.audience, 10.0)
-            conn.commit()
-            return staged
+        return stage_members(self.members, self.engine, self.audience, 10.0)
 
     def pending(self, value: bool, after: str = "", limit: int = 1000) -> list[Change]:
-        with self.engine.connect() as conn:
+        with state.SharedReads(self.members).turn() as conn:
             return state.pending(conn, self.audience.id, self.destination_id, value, after=after, limit=limit)
 
     def all_pending(self, value: bool, limit: int = 1000) -> list[Change]:
@@ -83,22 +81,23 @@ class Sync:
         return {row.user_id: (row.value, row.reason) for row in rows}
 
     def counts(self) -> dict[str, int]:
-        with self.engine.connect() as conn:
-            return dict(state.counts(conn, self.audience.id, self.destination_id)._mapping)
+        reads = state.SharedReads(self.members)
+        return dict(state.counts(reads, self.audience.id, self.destination_id)._mapping)
 
     def connection(self) -> Connection:
         return Connection(self.audience.id, self.audience.key, self.destination_id, "Everflow")
 
 
 @pytest.fixture
-def sync(engine: sa.Engine, config: Config, customers: Customers) -> Sync:
+def sync(engine: sa.Engine, config: Config, customers: Customers) -> Iterator[Sync]:
     audience_id = config.audience("VIP Customers", Customers.QUERY)
     destination_id = config.destination("Everflow", "everflow", EVERFLOW)
     config.connect(audience_id, destination_id)
     with engine.connect() as conn:
         valid, problems = load_audiences(conn)
     assert problems == {}
-    return Sync(engine, valid[0], destination_id)
+    with engine.connect() as members:
+        yield Sync(engine, valid[0], destination_id, members)
 
 
 def ids(changes: Iterable[Change]) -> list[str]:
@@ -396,7 +395,7 @@ def test_applying_the_diff_gives_the_new_state(
     sync: Sync, customers: Customers, old: set[str], new: set[str]
 ) -> None:
     with sync.engine.begin() as conn:
-        for table in ("customers", "sync_members", "sync_state", "sync_rejections"):
+        for table in ("customers", "sync_state", "sync_rejections"):
             conn.exec_driver_sql(f"DELETE FROM {table}")
 
     def become(users: set[str]) -> None:
