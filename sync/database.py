@@ -50,7 +50,11 @@ def create_engine(url: str) -> sa.Engine:
         parsed = sa.make_url(url)
         if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
             parsed = parsed.set(drivername="postgresql+psycopg")
-        engine = sa.create_engine(parsed, pool_pre_ping=True)
+        in_memory = parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:")
+        # No pool limit to time out on: the runner's threads bound the connections (per running audience,
+        # one holding its members and one per destination, plus the lease heartbeat).
+        pool = {} if in_memory else {"max_overflow": -1}
+        engine = sa.create_engine(parsed, pool_pre_ping=True, **pool)
     except (sa.exc.ArgumentError, ImportError) as exc:
         raise StateError(f"cannot use database URL {describe(url)}: {exc}") from None
     if engine.dialect.name == "sqlite":

@@ -72,7 +72,8 @@ def pending(
 ) -> list[Change]:
     """The next page of entries (value True) or exits (False) after user id `after`."""
     params = {"audience_id": audience_id, "destination_id": destination_id, "after": after, "limit": limit}
-    rows = conn.execute(ENTRIES if value else EXITS, params)
+    with conn.execute(ENTRIES if value else EXITS, params) as result:
+        rows = result.cursor.fetchall()  # the driver's tuples: at a million rows, Rows cost more than the SQL
     return [
         Change(user_id, value, traits, changes or 0, remote_id, remote_active in (None, 1, True))
         for user_id, traits, changes, remote_id, remote_active in rows

@@ -318,3 +318,26 @@ def test_refersion_answers_through_the_cli(state_url: str, config: Config, custo
         assert refused.returncode == 1
         assert "credentials refused (HTTP 401: Invalid API credentials (error 2).)" in refused.stderr
         assert "wrong-secret" not in refused.stderr + refused.stdout
+
+
+def test_audiences_with_many_destinations_at_once_deliver_every_change_once(
+    state_url: str, config: Config, customers: Customers
+) -> None:
+    # 4 audiences run at once; each one's 5 destinations read their diffs through the one connection that
+    # holds its members, taking turns, and write with their own: 24 database connections in use together.
+    customers.add(*[f"u{i}" for i in range(6)])
+    with SegmentServer(api_key="k", delay=0.2) as segment:
+        settings = {"transport": "segment", "endpoint": segment.url, "max_in_flight": 1, "rate_limit": 1000}
+        destinations = [
+            config.destination(f"Segment {d}", "everflow", settings, api_key="k") for d in range(5)
+        ]
+        for a in range(4):
+            audience = config.audience(f"Audience {a}", Customers.QUERY)
+            for destination in destinations:
+                config.connect(audience, destination)
+
+        done = run_cli(state_url, "run", timeout=60)
+
+        assert done.returncode == 0, done.stderr
+        message_ids = [m["messageId"] for m in segment.messages]
+        assert len(message_ids) == len(set(message_ids)) == 4 * 5 * 6
