@@ -55,7 +55,8 @@ def test_explain_shows_membership_and_acceptance(
     customers.add("u1", "u2")
     config.sql("UPDATE customers SET transaction_id = NULL WHERE user_id = 'u2'")
     with EverflowServer() as everflow:
-        config.connect(config.audience("VIP", Customers.QUERY), everflow_destination(config, everflow))
+        destination = everflow_destination(config, everflow)
+        config.connect(config.audience("VIP", Customers.QUERY), destination)
         assert run_cli(state_url, "run").returncode == 0
         u1 = json.loads(run_cli(state_url, "explain", "u1", "--json").stdout)
         assert [(e["audience"], e["destination"], e["member"], e["accepted"]) for e in u1] == [
@@ -66,6 +67,19 @@ def test_explain_shows_membership_and_acceptance(
         assert u2[0]["rejection"]["reason"].startswith("Everflow requires a TransactionId")
         table = run_cli(state_url, "explain", "u2", env={"COLUMNS": "200"})
         assert table.returncode == 0 and "Everflow requires a TransactionId" in table.stdout
+
+        # "member now" is the query's answer now: u1 left, and a broken query says why it cannot tell
+        customers.move("u1", segment="other")
+        config.sql("UPDATE audiences SET query = 'SELECT user_id FROM nowhere' WHERE name = 'VIP'")
+        config.connect(config.audience("Left", Customers.QUERY), destination)
+        u1 = json.loads(run_cli(state_url, "explain", "u1", "--json").stdout)
+        by_audience = {e["audience"]: e for e in u1}
+        assert by_audience["Left"]["member"] is False and by_audience["Left"]["member_unknown"] is None
+        assert by_audience["VIP"]["member"] is None and by_audience["VIP"]["accepted"] is True
+        assert "'VIP'" in by_audience["VIP"]["member_unknown"]
+        assert "query failed" in by_audience["VIP"]["member_unknown"]
+        table = run_cli(state_url, "explain", "u1", env={"COLUMNS": "300"})
+        assert "query failed" in table.stdout
 
 
 @pytest.mark.parametrize("refersion_fails", [False, True])
