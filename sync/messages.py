@@ -54,9 +54,9 @@ class Connection:
             raise ConfigError(
                 f"{where}: settings.type must be 'identify' or 'track', not {connection.type!r}"
             )
-        for field in ("entered_event", "exited_event"):
-            if not isinstance(getattr(connection, field), str) or not getattr(connection, field):
-                raise ConfigError(f"{where}: settings.{field} must be a non-empty text")
+        for name in ("entered_event", "exited_event"):
+            if not isinstance(getattr(connection, name), str) or not getattr(connection, name):
+                raise ConfigError(f"{where}: settings.{name} must be a non-empty text")
         return connection
 
     def event(self, value: bool) -> str:
