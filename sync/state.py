@@ -110,15 +110,15 @@ def pending_batches(
     Each page is read whole before its first batch is handed out, so the caller may record and commit
     between batches.
     """
-    after = ""
+    after, limit = "", max(size, PAGE)
     while True:
         with reads.turn() as conn:
-            page = pending(conn, audience_id, destination_id, value, after, max(size, PAGE))
-        if not page:
-            return
-        after = page[-1].user_id
+            page = pending(conn, audience_id, destination_id, value, after, limit)
         for start in range(0, len(page), size):
             yield page[start : start + size]
+        if len(page) < limit:  # the last page: asking again would evaluate the rest of the diff once more
+            return
+        after = page[-1].user_id
 
 
 def counts(reads: SharedReads, audience_id: int, destination_id: int) -> sa.Row[Any]:

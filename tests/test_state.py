@@ -311,6 +311,22 @@ def test_keyset_paging_returns_every_change_exactly_once(sync: Sync, customers: 
     assert sync.all_pending(True, limit=4) == []
 
 
+@pytest.mark.parametrize("page", [4, 5, 23])  # USERS has 23: the last page short, or exactly full
+def test_batches_over_several_pages_hold_every_change_once(
+    sync: Sync, customers: Customers, monkeypatch: pytest.MonkeyPatch, page: int
+) -> None:
+    monkeypatch.setattr(state, "PAGE", page)
+    customers.add(*USERS)
+    sync.stage()
+    reads = state.SharedReads(sync.members)
+
+    batches = list(state.pending_batches(reads, sync.audience.id, sync.destination_id, True, 3))
+
+    assert ids(change for batch in batches for change in batch) == USERS
+    pages = [page] * (len(USERS) // page) + ([len(USERS) % page] if len(USERS) % page else [])
+    assert [len(batch) for batch in batches] == [min(3, n - i) for n in pages for i in range(0, n, 3)]
+
+
 def test_counts(sync: Sync, customers: Customers) -> None:
     customers.add("u1", "u2", "u3")
     sync.stage()
