@@ -164,11 +164,12 @@ def stage_members(state: sa.Connection, source: sa.Engine, audience: Audience, t
         raise
     state.exec_driver_sql(f"CREATE INDEX ix_{sync_stage.name}_user_id ON {sync_stage.name} (user_id)")
     user_id = sync_stage.c.user_id
-    rows, with_id, members = state.execute(
-        sa.select(sa.func.count(), sa.func.count(user_id), sa.func.count(user_id.distinct()))
-    ).one()
+    rows, with_id = state.execute(sa.select(sa.func.count(), sa.func.count(user_id))).one()
     if with_id < rows:
         state.execute(sa.delete(sync_stage).where(user_id.is_(None)))
+    # DISTINCT in a subquery walks the index; count(DISTINCT ...) would sort into a temporary b-tree
+    distinct = sa.select(user_id).distinct().subquery()
+    members: int = state.execute(sa.select(sa.func.count()).select_from(distinct)).scalar_one()
     if members < with_id:
         state.exec_driver_sql(DEDUPLICATE[state.dialect.name])
     if state.dialect.name == "postgresql":  # temporary tables get no statistics otherwise
