@@ -27,10 +27,14 @@ REASON_MAX = 300
 
 
 class RateLimiter:
-    """Spaces requests `1/rate` seconds apart across every thread sending to one destination."""
+    """Spaces requests evenly, 1% under `rate` per second, across every thread sending to one destination.
+
+    The 1% absorbs network jitter: requests spaced exactly 1/rate apart can arrive closer together, and a
+    destination counting strictly would then see more than `rate` in a second.
+    """
 
     def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.interval = 1.0 / rate
+        self.interval = 1.0 / (rate * 0.99)
         self.clock = clock
         self.next_slot = 0.0
         self.lock = threading.Lock()
