@@ -178,13 +178,14 @@ def stage_members(state: sa.Connection, source: sa.Engine, audience: Audience, t
     return Staged(members, rows - with_id, with_id - members)
 
 
-# Keep the first row of each user id (the table is only ever inserted into, so physical order is
-# insertion order).
+# Keep one row per user id, in one pass (a self-join would be quadratic in a user's duplicates): on SQLite
+# the first the query returned (rowid order); on Postgres the first in physical order, which is usually, not
+# always, the query's order (a later row may fill free space on an earlier page).
 DEDUPLICATE = {
     "sqlite": f"DELETE FROM {sync_stage.name} WHERE rowid NOT IN "
     f"(SELECT min(rowid) FROM {sync_stage.name} GROUP BY user_id)",
-    "postgresql": f"DELETE FROM {sync_stage.name} a USING {sync_stage.name} b "
-    "WHERE a.user_id = b.user_id AND a.ctid > b.ctid",
+    "postgresql": f"DELETE FROM {sync_stage.name} WHERE ctid IN (SELECT ctid FROM (SELECT ctid, "
+    f"row_number() OVER (PARTITION BY user_id ORDER BY ctid) AS n FROM {sync_stage.name}) AS d WHERE n > 1)",
 }
 
 

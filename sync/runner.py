@@ -114,7 +114,7 @@ class Runner:
                     log.warning("%s", message, extra={"action": "audience_busy"})
                     return [Result(audience.name, None, "busy", error=message)]
                 return self._run_leased(audience, options, lost)
-        except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+        except sa.exc.DBAPIError as exc:  # e.g. lost mid-run, and with it the run's temporary members table
             message = f"{audience}: the state database failed during the run: {_first_line(exc)}"
             log.error("%s", message, extra={"action": "state_failed"})
             return [Result(audience.name, None, "failed", error=message)]

@@ -213,7 +213,10 @@ def test_duplicate_user_ids_collapse_and_are_counted(
 
     assert staged == Staged(members=2, null_user_ids=0, duplicate_user_ids=2)
     assert set(members) == {"u1", "u2"}
-    assert members["u1"]["email"] == "u1@example.com"  # the first row the query returned
+    if engine.dialect.name == "sqlite":
+        assert members["u1"]["email"] == "u1@example.com"  # the first row the query returned
+    else:  # the first in physical order: usually, not always, the query's (see DEDUPLICATE)
+        assert members["u1"]["email"] in {"u1@example.com", "second@x", "third@x"}
 
 
 def test_a_query_without_user_id_raises_naming_the_audience(
