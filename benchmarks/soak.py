@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/soak.py --seconds 120 [--audiences 50] [--backend sqlite|postgres]
 
 Reports cycles run, overlapping runs of one audience (must be 0), changes lost (must be 0), duplicate
-deliveries (same messageId accepted twice; only a crash may cause them) and the daemon's RSS at start and end.
+deliveries (same messageId accepted twice; only a crash may cause them) and the daemon's RSS at start and end,
+and every 30 s in between.
 Exits 1 when a "must" fails. Every request goes to loopback servers this script starts; it stops by itself.
 """
 
@@ -111,8 +112,11 @@ def soak(
     )
     time.sleep(min(10.0, args.seconds / 4))
     rss_start = rss_kib(daemon.pid)
+    samples: list[int] = []  # the daemon's RSS every 30 s: warm-up or steady growth
     deadline = time.monotonic() + args.seconds
     while time.monotonic() < deadline:  # churn: a few users enter or leave some audience every second
+        if len(samples) * 30 <= args.seconds - (deadline - time.monotonic()):
+            samples.append(rss_kib(daemon.pid))
         with engine.begin() as conn:
             for _ in range(5):
                 n, user = rng.randrange(args.audiences), f"u{rng.randrange(args.users)}"
@@ -155,6 +159,7 @@ def soak(
     print(
         f"daemon RSS start {rss_start / 1024:.1f} MiB  end {rss_end / 1024:.1f} MiB  exit {daemon.returncode}"
     )
+    print("daemon RSS every 30 s (MiB): " + " ".join(f"{kib / 1024:.1f}" for kib in samples))
     return 0 if overlaps == 0 and lost == 0 and daemon.returncode == 0 else 1
 
 
