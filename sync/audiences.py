@@ -149,16 +149,14 @@ def stage_members(state: sa.Connection, source: sa.Engine, audience: Audience, t
     state.exec_driver_sql(f"CREATE TEMPORARY TABLE {sync_stage.name} (user_id TEXT, traits TEXT)")
     state.commit()
     try:
-        if source is state.engine:
-            with _read_only(state, timeout, stage=True):
-                _stage_in_place(state, audience)
-        else:
-            with source.connect() as conn, _read_only(conn, timeout):
-                _stage_streamed(state, conn, audience)
-            state.commit()
-    except sa.exc.StatementError as exc:
-        state.rollback()
-        raise SourceError(f"{audience}: the query failed: {_first_line(exc.orig)}") from None
+        with _query_failures(audience):
+            if source is state.engine:
+                with _read_only(state, timeout, stage=True):
+                    _stage_in_place(state, audience)
+            else:
+                with source.connect() as conn, _read_only(conn, timeout):
+                    _stage_streamed(state, conn, audience)
+                state.commit()
     except SourceError:
         state.rollback()
         raise
@@ -249,23 +247,27 @@ def _stage_streamed(state: sa.Connection, source: sa.Connection, audience: Audie
 
 def probe_query(source: sa.Engine, audience: Audience, timeout: float) -> None:
     """Run the audience query with LIMIT 0: it must parse, run read-only and return user_id."""
-    try:
-        with (
-            source.connect() as conn,
-            _read_only(conn, timeout),
-            conn.execute(_wrapped(audience, " LIMIT 0")) as result,
-        ):
-            _require_user_id(audience, result)
-    except sa.exc.StatementError as exc:
-        raise SourceError(f"{audience}: the query failed: {_first_line(exc.orig)}") from None
+    with (
+        _query_failures(audience),
+        source.connect() as conn,
+        _read_only(conn, timeout),
+        conn.execute(_wrapped(audience, " LIMIT 0")) as result,
+    ):
+        _require_user_id(audience, result)
 
 
 def is_member(source: sa.Engine, audience: Audience, user_id: str, timeout: float) -> bool:
     """Whether the audience's query returns `user_id` now (read-only, like a run)."""
     select = _over_query(audience, "1", suffix=" AND CAST(q.user_id AS TEXT) = :user_id LIMIT 1")
+    with _query_failures(audience), source.connect() as conn, _read_only(conn, timeout):
+        return conn.execute(select, {"user_id": user_id}).first() is not None
+
+
+@contextmanager
+def _query_failures(audience: Audience) -> Iterator[None]:
+    """Turn the database's refusal of an audience query into a SourceError naming the audience."""
     try:
-        with source.connect() as conn, _read_only(conn, timeout):
-            return conn.execute(select, {"user_id": user_id}).first() is not None
+        yield
     except sa.exc.StatementError as exc:
         raise SourceError(f"{audience}: the query failed: {_first_line(exc.orig)}") from None
 
