@@ -133,11 +133,11 @@ def project_pass(engine: sa.Engine, conn: sa.Connection, audience: Audience) -> 
     staged = stage_members(conn, engine, audience, 3600.0)
     conn.commit()
     staged_at = time.perf_counter()
-    reads = state.SharedReads(conn)
-    entries = sum(len(batch) for batch in state.pending_batches(reads, audience.id, 1, True, BATCH))
-    exits = sum(len(batch) for batch in state.pending_batches(reads, audience.id, 1, False, BATCH))
+    diff = state.Diff(state.SharedReads(conn), audience.id, 1)
+    entries = sum(len(batch) for batch in diff.batches(True, BATCH))
+    exits = sum(len(batch) for batch in diff.batches(False, BATCH))
     diffed_at = time.perf_counter()
-    state.counts(reads, audience.id, 1)  # the runner's mass-exit guard, before delivery (no floor)
+    diff.counts()  # the runner's mass-exit guard, before delivery (no floor)
     counts = time.perf_counter() - diffed_at
     times = {"stage": staged_at - start, "diff": diffed_at - staged_at, "counts": counts}
     return {**times, "members": staged.members, "entries": entries, "exits": exits}

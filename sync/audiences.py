@@ -152,38 +152,40 @@ def stage_members(state: sa.Connection, source: sa.Engine, audience: Audience, t
         with _query_failures(audience):
             if source is state.engine:
                 with _read_only(state, timeout, stage=True):
-                    _stage_in_place(state, audience)
+                    rows = _stage_in_place(state, audience)
             else:
                 with source.connect() as conn, _read_only(conn, timeout):
-                    _stage_streamed(state, conn, audience)
+                    rows = _stage_streamed(state, conn, audience)
                 state.commit()
     except SourceError:
         state.rollback()
         raise
-    state.exec_driver_sql(f"CREATE INDEX ix_{sync_stage.name}_user_id ON {sync_stage.name} (user_id)")
-    user_id = sync_stage.c.user_id
-    rows, with_id = state.execute(sa.select(sa.func.count(), sa.func.count(user_id))).one()
-    if with_id < rows:
-        state.execute(sa.delete(sync_stage).where(user_id.is_(None)))
-    # DISTINCT in a subquery walks the index; count(DISTINCT ...) would sort into a temporary b-tree
-    distinct = sa.select(user_id).distinct().subquery()
-    members: int = state.execute(sa.select(sa.func.count()).select_from(distinct)).scalar_one()
-    if members < with_id:
-        state.exec_driver_sql(DEDUPLICATE[state.dialect.name])
+    try:  # one row per user id is the rule, so the index is built unique and fails if a user repeats
+        state.exec_driver_sql(UNIQUE_INDEX)
+        duplicates = 0
+    except sa.exc.IntegrityError:
+        state.rollback()
+        duplicates = state.exec_driver_sql(DEDUPLICATE[state.dialect.name]).rowcount
+        state.exec_driver_sql(UNIQUE_INDEX)
+    nulls = state.execute(sa.delete(sync_stage).where(sync_stage.c.user_id.is_(None))).rowcount
     if state.dialect.name == "postgresql":  # temporary tables get no statistics otherwise
         state.exec_driver_sql(f"ANALYZE {sync_stage.name}")
     state.commit()
-    return Staged(members, rows - with_id, with_id - members)
+    return Staged(rows - nulls - duplicates, nulls, duplicates)
 
 
-# Keep one row per user id, in one pass (a self-join would be quadratic in a user's duplicates): on SQLite
-# the first the query returned (rowid order); on Postgres the first in physical order, which is usually, not
-# always, the query's order (a later row may fill free space on an earlier page).
+UNIQUE_INDEX = f"CREATE UNIQUE INDEX ix_{sync_stage.name}_user_id ON {sync_stage.name} (user_id)"
+
+# Keep one row per user id (null ones stay, to be counted apart), in one pass (a self-join would be
+# quadratic in a user's duplicates): on SQLite the first the query returned (rowid order); on Postgres the
+# first in physical order, which is usually, not always, the query's order (a later row may fill free
+# space on an earlier page).
 DEDUPLICATE = {
-    "sqlite": f"DELETE FROM {sync_stage.name} WHERE rowid NOT IN "
+    "sqlite": f"DELETE FROM {sync_stage.name} WHERE user_id IS NOT NULL AND rowid NOT IN "
     f"(SELECT min(rowid) FROM {sync_stage.name} GROUP BY user_id)",
     "postgresql": f"DELETE FROM {sync_stage.name} WHERE ctid IN (SELECT ctid FROM (SELECT ctid, "
-    f"row_number() OVER (PARTITION BY user_id ORDER BY ctid) AS n FROM {sync_stage.name}) AS d WHERE n > 1)",
+    f"row_number() OVER (PARTITION BY user_id ORDER BY ctid) AS n FROM {sync_stage.name}"
+    " WHERE user_id IS NOT NULL) AS d WHERE n > 1)",
 }
 
 
@@ -206,8 +208,11 @@ def dropping_stage(state: sa.Connection) -> Iterator[None]:
             pass  # the connection is lost, and its temporary table with it
 
 
-def _stage_in_place(state: sa.Connection, audience: Audience) -> None:
-    """`INSERT ... SELECT` the query's rows into the staging table, traits built as JSON by the database."""
+def _stage_in_place(state: sa.Connection, audience: Audience) -> int:
+    """`INSERT ... SELECT` the query's rows into the staging table, traits built as JSON by the database.
+
+    Returns how many rows the query returned.
+    """
     with state.execute(_wrapped(audience, " LIMIT 0")) as probe:
         columns = _require_user_id(audience, probe)
     if state.dialect.name == "postgresql":
@@ -221,11 +226,12 @@ def _stage_in_place(state: sa.Connection, audience: Audience) -> None:
         traits = f"json_object({', '.join(pairs)})"
     insert = f"INSERT INTO {sync_stage.name} (user_id, traits) "
     user_id = "NULLIF(CAST(q.user_id AS TEXT), '')"
-    state.execute(_over_query(audience, f"{user_id}, {_escaped(traits)}", prefix=insert))
+    return state.execute(_over_query(audience, f"{user_id}, {_escaped(traits)}", prefix=insert)).rowcount
 
 
-def _stage_streamed(state: sa.Connection, source: sa.Connection, audience: Audience) -> None:
-    """Stream the query's rows from another database into the staging table in chunks."""
+def _stage_streamed(state: sa.Connection, source: sa.Connection, audience: Audience) -> int:
+    """Stream the query's rows from another database into the staging table in chunks; returns how many."""
+    rows = 0
     result = source.execution_options(stream_results=True, yield_per=STAGE_CHUNK).execute(
         _wrapped(audience, "")
     )
@@ -243,6 +249,8 @@ def _stage_streamed(state: sa.Connection, source: sa.Connection, audience: Audie
                     }
                 )
             state.execute(sa.insert(sync_stage), batch)
+            rows += len(batch)
+    return rows
 
 
 def probe_query(source: sa.Engine, audience: Audience, timeout: float) -> None:

@@ -317,7 +317,8 @@ class Runner:
         """Deliver one connection's pending changes (read through `reads`), recording them with `conn`."""
         counts = dict(base, entered=0, exited=0, rejected=0, skipped=0, failed=0)
         counts["to_send" if options.dry_run else "accepted"] = 0
-        numbers = state.counts(reads, audience.id, connection.destination_id)
+        diff = state.Diff(reads, audience.id, connection.destination_id)
+        numbers = diff.counts()
         hold = None
         if numbers.members == 0 and numbers.accepted_members > 0:
             hold = f"the query returned no rows while {numbers.accepted_members} members are accepted"
@@ -337,10 +338,7 @@ class Runner:
                 f"{audience.name} -> {destination.name}", total=numbers.entries + numbers.exits
             )
         for value in (True, False):
-            batches = state.pending_batches(
-                reads, audience.id, connection.destination_id, value, destination.limits.max_in_flight
-            )
-            for page in batches:
+            for page in diff.batches(value, destination.limits.max_in_flight):
                 counts["entered" if value else "exited"] += len(page)
                 outcomes = self._deliver(connection, destination, page, delivery, options)
                 if self.progress is not None and task is not None:
