@@ -43,6 +43,7 @@ _EXITS = f"""
 """
 
 PAGE = 10_000  # rows per diff query: few queries per audience, memory flat (a few MB a page)
+STAGED_PAGE = 2_000  # without history a page is a plain keyset scan, which is cheaper in small pages
 
 ENTRIES = sa.text(
     "SELECT m.user_id, m.traits, s.changes, s.remote_id, s.remote_active"
@@ -58,7 +59,7 @@ EXITS = sa.text(
 
 # A connection without history (its initial sync): every staged member is an entry, nothing is an exit.
 STAGED = sa.text(
-    f"SELECT m.user_id, m.traits, NULL, NULL, NULL FROM {sync_stage.name} m"
+    f"SELECT m.user_id, m.traits FROM {sync_stage.name} m"
     " WHERE m.user_id > :after ORDER BY m.user_id LIMIT :limit"
 )
 
@@ -68,14 +69,25 @@ HISTORY = sa.text(
     f" OR EXISTS (SELECT 1 FROM sync_rejections {_OF_CONNECTION})"
 )
 
+# The counts from one join instead of the diff's two anti-joins: entries = members - kept - rejected_again,
+# exits = accepted_members - kept (staged user ids are unique, and so are a connection's state rows).
 COUNTS = sa.text(f"""
     SELECT
       (SELECT count(*) FROM {sync_stage.name}) AS members,
       (SELECT count(*) FROM sync_state s
        WHERE s.audience_id = :audience_id AND s.destination_id = :destination_id AND s.member = true
       ) AS accepted_members,
-      (SELECT count(*) {_ENTRIES}) AS entries,
-      (SELECT count(*) {_EXITS}) AS exits
+      (SELECT count(*) FROM sync_state s JOIN {sync_stage.name} m ON m.user_id = s.user_id
+       WHERE s.audience_id = :audience_id AND s.destination_id = :destination_id AND s.member = true
+      ) AS kept,
+      (SELECT count(*) FROM sync_rejections r JOIN {sync_stage.name} m ON m.user_id = r.user_id
+       WHERE r.audience_id = :audience_id AND r.destination_id = :destination_id
+         AND r.value = true AND r.traits = m.traits
+         AND NOT EXISTS (
+           SELECT 1 FROM sync_state s
+           WHERE s.audience_id = :audience_id AND s.destination_id = :destination_id
+             AND s.user_id = r.user_id AND s.member = true)
+      ) AS rejected_again
 """)
 
 
@@ -128,7 +140,8 @@ class Diff:
             if self.fresh:
                 members = conn.scalar(sa.select(sa.func.count()).select_from(sync_stage)) or 0
                 return Counts(members, 0, members, 0)
-            return Counts(*conn.execute(COUNTS, self.ids).one())
+            members, accepted, kept, rejected_again = conn.execute(COUNTS, self.ids).one()
+            return Counts(members, accepted, members - kept - rejected_again, accepted - kept)
 
     def page(self, value: bool, after: str, limit: int) -> list[tuple[Any, ...]]:
         """The next page of entries (value True) or exits (False) after user id `after`, as the driver's rows.
@@ -144,6 +157,15 @@ class Diff:
         ):
             return list(result.cursor.fetchall())
 
+    def changes(self, rows: list[tuple[Any, ...]], value: bool) -> list[Change]:
+        """`Change`s from rows of `page`."""
+        if self.fresh:  # (user_id, traits): no more columns, each costs at a million rows
+            return [Change(user_id, True, traits, 0) for user_id, traits in rows]
+        return [
+            Change(user_id, value, traits, changes or 0, remote_id, remote_active in (None, 1, True))
+            for user_id, traits, changes, remote_id, remote_active in rows
+        ]
+
     def batches(self, value: bool, size: int) -> Iterator[list[Change]]:
         """Every pending entry or exit in batches of `size`, read from the database in larger pages.
 
@@ -151,21 +173,14 @@ class Diff:
         between batches. A page's rows become `Change`s a batch at a time: built a page at a time, they
         outlive the young garbage-collector generations and trigger full collections (about 1 s at 1M rows).
         """
-        after, limit = "", max(size, PAGE)
+        after, limit = "", max(size, STAGED_PAGE if self.fresh else PAGE)
         while True:
             page = self.page(value, after, limit)
             for start in range(0, len(page), size):
-                yield as_changes(page[start : start + size], value)
+                yield self.changes(page[start : start + size], value)
             if len(page) < limit:  # the last page: asking again would evaluate the rest of the diff once more
                 return
             after = page[-1][0]
-
-
-def as_changes(rows: list[tuple[Any, ...]], value: bool) -> list[Change]:
-    return [
-        Change(user_id, value, traits, changes or 0, remote_id, remote_active in (None, 1, True))
-        for user_id, traits, changes, remote_id, remote_active in rows
-    ]
 
 
 def _upsert(conn: sa.Connection, table: sa.Table, rows: list[dict[str, Any]], update: Iterable[str]) -> None:

@@ -34,7 +34,8 @@ class Sync:
         return stage_members(self.members, self.engine, self.audience, 10.0)
 
     def pending(self, value: bool, after: str = "", limit: int = 1000) -> list[Change]:
-        return state.as_changes(self.diff().page(value, after=after, limit=limit), value)
+        diff = self.diff()
+        return diff.changes(diff.page(value, after=after, limit=limit), value)
 
     def diff(self) -> state.Diff:
         return state.Diff(state.SharedReads(self.members), self.audience.id, self.destination_id)
@@ -178,12 +179,14 @@ def test_a_rejected_entry_waits_until_the_users_traits_change(
     assert sync.accepted_members() == set()
     sync.stage()  # same traits next run: still not offered
     assert ids(sync.pending(True)) == ["u2"]
+    assert sync.counts()["entries"] == 1
 
     set_email(config, "u1", "new@example.com")
     sync.stage()
 
     retried = by_user(sync.pending(True))
     assert set(retried) == {"u1", "u2"}
+    assert sync.counts()["entries"] == 2
     assert retried["u1"].traits["email"] == "new@example.com"
     sync.record([accepted(retried["u1"])])
     assert sync.accepted_members() == {"u1"}
@@ -318,6 +321,7 @@ def test_batches_over_several_pages_hold_every_change_once(
     sync: Sync, customers: Customers, monkeypatch: pytest.MonkeyPatch, page: int, history: bool
 ) -> None:
     monkeypatch.setattr(state, "PAGE", page)
+    monkeypatch.setattr(state, "STAGED_PAGE", page)
     customers.add(*USERS)
     if history:  # an exit accepted earlier: not a member now, so no change for it in this run
         sync.record([accepted(Change("zz", False, "{}", 0))])
@@ -415,9 +419,9 @@ member_sets = st.sets(st.sampled_from([f"u{n}" for n in range(12)]), max_size=12
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
-@given(old=member_sets, new=member_sets)
+@given(old=member_sets, new=member_sets, refused=member_sets)
 def test_applying_the_diff_gives_the_new_state(
-    sync: Sync, customers: Customers, old: set[str], new: set[str]
+    sync: Sync, customers: Customers, old: set[str], new: set[str], refused: set[str]
 ) -> None:
     with sync.engine.begin() as conn:
         for table in ("customers", "sync_state", "sync_rejections"):
@@ -442,6 +446,15 @@ def test_applying_the_diff_gives_the_new_state(
     assert not entries & exits
     assert entries == new - old
     assert exits == old - new
+    assert sync.counts() == {
+        "members": len(new),
+        "accepted_members": len(old),
+        "entries": len(entries),
+        "exits": len(exits),
+    }
+    sync.record(rejected(c, "refused") for c in sync.all_pending(True) if c.user_id in refused)
+    assert set(ids(sync.all_pending(True))) == entries - refused  # until their traits change
+    assert sync.counts()["entries"] == len(entries - refused)
     sync.accept_all(limit=3)
-    assert sync.accepted_members() == new
+    assert sync.accepted_members() == new - (refused - old)
     assert sync.pending(True) == [] and sync.pending(False) == []
