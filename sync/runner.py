@@ -207,10 +207,11 @@ class Runner:
                         self._finish(audience, connection, started, "failed", {}, str(exc), options)
                     )
                 return results
-            if options.resend:  # a dry run rolls this back
-                for connection, _ in connections:
-                    state.forget_connection(conn, audience.id, connection.destination_id)
-            store_key(conn, audience)
+            if not options.dry_run:  # a dry run writes nothing (a SQLite write lock would block others)
+                if options.resend:
+                    for connection, _ in connections:
+                        state.forget_connection(conn, audience.id, connection.destination_id)
+                store_key(conn, audience)
             log.info(
                 "%s: %d members (%d null user_ids, %d duplicates)",
                 audience,
@@ -317,7 +318,7 @@ class Runner:
         """Deliver one connection's pending changes (read through `reads`), recording them with `conn`."""
         counts = dict(base, entered=0, exited=0, rejected=0, skipped=0, failed=0)
         counts["to_send" if options.dry_run else "accepted"] = 0
-        diff = state.Diff(reads, audience.id, connection.destination_id)
+        diff = state.Diff(reads, audience.id, connection.destination_id, resend=options.resend)
         numbers = diff.counts()
         hold = None
         if numbers.members == 0 and numbers.accepted_members > 0:

@@ -64,6 +64,14 @@ STAGED = sa.text(
 )
 
 _OF_CONNECTION = "WHERE audience_id = :audience_id AND destination_id = :destination_id"
+# `initial --resend`: every staged member is an entry again, nothing is an exit, accepted changes still count.
+RESENT = sa.text(
+    "SELECT m.user_id, m.traits, s.changes, s.remote_id, s.remote_active"
+    f" FROM {sync_stage.name} m LEFT JOIN sync_state s"
+    "   ON s.audience_id = :audience_id AND s.destination_id = :destination_id AND s.user_id = m.user_id"
+    " WHERE m.user_id > :after ORDER BY m.user_id LIMIT :limit"
+)
+
 HISTORY = sa.text(
     f"SELECT EXISTS (SELECT 1 FROM sync_state {_OF_CONNECTION})"
     f" OR EXISTS (SELECT 1 FROM sync_rejections {_OF_CONNECTION})"
@@ -125,19 +133,24 @@ class Diff:
 
     Whether the connection has any history (accepted or rejected users) is read once, when the run
     starts: without one, every staged member is an entry, read without joining the state tables (users
-    this run records are behind the keyset by then, and none of them is an exit).
+    this run records are behind the keyset by then, and none of them is an exit). With `resend`, every
+    staged member is an entry, whatever was accepted or rejected (a dry run previews `initial --resend`
+    this way, without writing).
     """
 
-    def __init__(self, reads: SharedReads, audience_id: int, destination_id: int) -> None:
+    def __init__(
+        self, reads: SharedReads, audience_id: int, destination_id: int, resend: bool = False
+    ) -> None:
         self.reads = reads
         self.ids = {"audience_id": audience_id, "destination_id": destination_id}
+        self.resend = resend
         with reads.turn() as conn:
             self.fresh = not conn.execute(HISTORY, self.ids).scalar()
 
     def counts(self) -> Counts:
         """members, accepted_members, entries and exits (mass-exit guard, progress)."""
         with self.reads.turn() as conn:
-            if self.fresh:
+            if self.fresh or self.resend:
                 members = conn.scalar(sa.select(sa.func.count()).select_from(sync_stage)) or 0
                 return Counts(members, 0, members, 0)
             members, accepted, kept, rejected_again = conn.execute(COUNTS, self.ids).one()
@@ -148,9 +161,9 @@ class Diff:
 
         At a million rows SQLAlchemy `Row`s cost more than the SQL; rows become `Change`s a batch at a time.
         """
-        if self.fresh and not value:
+        if (self.fresh or self.resend) and not value:
             return []
-        statement = (STAGED if self.fresh else ENTRIES) if value else EXITS
+        statement = (STAGED if self.fresh else RESENT if self.resend else ENTRIES) if value else EXITS
         with (
             self.reads.turn() as conn,
             conn.execute(statement, {**self.ids, "after": after, "limit": limit}) as result,

@@ -164,6 +164,7 @@ def test_dry_run_prints_changes_and_changes_nothing(
         assert everflow_line["request"]["params"]["adv_event_id"] == "7"
         assert "[dry run]" in preview.stderr
         assert everflow.requests == [] and refersion.requests == []
+        assert config.sql("SELECT key FROM audiences WHERE id = :id", id=audience) == [(None,)]  # not stored
 
         # nothing was recorded: the real initial sync still sends everything, with the previewed messageIds
         assert run_cli(state_url, "initial").returncode == 0
@@ -256,14 +257,18 @@ def test_resend_sends_every_member_again(state_url: str, config: Config, custome
 
         assert run_cli(state_url, "initial").returncode == 0  # completed: nothing to do
         assert len(segment.messages) == 2
-        preview = run_cli(state_url, "initial", "--resend", "--dry-run")
+        preview = run_cli(state_url, "initial", "--resend", "--dry-run")  # writes nothing to preview
         assert preview.returncode == 0 and len(preview.stdout.splitlines()) == 2
+        previewed_ids = {json.loads(line)["message"]["messageId"] for line in preview.stdout.splitlines()}
+        assert run_cli(state_url, "initial").returncode == 0  # the preview forgot nothing: no resend
+        assert len(segment.messages) == 2
         resend = run_cli(state_url, "initial", "--resend")
         assert resend.returncode == 0, resend.stderr
         assert len(segment.messages) == 4
         # a resend is a new delivery: new messageIds, so a receiver de-duplicating by id does not drop it
         resent_ids = {message["messageId"] for message in segment.messages[2:]}
         assert len(resent_ids) == 2 and not resent_ids & set(first_ids)
+        assert resent_ids == previewed_ids
 
 
 def test_key_change_after_sync_is_refused(state_url: str, config: Config, customers: Customers) -> None:
