@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from sync.errors import ConfigError, SourceError
 from sync.messages import traits_json
 from sync.settings import Cadence
-from sync.tables import audiences, sync_stage
+from sync.tables import audiences, sync_stage, sync_stage_diff
 
 KEY_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
 STAGE_CHUNK = 5000
@@ -147,6 +147,13 @@ def stage_members(state: sa.Connection, source: sa.Engine, audience: Audience, t
     state.commit()
     drop_stage(state)
     state.exec_driver_sql(f"CREATE TEMPORARY TABLE {sync_stage.name} (user_id TEXT, traits TEXT)")
+    state.exec_driver_sql(
+        f"CREATE TEMPORARY TABLE {sync_stage_diff.name} (destination_id INTEGER, value BOOLEAN, user_id TEXT,"
+        " traits TEXT, changes INTEGER, remote_id TEXT, remote_active BOOLEAN)"
+    )
+    state.exec_driver_sql(
+        f"CREATE INDEX ix_{sync_stage_diff.name} ON {sync_stage_diff.name} (destination_id, value, user_id)"
+    )
     state.commit()
     try:
         with _query_failures(audience):
@@ -190,8 +197,9 @@ DEDUPLICATE = {
 
 
 def drop_stage(state: sa.Connection) -> None:
-    """Drop this connection's staged members (a temporary table), if any."""
-    state.exec_driver_sql(f"DROP TABLE IF EXISTS {sync_stage.name}")
+    """Drop this connection's staged members and diffs (temporary tables), if any."""
+    for table in (sync_stage, sync_stage_diff):
+        state.exec_driver_sql(f"DROP TABLE IF EXISTS {table.name}")
 
 
 @contextmanager

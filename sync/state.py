@@ -21,6 +21,7 @@ from sync.tables import (
     sync_rejections,
     sync_runs,
     sync_stage,
+    sync_stage_diff,
     sync_state,
     upsertable_insert,
 )
@@ -42,20 +43,35 @@ _EXITS = f"""
       AND NOT EXISTS (SELECT 1 FROM {sync_stage.name} m WHERE m.user_id = s.user_id)
 """
 
-PAGE = 10_000  # rows per diff query: few queries per audience, memory flat (a few MB a page)
-STAGED_PAGE = 2_000  # without history a page is a plain keyset scan, which is cheaper in small pages
+PAGE = 2_000  # rows per page: each page is a keyset range of one indexed table; small pages are cheaper
 
-ENTRIES = sa.text(
-    "SELECT m.user_id, m.traits, s.changes, s.remote_id, s.remote_active"
+# A connection's diff, written once per run: one evaluation of both anti-joins (paging them directly
+# re-evaluated the joins over the rest of the range for every page).
+DIFF = sa.text(
+    f"INSERT INTO {sync_stage_diff.name}"
+    " SELECT :destination_id, true, m.user_id, m.traits, s.changes, s.remote_id, s.remote_active"
     + _ENTRIES
-    + " AND m.user_id > :after ORDER BY m.user_id LIMIT :limit"
+    + " UNION ALL SELECT :destination_id, false, s.user_id, s.traits, s.changes, s.remote_id, s.remote_active"
+    + _EXITS
 )
 
-EXITS = sa.text(
-    "SELECT s.user_id, s.traits, s.changes, s.remote_id, s.remote_active"
-    + _EXITS
-    + " AND s.user_id > :after ORDER BY s.user_id LIMIT :limit"
+DIFF_PAGE = sa.text(
+    f"SELECT user_id, traits, changes, remote_id, remote_active FROM {sync_stage_diff.name}"
+    " WHERE destination_id = :destination_id AND value = :value AND user_id > :after"
+    " ORDER BY user_id LIMIT :limit"
 )
+
+DIFF_COUNTS = sa.text(f"""
+    SELECT
+      (SELECT count(*) FROM {sync_stage.name}) AS members,
+      (SELECT count(*) FROM sync_state s
+       WHERE s.audience_id = :audience_id AND s.destination_id = :destination_id AND s.member = true
+      ) AS accepted_members,
+      (SELECT count(*) FROM {sync_stage_diff.name} WHERE destination_id = :destination_id AND value = true
+      ) AS entries,
+      (SELECT count(*) FROM {sync_stage_diff.name} WHERE destination_id = :destination_id AND value = false
+      ) AS exits
+""")
 
 # A connection without history (its initial sync): every staged member is an entry, nothing is an exit.
 STAGED = sa.text(
@@ -63,7 +79,6 @@ STAGED = sa.text(
     " WHERE m.user_id > :after ORDER BY m.user_id LIMIT :limit"
 )
 
-_OF_CONNECTION = "WHERE audience_id = :audience_id AND destination_id = :destination_id"
 # `initial --resend`: every staged member is an entry again, nothing is an exit, accepted changes still count.
 RESENT = sa.text(
     "SELECT m.user_id, m.traits, s.changes, s.remote_id, s.remote_active"
@@ -72,31 +87,11 @@ RESENT = sa.text(
     " WHERE m.user_id > :after ORDER BY m.user_id LIMIT :limit"
 )
 
+_OF_CONNECTION = "WHERE audience_id = :audience_id AND destination_id = :destination_id"
 HISTORY = sa.text(
     f"SELECT EXISTS (SELECT 1 FROM sync_state {_OF_CONNECTION})"
     f" OR EXISTS (SELECT 1 FROM sync_rejections {_OF_CONNECTION})"
 )
-
-# The counts from one join instead of the diff's two anti-joins: entries = members - kept - rejected_again,
-# exits = accepted_members - kept (staged user ids are unique, and so are a connection's state rows).
-COUNTS = sa.text(f"""
-    SELECT
-      (SELECT count(*) FROM {sync_stage.name}) AS members,
-      (SELECT count(*) FROM sync_state s
-       WHERE s.audience_id = :audience_id AND s.destination_id = :destination_id AND s.member = true
-      ) AS accepted_members,
-      (SELECT count(*) FROM sync_state s JOIN {sync_stage.name} m ON m.user_id = s.user_id
-       WHERE s.audience_id = :audience_id AND s.destination_id = :destination_id AND s.member = true
-      ) AS kept,
-      (SELECT count(*) FROM sync_rejections r JOIN {sync_stage.name} m ON m.user_id = r.user_id
-       WHERE r.audience_id = :audience_id AND r.destination_id = :destination_id
-         AND r.value = true AND r.traits = m.traits
-         AND NOT EXISTS (
-           SELECT 1 FROM sync_state s
-           WHERE s.audience_id = :audience_id AND s.destination_id = :destination_id
-             AND s.user_id = r.user_id AND s.member = true)
-      ) AS rejected_again
-""")
 
 
 class SharedReads:
@@ -112,10 +107,13 @@ class SharedReads:
         self.lock = threading.Lock()
 
     @contextmanager
-    def turn(self) -> Iterator[sa.Connection]:
+    def turn(self, writes: bool = False) -> Iterator[sa.Connection]:
+        """The connection, alone; committed after the turn when it `writes` (temporary tables only)."""
         with self.lock:
             try:
                 yield self.conn
+                if writes and not self.keep_transaction:
+                    self.conn.commit()
             finally:
                 if not self.keep_transaction:
                     self.conn.rollback()
@@ -131,11 +129,11 @@ class Counts(NamedTuple):
 class Diff:
     """One connection's pending changes in a run: the staged members against what the destination accepted.
 
-    Whether the connection has any history (accepted or rejected users) is read once, when the run
-    starts: without one, every staged member is an entry, read without joining the state tables (users
-    this run records are behind the keyset by then, and none of them is an exit). With `resend`, every
-    staged member is an entry, whatever was accepted or rejected (a dry run previews `initial --resend`
-    this way, without writing).
+    Computed once, when the connection's run starts, into `sync_stage_diff`; what the run then records
+    does not change it. A connection without history (nothing accepted or rejected: its initial sync)
+    skips that: every staged member is an entry, read from the staged members directly. With `resend`,
+    every staged member is an entry, whatever was accepted or rejected (a dry run previews
+    `initial --resend` this way, without writing).
     """
 
     def __init__(
@@ -144,8 +142,11 @@ class Diff:
         self.reads = reads
         self.ids = {"audience_id": audience_id, "destination_id": destination_id}
         self.resend = resend
-        with reads.turn() as conn:
+        with reads.turn(writes=True) as conn:
             self.fresh = not conn.execute(HISTORY, self.ids).scalar()
+            conn.execute(sa.delete(sync_stage_diff).where(sync_stage_diff.c.destination_id == destination_id))
+            if not (self.fresh or resend):
+                conn.execute(DIFF, self.ids)
 
     def counts(self) -> Counts:
         """members, accepted_members, entries and exits (mass-exit guard, progress)."""
@@ -153,8 +154,7 @@ class Diff:
             if self.fresh or self.resend:
                 members = conn.scalar(sa.select(sa.func.count()).select_from(sync_stage)) or 0
                 return Counts(members, 0, members, 0)
-            members, accepted, kept, rejected_again = conn.execute(COUNTS, self.ids).one()
-            return Counts(members, accepted, members - kept - rejected_again, accepted - kept)
+            return Counts(*conn.execute(DIFF_COUNTS, self.ids).one())
 
     def page(self, value: bool, after: str, limit: int) -> list[tuple[Any, ...]]:
         """The next page of entries (value True) or exits (False) after user id `after`, as the driver's rows.
@@ -163,11 +163,9 @@ class Diff:
         """
         if (self.fresh or self.resend) and not value:
             return []
-        statement = (STAGED if self.fresh else RESENT if self.resend else ENTRIES) if value else EXITS
-        with (
-            self.reads.turn() as conn,
-            conn.execute(statement, {**self.ids, "after": after, "limit": limit}) as result,
-        ):
+        statement = STAGED if self.fresh else RESENT if self.resend else DIFF_PAGE
+        params = {**self.ids, "value": value, "after": after, "limit": limit}
+        with self.reads.turn() as conn, conn.execute(statement, params) as result:
             return list(result.cursor.fetchall())
 
     def changes(self, rows: list[tuple[Any, ...]], value: bool) -> list[Change]:
@@ -186,12 +184,12 @@ class Diff:
         between batches. A page's rows become `Change`s a batch at a time: built a page at a time, they
         outlive the young garbage-collector generations and trigger full collections (about 1 s at 1M rows).
         """
-        after, limit = "", max(size, STAGED_PAGE if self.fresh else PAGE)
+        after, limit = "", max(size, PAGE)
         while True:
             page = self.page(value, after, limit)
             for start in range(0, len(page), size):
                 yield self.changes(page[start : start + size], value)
-            if len(page) < limit:  # the last page: asking again would evaluate the rest of the diff once more
+            if len(page) < limit:
                 return
             after = page[-1][0]
 

@@ -172,6 +172,20 @@ sync_stage = sa.Table(
     sa.Column("traits", sa.Text),
 )
 
+# Per database connection, temporary, next to `sync_stage`: each connection's diff of the run (value true:
+# an entry, false: an exit), written once by `state.Diff` and read in pages.
+sync_stage_diff = sa.Table(
+    "sync_stage_diff",
+    sa.MetaData(),
+    sa.Column("destination_id", sa.Integer),
+    sa.Column("value", sa.Boolean),
+    sa.Column("user_id", sa.Text),
+    sa.Column("traits", sa.Text),
+    sa.Column("changes", sa.Integer),
+    sa.Column("remote_id", sa.Text),
+    sa.Column("remote_active", sa.Boolean),
+)
+
 
 def destination_columns() -> list[sa.ColumnElement[Any]]:
     """The `destinations` columns with settings as raw text: a malformed JSON row must not break the query."""
