@@ -147,13 +147,6 @@ def stage_members(state: sa.Connection, source: sa.Engine, audience: Audience, t
     state.commit()
     drop_stage(state)
     state.exec_driver_sql(f"CREATE TEMPORARY TABLE {sync_stage.name} (user_id TEXT, traits TEXT)")
-    state.exec_driver_sql(
-        f"CREATE TEMPORARY TABLE {sync_stage_diff.name} (destination_id INTEGER, value BOOLEAN, user_id TEXT,"
-        " traits TEXT, changes INTEGER, remote_id TEXT, remote_active BOOLEAN)"
-    )
-    state.exec_driver_sql(
-        f"CREATE INDEX ix_{sync_stage_diff.name} ON {sync_stage_diff.name} (destination_id, value, user_id)"
-    )
     state.commit()
     try:
         with _query_failures(audience):

@@ -1,8 +1,9 @@
 """Sync state in the state database: the diff, acceptances, rejections, run history and leases.
 
 The diff is set-based SQL: anti-joins between the run's staged members (`sync_stage_members`, a
-temporary table of the connection that staged them) and `sync_state`, read in keyset pages so memory
-does not grow with the audience.
+temporary table of the connection that staged them) and `sync_state`, written once per connection and
+run into another temporary table (`sync_stage_diff`) and read from it in keyset pages, so memory does
+not grow with the audience.
 """
 
 import threading
@@ -55,10 +56,26 @@ DIFF = sa.text(
     + _EXITS
 )
 
-DIFF_PAGE = sa.text(
+DIFF_TABLE = (
+    f"CREATE TEMPORARY TABLE IF NOT EXISTS {sync_stage_diff.name} (destination_id INTEGER, value BOOLEAN,"
+    " user_id TEXT, traits TEXT, changes INTEGER, remote_id TEXT, remote_active BOOLEAN)",
+    f"CREATE INDEX IF NOT EXISTS ix_{sync_stage_diff.name} ON {sync_stage_diff.name}"
+    " (destination_id, value, user_id)",
+)
+
+ENTRIES_PAGE = sa.text(
     f"SELECT user_id, traits, changes, remote_id, remote_active FROM {sync_stage_diff.name}"
-    " WHERE destination_id = :destination_id AND value = :value AND user_id > :after"
+    " WHERE destination_id = :destination_id AND value = true AND user_id > :after"
     " ORDER BY user_id LIMIT :limit"
+)
+
+# An exit is read with the user's state as it is now: `forget` may have removed the user meanwhile.
+EXITS_PAGE = sa.text(
+    f"SELECT s.user_id, s.traits, s.changes, s.remote_id, s.remote_active FROM {sync_stage_diff.name} d"
+    " JOIN sync_state s ON s.audience_id = :audience_id AND s.destination_id = :destination_id"
+    "   AND s.user_id = d.user_id AND s.member = true"
+    " WHERE d.destination_id = :destination_id AND d.value = false AND d.user_id > :after"
+    " ORDER BY d.user_id LIMIT :limit"
 )
 
 DIFF_COUNTS = sa.text(f"""
@@ -142,8 +159,12 @@ class Diff:
         self.reads = reads
         self.ids = {"audience_id": audience_id, "destination_id": destination_id}
         self.resend = resend
+        # In a dry run (`keep_transaction`) this write stays uncommitted until the run rolls back; it
+        # takes no lock on the state database (a temporary table), but holds its snapshot meanwhile.
         with reads.turn(writes=True) as conn:
             self.fresh = not conn.execute(HISTORY, self.ids).scalar()
+            for statement in DIFF_TABLE:
+                conn.exec_driver_sql(statement)
             conn.execute(sa.delete(sync_stage_diff).where(sync_stage_diff.c.destination_id == destination_id))
             if not (self.fresh or resend):
                 conn.execute(DIFF, self.ids)
@@ -163,8 +184,8 @@ class Diff:
         """
         if (self.fresh or self.resend) and not value:
             return []
-        statement = STAGED if self.fresh else RESENT if self.resend else DIFF_PAGE
-        params = {**self.ids, "value": value, "after": after, "limit": limit}
+        statement = STAGED if self.fresh else RESENT if self.resend else ENTRIES_PAGE if value else EXITS_PAGE
+        params = {**self.ids, "after": after, "limit": limit}
         with self.reads.turn() as conn, conn.execute(statement, params) as result:
             return list(result.cursor.fetchall())
 

@@ -219,6 +219,22 @@ def test_duplicate_user_ids_collapse_and_are_counted(
         assert members["u1"]["email"] in {"u1@example.com", "second@x", "third@x"}
 
 
+def test_nulls_and_duplicates_in_one_query_are_counted_apart(
+    engine: sa.Engine, config: Config, customers: Customers
+) -> None:
+    customers.add("u1", "u2")
+    config.sql(
+        "INSERT INTO customers (user_id, email, segment) VALUES"
+        " ('u1', 'again@x', 'vip'), (NULL, 'a@x', 'vip'), ('', 'b@x', 'vip'), (NULL, 'c@x', 'vip')"
+    )
+    audience = the_audience(config, "VIP", "SELECT user_id, email FROM customers")
+
+    staged, members = stage(engine, audience)
+
+    assert staged == Staged(members=2, null_user_ids=3, duplicate_user_ids=1)  # '' counts as no user id
+    assert set(members) == {"u1", "u2"}
+
+
 def test_a_query_without_user_id_raises_naming_the_audience(
     engine: sa.Engine, config: Config, customers: Customers
 ) -> None:

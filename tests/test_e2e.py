@@ -172,6 +172,16 @@ def test_dry_run_prints_changes_and_changes_nothing(
         again = run_cli(state_url, "run", "--dry-run")
         assert again.returncode == 0 and again.stdout == ""
 
+        customers.add("u3")  # a connection with history: its diff is written to a temporary table only
+        dump = "SELECT * FROM sync_state ORDER BY destination_id, user_id"
+        before = config.sql(dump), config.sql("SELECT * FROM sync_connections ORDER BY destination_id")
+        third = run_cli(state_url, "run", "--dry-run")
+        assert third.returncode == 0 and len(third.stdout.splitlines()) == 2  # u3 at both destinations
+        assert (
+            config.sql(dump),
+            config.sql("SELECT * FROM sync_connections ORDER BY destination_id"),
+        ) == before
+
 
 def test_mass_exit_is_held_until_allowed(state_url: str, config: Config, customers: Customers) -> None:
     users = [f"u{i:03d}" for i in range(150)]

@@ -33,18 +33,22 @@ class Sync:
     def stage(self) -> Staged:
         return stage_members(self.members, self.engine, self.audience, 10.0)
 
-    def pending(self, value: bool, after: str = "", limit: int = 1000) -> list[Change]:
-        diff = self.diff()
+    def pending(
+        self, value: bool, after: str = "", limit: int = 1000, diff: state.Diff | None = None
+    ) -> list[Change]:
+        """A page of a run's diff (`diff`, or a new run's)."""
+        diff = diff or self.diff()
         return diff.changes(diff.page(value, after=after, limit=limit), value)
 
-    def diff(self) -> state.Diff:
-        return state.Diff(state.SharedReads(self.members), self.audience.id, self.destination_id)
+    def diff(self, resend: bool = False) -> state.Diff:
+        """The diff a run computes when it starts."""
+        return state.Diff(state.SharedReads(self.members), self.audience.id, self.destination_id, resend)
 
     def all_pending(self, value: bool, limit: int = 1000) -> list[Change]:
-        """Every page, keyset by keyset."""
+        """Every page of one run's diff, keyset by keyset."""
         changes: list[Change] = []
-        after = ""
-        while page := self.pending(value, after=after, limit=limit):
+        after, diff = "", self.diff()
+        while page := self.pending(value, after=after, limit=limit, diff=diff):
             assert len(page) <= limit
             changes += page
             after = page[-1].user_id
@@ -55,9 +59,10 @@ class Sync:
             state.record(conn, self.audience.id, self.destination_id, list(outcomes), now)
 
     def accept_all(self, limit: int = 1000) -> None:
+        diff = self.diff()  # one run: each page accepted before the next is read
         for value in (True, False):
             after = ""
-            while page := self.pending(value, after=after, limit=limit):
+            while page := self.pending(value, after=after, limit=limit, diff=diff):
                 self.record(accepted(change) for change in page)
                 after = page[-1].user_id
 
@@ -298,8 +303,8 @@ def test_keyset_paging_returns_every_change_exactly_once(sync: Sync, customers: 
     # Accepting each page before asking for the next one (as a run does) loses and repeats nothing.
     seen: list[str] = []
     taken: list[str] = []
-    after = ""
-    while page := sync.pending(True, after=after, limit=5):
+    after, diff = "", sync.diff()
+    while page := sync.pending(True, after=after, limit=5, diff=diff):
         seen += ids(page)
         taken += ids(page[::2])  # about half accepted, the rest still pending
         sync.record(accepted(change) for change in page[::2])
@@ -334,9 +339,46 @@ def test_batches_over_several_pages_hold_every_change_once(
         sync.record(accepted(change) for change in batch)
 
     assert ids(change for batch in batches for change in batch) == USERS
-    assert list(diff.batches(False, 3)) == []  # what this run accepted is not an exit
+    assert list(diff.batches(False, 3)) == []
+    assert sync.pending(True) == [] and sync.pending(False) == []  # the next run: all accepted, no exit
     pages = [page] * (len(USERS) // page) + ([len(USERS) % page] if len(USERS) % page else [])
     assert [len(batch) for batch in batches] == [min(3, n - i) for n in pages for i in range(0, n, 3)]
+
+
+def test_a_user_forgotten_during_a_run_gets_no_exit(sync: Sync, customers: Customers) -> None:
+    customers.add("u1", "u2")
+    sync.stage()
+    sync.accept_all()
+    customers.move("u1", "u2", segment="other")
+    sync.stage()
+    diff = sync.diff()  # the run starts: u1 and u2 are exits
+    with sync.engine.begin() as conn:  # as `audience-sync forget u1` does, meanwhile
+        conn.execute(sa.delete(sync_state).where(sync_state.c.user_id == "u1"))
+
+    assert ids(change for batch in diff.batches(False, 10) for change in batch) == ["u2"]
+
+
+def test_remote_ids_reach_exits_and_resends(sync: Sync, customers: Customers) -> None:
+    """Refersion's affiliate id and active flag, as accepted, are what an exit or a resend works with."""
+    customers.add("u1", "u2")
+    sync.stage()
+    [first, second] = sync.pending(True)
+    sync.record(
+        [accepted(first, remote_id="aff-1"), accepted(second, remote_id="aff-2", remote_active=False)]
+    )
+    resent = by_user(sync.pending(True, diff=sync.diff(resend=True)))
+    assert [(c.remote_id, c.remote_active, c.changes) for c in resent.values()] == [
+        ("aff-1", True, 1),
+        ("aff-2", False, 1),
+    ]
+
+    customers.move("u1", "u2", segment="other")
+    sync.stage()
+    exits = by_user(sync.all_pending(False))
+    assert [(c.remote_id, c.remote_active, c.changes) for c in exits.values()] == [
+        ("aff-1", True, 1),
+        ("aff-2", False, 1),
+    ]
 
 
 def test_counts(sync: Sync, customers: Customers) -> None:
