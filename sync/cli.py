@@ -1,8 +1,10 @@
 """The `audience-sync` command line: the only module that parses argv."""
 
 import argparse
+import ctypes
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -73,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "daemon":
+        _one_malloc_arena()
     try:
         settings = Settings.from_env()
         logs.configure(settings.log_format)
@@ -97,6 +101,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SyncError as exc:
         print(f"audience-sync: {exc}", file=sys.stderr)
         return 2
+
+
+def _one_malloc_arena() -> None:
+    """On glibc, keep the daemon's malloc to one arena (as MALLOC_ARENA_MAX=1); call before threads start.
+
+    glibc gives threads up to 8 arenas per CPU. The daemon's threads (the scheduler's, each run's connection
+    and lease threads, the senders') take turns on the same pooled connections and caches, so memory freed
+    in one arena is not reused by an allocation in another: with the heap in use flat, the daemon's RSS grew
+    by about 0.4 MiB a minute in benchmarks/soak.py. With one arena the growth is a fifth of that.
+    """
+    try:
+        glibc = (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
+    except (AttributeError, ValueError, OSError):  # not a POSIX system, or no such name
+        glibc = False
+    if glibc:
+        m_arena_max = -8  # malloc.h
+        ctypes.CDLL(None).mallopt(m_arena_max, 1)
 
 
 def _source(engine: sa.Engine, settings: Settings) -> sa.Engine:
