@@ -168,6 +168,8 @@ class Diff:
             conn.execute(sa.delete(sync_stage_diff).where(sync_stage_diff.c.destination_id == destination_id))
             if not (self.fresh or resend):
                 conn.execute(DIFF, self.ids)
+                if conn.dialect.name == "postgresql":  # else it plans exits' pages for a dozen rows
+                    conn.exec_driver_sql(f"ANALYZE {sync_stage_diff.name}")
 
     def counts(self) -> Counts:
         """members, accepted_members, entries and exits (mass-exit guard, progress)."""
