@@ -109,7 +109,7 @@ def _one_malloc_arena() -> None:
     glibc gives threads up to 8 arenas per CPU. The daemon's threads (the scheduler's, each run's connection
     and lease threads, the senders') take turns on the same pooled connections and caches, so memory freed
     in one arena is not reused by an allocation in another: with the heap in use flat, the daemon's RSS grew
-    by about 0.4 MiB a minute in benchmarks/soak.py. With one arena the growth is a fifth of that.
+    by about 0.4 MiB a minute in benchmarks/soak.py. With one arena it grows a third as fast.
     """
     try:
         glibc = (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
