@@ -56,13 +56,6 @@ DIFF = sa.text(
     + _EXITS
 )
 
-DIFF_TABLE = (
-    f"CREATE TEMPORARY TABLE IF NOT EXISTS {sync_stage_diff.name} (destination_id INTEGER, value BOOLEAN,"
-    " user_id TEXT, traits TEXT, changes INTEGER, remote_id TEXT, remote_active BOOLEAN)",
-    f"CREATE INDEX IF NOT EXISTS ix_{sync_stage_diff.name} ON {sync_stage_diff.name}"
-    " (destination_id, value, user_id)",
-)
-
 ENTRIES_PAGE = sa.text(
     f"SELECT user_id, traits, changes, remote_id, remote_active FROM {sync_stage_diff.name}"
     " WHERE destination_id = :destination_id AND value = true AND user_id > :after"
@@ -163,8 +156,9 @@ class Diff:
         # takes no lock on the state database (a temporary table), but holds its snapshot meanwhile.
         with reads.turn(writes=True) as conn:
             self.fresh = not conn.execute(HISTORY, self.ids).scalar()
-            for statement in DIFF_TABLE:
-                conn.exec_driver_sql(statement)
+            conn.execute(sa.schema.CreateTable(sync_stage_diff, if_not_exists=True))
+            for index in sync_stage_diff.indexes:
+                conn.execute(sa.schema.CreateIndex(index, if_not_exists=True))
             conn.execute(sa.delete(sync_stage_diff).where(sync_stage_diff.c.destination_id == destination_id))
             if not (self.fresh or resend):
                 conn.execute(DIFF, self.ids)

@@ -184,6 +184,8 @@ sync_stage_diff = sa.Table(
     sa.Column("changes", sa.Integer),
     sa.Column("remote_id", sa.Text),
     sa.Column("remote_active", sa.Boolean),
+    sa.Index("ix_sync_stage_diff", "destination_id", "value", "user_id"),
+    prefixes=["TEMPORARY"],
 )
 
 
