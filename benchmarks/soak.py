@@ -3,14 +3,16 @@
     .venv/bin/python benchmarks/soak.py --seconds 120 [--audiences 50] [--backend sqlite|postgres]
 
 Reports cycles run, overlapping runs of one audience (must be 0), changes lost (must be 0), duplicate
-deliveries (same messageId accepted twice; only a crash may cause them) and the daemon's RSS at start and end,
-every 30 s in between, and its growth a minute after the first 3 minutes of warm-up.
+deliveries (same messageId accepted twice; only a crash may cause them) and the daemon's RSS every 30 s.
+After 3 minutes of warm-up, the median RSS of the last quarter of the run must not exceed that of the first
+quarter by more than 2% (must not grow); runs shorter than 7 minutes are too short to judge it.
 Exits 1 when a "must" fails. Every request goes to loopback servers this script starts; it stops by itself.
 """
 
 import argparse
 import random
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,6 +31,7 @@ from tests.servers import SegmentServer  # noqa: E402
 COMMAND = str(Path(sys.executable).with_name("audience-sync"))
 POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 WARM_UP = 6  # samples (of 30 s) before the daemon's RSS is taken as steady
+RSS_TOLERANCE = 1.02  # the last quarter's median RSS over the first's
 
 
 def rss_kib(pid: int) -> int:
@@ -118,6 +121,7 @@ def soak(
     while time.monotonic() < deadline:  # churn: a few users enter or leave some audience every second
         if len(samples) * 30 <= args.seconds - (deadline - time.monotonic()):
             samples.append(rss_kib(daemon.pid))
+            print(f"{len(samples) / 2 - 0.5:6.1f} min  RSS {samples[-1] / 1024:.1f} MiB", flush=True)
         with engine.begin() as conn:
             for _ in range(5):
                 n, user = rng.randrange(args.audiences), f"u{rng.randrange(args.users)}"
@@ -160,14 +164,26 @@ def soak(
     print(
         f"daemon RSS start {rss_start / 1024:.1f} MiB  end {rss_end / 1024:.1f} MiB  exit {daemon.returncode}"
     )
-    print("daemon RSS every 30 s (MiB): " + " ".join(f"{kib / 1024:.1f}" for kib in samples))
-    if len(samples) > WARM_UP + 2:  # the first minutes fill caches and pools; steady growth is what matters
-        after, minutes = samples[WARM_UP], (len(samples) - 1 - WARM_UP) / 2
+    rss_grew = rss_growth(samples)
+    return 0 if overlaps == 0 and lost == 0 and not rss_grew and daemon.returncode == 0 else 1
+
+
+def rss_growth(samples: list[int]) -> bool:
+    """Print the RSS of the first and last quarter after warm-up; whether it grew past the tolerance."""
+    steady = samples[WARM_UP:]
+    if len(steady) < 8:
+        print(f"RSS: {len(samples)} samples, too few after the warm-up ({WARM_UP * 30} s) to judge growth")
+        return False
+    quarter = len(steady) // 4
+    first, last = steady[:quarter], steady[-quarter:]
+    grew = statistics.median(last) > statistics.median(first) * RSS_TOLERANCE
+    for name, window in (("first", first), ("last", last)):
         print(
-            f"after warm-up ({WARM_UP * 30} s): {after / 1024:.1f} MiB -> {samples[-1] / 1024:.1f} MiB, "
-            f"{(samples[-1] - after) / minutes:+.0f} KiB a minute"
+            f"RSS {name} quarter after warm-up: median {statistics.median(window) / 1024:.1f} MiB"
+            f"  peak {max(window) / 1024:.1f} MiB"
         )
-    return 0 if overlaps == 0 and lost == 0 and daemon.returncode == 0 else 1
+    print(f"RSS {'grew' if grew else 'did not grow'} (must not grow by more than {RSS_TOLERANCE - 1:.0%})")
+    return grew
 
 
 if __name__ == "__main__":
