@@ -361,7 +361,8 @@ class Runner:
         if delivery and delivery.stopped:
             error = f"{delivery.stopped}; {counts['failed']} changes stay pending for the next run"
         elif counts["failed"]:
-            error = f"{counts['failed']} changes were not accepted; they stay pending for the next run"
+            failed = "1 change was" if counts["failed"] == 1 else f"{counts['failed']} changes were"
+            error = f"{failed} not accepted and will be sent again on the next run"
         if not error and not options.dry_run:
             state.complete_initial(conn, audience.id, connection.destination_id, self.now())
         return self._finish(

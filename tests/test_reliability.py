@@ -325,20 +325,25 @@ def test_fault_matrix_every_change_accepted_once(
         assert everflow.accepted == {(f"tid-{u}", "7"): 1 for u in users}
 
 
+def _connect_refersion(config: Config, refersion: RefersionServer, **settings: str) -> None:
+    """The VIP audience to a Refersion destination that tries each request once."""
+    config.connect(
+        config.audience("VIP", Customers.QUERY),
+        config.destination(
+            "Refersion",
+            "refersion",
+            {"api_base": refersion.url + "/v2", "max_attempts": 1, **settings},
+            api_key="pub.sec",
+        ),
+    )
+
+
 def test_refersion_answering_garbage_is_not_taken_for_acceptance(
     state_url: str, config: Config, customers: Customers
 ) -> None:
     customers.add("u1", "u2", "u3")
     with RefersionServer() as refersion:
-        config.connect(
-            config.audience("VIP", Customers.QUERY),
-            config.destination(
-                "Refersion",
-                "refersion",
-                {"api_base": refersion.url + "/v2", "max_attempts": 1},
-                api_key="pub.sec",
-            ),
-        )
+        _connect_refersion(config, refersion)
         refersion.fault(200, body="<html><body>502 Bad Gateway</body></html>", times=2)
         first = run_cli(state_url, "run")
         assert first.returncode == 1
@@ -348,3 +353,36 @@ def test_refersion_answering_garbage_is_not_taken_for_acceptance(
         created = Counter(a["unique_merchant_id"] for a in refersion.affiliates.values())
         assert created == {"u1": 1, "u2": 1, "u3": 1}
         assert config.sql("SELECT count(*) FROM sync_state WHERE remote_id IS NOT NULL")[0][0] == 3
+
+
+def test_refersion_ids_not_changed_stays_pending_until_refersion_changes_it(
+    state_url: str, config: Config, customers: Customers
+) -> None:
+    customers.add("u1", "u2", "u3")
+    with RefersionServer() as refersion:
+        _connect_refersion(config, refersion, on_exit="disable")
+        assert run_cli(state_url, "run").returncode == 0
+        ids = {a["unique_merchant_id"]: affiliate_id for affiliate_id, a in refersion.affiliates.items()}
+        customers.move("u1", "u2", segment="churned")
+        refersion.not_changeable.add(ids["u2"])
+
+        stuck = run_cli(state_url, "run")
+        assert stuck.returncode == 1
+        assert "1 change was not accepted" in stuck.stderr and "Traceback" not in stuck.stderr
+        members = dict(config.sql("SELECT user_id, member FROM sync_state"))
+        assert members == {"u1": False, "u2": True, "u3": True}  # u2's exit is still to be delivered
+
+        refersion.not_changeable.clear()
+        again = run_cli(state_url, "run")
+        assert again.returncode == 0, again.stderr
+        assert dict(config.sql("SELECT user_id, member FROM sync_state")) == {
+            "u1": False,
+            "u2": False,
+            "u3": True,
+        }
+        # server-side: each affiliate created once and disabled once, u2 only when Refersion changed it
+        assert refersion.accepted == {
+            **{(u, "new"): 1 for u in ("u1", "u2", "u3")},
+            (ids["u1"], "DISABLED"): 1,
+            (ids["u2"], "DISABLED"): 1,
+        }
