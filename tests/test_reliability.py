@@ -140,8 +140,9 @@ def test_sigkill_mid_delivery_loses_nothing_and_resends_only_what_was_in_flight(
 
 @pytest.mark.postgres
 @pytest.mark.parametrize("backend", ["postgres"], indirect=True)
-def test_three_daemons_and_a_run_share_the_work_without_overlap(
-    state_url: str, config: Config, customers: Customers
+@pytest.mark.parametrize("daemon_count", [2, 3])
+def test_daemons_and_a_run_share_the_work_without_overlap(
+    state_url: str, config: Config, customers: Customers, daemon_count: int
 ) -> None:
     customers.add(*[f"u{i:02d}" for i in range(20)])
     with SegmentServer(api_key="k", delay=0.01) as segment:
@@ -152,7 +153,7 @@ def test_three_daemons_and_a_run_share_the_work_without_overlap(
         for audience in audiences:
             config.connect(audience, destination)
         env = {"SYNC_INTERVAL": "1s", "SYNC_RELOAD_INTERVAL": "1s", "SYNC_LOG_FORMAT": "json"}
-        daemons = [start_cli(state_url, "daemon", env=env) for _ in range(3)]
+        daemons = [start_cli(state_url, "daemon", env=env) for _ in range(daemon_count)]
         try:
             manual = run_cli(state_url, "run", env=env)
             assert manual.returncode in (0, 1)  # 1: some audiences were busy in a daemon, and it says so
