@@ -1,6 +1,8 @@
 """Engines for the state and source databases, and the schema (Alembic) check and upgrade."""
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,22 +71,26 @@ def alembic_config(url: str) -> Config:
     return config
 
 
+@contextlib.contextmanager
+def _reaching(url: str) -> Iterator[None]:
+    """A database that is down, refuses us or is not a database (a SQLite file of garbage) in one line."""
+    try:
+        yield
+    except sa.exc.DatabaseError as exc:
+        raise StateError(f"cannot reach the state database ({describe(url)}): {exc.orig}") from None
+
+
 def upgrade(url: str) -> None:
     """Bring the state database to the newest schema."""
-    try:
+    with _reaching(url):
         command.upgrade(alembic_config(url), "head")
-    except sa.exc.OperationalError as exc:
-        raise StateError(f"cannot reach the state database ({describe(url)}): {exc.orig}") from None
 
 
 def check_migrated(engine: sa.Engine, url: str) -> None:
     """Fail clearly when the state database is unreachable or behind the code's schema."""
     head = ScriptDirectory.from_config(alembic_config(url)).get_current_head()
-    try:
-        with engine.connect() as conn:
-            current = MigrationContext.configure(conn).get_current_revision()
-    except sa.exc.OperationalError as exc:
-        raise StateError(f"cannot reach the state database ({describe(url)}): {exc.orig}") from None
+    with _reaching(url), engine.connect() as conn:
+        current = MigrationContext.configure(conn).get_current_revision()
     if current != head:
         state = "is not migrated" if current is None else f"is at revision {current}, not {head}"
         raise StateError(f"the state database ({describe(url)}) {state}: run `audience-sync db upgrade`")

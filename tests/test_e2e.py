@@ -224,7 +224,7 @@ def test_invalid_rows_are_named_and_do_not_stop_others(
         assert everflow.accepted == {("tid-u1", "7"): 1}
 
 
-def test_unmigrated_database_and_bad_settings_exit_2(tmp_path: Path) -> None:
+def test_unmigrated_or_garbage_database_and_bad_settings_exit_2(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'fresh.db'}"
     unmigrated = run_cli(url, "run")
     assert unmigrated.returncode == 2
@@ -233,6 +233,14 @@ def test_unmigrated_database_and_bad_settings_exit_2(tmp_path: Path) -> None:
     bad_interval = run_cli(url, "run", env={"SYNC_INTERVAL": "often"})
     assert bad_interval.returncode == 2
     assert "SYNC_INTERVAL: 'often' is not a duration" in bad_interval.stderr
+    (tmp_path / "garbage.db").write_bytes(bytes(range(256)) * 20)
+    garbage = f"sqlite:///{tmp_path / 'garbage.db'}"
+    for command in (("run",), ("status",), ("db", "upgrade")):
+        not_a_database = run_cli(garbage, *command)
+        assert not_a_database.returncode == 2, command
+        assert "cannot reach the state database (sqlite file" in not_a_database.stderr, command
+        assert "file is not a database" in not_a_database.stderr, command
+        assert "Traceback" not in not_a_database.stderr, command
     assert "Traceback" not in bad_interval.stderr + unmigrated.stderr
 
 
