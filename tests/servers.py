@@ -1,8 +1,9 @@
 """Loopback HTTP servers that behave like the destination APIs, for unit and end-to-end tests.
 
 Each server records every request, counts what it accepted, and can be made to misbehave: canned responses
-(`fault`), dropped connections (`reset_connection`), a share of 503s (`fail_ratio`), latency (`delay`) and a
-token-bucket rate limit answering 429 (`rate_limit`). They emulate only what the platforms' documentation and
+(`fault`), dropped connections (`reset_connection`), requests accepted but answered too late or not at all
+(`accept_then`), a share of 503s (`fail_ratio`), latency (`delay`) and a token-bucket rate limit answering 429
+(`rate_limit`). They emulate only what the platforms' documentation and
 section 6 of DESIGN.md state; what those leave open is kept plain.
 """
 
@@ -97,17 +98,19 @@ class _Handler(BaseHTTPRequestHandler):
             json=_parse_json(body),
             body=body,
         )
-        action, delay = fake._admit(rec)
-        if isinstance(action, str):
-            # SO_LINGER 0 makes close() send RST: the client sees "connection reset", not a clean EOF.
-            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            self.connection.close()
-            self.close_connection = True
+        action, delay, after = fake._admit(rec)
+        if action == _RESET:
+            self._reset()
             return
         fake._closing.wait(delay)
         if action is None:
             with fake._lock:
                 action = fake._handle(rec)
+            if after == _RESET:
+                self._reset()
+                return
+            fake._closing.wait(float(after))
+        assert not isinstance(action, str)
         status, data, headers = action
         self.send_response(status)
         for name, value in headers.items():
@@ -119,6 +122,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         self.end_headers()
         self.wfile.write(data)
+
+    def _reset(self) -> None:
+        # SO_LINGER 0 makes close() send RST: the client sees "connection reset", not a clean EOF.
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.connection.close()
+        self.close_connection = True
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _serve
 
@@ -139,6 +148,7 @@ class FakeServer:
         self._random = random.Random(0)
         self._faults: collections.deque[tuple[Response, float]] = collections.deque()
         self._resets = 0
+        self._after_accepting: collections.deque[float | str] = collections.deque()
         self._connections: dict[socket.socket, threading.Thread] = {}  # open connections and their handlers
         self.rate_limit = rate_limit
         self._httpd = _HTTPServer(self)
@@ -182,11 +192,18 @@ class FakeServer:
         with self._lock:
             self._resets += times
 
+    def accept_then(self, times: int = 1, *, answer_after: float | None = None) -> None:
+        """Handle the next `times` requests (what they carry is accepted), then drop the connection without
+        answering, or answer only after `answer_after` seconds: the client cannot know they were accepted."""
+        with self._lock:
+            self._after_accepting.extend([_RESET if answer_after is None else answer_after] * times)
+
     def clear_faults(self) -> None:
         """Forget queued faults and resets: the destination behaves again."""
         with self._lock:
             self._faults.clear()
             self._resets = 0
+            self._after_accepting.clear()
 
     def close(self) -> None:
         """Stop serving, end open connections and join every thread."""
@@ -213,22 +230,24 @@ class FakeServer:
         """The destination's own behaviour; called with the lock held."""
         raise NotImplementedError
 
-    def _admit(self, rec: Recorded) -> tuple[Response | str | None, float]:
-        """Record the request and pick its answer: reset, a canned response, or None (handle it normally)."""
+    def _admit(self, rec: Recorded) -> tuple[Response | str | None, float, float | str]:
+        """Record the request and pick its answer: reset, a canned response, or None (handle it normally),
+        the delay before it, and what follows handling: a reset or the seconds to wait before answering."""
         with self._lock:
             self.requests.append(rec)
             if self._resets:
                 self._resets -= 1
-                return _RESET, 0.0
+                return _RESET, 0.0, 0.0
             if self._faults:
                 response, delay = self._faults.popleft()
-                return response, delay + self.delay
+                return response, delay + self.delay, 0.0
             if not self._take_token():
                 self.throttled += 1
-                return (429, b"", {"Retry-After": "1"}), self.delay
+                return (429, b"", {"Retry-After": "1"}), self.delay, 0.0
             if self.fail_ratio and self._random.random() < self.fail_ratio:
-                return (503, b"", {}), self.delay
-            return None, self.delay
+                return (503, b"", {}), self.delay, 0.0
+            after = self._after_accepting.popleft() if self._after_accepting else 0.0
+            return None, self.delay, after
 
     def _take_token(self) -> bool:
         if self._rate_limit is None:

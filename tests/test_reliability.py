@@ -277,7 +277,11 @@ FAULTS = {
     "401 for everything": lambda s: s.fault(401, body='{"error": "Invalid API key"}', times=10_000),
     "empty 500 bodies": lambda s: s.fault(500, body=b"", times=4),
     "connection refused until it comes up": lambda s: None,  # the first run points at a closed port
+    "accepted, then the connection reset": lambda s: s.accept_then(times=3),
+    "accepted, answered after the timeout": lambda s: s.accept_then(times=3, answer_after=1.0),
 }
+# Requests the destination took without the client learning it: the only ones that may be accepted twice.
+AMBIGUOUS = {"accepted, then the connection reset": 3, "accepted, answered after the timeout": 3}
 
 
 def _closed_port() -> int:
@@ -322,8 +326,9 @@ def test_fault_matrix_every_change_accepted_once(
                 assert "connection failed (ConnectError)" in result.stderr
                 config.sql("UPDATE destinations SET settings = :s", s=json.dumps(settings))  # it came up
         assert exits[-1] == 0, exits
-        # server-side: every entry accepted, none twice (no process died, so nothing may be re-sent)
-        assert everflow.accepted == {(f"tid-{u}", "7"): 1 for u in users}
+        # server-side: every entry accepted, nothing else; twice only what was accepted but never answered
+        assert set(everflow.accepted) == {(f"tid-{u}", "7") for u in users}
+        assert sum(everflow.accepted.values()) - len(users) == AMBIGUOUS.get(fault, 0)
 
 
 def _connect_refersion(config: Config, refersion: RefersionServer, **settings: str) -> None:
@@ -387,3 +392,30 @@ def test_refersion_ids_not_changed_stays_pending_until_refersion_changes_it(
             (ids["u1"], "DISABLED"): 1,
             (ids["u2"], "DISABLED"): 1,
         }
+
+
+def test_refersion_create_accepted_but_unanswered_makes_no_second_affiliate(
+    state_url: str, config: Config, customers: Customers
+) -> None:
+    customers.add("u1", "u2")
+    with RefersionServer() as refersion:
+        _connect_refersion(config, refersion, on_exit="disable")
+        refersion.accept_then(times=1)  # the first create is made, but its answer never arrives
+        assert run_cli(state_url, "run").returncode == 1
+        again = run_cli(state_url, "run")
+        assert again.returncode == 0, again.stderr
+        assert refersion.accepted == {("u1", "new"): 1, ("u2", "new"): 1}  # the re-sent create got 422
+        assert len(refersion.affiliates) == 2
+        [(unanswered,)] = config.sql("SELECT user_id FROM sync_state WHERE remote_id IS NULL")
+
+        customers.move("u1", "u2", segment="churned")
+        run_cli(state_url, "run", "--allow-mass-exit")
+        disabled = [n for (_, status), n in refersion.accepted.items() if status == "DISABLED"]
+        assert disabled == [1]  # the affiliate whose id is known
+        assert config.sql("SELECT user_id, reason FROM sync_rejections") == [
+            (
+                unanswered,
+                "no Refersion affiliate id is known for this user (it already was an affiliate when it "
+                "entered), so it cannot be disabled",
+            )
+        ]

@@ -377,6 +377,17 @@ def test_reset_connection(everflow: EverflowServer, client: httpx.Client) -> Non
     assert everflow.accepted == {("t0", ""): 1, ("t1", ""): 1}
 
 
+def test_accept_then_reset_or_answer_late(everflow: EverflowServer, client: httpx.Client) -> None:
+    everflow.accept_then(times=1)
+    with pytest.raises(httpx.ReadError):
+        postback(client, everflow, nid="7", transaction_id="t1")
+    everflow.accept_then(times=1, answer_after=2)
+    with httpx.Client(timeout=0.2) as short, pytest.raises(httpx.ReadTimeout):
+        postback(short, everflow, nid="7", transaction_id="t2")
+    assert postback(client, everflow, nid="7", transaction_id="t3").is_success
+    assert everflow.accepted == {("t1", ""): 1, ("t2", ""): 1, ("t3", ""): 1}  # the client saw only t3's
+
+
 def test_rate_limit(client: httpx.Client) -> None:
     with EverflowServer(rate_limit=2) as server:
         responses = [postback(client, server, nid="1", transaction_id=f"t{i}") for i in range(5)]
