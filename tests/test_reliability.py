@@ -1,6 +1,7 @@
 """Delivery guarantees under crashes and concurrency, and secrets kept out of every output."""
 
 import json
+import re
 import signal
 import socket
 import time
@@ -145,9 +146,12 @@ def test_daemons_and_a_run_share_the_work_without_overlap(
     state_url: str, config: Config, customers: Customers, daemon_count: int
 ) -> None:
     customers.add(*[f"u{i:02d}" for i in range(20)])
-    with SegmentServer(api_key="k", delay=0.01) as segment:
+    with SegmentServer(api_key="k", delay=0.1) as segment:  # each audience's first run takes about 1 s
         destination = config.destination(
-            "Segment", "everflow", {"transport": "segment", "endpoint": segment.url}, api_key="k"
+            "Segment",
+            "everflow",
+            {"transport": "segment", "endpoint": segment.url, "max_in_flight": 2},
+            api_key="k",
         )
         audiences = [config.audience(f"Audience {i}", Customers.QUERY) for i in range(8)]
         for audience in audiences:
@@ -170,7 +174,7 @@ def test_daemons_and_a_run_share_the_work_without_overlap(
         finally:
             for daemon in daemons:
                 daemon.send_signal(signal.SIGTERM)
-            logs = [daemon.communicate(timeout=30)[1] for daemon in daemons]
+            logs = [daemon.communicate(timeout=30)[1] for daemon in daemons] + [manual.stderr]
         assert all(daemon.returncode == 0 for daemon in daemons), logs
         # every (audience, user) entry accepted exactly once across all processes
         per_change = Counter(
@@ -181,15 +185,16 @@ def test_daemons_and_a_run_share_the_work_without_overlap(
         for audience in audiences:
             spans = [(s, f) for a, s, f in runs if a == audience]
             assert all(f1 <= s2 for (_, f1), (s2, _) in zip(spans, spans[1:], strict=False))  # no overlap
-        workers = [
-            {
-                json.loads(line).get("message", "").split(" -> ")[0]
-                for line in log.splitlines()
-                if '"run_finished"' in line and "ok" in line
-            }
+        accepted_by_process = [
+            sum(
+                int(re.search(r"accepted=(\d+)", record["message"])[1])  # type: ignore[index]
+                for record in (json.loads(line) for line in log.splitlines() if line.startswith("{"))
+                if record.get("action") == "run_finished"
+            )
             for log in logs
         ]
-        assert sum(1 for names in workers if names) >= 2  # the work spread over several daemons
+        assert sum(accepted_by_process) == len(audiences) * 20  # what each process says it delivered
+        assert sum(1 for n in accepted_by_process if n) >= 2, accepted_by_process  # the work spread
 
 
 def test_a_second_process_says_a_run_is_in_progress(
