@@ -153,6 +153,14 @@ def config(engine: sa.Engine) -> Config:
     return Config(engine)
 
 
+# An audience query that runs for minutes on each backend, to meet SYNC_QUERY_TIMEOUT.
+SLOW_QUERY = {
+    "postgres": "SELECT user_id FROM customers, pg_sleep(300)",
+    "sqlite": "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < 1000000000) "
+    "SELECT CAST(max(n) AS TEXT) AS user_id FROM c",
+}
+
+
 class Customers:
     """A source table in the state database that audience queries select from."""
 

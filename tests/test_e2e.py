@@ -3,9 +3,10 @@
 import json
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 
-from tests.conftest import Config, Customers, run_cli
+from tests.conftest import SLOW_QUERY, Config, Customers, run_cli
 from tests.servers import EverflowServer, RefersionServer, SegmentServer
 
 EVENTS = {"Audience Entered": 7, "Audience Exited": 8}
@@ -98,9 +99,14 @@ def test_destination_failing_mid_run_loses_nothing(
         assert everflow.accepted == {(f"tid-{u}", "7"): 1 for u in users}
 
 
+@pytest.mark.parametrize("breakage", ["a syntax error", "running past the timeout"])
 def test_broken_query_fails_only_its_audience_and_sends_no_exits(
-    state_url: str, config: Config, customers: Customers
+    state_url: str, config: Config, customers: Customers, backend: str, breakage: str
 ) -> None:
+    broken_query = {
+        "a syntax error": "SELEC user_id FROM customers",
+        "running past the timeout": SLOW_QUERY[backend],
+    }[breakage]
     customers.add("u1", "u2")
     with EverflowServer() as everflow:
         destination = everflow_destination(config, everflow)
@@ -111,7 +117,7 @@ def test_broken_query_fails_only_its_audience_and_sends_no_exits(
         assert run_cli(state_url, "initial").returncode == 0
         assert len(everflow.requests) == 2  # "Healthy Entered" is not mapped: skipped on purpose
 
-        config.sql("UPDATE audiences SET query = 'SELEC user_id FROM customers' WHERE id = :id", id=broken)
+        config.sql("UPDATE audiences SET query = :q WHERE id = :id", q=broken_query, id=broken)
         customers.add("u3", segment="new")
         config.sql(
             "UPDATE destinations SET settings = :s WHERE id = :id",
@@ -124,7 +130,7 @@ def test_broken_query_fails_only_its_audience_and_sends_no_exits(
                 }
             ),
         )
-        result = run_cli(state_url, "run")
+        result = run_cli(state_url, "run", env={"SYNC_QUERY_TIMEOUT": "1s"})
         assert result.returncode == 1
         assert "Broken Later" in result.stderr and "the query failed" in result.stderr
         # the healthy audience still synced its new member; the broken one sent nothing, no exits above all
