@@ -127,7 +127,8 @@ class Sender:
         try:
             return retrying(self._attempt, call)
         except RetriableError as exc:
-            reason = self.scrub(f"gave up after {self.limits.max_attempts} attempts: {exc.reason}")
+            attempts = f"{self.limits.max_attempts} attempt" + ("s" if self.limits.max_attempts > 1 else "")
+            reason = self.scrub(f"gave up after {attempts}: {exc.reason}")
             return [Outcome(change, "failed", reason) for change in call.changes]
         except AuthError as exc:
             raise AuthError(self.scrub(exc.reason), exc.status) from None

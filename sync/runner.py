@@ -338,6 +338,7 @@ class Runner:
             task = self.progress.add_task(
                 f"{audience.name} -> {destination.name}", total=numbers.entries + numbers.exits
             )
+        last_failure: str | None = None  # the reason of the last change not accepted, for the run's error
         for value in (True, False):
             for page in diff.batches(value, destination.limits.max_in_flight):
                 counts["entered" if value else "exited"] += len(page)
@@ -346,6 +347,8 @@ class Runner:
                     self.progress.advance(task, len(page))
                 for outcome in outcomes:
                     counts[outcome.status] = counts.get(outcome.status, 0) + 1
+                    if outcome.status == "failed":
+                        last_failure = outcome.reason
                 if delivery:
                     state.record(conn, audience.id, connection.destination_id, outcomes, self.now())
                     conn.commit()
@@ -362,7 +365,7 @@ class Runner:
             error = f"{delivery.stopped}; {counts['failed']} changes stay pending for the next run"
         elif counts["failed"]:
             failed = "1 change was" if counts["failed"] == 1 else f"{counts['failed']} changes were"
-            error = f"{failed} not accepted and will be sent again on the next run"
+            error = f"{failed} not accepted and will be sent again on the next run (last: {last_failure})"
         if not error and not options.dry_run:
             state.complete_initial(conn, audience.id, connection.destination_id, self.now())
         return self._finish(

@@ -121,12 +121,13 @@ def test_bad_destination_rows(backend: str, state_url: str, config: Config, cust
         )
         not_two_parts = (
             "the Refersion API key must be 'publickey.secretkey' "
-            "(the key given is not two non-empty parts around a '.')"
+            "(the key given is not two non-empty parts of plain ASCII around a '.')"
         )
         secrets = {
             "No Dot": "nodotsecret4711",
             "No Secret": "publichalf4711.",
             "No Public": ".secrethalf4711",
+            "Not ASCII": "publichalf4711.sëcrethalf4711",
         }
         for name, api_key in secrets.items():
             bad(name, "refersion", "{}", not_two_parts, api_key=api_key)
@@ -147,12 +148,41 @@ def test_bad_destination_rows(backend: str, state_url: str, config: Config, cust
             api_key="pub.sec",
         )
 
+        everflow_base = {"tracking_domain": "https://t.example.com", "network_id": "1"}
+        for name, settings, message in [
+            ("Huge Rate", '"rate_limit": 1e400', "settings.rate_limit must be a number from 0.001 to 10000"),
+            ("Tiny Rate", '"rate_limit": 1e-300', "settings.rate_limit must be a number from 0.001 to 10000"),
+            ("Many In Flight", '"max_in_flight": 100000', "settings.max_in_flight must be a whole number"),
+            (
+                "Bad Port",
+                '"tracking_domain": "http://localhost:abc"',
+                "settings.tracking_domain: 'http://localhost:abc' is not a base URL",
+            ),
+            (
+                "Unclosed IPv6",
+                '"tracking_domain": "https://[::1"',
+                "settings.tracking_domain: 'https://[::1' is not a base URL",
+            ),
+            (
+                "URL With Password",
+                '"tracking_domain": "https://ops:hunter2secret@t.example.com"',
+                "settings.tracking_domain: the URL holds a user or password; remove it",
+            ),
+        ]:
+            bad(name, "everflow", json.dumps(everflow_base)[:-1] + ", " + settings + "}", message)
+        if backend == "sqlite":  # JSONB refuses NaN at INSERT
+            nan = json.dumps(everflow_base)[:-1] + ', "timeout": NaN}'
+            bad("NaN Timeout", "everflow", nan, "settings.timeout must be a number from 0.001 to 3600")
+        # a key read from a file ends in a newline: the blanks around a key are dropped
+        config.sql("UPDATE destinations SET api_key = :k WHERE id = :id", k=" pub.sec\n", id=good_refersion)
+
         result = run_cli(state_url, "run", env=env)
         check = run_cli(state_url, "check", env=env)
         rows = status(state_url, env)
 
     clean(result, check)
     assert result.returncode == 1, result.stderr
+    assert "hunter2secret" not in result.stderr + check.stdout + json.dumps(list(rows.values()), default=str)
     for name, message in expected.items():
         assert message in result.stderr, result.stderr
         assert f"Probe -> {name}: invalid ({message}" in result.stderr, name

@@ -447,6 +447,19 @@ def test_refersion_ids_not_changed_stay_pending(make_delivery: MakeDelivery) -> 
         assert server.affiliates[stuck]["status"] == "ACTIVE"
 
 
+@pytest.mark.parametrize("body", ['{"ids_changed": 5}', '["a001"]', "null", "<html></html>"])
+def test_refersion_status_change_answer_of_another_shape_stays_pending(
+    make_delivery: MakeDelivery, body: str
+) -> None:
+    with RefersionServer() as server:
+        affiliate = server.add_affiliate("u1@example.com")
+        server.fault(200, body=body)
+        dest = refersion(server, on_exit="disable")
+        outcome = send(dest, make_delivery(dest), [change("u1", False, remote_id=affiliate)])["u1"]
+        assert outcome.status == "failed"
+        assert "ids_not_changed" in (outcome.reason or "")
+
+
 def test_refersion_exit_without_affiliate_id_is_rejected(make_delivery: MakeDelivery) -> None:
     with RefersionServer() as server:
         dest = refersion(server, on_exit="disable")

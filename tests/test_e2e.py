@@ -88,7 +88,7 @@ def test_destination_failing_mid_run_loses_nothing(
 
         first = run_cli(state_url, "run")
         assert first.returncode == 1
-        assert "will be sent again on the next run" in first.stderr
+        assert "will be sent again on the next run (last: gave up after 1 attempt: HTTP 503)" in first.stderr
         partial = set(everflow.accepted)
         assert 0 < len(partial) < len(users)
 

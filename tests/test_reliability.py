@@ -287,10 +287,16 @@ FAULTS = {
     "connections reset": lambda s: s.reset_connection(times=4),
     "slower than the timeout": lambda s: s.fault(200, delay=1.0, times=3),
     "401 for everything": lambda s: s.fault(401, body='{"error": "Invalid API key"}', times=10_000),
+    "308 for everything": lambda s: s.fault(308, headers={"Location": "https://moved.example/"}, times=9999),
     "empty 500 bodies": lambda s: s.fault(500, body=b"", times=4),
     "connection refused until it comes up": lambda s: None,  # the first run points at a closed port
     "accepted, then the connection reset": lambda s: s.accept_then(times=3),
     "accepted, answered after the timeout": lambda s: s.accept_then(times=3, answer_after=1.0),
+}
+# Answers that stop the destination for the run, changes pending, until the operator fixes its row.
+STOPPING = {
+    "401 for everything": "credentials refused (HTTP 401: Invalid API key)",
+    "308 for everything": "answered 308, a redirect to https://moved.example/: fix the URL in settings",
 }
 # Requests the destination took without the client learning it: the only ones that may be accepted twice.
 AMBIGUOUS = {"accepted, then the connection reset": 3, "accepted, answered after the timeout": 3}
@@ -331,9 +337,9 @@ def test_fault_matrix_every_change_accepted_once(
             exits.append(result.returncode)
             if result.returncode == 0:
                 break
-            if fault == "401 for everything":
-                assert "credentials refused (HTTP 401: Invalid API key)" in result.stderr
-                everflow.clear_faults()  # the key was fixed: the destination accepts again
+            if fault in STOPPING:
+                assert STOPPING[fault] in result.stderr
+                everflow.clear_faults()  # the key or URL was fixed: the destination accepts again
             if refused:
                 assert "connection failed (ConnectError)" in result.stderr
                 config.sql("UPDATE destinations SET settings = :s", s=json.dumps(settings))  # it came up

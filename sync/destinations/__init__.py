@@ -7,6 +7,7 @@ outcomes known without a request (local rejections, skips). `delivery` sends the
 import base64
 import json
 import logging
+import reprlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -99,6 +100,9 @@ def raise_for_retry_or_auth(response: httpx.Response) -> None:
     status = response.status_code
     if status in (401, 403):
         raise AuthError(f"credentials refused ({error_text(response)})", status)
+    if response.is_redirect:  # the URL in settings is wrong or moved: no change of it was looked at
+        moved = response.headers.get("Location", "nowhere given")
+        raise AuthError(f"the destination answered {status}, a redirect to {moved}: fix the URL in settings")
     if status in (408, 429) or (status >= 500 and status != 501):
         raise RetriableError(error_text(response), status, _retry_after(response))
 
@@ -124,8 +128,15 @@ def base_url(value: Any, where: str) -> str:
     text = value.strip().rstrip("/")
     if "://" not in text:
         text = "https://" + text
-    parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+    if "@" in text.split("://", 1)[1].split("/", 1)[0]:  # said before the value is ever shown
+        raise ConfigError(f"{where}: the URL holds a user or password; remove it (the key goes in api_key)")
+    try:
+        parts = urlsplit(text)
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
+        httpx.URL(text)
+    except (ValueError, httpx.InvalidURL):  # a port that is not a number, an unclosed [IPv6 address
+        valid = False
+    if not valid or parts.query or parts.fragment or any(char.isspace() for char in text):
         raise ConfigError(f"{where}: {value!r} is not a base URL (scheme, host and optional path)")
     if parts.scheme != "https" and parts.hostname not in LOOPBACK:
         raise ConfigError(f"{where}: {value!r} must use https:// (http is allowed only for loopback hosts)")
@@ -156,26 +167,31 @@ class Destination:
         self.settings = settings
         self.api_key = api_key
         self.limits = Limits(
-            rate_limit=self._number("rate_limit", self.default_rate_limit),
-            max_in_flight=self._count("max_in_flight", 32),
-            timeout=self._number("timeout", 10),
-            max_attempts=self._count("max_attempts", 5),
-            backoff_initial=self._number("backoff_initial", 0.5),
-            backoff_max=self._number("backoff_max", 30),
+            rate_limit=self._number("rate_limit", self.default_rate_limit, 10_000),
+            max_in_flight=self._count("max_in_flight", 32, 1_000),
+            timeout=self._number("timeout", 10, 3_600),
+            max_attempts=self._count("max_attempts", 5, 100),
+            backoff_initial=self._number("backoff_initial", 0.5, 3_600),
+            backoff_max=self._number("backoff_max", 30, 3_600),
         )
         self.transport = SegmentTransport(self) if settings.get("transport") == "segment" else None
 
-    def _number(self, name: str, default: float) -> float:
+    def _number(self, name: str, default: float, most: float) -> float:
         value = self.settings.get(name, default)
-        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-            raise ConfigError(f"{self.where}: settings.{name} must be a positive number, not {value!r}")
+        # a range test, which also refuses NaN, infinities and integers too large for a float
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0.001 <= value <= most:
+            raise ConfigError(
+                f"{self.where}: settings.{name} must be a number from 0.001 to {most:g}, "
+                f"not {reprlib.repr(value)}"
+            )
         return float(value)
 
-    def _count(self, name: str, default: int) -> int:
+    def _count(self, name: str, default: int, most: int) -> int:
         value = self.settings.get(name, default)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
             raise ConfigError(
-                f"{self.where}: settings.{name} must be a whole number of at least 1, not {value!r}"
+                f"{self.where}: settings.{name} must be a whole number from 1 to {most}, "
+                f"not {reprlib.repr(value)}"
             )
         return value
 
@@ -257,12 +273,13 @@ def load_destination(row: sa.Row[Any], settings_text: str | None) -> Destination
 
 
 def _api_key(row: sa.Row[Any], where: str) -> str | None:
+    """The key, without the blanks around it (a key pasted or read from a file often ends in a newline)."""
     if row.api_key_env:
-        value = secret_from_env(row.api_key_env)
-        if value is None:
+        value = (secret_from_env(row.api_key_env) or "").strip()
+        if not value:
             raise ConfigError(f"{where}: api_key_env names {row.api_key_env!r}, which is not set or empty")
         return value
-    return row.api_key or None
+    return (row.api_key or "").strip() or None
 
 
 def json_object(text: str | None, where: str) -> dict[str, Any]:

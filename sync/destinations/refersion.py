@@ -61,13 +61,13 @@ class Refersion(Destination):
             settings.get("api_base", "https://api.refersion.com/v2"), f"{self.where}: settings.api_base"
         )
         public, _, secret = (api_key or "").partition(".")
-        if not public or not secret:
+        if not public or not secret or not (public + secret).isascii() or not (public + secret).isprintable():
             raise ConfigError(
                 f"{self.where}: the Refersion API key must be 'publickey.secretkey' "
                 + (
                     "(none is set: fill api_key or api_key_env)"
                     if not api_key
-                    else "(the key given is not two non-empty parts around a '.')"
+                    else "(the key given is not two non-empty parts of plain ASCII around a '.')"
                 )
             )
         self.headers = {"Refersion-Public-Key": public, "Refersion-Secret-Key": secret}
@@ -186,9 +186,8 @@ def _read_new(call: Call, response: httpx.Response) -> list[Outcome]:
         remote_id = response.json().get("id")
     except (ValueError, AttributeError):
         remote_id = None
-    if (
-        not remote_id
-    ):  # without the id the affiliate could never be disabled: not accepted, sent again next run
+    # without the id the affiliate could never be disabled: not accepted, sent again next run
+    if not remote_id or not isinstance(remote_id, str | int):
         return [
             Outcome(change, "failed", f"Refersion answered {response.status_code} without an affiliate id")
         ]
@@ -202,7 +201,7 @@ def _read_status_change(call: Call, response: httpx.Response) -> list[Outcome]:
     try:
         body = response.json()
         changed = {str(i) for i in body.get("ids_changed") or []}
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, TypeError):  # not JSON, not an object, ids_changed not a list
         changed = set()
     active = call.json["status"] == "ACTIVE"
     return [
