@@ -2,6 +2,8 @@
 
 import hashlib
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -10,6 +12,8 @@ from sync import __version__
 from sync.errors import ConfigError
 
 TYPES = ("identify", "track")
+# SQLite's json_object writes an infinite number as Inf (not JSON); strings are matched to be skipped
+SQLITE_INFINITY = re.compile(r'("(?:[^"\\]|\\.)*")|(-?)Inf\b')
 
 
 @dataclass(slots=True)  # not frozen, and slots: the diff builds millions, frozen ones take 4x as long
@@ -28,7 +32,11 @@ class Change:
     def traits(self) -> dict[str, Any]:
         """Current traits for an entry; the traits last sent for an exit (decoded when first used)."""
         if self._traits is None:
-            self._traits = json.loads(self.traits_text)
+            try:
+                self._traits = json.loads(self.traits_text)
+            except ValueError:  # an infinite number staged by SQLite: as text, like the other paths
+                text = SQLITE_INFINITY.sub(lambda m: m[1] or f'"{m[2]}Infinity"', self.traits_text)
+                self._traits = json.loads(text)
         return self._traits
 
 
@@ -109,8 +117,19 @@ def _without(traits: dict[str, Any], connection: Connection) -> dict[str, Any]:
 
 
 def traits_json(traits: dict[str, Any]) -> str:
-    """Canonical JSON for a member's traits (values JSON cannot hold become text)."""
-    return json.dumps(traits, sort_keys=True, default=str, ensure_ascii=False)
+    """Canonical JSON for a member's traits (values JSON cannot hold become text; NaN and infinities too,
+    as "NaN", "Infinity" and "-Infinity", as Postgres's to_jsonb writes them)."""
+    try:
+        return json.dumps(traits, sort_keys=True, default=str, ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        finite = {k: _non_finite_text(v) for k, v in traits.items()}
+        return json.dumps(finite, sort_keys=True, default=str, ensure_ascii=False)
+
+
+def _non_finite_text(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    return value
 
 
 def delete_message(user_id: str, destination_name: str, now: datetime) -> dict[str, Any]:

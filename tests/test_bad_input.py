@@ -8,6 +8,7 @@ by the loopback server), and that `audience-sync status --json` keeps the reason
 import json
 import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -547,3 +548,38 @@ def test_huge_and_non_ascii_trait_values_arrive_intact(
         assert rows[("Worldwide", destination)]["last_run"]["outcome"] == "ok"
         assert rows[("Worldwide", destination)]["accepted_members"] == 1
     assert rows[("Healthy", "Everflow")]["accepted_members"] == 1
+
+
+@pytest.mark.parametrize("source", ["in place", "another database"])
+def test_nan_and_infinite_traits_arrive_as_text(
+    backend: str, state_url: str, config: Config, customers: Customers, tmp_path: Path, source: str
+) -> None:
+    non_finite = {  # what each database can hold
+        "postgres": "CAST('NaN' AS float8) AS nan, CAST('Infinity' AS float8) AS big, "
+        "CAST('-Infinity' AS float8) AS small",
+        "sqlite": "1e308 * 10 AS big, -1e308 * 10 AS small",
+    }
+    env: dict[str, str] = {}
+    if source == "another database":  # rows are streamed and their traits written by audience-sync
+        env["SYNC_SOURCE_URL"] = f"sqlite:///{tmp_path / 'warehouse.db'}"
+        warehouse = sa.create_engine(env["SYNC_SOURCE_URL"])
+        Customers(warehouse).add("u1")
+        warehouse.dispose()
+        backend = "sqlite"
+    customers.add("u1")
+    query = f"SELECT user_id, transaction_id, {non_finite[backend]} FROM customers"
+    with SegmentServer(api_key="seg-key") as segment:
+        destination = config.destination(
+            "Segment", "everflow", {"transport": "segment", "endpoint": segment.url}, api_key="seg-key"
+        )
+        config.connect(config.audience("Scores", query), destination)
+        preview = run_cli(state_url, "run", "--dry-run", env=env)
+        result = run_cli(state_url, "run", env=env)
+
+    clean(result, preview)
+    assert result.returncode == 0, result.stderr
+    expected = {"big": "Infinity", "small": "-Infinity"} | ({"nan": "NaN"} if "nan" in query else {})
+    [message] = segment.messages
+    assert {k: message["traits"][k] for k in expected} == expected
+    strict = json.loads(preview.stdout, parse_constant=lambda token: pytest.fail(f"{token} in the preview"))
+    assert {k: strict["message"]["traits"][k] for k in expected} == expected

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 import pytest
 
 from sync.errors import ConfigError
-from sync.messages import Change, Connection, build_message
+from sync.messages import Change, Connection, build_message, traits_json
 
 NOW = datetime(2026, 11, 22, 10, 0, 0, 123456, tzinfo=UTC)
 TRAITS = {"email": "a@example.com", "first_name": "Ada", "transaction_id": "tid-1"}
@@ -77,3 +77,13 @@ def test_message_id_is_stable_for_a_resend_and_new_for_a_reentry() -> None:
 def test_bad_connection_settings(settings: dict[str, str], error: str) -> None:
     with pytest.raises(ConfigError, match=error.replace("(", r"\(").replace(")", r"\)")):
         connection(**settings)
+
+
+def test_non_finite_numbers_become_text_as_postgres_writes_them() -> None:
+    traits = {"a": float("nan"), "b": float("inf"), "c": -float("inf"), "d": 1.5, "e": "NaN"}
+    expected = {"a": "NaN", "b": "Infinity", "c": "-Infinity", "d": 1.5, "e": "NaN"}
+    assert json.loads(traits_json(traits)) == expected  # strict JSON: json.loads would take NaN too
+    assert "NaN," not in traits_json(traits) and "Infinity," not in traits_json(traits)
+    # SQLite's json_object writes an infinite number as a bare Inf; a string that says Inf stays as it is
+    staged = Change("u1", True, '{"b":Inf,"c":-Inf,"d":1.5,"Inf":"x:Inf,\\"Inf"}', 0)
+    assert staged.traits == {"b": "Infinity", "c": "-Infinity", "d": 1.5, "Inf": 'x:Inf,"Inf'}
