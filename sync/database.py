@@ -27,14 +27,15 @@ def _migrations_dir() -> Path:
 
 
 def describe(url: str) -> str:
-    """Where a database is, for logs and messages: the absolute file for SQLite, no password."""
+    """Where a database is, for logs and messages: the absolute file for SQLite, no password, no query."""
     try:
         parsed = sa.make_url(url)
     except sa.exc.ArgumentError:
         return "a URL that is not a SQLAlchemy URL (e.g. sqlite:///audience-sync.db or postgresql://host/db)"
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
         return f"sqlite file {Path(parsed.database or '').resolve()}"
-    return parsed.render_as_string(hide_password=True)
+    # the query string is left out: it may hold a password (`?password=...`) that hide_password misses
+    return parsed.set(query={}).render_as_string(hide_password=True)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -1,12 +1,16 @@
 """Delivery guarantees under crashes and concurrency, and secrets kept out of every output."""
 
+import base64
+import contextlib
 import json
 import re
 import signal
 import socket
+import subprocess
 import time
 from collections import Counter
 
+import httpx
 import pytest
 import sqlalchemy as sa
 
@@ -25,10 +29,26 @@ def _dump(engine: sa.Engine) -> str:
         )
 
 
+def _wait_for_metrics(port: int, needle: str) -> str:
+    """The daemon's /metrics once they show `needle` (a run finished), within 30 s."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.TransportError):
+            exposed = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+            if needle in exposed:
+                return exposed
+        time.sleep(0.2)
+    raise AssertionError(f"/metrics never showed {needle}")
+
+
 def test_secrets_never_appear_in_output_logs_or_state(
-    state_url: str, engine: sa.Engine, config: Config, customers: Customers
+    state_url: str, engine: sa.Engine, config: Config, customers: Customers, backend: str
 ) -> None:
     token, public, secret, segment_key = "vtok-S3CRET-1", "pubS3CRET2", "secS3CRET3", "segS3CRET4"
+    database_password = "dbS3CRET5"  # Postgres here trusts any password: the URLs below connect
+    url = state_url
+    if backend == "postgres":
+        url = sa.make_url(state_url).set(password=database_password).render_as_string(hide_password=False)
     customers.add("u1", "u2", "u3")
     with (
         EverflowServer(verification_token=token) as everflow,
@@ -70,10 +90,13 @@ def test_secrets_never_appear_in_output_logs_or_state(
         env = {"TEST_REFERSION_KEY": f"{public}.{secret}", "SYNC_LOG_FORMAT": "json"}
         # destinations that echo the secrets back in their error bodies
         everflow.fault(500, body=f"bad token {token} for {everflow.url}/?verification_token={token}", times=2)
+        basic = base64.b64encode(f"{segment_key}:".encode()).decode()
         segment.fault(400, body=f'{{"error": "key {segment_key} refused"}}')
+        segment.fault(400, body=f'{{"error": "Authorization: Basic {basic} refused"}}')
         outputs = [
-            run_cli(state_url, *args, env=env)
+            run_cli(url, *args, env=env)
             for args in (
+                ["db", "upgrade"],
                 ["check"],
                 ["initial", "--dry-run"],
                 ["initial"],
@@ -84,17 +107,26 @@ def test_secrets_never_appear_in_output_logs_or_state(
                 ["explain", "u2", "--json"],
             )
         ]
+        if backend == "postgres":  # a password in the query string, which SQLAlchemy does not hide
+            outputs.append(run_cli(f"{state_url}?password={database_password}", "status", env=env))
         customers.move("u3", segment="lapsed")
         refersion.fault(401, body=f'{{"error": "Invalid API credentials for {public}.{secret}"}}')
-        outputs.append(run_cli(state_url, "run", env=env))
-        outputs.append(run_cli(state_url, "forget", "u1", env=env))
-        outputs.append(run_cli(state_url, "run", env={**env, "TEST_REFERSION_KEY": f"{public}.wrong"}))
+        outputs.append(run_cli(url, "run", env=env))
+        outputs.append(run_cli(url, "forget", "u1", env=env))
+        outputs.append(run_cli(url, "run", env={**env, "TEST_REFERSION_KEY": f"{public}.wrong"}))
+        customers.move("u2", segment="lapsed")
+        port = _closed_port()
+        daemon = start_cli(url, "daemon", env={**env, "SYNC_INTERVAL": "1s", "SYNC_METRICS_PORT": str(port)})
+        metrics = _wait_for_metrics(port, 'outcome="ok"')
+        daemon.send_signal(signal.SIGTERM)
+        stdout, stderr = daemon.communicate(timeout=30)
+        outputs.append(subprocess.CompletedProcess(daemon.args, daemon.returncode, stdout + metrics, stderr))
 
         passwords = [r.json["password"] for r in refersion.requests if r.json and "password" in r.json]
         assert len(passwords) >= 3  # affiliates were created: there are generated passwords to look for
         everything = "\n".join(o.stdout + o.stderr for o in outputs) + _dump(engine)
         assert "Refersion" in everything and "credentials refused" in everything  # the outputs are real
-        for value in (token, public, secret, segment_key, *passwords):
+        for value in (token, public, secret, segment_key, basic, database_password, *passwords):
             assert value not in everything
 
 

@@ -197,7 +197,8 @@ class Destination:
 
     def secrets(self) -> list[str]:
         """Values that must never be shown (scrubbed from any error text)."""
-        return [self.api_key] if self.api_key else []
+        sent = [self.transport.headers["Authorization"].removeprefix("Basic ")] if self.transport else []
+        return ([self.api_key] if self.api_key else []) + sent
 
     def check(self, change: Change, message: dict[str, Any]) -> str | None:
         """Why the destination would refuse this change, found before sending; None when fine."""
