@@ -180,7 +180,7 @@ def _status(engine: sa.Engine, settings: Settings, as_json: bool) -> int:
 def _progress() -> Progress:
     """Bars per connection with count, elapsed time and ETA (the ETA follows the destination's rate limit)."""
     return Progress(
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
@@ -231,7 +231,7 @@ def _explain(engine: sa.Engine, settings: Settings, user_id: str, as_json: bool)
             accepted,
             "" if rejection is None else f"{str(rejection['value']).lower()}: {rejection['reason']}",
         )
-    Console().print(table)
+    Console(markup=False).print(table)  # names, user ids and reasons are data: their brackets are no markup
     return 0
 
 
@@ -239,9 +239,15 @@ def _forget(engine: sa.Engine, user_id: str) -> int:
     from sync.forget import forget_user
     from sync.runner import utc_now
 
-    report = forget_user(engine, user_id, utc_now())
+    report, state_failure = forget_user(engine, user_id, utc_now())
     for line in report:
         print(f"{line['destination']}: {line['outcome']} ({line['detail']})")
+    if state_failure:
+        print(
+            f"user {user_id!r} is still in the state tables ({state_failure}): run forget again",
+            file=sys.stderr,
+        )
+        return 1
     failed = [line for line in report if line["outcome"] == "failed"]
     print(
         f"user {user_id!r} removed from the state tables"

@@ -12,9 +12,10 @@ from sync.messages import Change, delete_message
 from sync.tables import destination_columns, destinations, sync_rejections, sync_state
 
 
-def forget_user(engine: sa.Engine, user_id: str, now: datetime) -> list[dict[str, Any]]:
+def forget_user(engine: sa.Engine, user_id: str, now: datetime) -> tuple[list[dict[str, Any]], str | None]:
     """Tell every destination that knows the user what it supports, then remove the user's state.
 
+    Returns each destination's outcome, and why the state tables could not be changed (None if they were).
     A destination whose deletion failed keeps the user's state (and affiliate id): run `forget` again.
     """
     with engine.connect() as conn:
@@ -37,12 +38,15 @@ def forget_user(engine: sa.Engine, user_id: str, now: datetime) -> list[dict[str
         outcome = _forget_at(row, user_id, now)
         (failed if outcome["outcome"] == "failed" else done).add(row.id)
         report.append({"destination": row.name, **outcome})
-    with engine.begin() as conn:
-        for table in (sync_state, sync_rejections):
-            conn.execute(
-                sa.delete(table).where(table.c.user_id == user_id, table.c.destination_id.not_in(failed))
-            )
-    return report
+    try:
+        with engine.begin() as conn:
+            for table in (sync_state, sync_rejections):
+                conn.execute(
+                    sa.delete(table).where(table.c.user_id == user_id, table.c.destination_id.not_in(failed))
+                )
+    except sa.exc.OperationalError as exc:  # a read-only or locked SQLite file, a lost connection
+        return report, f"the state database failed: {exc.orig}"
+    return report, None
 
 
 def _forget_at(row: Any, user_id: str, now: datetime) -> dict[str, Any]:

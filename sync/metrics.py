@@ -7,6 +7,8 @@ from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app
 
+from sync.errors import ConfigError
+
 RUNS = Counter("audience_sync_runs", "Connection runs by outcome", ["audience", "destination", "outcome"])
 CHANGES = Counter("audience_sync_changes", "Changes by outcome", ["audience", "destination", "outcome"])
 DURATION = Histogram(
@@ -60,7 +62,10 @@ def serve(port: int, healthy: Callable[[], bool]) -> Callable[[], None]:
             return [b"ok\n" if ok else b"state database unreachable\n"]
         return metrics_app(environ, start_response)  # type: ignore[no-any-return]
 
-    server = make_server("", port, app, handler_class=_Quiet)
+    try:
+        server = make_server("", port, app, handler_class=_Quiet)
+    except OSError as exc:
+        raise ConfigError(f"SYNC_METRICS_PORT: cannot listen on port {port}: {exc.strerror}") from None
     thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
     thread.start()
 

@@ -9,6 +9,7 @@ from sync.errors import ConfigError
 
 _PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_DAYS = 365  # longer is a typo; dates and timers past it overflow
 
 
 def parse_duration(text: str, name: str) -> float:
@@ -19,6 +20,8 @@ def parse_duration(text: str, name: str) -> float:
     seconds = sum(float(n) * _UNITS[unit] for n, unit in _PART.findall(compact))
     if seconds <= 0:
         raise ConfigError(f"{name}: {text!r} must be longer than zero")
+    if seconds > MAX_DAYS * _UNITS["d"]:
+        raise ConfigError(f"{name}: {text!r} is longer than {MAX_DAYS} days")
     return seconds
 
 
@@ -35,7 +38,8 @@ class Cadence:
         if not sep:
             seconds = parse_duration(text, name)
             return cls(seconds, seconds)
-        bounds = cls(parse_duration(low, name), parse_duration(high, name))
+        where = f"{name}: {text!r}"  # quote the range the operator wrote, not only the bad half
+        bounds = cls(parse_duration(low, where), parse_duration(high, where))
         if bounds.low > bounds.high:
             raise ConfigError(f"{name}: {text!r} is a range whose start is after its end")
         return bounds
@@ -62,16 +66,24 @@ class Settings:
             source_url=env.get("SYNC_SOURCE_URL") or None,
             interval=Cadence.parse(env.get("SYNC_INTERVAL") or "2h-3h", "SYNC_INTERVAL"),
             reload_interval=parse_duration(env.get("SYNC_RELOAD_INTERVAL") or "60s", "SYNC_RELOAD_INTERVAL"),
-            query_timeout=parse_duration(env.get("SYNC_QUERY_TIMEOUT") or "10m", "SYNC_QUERY_TIMEOUT"),
+            query_timeout=_query_timeout(env.get("SYNC_QUERY_TIMEOUT") or "10m"),
             metrics_port=_port(env.get("SYNC_METRICS_PORT")),
             log_format=_choice(env.get("SYNC_LOG_FORMAT") or "text", "SYNC_LOG_FORMAT", ("text", "json")),
         )
 
 
+def _query_timeout(text: str) -> float:
+    """At least a millisecond and at most 24 days: Postgres's statement_timeout counts in int32 ms."""
+    seconds = parse_duration(text, "SYNC_QUERY_TIMEOUT")
+    if not 0.001 <= seconds <= 24 * _UNITS["d"]:
+        raise ConfigError(f"SYNC_QUERY_TIMEOUT: {text!r} must be from 1ms to 24d")
+    return seconds
+
+
 def _port(text: str | None) -> int | None:
     if not text:
         return None
-    if not text.isdigit() or not 0 < int(text) < 65536:
+    if not (text.isascii() and text.isdigit()) or not 0 < int(text) < 65536:
         raise ConfigError(f"SYNC_METRICS_PORT: {text!r} is not a TCP port (1-65535)")
     return int(text)
 

@@ -125,4 +125,4 @@ def render(rows: list[dict[str, Any]]) -> None:
             row["next_run"] or "-",
             row["last_error"] or "",
         )
-    Console().print(table)
+    Console(markup=False).print(table)  # names and errors are data: their brackets are no markup

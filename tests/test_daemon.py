@@ -120,3 +120,61 @@ def test_sigterm_during_delivery_finishes_the_page_and_loses_nothing(
         finish = run_cli(state_url, "run")
         assert finish.returncode == 0, finish.stderr
         assert everflow.accepted == {(f"tid-{u}", "7"): 1 for u in users}
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"SYNC_INTERVAL": "99999999d"}, "SYNC_INTERVAL: '99999999d' is longer than 365 days"),
+        ({"SYNC_RELOAD_INTERVAL": "99999999d"}, "SYNC_RELOAD_INTERVAL: '99999999d' is longer than 365 days"),
+        ({"SYNC_INTERVAL": "-1h"}, "SYNC_INTERVAL: '-1h': '' is not a duration"),
+        ({"SYNC_METRICS_PORT": "²"}, "SYNC_METRICS_PORT: '²' is not a TCP port (1-65535)"),
+    ],
+)
+def test_bad_setting_stops_the_daemon_at_start_with_one_line(
+    state_url: str, config: Config, customers: Customers, env: dict[str, str], message: str
+) -> None:
+    customers.add("u1")
+    with EverflowServer() as everflow:
+        config.connect(config.audience("VIP", Customers.QUERY), everflow_destination(config, everflow))
+        assert run_cli(state_url, "run").returncode == 0  # a last run to schedule from
+    result = run_cli(state_url, "daemon", env=env, timeout=30)
+    assert result.returncode == 2 and result.stderr.startswith(f"audience-sync: {message}"), result.stderr
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_metrics_port_in_use_stops_the_daemon_with_one_line(state_url: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli(state_url, "daemon", env={"SYNC_METRICS_PORT": str(port)}, timeout=30)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.endswith(
+        f"audience-sync: SYNC_METRICS_PORT: cannot listen on port {port}: Address already in use\n"
+    )
+
+
+def test_schedule_too_long_makes_its_audience_invalid_and_the_others_keep_syncing(
+    state_url: str, config: Config, customers: Customers
+) -> None:
+    customers.add("u1")
+    with EverflowServer() as everflow:
+        destination = everflow_destination(config, everflow)
+        vip, huge = config.audience("VIP", Customers.QUERY), config.audience("Huge", Customers.QUERY)
+        config.connect(vip, destination)
+        config.connect(huge, destination)
+        assert run_cli(state_url, "run").returncode == 0  # the last runs the daemon schedules from
+        config.sql("UPDATE audiences SET schedule = '99999999d' WHERE id = :a", a=huge)
+        status = run_cli(state_url, "status", "--json")
+        assert status.returncode == 0, status.stderr
+
+        daemon = start_cli(state_url, "daemon", env={"SYNC_INTERVAL": "1s"})
+        try:
+            _wait_for(lambda: _runs(config, vip) >= 2, 30)
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            _, stderr = daemon.communicate(timeout=30)
+    assert daemon.returncode == 0 and "Traceback" not in stderr, stderr
+    assert f"audiences row id={huge} ('Huge'): schedule: '99999999d' is longer than 365 days" in stderr
+    assert _runs(config, huge) == 1

@@ -4,9 +4,11 @@ import json
 import os
 import pty
 import subprocess
+from pathlib import Path
 
 import pytest
 
+from sync import database
 from tests.conftest import Config, Customers, run_cli, start_cli
 from tests.servers import EverflowServer, RefersionServer, SegmentServer
 from tests.test_e2e import everflow_destination, refersion_destination
@@ -122,14 +124,43 @@ def test_forget_tells_each_destination_then_drops_state(
         assert config.sql("SELECT count(*) FROM sync_state WHERE user_id = 'u2'")[0][0] == 3
 
 
+def test_forget_on_a_read_only_state_file_says_so_and_exits_1(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    database.upgrade(url)
+    engine = database.create_engine(url)
+    config = Config(engine)
+    Customers(engine).add("u1")
+    with SegmentServer(api_key="k") as segment:
+        config.connect(
+            config.audience("VIP", Customers.QUERY),
+            config.destination(
+                "Segment", "refersion", {"transport": "segment", "endpoint": segment.url}, api_key="k"
+            ),
+        )
+        assert run_cli(url, "initial").returncode == 0
+        read_only = f"sqlite:///file:{tmp_path / 'state.db'}?mode=ro&uri=true"
+        result = run_cli(read_only, "forget", "u1")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stdout == "Segment: sent (delete message accepted)\n"
+    assert (
+        "user 'u1' is still in the state tables (the state database failed: "
+        "attempt to write a readonly database): run forget again"
+    ) in result.stderr
+    assert config.sql("SELECT count(*) FROM sync_state WHERE user_id = 'u1'")[0][0] == 1
+    engine.dispose()
+
+
 def test_status_table_and_progress_bar_on_a_terminal(
     state_url: str, config: Config, customers: Customers
 ) -> None:
     customers.add("u1", "u2", "u3")
     with EverflowServer() as everflow:
-        config.connect(config.audience("VIP", Customers.QUERY), everflow_destination(config, everflow))
+        # brackets in a name are shown as written, not read as Rich markup (a stray closing tag crashed)
+        config.connect(
+            config.audience("VIP [/gold]", Customers.QUERY), everflow_destination(config, everflow)
+        )
         before = run_cli(state_url, "status", env={"COLUMNS": "200"})
-        assert before.returncode == 0 and "VIP" in before.stdout and "never" in before.stdout
+        assert before.returncode == 0 and "VIP [/gold]" in before.stdout and "never" in before.stdout
 
         leader, follower = pty.openpty()  # stderr on a terminal: progress bars instead of log lines only
         process = start_cli(
@@ -148,9 +179,30 @@ def test_status_table_and_progress_bar_on_a_terminal(
         os.close(leader)
         assert process.wait(timeout=60) == 0
         screen = output.decode(errors="replace")
-        assert "VIP -> Everflow" in screen and "3/3" in screen and "eta" in screen
+        assert "VIP [/gold] -> Everflow" in screen and "3/3" in screen and "eta" in screen
 
         after = run_cli(state_url, "status", env={"COLUMNS": "200"})
         row = next(line for line in after.stdout.splitlines() if "Everflow" in line)
         assert "ok +3 -0 ok=3 rej=0 fail=0" in row
-        assert [cell.strip() for cell in row.split("│")[1:6]] == ["VIP", "Everflow", "3", "3", "0"]
+        assert [cell.strip() for cell in row.split("│")[1:6]] == ["VIP [/gold]", "Everflow", "3", "3", "0"]
+
+
+def test_brackets_in_names_and_destination_errors_are_shown_not_read_as_markup(
+    state_url: str, config: Config, customers: Customers
+) -> None:
+    customers.add("u1")
+    with EverflowServer() as everflow:
+        audience = config.audience("VIP [bold]customers[/bold]", Customers.QUERY)
+        config.connect(audience, everflow_destination(config, everflow))
+        everflow.fault(400, body='{"error": "bad value [/transaction_id]"}')
+        run_cli(state_url, "run")
+        customers.add("u2")
+        everflow.fault(403, body='{"error": "token rejected [/auth]"}')
+        run_cli(state_url, "run")
+
+    status = run_cli(state_url, "status", env={"COLUMNS": "300"})
+    assert status.returncode == 0, status.stderr
+    assert "VIP [bold]customers[/bold]" in status.stdout and "token rejected [/auth]" in status.stdout
+    explain = run_cli(state_url, "explain", "u1", env={"COLUMNS": "300"})
+    assert explain.returncode == 0, explain.stderr
+    assert "VIP [bold]customers[/bold]" in explain.stdout and "bad value [/transaction_id]" in explain.stdout
