@@ -41,6 +41,10 @@ class Audience:
 def audience_from_row(row: sa.Row[Any]) -> Audience:
     """Validate one `audiences` row; raises ConfigError naming the row and field."""
     where = f"audiences row id={row.id} ({row.name!r})"
+    for field in ("name", "key", "query", "schedule"):
+        value = getattr(row, field)
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"{where}: {field} holds {type(value).__name__} data, not text")
     key = row.key if row.key is not None else derive_key(row.name)
     if not KEY_PATTERN.match(key):
         field = "key" if row.key is not None else "name"
@@ -54,12 +58,15 @@ def audience_from_row(row: sa.Row[Any]) -> Audience:
 def load_audiences(conn: sa.Connection) -> tuple[list[Audience], dict[int, str]]:
     """Enabled audiences, and the problems of the invalid ones by audience id.
 
-    Keys are compared across all rows, disabled ones too: a disabled audience still owns its key.
+    Keys are compared across all rows, disabled ones too: a disabled audience still owns its key. The row
+    that stored a key in audiences.key keeps it: a new audience whose name gives the same key is refused.
     """
     rows = conn.execute(sa.select(audiences).order_by(audiences.c.id)).all()
-    by_key: dict[str, list[str]] = {}
+    by_key: dict[str, list[sa.Row[Any]]] = {}
     for row in rows:
-        by_key.setdefault(row.key if row.key is not None else derive_key(row.name), []).append(repr(row.name))
+        key = row.key if row.key is not None else row.name
+        if isinstance(key, str):  # a row of other data is refused below
+            by_key.setdefault(row.key if row.key is not None else derive_key(row.name), []).append(row)
     valid: list[Audience] = []
     problems: dict[int, str] = {}
     for row in rows:
@@ -70,13 +77,20 @@ def load_audiences(conn: sa.Connection) -> tuple[list[Audience], dict[int, str]]
         except ConfigError as exc:
             problems[row.id] = str(exc)
             continue
-        if len(by_key[audience.key]) > 1:
-            names = ", ".join(by_key[audience.key])
+        sharing = by_key[audience.key]
+        owner = next((other for other in sharing if other.key is not None), None)
+        if len(sharing) == 1 or (owner is not None and owner.id == row.id):
+            valid.append(audience)
+        elif owner is not None:
+            problems[row.id] = (
+                f"{audience}: key {audience.key!r} (from name) belongs to audience {owner.name!r} "
+                f"(id {owner.id}); set audiences.key"
+            )
+        else:
+            names = ", ".join(repr(other.name) for other in sharing)
             problems[row.id] = (
                 f"{audience}: key {audience.key!r} is shared by audiences {names}; set audiences.key"
             )
-        else:
-            valid.append(audience)
     return valid, problems
 
 
@@ -297,7 +311,8 @@ def _over_query(audience: Audience, select_list: str, prefix: str = "", suffix: 
     more statements (`...) AS x; COMMIT; DELETE ...`); SQLite's driver refuses those anyway.
     """
     query = _escaped(audience.query.strip().rstrip(";"))
-    return sa.text(f"{prefix}SELECT {select_list} FROM ({query}) AS q WHERE :one = 1{suffix}").bindparams(
+    # the line break ends a `-- comment` on the query's last line
+    return sa.text(f"{prefix}SELECT {select_list} FROM ({query}\n) AS q WHERE :one = 1{suffix}").bindparams(
         one=1
     )
 

@@ -88,7 +88,9 @@ class Runner:
         """One cycle over the selected audiences, concurrently; returns a result per connection."""
         with self.engine.connect() as conn:
             valid, problems = load_audiences(conn)
-            names = {row.id: row.name for row in conn.execute(sa.select(audiences.c.id, audiences.c.name))}
+            names = {  # str(): a name of other data (bytes on SQLite) is shown, its row reported invalid
+                row.id: str(row.name) for row in conn.execute(sa.select(audiences.c.id, audiences.c.name))
+            }
             destination_names = set(conn.scalars(sa.select(destinations.c.name)))
         for asked, known, what in (
             (options.audiences, set(names.values()), "audience"),
@@ -339,31 +341,34 @@ class Runner:
                 f"{audience.name} -> {destination.name}", total=numbers.entries + numbers.exits
             )
         last_failure: str | None = None  # the reason of the last change not accepted, for the run's error
-        for value in (True, False):
-            for page in diff.batches(value, destination.limits.max_in_flight):
-                counts["entered" if value else "exited"] += len(page)
-                outcomes = self._deliver(connection, destination, page, delivery, options)
-                if self.progress is not None and task is not None:
-                    self.progress.advance(task, len(page))
-                for outcome in outcomes:
-                    counts[outcome.status] = counts.get(outcome.status, 0) + 1
-                    if outcome.status == "failed":
-                        last_failure = outcome.reason
-                if delivery:
-                    state.record(conn, audience.id, connection.destination_id, outcomes, self.now())
-                    conn.commit()
-                    if self.stopping.is_set() and not delivery.stopped:
-                        delivery.stopped = "interrupted by shutdown"
-                    if lost.is_set() and not delivery.stopped:
-                        delivery.stopped = "stopped: the audience's lease was lost"
-                    if delivery.stopped:
-                        break
-            if delivery and delivery.stopped:
-                break
         error: str | None = None
-        if delivery and delivery.stopped:
+        try:
+            for value in (True, False):
+                for page in diff.batches(value, destination.limits.max_in_flight):
+                    counts["entered" if value else "exited"] += len(page)
+                    outcomes = self._deliver(connection, destination, page, delivery, options)
+                    if self.progress is not None and task is not None:
+                        self.progress.advance(task, len(page))
+                    for outcome in outcomes:
+                        counts[outcome.status] = counts.get(outcome.status, 0) + 1
+                        if outcome.status == "failed":
+                            last_failure = outcome.reason
+                    if delivery:
+                        state.record(conn, audience.id, connection.destination_id, outcomes, self.now())
+                        conn.commit()
+                        if self.stopping.is_set() and not delivery.stopped:
+                            delivery.stopped = "interrupted by shutdown"
+                        if lost.is_set() and not delivery.stopped:
+                            delivery.stopped = "stopped: the audience's lease was lost"
+                        if delivery.stopped:
+                            break
+                if delivery and delivery.stopped:
+                    break
+        except SourceError as exc:  # a staged row the driver cannot read: the pages before it are recorded
+            error = str(exc)
+        if error is None and delivery and delivery.stopped:
             error = f"{delivery.stopped}; {counts['failed']} changes stay pending for the next run"
-        elif counts["failed"]:
+        elif error is None and counts["failed"]:
             failed = "1 change was" if counts["failed"] == 1 else f"{counts['failed']} changes were"
             error = f"{failed} not accepted and will be sent again on the next run (last: {last_failure})"
         if not error and not options.dry_run:

@@ -6,6 +6,7 @@ run into another temporary table (`sync_stage_diff`) and read from it in keyset 
 not grow with the audience.
 """
 
+import sqlite3
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -15,6 +16,7 @@ from typing import Any, NamedTuple
 import sqlalchemy as sa
 
 from sync.destinations import Outcome
+from sync.errors import SourceError
 from sync.messages import Change
 from sync.tables import (
     sync_connections,
@@ -183,7 +185,15 @@ class Diff:
         statement = STAGED if self.fresh else RESENT if self.resend else ENTRIES_PAGE if value else EXITS_PAGE
         params = {**self.ids, "after": after, "limit": limit}
         with self.reads.turn() as conn, conn.execute(statement, params) as result:
-            return list(result.cursor.fetchall())
+            try:
+                return list(result.cursor.fetchall())
+            except sqlite3.OperationalError as exc:  # SQLite stores any bytes as text; reading checks them
+                if "decode" not in str(exc):  # not the check of the text read
+                    raise
+                raise SourceError(
+                    f"the query returned a user_id or trait value that is not UTF-8 text ({exc}); "
+                    "make it return text, e.g. hex() of a BLOB"
+                ) from None
 
     def changes(self, rows: list[tuple[Any, ...]], value: bool) -> list[Change]:
         """`Change`s from rows of `page`."""

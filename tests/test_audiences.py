@@ -85,7 +85,7 @@ def test_a_key_set_by_hand_fixes_an_underivable_name(config: Config) -> None:
     assert [(a.id, a.key) for a in valid] == [(fixed, "bangs")]
 
 
-def test_duplicate_keys_are_a_configuration_error_for_both(config: Config) -> None:
+def test_a_derived_key_shared_is_an_error_for_all_and_a_stored_key_keeps_its_owner(config: Config) -> None:
     first = config.audience("VIP Customers", "SELECT 1 AS user_id")
     second = config.audience("VIPCustomers", "SELECT 2 AS user_id")
     by_hand = config.audience("Something Else", "SELECT 3 AS user_id", key="high_value_customers")
@@ -94,13 +94,15 @@ def test_duplicate_keys_are_a_configuration_error_for_both(config: Config) -> No
 
     valid, problems = load(config.engine)
 
-    assert [a.id for a in valid] == [other]
-    assert set(problems) == {first, second, by_hand, derived}
+    assert [a.id for a in valid] == [by_hand, other]  # an audience added later cannot take a stored key
+    assert set(problems) == {first, second, derived}
     for audience_id in (first, second):
         assert "'vip_customers'" in problems[audience_id]
         assert "'VIP Customers'" in problems[audience_id] and "'VIPCustomers'" in problems[audience_id]
-    for audience_id in (by_hand, derived):
-        assert "'high_value_customers'" in problems[audience_id]
+    assert problems[derived] == (
+        f"audience 'High-Value Customers' (id {derived}): key 'high_value_customers' (from name) belongs "
+        f"to audience 'Something Else' (id {by_hand}); set audiences.key"
+    )
 
 
 def test_a_disabled_audience_still_owns_its_key(config: Config) -> None:

@@ -385,7 +385,8 @@ def test_bad_colliding_and_changed_keys(state_url: str, config: Config, customer
     customers.add("u1")
     with EverflowServer() as everflow:
         destination = everflow_destination(config, everflow, event_mapping={**EVENTS, "Keyed Entered": 13})
-        config.connect(config.audience("Healthy", Customers.QUERY), destination)
+        healthy = config.audience("Healthy", Customers.QUERY)
+        config.connect(healthy, destination)
         empty = config.audience("!!!", Customers.QUERY)
         upper = config.audience("VIP Customers", Customers.QUERY)
         lower = config.audience("vip customers", Customers.QUERY)
@@ -412,6 +413,13 @@ def test_bad_colliding_and_changed_keys(state_url: str, config: Config, customer
         expected["Order Completed"] = (
             f"audience 'Order Completed' (id {keyed}): key changed from 'order_completed' to "
             "'something_else' after syncing to 'Everflow'; set audiences.key back to 'order_completed'"
+        )
+        # a new audience whose name gives the key the synced one stored: the newcomer is refused
+        newcomer = config.audience("HEALTHY!", Customers.QUERY)
+        config.connect(newcomer, destination)
+        expected["HEALTHY!"] = (
+            f"audience 'HEALTHY!' (id {newcomer}): key 'healthy' (from name) belongs to audience 'Healthy' "
+            f"(id {healthy}); set audiences.key"
         )
         customers.add("u2")
         second = run_cli(state_url, "run")
@@ -583,3 +591,31 @@ def test_nan_and_infinite_traits_arrive_as_text(
     assert {k: message["traits"][k] for k in expected} == expected
     strict = json.loads(preview.stdout, parse_constant=lambda token: pytest.fail(f"{token} in the preview"))
     assert {k: strict["message"]["traits"][k] for k in expected} == expected
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)  # Postgres refuses such bytes as text
+def test_bytes_where_text_belongs_fail_only_their_audience(
+    state_url: str, config: Config, customers: Customers
+) -> None:
+    customers.add("u1", "u2")
+    with EverflowServer() as everflow:
+        destination = everflow_destination(config, everflow)
+        # a comment on the query's last line must not swallow what audience-sync wraps around it
+        config.connect(config.audience("Healthy", Customers.QUERY + " -- the VIPs"), destination)
+        blob_ids = config.audience("Blob Ids", "SELECT X'FF00FE' AS user_id, 'tid-b' AS transaction_id")
+        config.connect(blob_ids, destination)
+        config.sql("INSERT INTO audiences (name, query) VALUES (X'426c6f62', 'SELECT 1 AS user_id')")
+        blob_name = int(config.sql("SELECT max(id) FROM audiences")[0][0])
+        config.connect(blob_name, destination)
+
+        result = run_cli(state_url, "run")
+        rows = status(state_url)
+
+    clean(result)
+    assert result.returncode == 1, result.stderr
+    assert everflow.accepted == {("tid-u1", "7"): 1, ("tid-u2", "7"): 1}
+    assert rows[("Healthy", "Everflow")]["last_run"]["outcome"] == "ok"
+    not_text = "the query returned a user_id or trait value that is not UTF-8 text"
+    assert f"Blob Ids' (id {blob_ids}) -> Everflow: failed" in result.stderr
+    broken(rows, "Blob Ids", "Everflow", "failed", not_text)
+    assert f"audiences row id={blob_name} (b'Blob'): name holds bytes data, not text" in result.stderr
