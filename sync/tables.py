@@ -69,6 +69,7 @@ destinations = sa.Table(
     sa.Column("api_key_env", sa.Text),
     _json_column("settings"),
     _enabled(),
+    sqlite_autoincrement=True,  # SQLite: a new row never takes a deleted one's id (and its leftover rows)
 )
 
 audiences = sa.Table(
@@ -80,6 +81,7 @@ audiences = sa.Table(
     sa.Column("query", sa.Text, nullable=False),
     sa.Column("schedule", sa.Text),
     _enabled(),
+    sqlite_autoincrement=True,  # SQLite: a new row never takes a deleted one's id (and its leftover rows)
 )
 
 audience_destinations = sa.Table(

@@ -1,10 +1,15 @@
 """Migrations on both backends: upgrade (command and plain Alembic), no drift, downgrade, defaults."""
 
+import contextlib
 import os
+import sqlite3
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
+import pytest
 import sqlalchemy as sa
 from alembic import command
 
@@ -115,3 +120,196 @@ def test_unmigrated_database_makes_status_exit_2(empty_url: str) -> None:
     assert database.describe(empty_url) in done.stderr  # names the database it looked at
     assert "Traceback" not in done.stderr
     assert not table_names(empty_url) - {"alembic_version"}  # and did not quietly create the schema
+
+
+# 0003: audiences.id and destinations.id AUTOINCREMENT on SQLite.
+NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+
+
+def alembic(url: str, *args: str) -> None:
+    """The `alembic` command from the repository root, as an operator runs it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SYNC_")}
+    env["SYNC_DATABASE_URL"] = url
+    done = subprocess.run(
+        [ALEMBIC, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def fill_every_table(url: str) -> None:
+    """Rows in every table, the configuration ones written as an operator does (plain SQL, database ids)."""
+    engine = database.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            for i in (1, 2, 3):
+                conn.exec_driver_sql(f"INSERT INTO destinations (name, kind) VALUES ('D{i}', 'everflow')")
+                conn.exec_driver_sql(
+                    f"INSERT INTO audiences (name, query) VALUES ('A{i}', 'SELECT 1 AS user_id')"
+                )
+            pairs = conn.execute(
+                sa.select(tables.audiences.c.id, tables.destinations.c.id).select_from(
+                    tables.audiences.join(tables.destinations, sa.true())
+                )
+            ).all()
+            assert len(pairs) == 9
+            for a, d in pairs:
+                both = {"audience_id": a, "destination_id": d}
+                conn.execute(sa.insert(tables.audience_destinations).values(**both))
+                conn.execute(
+                    sa.insert(tables.sync_connections).values(**both, key=f"k{a}", initial_completed_at=NOW)
+                )
+                for user in ("u1", "u2"):
+                    conn.execute(
+                        sa.insert(tables.sync_state).values(
+                            **both, user_id=user, member=True, traits="{}", changes=1, accepted_at=NOW
+                        )
+                    )
+                conn.execute(
+                    sa.insert(tables.sync_rejections).values(
+                        **both, user_id="u3", value=True, traits="{}", reason="bad email", rejected_at=NOW
+                    )
+                )
+                conn.execute(
+                    sa.insert(tables.sync_runs).values(**both, started_at=NOW, finished_at=NOW, outcome="ok")
+                )
+            for a in {a for a, _ in pairs}:
+                conn.execute(
+                    sa.insert(tables.sync_leases).values(audience_id=a, owner="host:1", expires_at=NOW)
+                )
+    finally:
+        engine.dispose()
+
+
+def every_row(url: str) -> dict[str, list[tuple[Any, ...]]]:
+    engine = database.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return {
+                name: sorted(tuple(row) for row in conn.execute(sa.select(table)))
+                for name, table in tables.metadata.tables.items()
+            }
+    finally:
+        engine.dispose()
+
+
+def sqlite_schema(url: str) -> dict[str, str]:
+    with contextlib.closing(sqlite3.connect(sa.make_url(url).database or "")) as conn:
+        return dict(conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table'").fetchall())
+
+
+def autoincrement_tables(url: str) -> set[str]:
+    return {name for name, sql in sqlite_schema(url).items() if "AUTOINCREMENT" in sql}
+
+
+@pytest.fixture
+def url_at_0002(empty_url: str) -> str:
+    """A database migrated to 0002 by the `alembic` command, with rows in every table."""
+    alembic(empty_url, "upgrade", "0002")
+    fill_every_table(empty_url)
+    return empty_url
+
+
+def test_0003_keeps_every_row_of_every_table(url_at_0002: str) -> None:
+    before = every_row(url_at_0002)
+    assert all(before.values()), [name for name, rows in before.items() if not rows]  # every table is tested
+
+    done = run_cli(url_at_0002, "db", "upgrade")
+
+    assert done.returncode == 0, done.stderr
+    assert every_row(url_at_0002) == before
+
+
+def test_0003_downgrade_keeps_every_row_and_drops_autoincrement(url_at_0002: str) -> None:
+    before = every_row(url_at_0002)
+    assert run_cli(url_at_0002, "db", "upgrade").returncode == 0
+
+    alembic(url_at_0002, "downgrade", "0002")
+
+    assert every_row(url_at_0002) == before
+    if url_at_0002.startswith("sqlite"):
+        assert autoincrement_tables(url_at_0002) == set()
+        with contextlib.closing(sqlite3.connect(sa.make_url(url_at_0002).database or "")) as conn:
+            assert conn.execute("SELECT name FROM sqlite_sequence").fetchall() == []
+    assert run_cli(url_at_0002, "db", "upgrade").returncode == 0  # and up again
+    assert every_row(url_at_0002) == before
+
+
+def test_sqlite_tables_and_migrations_agree_on_autoincrement(tmp_path: Path) -> None:
+    # `alembic check` does not compare sqlite_autoincrement, so compare the DDL SQLite keeps.
+    migrated, created = f"sqlite:///{tmp_path / 'migrated.db'}", f"sqlite:///{tmp_path / 'created.db'}"
+    database.upgrade(migrated)
+    engine = database.create_engine(created)
+    tables.metadata.create_all(engine)
+    engine.dispose()
+
+    assert autoincrement_tables(migrated) == autoincrement_tables(created) == {"audiences", "destinations"}
+
+
+def shell_delete_highest_and_insert(path: str, table: str, insert: str) -> tuple[int, int]:
+    """What an operator does in the sqlite3 shell (foreign keys off): delete the newest row, add another."""
+    with contextlib.closing(sqlite3.connect(path)) as shell:
+        assert shell.execute("PRAGMA foreign_keys").fetchone() == (0,)
+        (deleted,) = shell.execute(f"SELECT max(id) FROM {table}").fetchone()
+        shell.execute(f"DELETE FROM {table} WHERE id = ?", (deleted,))
+        new = shell.execute(insert).lastrowid
+        shell.commit()
+    assert new is not None
+    return deleted, new
+
+
+SHELL_INSERTS = {
+    "destinations": "INSERT INTO destinations (name, kind) VALUES ('New', 'refersion')",
+    "audiences": "INSERT INTO audiences (name, query) VALUES ('New', 'SELECT 1 AS user_id')",
+}
+
+
+@pytest.mark.parametrize("table", SHELL_INSERTS)
+def test_sqlite_id_of_a_row_deleted_in_the_shell_is_not_reused(table: str, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    alembic(url, "upgrade", "0002")
+    fill_every_table(url)
+    assert run_cli(url, "db", "upgrade").returncode == 0
+
+    deleted, new = shell_delete_highest_and_insert(str(tmp_path / "state.db"), table, SHELL_INSERTS[table])
+
+    assert new > deleted
+    assert not inherited(url, table, new)
+
+
+@pytest.mark.parametrize("table", SHELL_INSERTS)
+def test_sqlite_rows_orphaned_before_0003_are_not_inherited_either(table: str, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    alembic(url, "upgrade", "0002")
+    fill_every_table(url)
+    with contextlib.closing(sqlite3.connect(tmp_path / "state.db")) as shell:
+        (orphaned,) = shell.execute(f"SELECT max(id) FROM {table}").fetchone()
+        shell.execute(f"DELETE FROM {table} WHERE id = ?", (orphaned,))  # its rows elsewhere stay behind
+        shell.commit()
+    before = every_row(url)
+    assert inherited(url, table, orphaned)  # the orphans the sequence has to step over
+
+    assert run_cli(url, "db", "upgrade").returncode == 0
+    _, new = shell_delete_highest_and_insert(str(tmp_path / "state.db"), table, SHELL_INSERTS[table])
+
+    assert new > orphaned
+    assert not inherited(url, table, new)
+    after = every_row(url)
+    assert {name: rows for name, rows in after.items() if name != table} == {
+        name: rows for name, rows in before.items() if name != table
+    }  # the migration kept the orphans (deleting them is the operator's call)
+
+
+def inherited(url: str, table: str, row_id: int) -> list[str]:
+    """The tables holding rows that name `table`'s `row_id`."""
+    column = {"destinations": "destination_id", "audiences": "audience_id"}[table]
+    engine = database.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return [
+                child.name
+                for child in tables.metadata.tables.values()
+                if column in child.c
+                and conn.scalar(sa.select(sa.func.count()).where(child.c[column] == row_id))
+            ]
+    finally:
+        engine.dispose()
