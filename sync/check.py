@@ -31,7 +31,7 @@ def find_problems(conn: sa.Connection, source: sa.Engine, timeout: float) -> tup
             found.append(str(exc))
         for row in connection_rows(conn, audience.id):
             checked += 1
-            if not row.enabled or row.id in broken_destinations:
+            if row.enabled is False or row.id in broken_destinations:  # None: missing, reported below
                 continue
             try:
                 load_connection(conn, audience, row)

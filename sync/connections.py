@@ -13,7 +13,8 @@ from sync.tables import audience_destinations, destination_columns, destinations
 
 
 def connection_rows(conn: sa.Connection, audience_id: int) -> list[sa.Row[Any]]:
-    """The enabled connections of an audience, each with its destination's columns (settings as text)."""
+    """The enabled connections of an audience, each with its destination's columns (settings as text; all
+    None when the destination row is missing, deleted while SQLite's foreign keys were off)."""
     ad = audience_destinations
     return list(
         conn.execute(
@@ -22,10 +23,18 @@ def connection_rows(conn: sa.Connection, audience_id: int) -> list[sa.Row[Any]]:
                 sa.cast(ad.c.settings, sa.Text).label("connection_settings"),
                 *destination_columns(),
             )
-            .join(destinations, destinations.c.id == ad.c.destination_id)
+            .outerjoin(destinations, destinations.c.id == ad.c.destination_id)
             .where(ad.c.audience_id == audience_id, ad.c.enabled)
             .order_by(destinations.c.name)
         ).all()
+    )
+
+
+def missing_destination(audience_name: str, destination_id: int) -> str:
+    """The problem of a connection whose destination row is gone (SQLite, foreign keys off)."""
+    return (
+        f"audience_destinations row ({audience_name!r}, destination_id={destination_id}): no destinations "
+        "row has that id (deleted while foreign keys were off?); delete this row"
     )
 
 
@@ -33,6 +42,8 @@ def load_connection(
     conn: sa.Connection, audience: Audience, row: sa.Row[Any], allow_new_key: bool = False
 ) -> tuple[Connection, Destination]:
     """Validate one connection row and its destination; raises ConfigError naming the row and field."""
+    if row.id is None:
+        raise ConfigError(missing_destination(audience.name, row.destination_id))
     destination = load_destination(row, row.settings_text)
     where = f"audience_destinations row ({audience.name!r}, {row.name!r})"
     connection = Connection.from_settings(

@@ -24,6 +24,9 @@ from sync.errors import AuthError, FatalError, RetriableError
 log = logging.getLogger(__name__)
 RETRY_AFTER_CAP = 60.0
 REASON_MAX = 300
+ANSWER_MAX = 1024 * 1024  # bytes of an answer read; the documented APIs answer with small JSON bodies
+TOO_LARGE = f"answer of more than {ANSWER_MAX // 1024 // 1024} MiB, not read"
+FRAMING = ("content-encoding", "content-length", "transfer-encoding")  # of the body as it came, not as read
 
 
 class RateLimiter:
@@ -99,9 +102,7 @@ class Sender:
     def _attempt(self, call: Call) -> list[Outcome]:
         self.limiter.wait()
         try:
-            response = self.client.request(
-                call.method, call.url, params=call.params, json=call.json, headers=call.headers
-            )
+            response = self._request(call)
         except httpx.TimeoutException:
             raise RetriableError(f"no answer within {self.limits.timeout:g}s") from None
         except httpx.TransportError as exc:
@@ -115,6 +116,29 @@ class Sender:
                 self.limiter.pause(min(exc.retry_after, RETRY_AFTER_CAP))
             raise
         return call.read(call, response)
+
+    def _request(self, call: Call) -> httpx.Response:
+        """The answer to `call`, its body read up to ANSWER_MAX bytes.
+
+        A longer answer stands as unreadable: its body is replaced by a note saying so, which the readers
+        show as the reason of an error status and cannot take for the body of a success.
+        """
+        with self.client.stream(
+            call.method, call.url, params=call.params, json=call.json, headers=call.headers
+        ) as streamed:
+            body = bytearray()
+            for chunk in streamed.iter_bytes():
+                body += chunk
+                if len(body) > ANSWER_MAX:  # leaving the block closes the response and drops its connection
+                    break
+        headers = [(k, v) for k, v in streamed.headers.multi_items() if k.lower() not in FRAMING]
+        if len(body) > ANSWER_MAX:
+            headers = [(k, v) for k, v in headers if k.lower() != "content-type"]
+            headers.append(("Content-Type", "text/plain"))
+            body = bytearray(TOO_LARGE.encode())
+        return httpx.Response(
+            streamed.status_code, headers=headers, content=bytes(body), request=streamed.request
+        )
 
     def send(self, call: Call) -> list[Outcome]:
         """Send one call with retries; AuthError propagates, other errors become outcomes."""

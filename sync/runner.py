@@ -256,7 +256,7 @@ class Runner:
         for row in rows:
             if options.destinations and row.name not in options.destinations:
                 continue
-            if not row.enabled:
+            if row.enabled is False:  # None: the destination row is missing, which load_connection reports
                 log.info(
                     "%s: destination %r is disabled; skipped",
                     audience,
@@ -268,6 +268,9 @@ class Runner:
                 connection, destination = load_connection(conn, audience, row, allow_new_key=options.resend)
             except ConfigError as exc:
                 log.error("%s", exc, extra={"action": "connection_invalid"})
+                if row.id is None:  # no destination to record a run for: status shows it by itself
+                    invalid.append(Result(audience.name, None, "invalid", error=str(exc)))
+                    continue
                 invalid.append(
                     self._finish(
                         audience,

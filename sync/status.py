@@ -7,22 +7,24 @@ import sqlalchemy as sa
 from rich.console import Console
 from rich.table import Table
 
+from sync.connections import missing_destination
 from sync.settings import Cadence, Settings
 from sync.tables import sync_runs
 
 CONNECTIONS = sa.text("""
     SELECT a.id AS audience_id, a.name AS audience, a.schedule, a.enabled AS audience_enabled,
-           d.id AS destination_id, d.name AS destination, d.enabled AS destination_enabled,
+           ad.destination_id, d.name AS destination, d.enabled AS destination_enabled,
            ad.enabled AS connection_enabled,
            (SELECT count(*) FROM sync_state s
-            WHERE s.audience_id = a.id AND s.destination_id = d.id AND s.member = true) AS accepted_members,
+            WHERE s.audience_id = a.id AND s.destination_id = ad.destination_id AND s.member = true)
+           AS accepted_members,
            (SELECT count(*) FROM sync_rejections r
-            WHERE r.audience_id = a.id AND r.destination_id = d.id) AS rejected_users,
+            WHERE r.audience_id = a.id AND r.destination_id = ad.destination_id) AS rejected_users,
            c.initial_completed_at
     FROM audience_destinations ad
     JOIN audiences a ON a.id = ad.audience_id
-    JOIN destinations d ON d.id = ad.destination_id
-    LEFT JOIN sync_connections c ON c.audience_id = a.id AND c.destination_id = d.id
+    LEFT JOIN destinations d ON d.id = ad.destination_id
+    LEFT JOIN sync_connections c ON c.audience_id = a.id AND c.destination_id = ad.destination_id
     ORDER BY a.name, d.name
 """)
 
@@ -55,7 +57,7 @@ def connection_status(conn: sa.Connection, settings: Settings) -> list[dict[str,
         rows.append(
             {
                 "audience": row.audience,
-                "destination": row.destination,
+                "destination": row.destination or f"id {row.destination_id} (missing)",
                 "enabled": bool(row.audience_enabled and row.destination_enabled and row.connection_enabled),
                 "members": own_run and own_run["members"],  # as of its last run
                 "accepted_members": row.accepted_members,
@@ -78,7 +80,9 @@ def connection_status(conn: sa.Connection, settings: Settings) -> list[dict[str,
                     )
                 },
                 "next_run": next_run,
-                "last_error": run and run["error"],
+                "last_error": run and run["error"]
+                if row.destination is not None
+                else missing_destination(row.audience, row.destination_id),
             }
         )
     return rows

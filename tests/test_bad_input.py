@@ -6,6 +6,7 @@ by the loopback server), and that `audience-sync status --json` keeps the reason
 """
 
 import json
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -151,8 +152,16 @@ def test_bad_destination_rows(backend: str, state_url: str, config: Config, cust
 
         everflow_base = {"tracking_domain": "https://t.example.com", "network_id": "1"}
         for name, settings, message in [
-            ("Huge Rate", '"rate_limit": 1e400', "settings.rate_limit must be a number from 0.001 to 10000"),
-            ("Tiny Rate", '"rate_limit": 1e-300', "settings.rate_limit must be a number from 0.001 to 10000"),
+            (
+                "Huge Rate",
+                '"rate_limit": 1e400',
+                "settings.rate_limit must be a number from 0.001 to 1,000,000",
+            ),
+            (
+                "Tiny Rate",
+                '"rate_limit": 1e-300',
+                "settings.rate_limit must be a number from 0.001 to 1,000,000",
+            ),
             ("Many In Flight", '"max_in_flight": 100000', "settings.max_in_flight must be a whole number"),
             (
                 "Bad Port",
@@ -173,7 +182,7 @@ def test_bad_destination_rows(backend: str, state_url: str, config: Config, cust
             bad(name, "everflow", json.dumps(everflow_base)[:-1] + ", " + settings + "}", message)
         if backend == "sqlite":  # JSONB refuses NaN at INSERT
             nan = json.dumps(everflow_base)[:-1] + ', "timeout": NaN}'
-            bad("NaN Timeout", "everflow", nan, "settings.timeout must be a number from 0.001 to 3600")
+            bad("NaN Timeout", "everflow", nan, "settings.timeout must be a number from 0.001 to 3,600")
         # a key read from a file ends in a newline: the blanks around a key are dropped
         config.sql("UPDATE destinations SET api_key = :k WHERE id = :id", k=" pub.sec\n", id=good_refersion)
 
@@ -476,6 +485,35 @@ def test_connection_to_disabled_destination_is_skipped(
         row = rows[(audience, "Refersion")]
         assert row["enabled"] is False and row["last_run"] is None and row["last_error"] is None, row
     assert rows[("Healthy", "Everflow")]["last_run"]["outcome"] == "ok"
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)  # elsewhere foreign keys forbid it
+def test_connection_to_a_missing_destination_is_named(
+    state_url: str, config: Config, customers: Customers
+) -> None:
+    customers.add("u1")
+    with EverflowServer() as everflow:
+        healthy = config.audience("Healthy", Customers.QUERY)
+        config.connect(healthy, everflow_destination(config, everflow))
+        gone = config.destination("Gone", "everflow", {"tracking_domain": everflow.url, "network_id": "1"})
+        config.connect(healthy, gone)
+        with sqlite3.connect(sa.make_url(state_url).database or "") as shell:  # foreign keys off by default
+            shell.execute("DELETE FROM destinations WHERE id = ?", (gone,))
+
+        result = run_cli(state_url, "run")
+        check = run_cli(state_url, "check")
+        rows = status(state_url)
+
+    clean(result, check)
+    message = (
+        f"audience_destinations row ('Healthy', destination_id={gone}): no destinations row has that id "
+        "(deleted while foreign keys were off?); delete this row"
+    )
+    assert result.returncode == 1 and message in result.stderr, result.stderr
+    assert check.returncode == 2 and message in check.stdout, check.stdout
+    assert everflow.accepted == {("tid-u1", "7"): 1}  # the audience's other connection synced
+    assert rows[("Healthy", "Everflow")]["last_run"]["outcome"] == "ok"
+    assert any(message in (row["last_error"] or "") for row in rows.values()), rows
 
 
 # ------------------------------------------------------------------------------------------------------------

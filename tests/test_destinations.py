@@ -743,6 +743,115 @@ def test_failing_pages_give_up_across_send_all_calls(make_delivery: MakeDelivery
         assert len(server.requests) < 40
 
 
+# Delivery: answers too large to read
+
+MIB = 1024 * 1024
+TOO_LARGE = "answer of more than 1 MiB, not read"
+
+
+class CountingTransport(httpx.HTTPTransport):
+    """The real HTTP transport, counting the answer bytes the client took from the network."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.received = 0
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = super().handle_request(request)
+        assert isinstance(response.stream, httpx.SyncByteStream)
+        response.stream = _Counted(response.stream, self)
+        return response
+
+
+class _Counted(httpx.SyncByteStream):
+    def __init__(self, stream: httpx.SyncByteStream, transport: CountingTransport) -> None:
+        self.stream = stream
+        self.transport = transport
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self.stream:
+            self.transport.received += len(chunk)
+            yield chunk
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+@pytest.mark.parametrize(
+    ("status", "outcome", "reason"),
+    [
+        (400, "rejected", f"HTTP 400: {TOO_LARGE}"),
+        (502, "failed", f"gave up after 3 attempts: HTTP 502: {TOO_LARGE}"),
+    ],
+)
+def test_answer_too_large_is_not_read(status: int, outcome: str, reason: str) -> None:
+    """An answer of many MB gets a short reason, is not read whole, and leaves the Sender working."""
+    transport = CountingTransport()
+    with EverflowServer() as server:
+        dest = everflow(server)
+        sender = Sender(dest, httpx.Client(transport=transport, timeout=5))
+        try:
+            server.fault(status, json.dumps({"error": "x" * (16 * MIB)}), times=3)
+            delivery = Delivery(sender)
+            first = send(dest, delivery, [member("u1")])["u1"]
+            assert (first.status, first.reason) == (outcome, reason)
+            attempts = len(server.requests)
+            assert transport.received <= attempts * (MIB + 64 * 1024)
+            server.clear_faults()
+            assert send(dest, delivery, [member("u2")])["u2"].status == "accepted"
+            assert server.accepted == {("tid-u2", "11"): 1}
+        finally:
+            sender.close()
+
+
+@pytest.mark.parametrize(("extra", "reason"), [(0, "HTTP 400: no good"), (1, f"HTTP 400: {TOO_LARGE}")])
+def test_answer_of_exactly_1_mib_is_read(make_delivery: MakeDelivery, extra: int, reason: str) -> None:
+    with EverflowServer() as server:
+        body = '{"error": "no good"}'
+        server.fault(400, body + " " * (MIB - len(body) + extra))
+        dest = everflow(server)
+        outcome = send(dest, make_delivery(dest), [member("u1")])["u1"]
+        assert (outcome.status, outcome.reason) == ("rejected", reason)
+
+
+def test_refersion_create_answer_too_large_is_not_accepted(make_delivery: MakeDelivery) -> None:
+    """An id at the head of an answer too large to read is not taken: the affiliate stays pending."""
+    with RefersionServer() as server:
+        server.fault(200, json.dumps({"id": "a999", "link": "x", "message": "x" * (8 * MIB)}))
+        dest = refersion(server)
+        outcome = send(dest, make_delivery(dest), [member("u1")])["u1"]
+        assert outcome.status == "failed"
+        assert outcome.remote_id is None
+        assert len(server.requests) == 1
+
+
+def test_chunked_answers_are_read_up_to_the_bound() -> None:
+    """Without Content-Length: a small answer in chunks is read whole, a huge one only up to 1 MiB."""
+    pulled = 0
+
+    def huge() -> Iterator[bytes]:  # 64 MiB, finite so that a client reading it all still ends
+        nonlocal pulled
+        for _ in range(1024):
+            pulled += 1
+            yield b"x" * 65536
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if json.loads(request.content)["unique_merchant_id"] == "u1":
+            return httpx.Response(200, content=iter([b'{"id": "a7", ', b'"message": "Affiliate created"}']))
+        return httpx.Response(400, content=huge())
+
+    dest = destination("refersion", {"api_base": "http://127.0.0.1:9/v2", **FAST}, api_key="pub.sec")
+    sender = Sender(dest, httpx.Client(transport=httpx.MockTransport(handler)))
+    try:
+        outcomes = send(dest, Delivery(sender), [member("u1")])
+        assert (outcomes["u1"].status, outcomes["u1"].remote_id) == ("accepted", "a7")
+        outcomes = send(dest, Delivery(sender), [member("u2")])
+        assert (outcomes["u2"].status, outcomes["u2"].reason) == ("rejected", f"HTTP 400: {TOO_LARGE}")
+        assert pulled == 17  # 16 chunks make 1 MiB; the 17th goes past it
+    finally:
+        sender.close()
+
+
 # Delivery: secrets
 
 

@@ -167,7 +167,7 @@ class Destination:
         self.settings = settings
         self.api_key = api_key
         self.limits = Limits(
-            rate_limit=self._number("rate_limit", self.default_rate_limit, 10_000),
+            rate_limit=self._number("rate_limit", self.default_rate_limit, 1_000_000),
             max_in_flight=self._count("max_in_flight", 32, 1_000),
             timeout=self._number("timeout", 10, 3_600),
             max_attempts=self._count("max_attempts", 5, 100),
@@ -176,12 +176,12 @@ class Destination:
         )
         self.transport = SegmentTransport(self) if settings.get("transport") == "segment" else None
 
-    def _number(self, name: str, default: float, most: float) -> float:
+    def _number(self, name: str, default: float, most: int) -> float:
         value = self.settings.get(name, default)
         # a range test, which also refuses NaN, infinities and integers too large for a float
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0.001 <= value <= most:
             raise ConfigError(
-                f"{self.where}: settings.{name} must be a number from 0.001 to {most:g}, "
+                f"{self.where}: settings.{name} must be a number from 0.001 to {most:,}, "
                 f"not {reprlib.repr(value)}"
             )
         return float(value)
