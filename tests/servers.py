@@ -149,6 +149,7 @@ class FakeServer:
         self._faults: collections.deque[tuple[Response, float]] = collections.deque()
         self._resets = 0
         self._after_accepting: collections.deque[float | str] = collections.deque()
+        self.unanswered = 0  # requests accepted whose answer was then dropped or delayed (accept_then)
         self._connections: dict[socket.socket, threading.Thread] = {}  # open connections and their handlers
         self.rate_limit = rate_limit
         self._httpd = _HTTPServer(self)
@@ -246,8 +247,10 @@ class FakeServer:
                 return (429, b"", {"Retry-After": "1"}), self.delay, 0.0
             if self.fail_ratio and self._random.random() < self.fail_ratio:
                 return (503, b"", {}), self.delay, 0.0
-            after = self._after_accepting.popleft() if self._after_accepting else 0.0
-            return None, self.delay, after
+            if not self._after_accepting:
+                return None, self.delay, 0.0
+            self.unanswered += 1
+            return None, self.delay, self._after_accepting.popleft()
 
     def _take_token(self) -> bool:
         if self._rate_limit is None:
