@@ -224,6 +224,20 @@ def test_everflow_required_settings(field: str) -> None:
         destination("everflow", settings)
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "error"),
+    [
+        ("network_id", {"a": 1}, "settings.network_id must be a number, not {'a': 1}"),
+        ("network_id", True, "settings.network_id must be a number, not True"),
+        ("verification_token", ["tok"], "settings.verification_token must be text"),
+    ],
+)
+def test_everflow_settings_of_the_wrong_type(field: str, value: object, error: str) -> None:
+    settings = {"tracking_domain": "https://track.example.com", "network_id": "1", field: value}
+    with pytest.raises(ConfigError, match=re.escape(error)):
+        destination("everflow", settings)
+
+
 def test_everflow_tracking_domain_rules() -> None:
     with pytest.raises(ConfigError, match=r"tracking_domain.*https://"):
         destination("everflow", {"tracking_domain": "http://track.example.com", "network_id": 1})

@@ -29,10 +29,14 @@ class Everflow(Destination):
                 settings.get("tracking_domain"), f"{self.where}: settings.tracking_domain"
             )
             network_id = settings.get("network_id")
-            if network_id in (None, "") or isinstance(network_id, bool):
+            if network_id in (None, ""):
                 raise ConfigError(f"{self.where}: settings.network_id is required")
+            if isinstance(network_id, bool) or not isinstance(network_id, int | str):
+                raise ConfigError(f"{self.where}: settings.network_id must be a number, not {network_id!r}")
             self.network_id = str(network_id)
             self.verification_token = settings.get("verification_token")
+            if not isinstance(self.verification_token, str | int | None):
+                raise ConfigError(f"{self.where}: settings.verification_token must be text")
 
     def secrets(self) -> list[str]:
         token = self.settings.get("verification_token")
