@@ -39,7 +39,13 @@ def _selection(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="audience-sync", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="audience-sync",
+        description="Sync audiences defined as SQL queries to Everflow and Refersion: "
+        "what entered since the last run as true, what left as false.",
+        epilog="The state database is SYNC_DATABASE_URL (default sqlite:///audience-sync.db); "
+        "docs/operator-guide.md covers production.",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     db = commands.add_parser("db", help="state database schema").add_subparsers(
         dest="db_command", required=True
