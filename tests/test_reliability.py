@@ -9,13 +9,14 @@ import socket
 import subprocess
 import time
 from collections import Counter
+from collections.abc import Callable
 
 import httpx
 import pytest
 import sqlalchemy as sa
 
 from tests.conftest import Config, Customers, run_cli, start_cli
-from tests.servers import EverflowServer, RefersionServer, SegmentServer
+from tests.servers import EverflowServer, FakeServer, RefersionServer, SegmentServer
 from tests.tcp_proxy import TcpProxy
 from tests.test_e2e import EVENTS
 
@@ -348,6 +349,34 @@ def _closed_port() -> int:
 
 
 @pytest.mark.parametrize("fault", FAULTS)
+def _run_through(
+    state_url: str, server: FakeServer, fault: str, fix: Callable[[str], None] = lambda _: None
+) -> None:
+    """`run` until a run succeeds (at most 4), fixing what an operator would fix after a failed one."""
+    exits = []
+    for _ in range(4):
+        result = run_cli(state_url, "run")
+        assert "Traceback" not in result.stderr
+        exits.append(result.returncode)
+        if result.returncode == 0:
+            return
+        if fault in STOPPING:
+            assert STOPPING[fault] in result.stderr
+            server.clear_faults()  # the key or URL was fixed: the destination accepts again
+        fix(result.stderr)
+    raise AssertionError(f"no run succeeded: exit statuses {exits}")
+
+
+FAST_RETRIES = {
+    "timeout": 0.5,
+    "backoff_initial": 0.05,
+    "backoff_max": 0.2,
+    "max_in_flight": 4,
+    "rate_limit": 50,
+}
+
+
+@pytest.mark.parametrize("fault", FAULTS)
 def test_fault_matrix_every_change_accepted_once(
     state_url: str, config: Config, customers: Customers, fault: str
 ) -> None:
@@ -358,34 +387,60 @@ def test_fault_matrix_every_change_accepted_once(
             "tracking_domain": everflow.url,
             "network_id": "1",
             "event_mapping": EVENTS,
-            "timeout": 0.5,
-            "backoff_initial": 0.05,
-            "backoff_max": 0.2,
-            "max_in_flight": 4,
-            "rate_limit": 50,
+            **FAST_RETRIES,
         }
         refused = fault == "connection refused until it comes up"
         closed = {**settings, "tracking_domain": f"http://127.0.0.1:{_closed_port()}"}
         destination = config.destination("Everflow", "everflow", closed if refused else settings)
         config.connect(config.audience("VIP", Customers.QUERY), destination)
         FAULTS[fault](everflow)
-        exits = []
-        for _ in range(4):
-            result = run_cli(state_url, "run")
-            assert "Traceback" not in result.stderr
-            exits.append(result.returncode)
-            if result.returncode == 0:
-                break
-            if fault in STOPPING:
-                assert STOPPING[fault] in result.stderr
-                everflow.clear_faults()  # the key or URL was fixed: the destination accepts again
+
+        def came_up(stderr: str) -> None:
             if refused:
-                assert "connection failed (ConnectError)" in result.stderr
-                config.sql("UPDATE destinations SET settings = :s", s=json.dumps(settings))  # it came up
-        assert exits[-1] == 0, exits
+                assert "connection failed (ConnectError)" in stderr
+                config.sql("UPDATE destinations SET settings = :s", s=json.dumps(settings))
+
+        _run_through(state_url, everflow, fault, came_up)
         # server-side: every entry accepted, nothing else; twice only what was accepted but never answered
         assert set(everflow.accepted) == {(f"tid-{u}", "7") for u in users}
         assert sum(everflow.accepted.values()) - len(users) == AMBIGUOUS.get(fault, 0)
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        "a share of 503s",
+        "500 and 502 bursts",
+        "429 with Retry-After",
+        "connections reset",
+        "401 for everything",
+    ],
+)
+def test_refersion_fault_matrix_entries_and_exits_accepted_once(
+    state_url: str, config: Config, customers: Customers, fault: str
+) -> None:
+    users = [f"u{i:02d}" for i in range(12)]
+    customers.add(*users)
+    with RefersionServer() as refersion:
+        settings = {"api_base": refersion.url + "/v2", "on_exit": "disable", **FAST_RETRIES}
+        config.connect(
+            config.audience("VIP", Customers.QUERY),
+            config.destination("Refersion", "refersion", settings, api_key="pub.sec"),
+        )
+        FAULTS[fault](refersion)
+        _run_through(state_url, refersion, fault)
+        ids = {a["unique_merchant_id"]: affiliate_id for affiliate_id, a in refersion.affiliates.items()}
+        assert refersion.accepted == {(u, "new"): 1 for u in users} and sorted(ids) == users
+
+        leaving = users[:5]  # under the mass-exit guard's half
+        customers.move(*leaving, segment="lapsed")
+        FAULTS[fault](refersion)
+        _run_through(state_url, refersion, fault)
+        # server-side: each affiliate created once, each leaver disabled once, nobody else touched
+        assert refersion.accepted == {
+            **{(u, "new"): 1 for u in users},
+            **{(ids[u], "DISABLED"): 1 for u in leaving},
+        }
 
 
 def _connect_refersion(config: Config, refersion: RefersionServer, **settings: str) -> None:
