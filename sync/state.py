@@ -19,6 +19,7 @@ from sync.destinations import Outcome
 from sync.errors import SourceError
 from sync.messages import Change
 from sync.tables import (
+    audiences,
     sync_connections,
     sync_leases,
     sync_rejections,
@@ -349,12 +350,13 @@ def record_run(conn: sa.Connection, run: dict[str, Any]) -> None:
 
 def last_run_times(conn: sa.Connection) -> dict[int, datetime]:
     """When each audience last started a run (the daemon resumes its cadence from there)."""
-    rows = conn.execute(
-        sa.select(sync_runs.c.audience_id, sa.func.max(sync_runs.c.started_at)).group_by(
-            sync_runs.c.audience_id
-        )
-    ).all()
-    return {audience_id: started for audience_id, started in rows}
+    last_start = (  # per audience, an index lookup; a GROUP BY would read the whole history each reload
+        sa.select(sa.func.max(sync_runs.c.started_at))
+        .where(sync_runs.c.audience_id == audiences.c.id)
+        .scalar_subquery()
+    )
+    rows = conn.execute(sa.select(audiences.c.id, last_start)).all()
+    return {audience_id: started for audience_id, started in rows if started is not None}
 
 
 def acquire_lease(conn: sa.Connection, audience_id: int, owner: str, ttl: float, now: datetime) -> str | None:

@@ -122,7 +122,7 @@ sync_runs = sa.Table(
     "sync_runs",
     metadata,
     sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("audience_id", sa.ForeignKey("audiences.id", ondelete="CASCADE"), nullable=False, index=True),
+    sa.Column("audience_id", sa.ForeignKey("audiences.id", ondelete="CASCADE"), nullable=False),
     _destination_fk(primary_key=False),
     sa.Column("started_at", UTCDateTime, nullable=False),
     sa.Column("finished_at", UTCDateTime, nullable=False),
@@ -142,6 +142,9 @@ sync_runs = sa.Table(
         )
     ),
     sa.Column("error", sa.Text),
+    # an audience's last start, which the daemon reads every reload, is one index lookup however long
+    # the history
+    sa.Index("ix_sync_runs_audience_id_started_at", "audience_id", "started_at"),
 )
 
 sync_rejections = sa.Table(
