@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/soak.py --seconds 120 [--audiences 50] [--backend sqlite|postgres]
 
-Faults: 5% of requests answer 503, and each second brings, at random, a dropped connection, a 429 with
-Retry-After, or a request accepted whose answer never arrives (the daemon cannot know it was accepted).
+Faults: 5% of requests answer 503, and about one second in three queues one of: a dropped connection, a 429
+with Retry-After, or a request accepted whose answer never arrives (the daemon cannot know it was accepted).
 Reports cycles run, overlapping runs of one audience (must be 0), changes lost (must be 0), duplicate
 deliveries (same messageId accepted twice: must not exceed the requests accepted but never answered), the
 daemon's peak RSS (VmHWM) after start-up and at the end, and its RSS every 30 s.
@@ -154,6 +154,8 @@ def soak(
     if daemon.returncode != 0:
         tail = Path(log.name).read_text().splitlines()[-20:]
         print(f"the daemon exited {daemon.returncode}; the end of its log ({log.name}):", *tail, sep="\n")
+    else:
+        Path(log.name).unlink()
 
     with engine.connect() as conn:
         runs = conn.execute(

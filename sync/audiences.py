@@ -64,9 +64,9 @@ def load_audiences(conn: sa.Connection) -> tuple[list[Audience], dict[int, str]]
     rows = conn.execute(sa.select(audiences).order_by(audiences.c.id)).all()
     by_key: dict[str, list[sa.Row[Any]]] = {}
     for row in rows:
-        key = row.key if row.key is not None else row.name
-        if isinstance(key, str):  # a row of other data is refused below
-            by_key.setdefault(row.key if row.key is not None else derive_key(row.name), []).append(row)
+        source = row.key if row.key is not None else row.name
+        if isinstance(source, str):  # a row of other data is refused below
+            by_key.setdefault(source if row.key is not None else derive_key(source), []).append(row)
     valid: list[Audience] = []
     problems: dict[int, str] = {}
     for row in rows:

@@ -237,7 +237,7 @@ def _explain(engine: sa.Engine, settings: Settings, user_id: str, as_json: bool)
             accepted,
             "" if rejection is None else f"{str(rejection['value']).lower()}: {rejection['reason']}",
         )
-    Console(markup=False).print(table)  # names, user ids and reasons are data: their brackets are no markup
+    Console(markup=False, emoji=False).print(table)  # names, user ids and reasons are data, shown as is
     return 0
 
 

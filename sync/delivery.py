@@ -74,6 +74,7 @@ class Sender:
             reverse=True,
         )
         self.client = client or httpx.Client(
+            headers={"Accept-Encoding": "identity"},  # a compressed answer could inflate far past ANSWER_MAX
             timeout=limits.timeout,
             limits=httpx.Limits(
                 max_connections=limits.max_in_flight, max_keepalive_connections=limits.max_in_flight
@@ -109,6 +110,8 @@ class Sender:
             raise RetriableError(f"connection failed ({type(exc).__name__})") from None
         except httpx.HTTPError as exc:  # e.g. a body that cannot be decoded; its text may hold the URL
             raise RetriableError(f"unreadable answer ({type(exc).__name__})") from None
+        except ValueError as exc:  # a message JSON cannot carry; traits_json should have made it text
+            raise FatalError(f"the message cannot be sent as JSON ({exc})") from None
         try:
             raise_for_retry_or_auth(response)
         except RetriableError as exc:

@@ -7,7 +7,7 @@ SyncError                  root: the CLI prints one line for these, no traceback
 └── DestinationError       a destination did not accept a request (status, scrubbed text)
     ├── RetriableError     408, 429, 5xx but 501, timeouts, connection errors
     └── FatalError         anything else that is not 2xx: the message is rejected
-        └── AuthError      401/403: stop the whole destination for this run
+        └── AuthError      401/403 or a redirect: stop the whole destination for this run
 """
 
 
@@ -49,4 +49,4 @@ class FatalError(DestinationError):
 
 
 class AuthError(FatalError):
-    """The destination refused the credentials."""
+    """The destination refused the request as a whole (credentials, a moved URL): stop it for this run."""

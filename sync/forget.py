@@ -44,7 +44,7 @@ def forget_user(engine: sa.Engine, user_id: str, now: datetime) -> tuple[list[di
                 conn.execute(
                     sa.delete(table).where(table.c.user_id == user_id, table.c.destination_id.not_in(failed))
                 )
-    except sa.exc.OperationalError as exc:  # a read-only or locked SQLite file, a lost connection
+    except sa.exc.DBAPIError as exc:  # a read-only or locked file, a read-only Postgres, a lost connection
         return report, f"the state database failed: {exc.orig}"
     return report, None
 

@@ -12,8 +12,10 @@ from sync import __version__
 from sync.errors import ConfigError
 
 TYPES = ("identify", "track")
-# SQLite's json_object writes an infinite number as Inf (not JSON); strings are matched to be skipped
-SQLITE_INFINITY = re.compile(r'("(?:[^"\\]|\\.)*")|(-?)Inf\b')
+# SQLite's json_object writes an infinite number as Inf (3.40) or 9.0e+999 (later versions), which Python
+# would read as a float no message can carry; strings are matched so that they are skipped
+SQLITE_INFINITY = re.compile(r'("(?:[^"\\]|\\.)*")|(-?)(?:Inf\b|(?<![\d.])9\.0e\+999\b)')
+DECODER = json.JSONDecoder(parse_constant=str)  # NaN, Infinity and -Infinity tokens become that text
 
 
 @dataclass(slots=True)  # not frozen, and slots: the diff builds millions, frozen ones take 4x as long
@@ -32,11 +34,10 @@ class Change:
     def traits(self) -> dict[str, Any]:
         """Current traits for an entry; the traits last sent for an exit (decoded when first used)."""
         if self._traits is None:
-            try:
-                self._traits = json.loads(self.traits_text)
-            except ValueError:  # an infinite number staged by SQLite: as text, like the other paths
-                text = SQLITE_INFINITY.sub(lambda m: m[1] or f'"{m[2]}Infinity"', self.traits_text)
-                self._traits = json.loads(text)
+            text = self.traits_text
+            if "Inf" in text or "e+999" in text:  # rare; the substring tests spare the others the regex
+                text = SQLITE_INFINITY.sub(lambda m: m[1] or f'"{m[2]}Infinity"', text)
+            self._traits = DECODER.decode(text)
         return self._traits
 
 
@@ -122,13 +123,17 @@ def traits_json(traits: dict[str, Any]) -> str:
     try:
         return json.dumps(traits, sort_keys=True, default=str, ensure_ascii=False, allow_nan=False)
     except ValueError:
-        finite = {k: _non_finite_text(v) for k, v in traits.items()}
-        return json.dumps(finite, sort_keys=True, default=str, ensure_ascii=False)
+        return json.dumps(_finite(traits), sort_keys=True, default=str, ensure_ascii=False, allow_nan=False)
 
 
-def _non_finite_text(value: Any) -> Any:
+def _finite(value: Any) -> Any:
+    """`value` with every non-finite float, however deep in lists and objects, as text."""
     if isinstance(value, float) and not math.isfinite(value):
         return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
     return value
 
 

@@ -6,6 +6,7 @@ run into another temporary table (`sync_stage_diff`) and read from it in keyset 
 not grow with the audience.
 """
 
+import re
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator
@@ -191,9 +192,10 @@ class Diff:
             except sqlite3.OperationalError as exc:  # SQLite stores any bytes as text; reading checks them
                 if "decode" not in str(exc):  # not the check of the text read
                     raise
+                column = re.search(r"column '(\w+)'", str(exc))  # not the text: it holds a member's data
                 raise SourceError(
-                    f"the query returned a user_id or trait value that is not UTF-8 text ({exc}); "
-                    "make it return text, e.g. hex() of a BLOB"
+                    f"the query returned a value that is not UTF-8 text (staged in column "
+                    f"{column[1] if column else '?'}); make it return text, e.g. hex() of a BLOB"
                 ) from None
 
     def changes(self, rows: list[tuple[Any, ...]], value: bool) -> list[Change]:

@@ -56,9 +56,14 @@ def connection_status(conn: sa.Connection, settings: Settings) -> list[dict[str,
                 next_run += f" to {started + timedelta(seconds=cadence.high):%H:%M}"
         rows.append(
             {
-                "audience": row.audience,
+                "audience": str(row.audience),  # str(): a name of other data (bytes on SQLite) is shown
                 "destination": row.destination or f"id {row.destination_id} (missing)",
-                "enabled": bool(row.audience_enabled and row.destination_enabled and row.connection_enabled),
+                # a missing destination is not a disabled one: last_error says what it is
+                "enabled": bool(
+                    row.audience_enabled
+                    and row.connection_enabled
+                    and (row.destination is None or row.destination_enabled)
+                ),
                 "members": own_run and own_run["members"],  # as of its last run
                 "accepted_members": row.accepted_members,
                 "rejected_users": row.rejected_users,
@@ -80,7 +85,7 @@ def connection_status(conn: sa.Connection, settings: Settings) -> list[dict[str,
                     )
                 },
                 "next_run": next_run,
-                "last_error": run and run["error"]
+                "last_error": (run and run["error"])
                 if row.destination is not None
                 else missing_destination(row.audience, row.destination_id),
             }
@@ -129,4 +134,4 @@ def render(rows: list[dict[str, Any]]) -> None:
             row["next_run"] or "-",
             row["last_error"] or "",
         )
-    Console(markup=False).print(table)  # names and errors are data: their brackets are no markup
+    Console(markup=False, emoji=False).print(table)  # names and errors are data: no markup, no :emoji:

@@ -503,8 +503,11 @@ def test_connection_to_a_missing_destination_is_named(
         result = run_cli(state_url, "run")
         check = run_cli(state_url, "check")
         rows = status(state_url)
+        table = run_cli(state_url, "status", env={"COLUMNS": "250"})
 
-    clean(result, check)
+    clean(result, check, table)
+    assert table.returncode == 0 and f"id {gone} (missing)" in table.stdout, table.stdout
+    assert "disabled" not in table.stdout  # a missing destination is not a disabled one
     message = (
         f"audience_destinations row ('Healthy', destination_id={gone}): no destinations row has that id "
         "(deleted while foreign keys were off?); delete this row"
@@ -648,12 +651,14 @@ def test_bytes_where_text_belongs_fail_only_their_audience(
 
         result = run_cli(state_url, "run")
         rows = status(state_url)
+        table = run_cli(state_url, "status", env={"COLUMNS": "250"})
 
-    clean(result)
+    clean(result, table)
+    assert table.returncode == 0 and "b'Blob'" in table.stdout, table.stdout
     assert result.returncode == 1, result.stderr
     assert everflow.accepted == {("tid-u1", "7"): 1, ("tid-u2", "7"): 1}
     assert rows[("Healthy", "Everflow")]["last_run"]["outcome"] == "ok"
-    not_text = "the query returned a user_id or trait value that is not UTF-8 text"
+    not_text = "the query returned a value that is not UTF-8 text (staged in column user_id)"
     assert f"Blob Ids' (id {blob_ids}) -> Everflow: failed" in result.stderr
     broken(rows, "Blob Ids", "Everflow", "failed", not_text)
     assert f"audiences row id={blob_name} (b'Blob'): name holds bytes data, not text" in result.stderr

@@ -227,9 +227,10 @@ def test_everflow_required_settings(field: str) -> None:
 @pytest.mark.parametrize(
     ("field", "value", "error"),
     [
-        ("network_id", {"a": 1}, "settings.network_id must be a number, not {'a': 1}"),
-        ("network_id", True, "settings.network_id must be a number, not True"),
+        ("network_id", {"a": 1}, "settings.network_id must be a whole number or text, not {'a': 1}"),
+        ("network_id", True, "settings.network_id must be a whole number or text, not True"),
         ("verification_token", ["tok"], "settings.verification_token must be text"),
+        ("verification_token", True, "settings.verification_token must be text"),
     ],
 )
 def test_everflow_settings_of_the_wrong_type(field: str, value: object, error: str) -> None:
@@ -461,7 +462,9 @@ def test_refersion_ids_not_changed_stay_pending(make_delivery: MakeDelivery) -> 
         assert server.affiliates[stuck]["status"] == "ACTIVE"
 
 
-@pytest.mark.parametrize("body", ['{"ids_changed": 5}', '["a001"]', "null", "<html></html>"])
+@pytest.mark.parametrize(
+    "body", ['{"ids_changed": 5}', '{"ids_changed": "a001"}', '["a001"]', "null", "<html></html>"]
+)
 def test_refersion_status_change_answer_of_another_shape_stays_pending(
     make_delivery: MakeDelivery, body: str
 ) -> None:

@@ -84,6 +84,11 @@ def test_non_finite_numbers_become_text_as_postgres_writes_them() -> None:
     expected = {"a": "NaN", "b": "Infinity", "c": "-Infinity", "d": 1.5, "e": "NaN"}
     assert json.loads(traits_json(traits)) == expected  # strict JSON: json.loads would take NaN too
     assert "NaN," not in traits_json(traits) and "Infinity," not in traits_json(traits)
-    # SQLite's json_object writes an infinite number as a bare Inf; a string that says Inf stays as it is
+    nested = {"scores": [1.0, float("nan")], "by_day": {"mon": float("-inf")}}
+    assert json.loads(traits_json(nested)) == {"scores": [1.0, "NaN"], "by_day": {"mon": "-Infinity"}}
+    # SQLite's json_object writes an infinite number as a bare Inf (3.40) or as 9.0e+999 (later versions);
+    # a string that says so stays as it is, and so does a number that only ends like one
     staged = Change("u1", True, '{"b":Inf,"c":-Inf,"d":1.5,"Inf":"x:Inf,\\"Inf"}', 0)
     assert staged.traits == {"b": "Infinity", "c": "-Infinity", "d": 1.5, "Inf": 'x:Inf,"Inf'}
+    later = Change("u1", True, '{"b":9.0e+999,"c":-9.0e+999,"d":[NaN],"e":"9.0e+999","f":1.5e+99}', 0)
+    assert later.traits == {"b": "Infinity", "c": "-Infinity", "d": ["NaN"], "e": "9.0e+999", "f": 1.5e99}

@@ -348,7 +348,6 @@ def _closed_port() -> int:
         return int(probe.getsockname()[1])
 
 
-@pytest.mark.parametrize("fault", FAULTS)
 def _run_through(
     state_url: str, server: FakeServer, fault: str, fix: Callable[[str], None] = lambda _: None
 ) -> None:

@@ -32,10 +32,12 @@ class Everflow(Destination):
             if network_id in (None, ""):
                 raise ConfigError(f"{self.where}: settings.network_id is required")
             if isinstance(network_id, bool) or not isinstance(network_id, int | str):
-                raise ConfigError(f"{self.where}: settings.network_id must be a number, not {network_id!r}")
+                raise ConfigError(
+                    f"{self.where}: settings.network_id must be a whole number or text, not {network_id!r}"
+                )
             self.network_id = str(network_id)
             self.verification_token = settings.get("verification_token")
-            if not isinstance(self.verification_token, str | int | None):
+            if not isinstance(self.verification_token, str | None):
                 raise ConfigError(f"{self.where}: settings.verification_token must be text")
 
     def secrets(self) -> list[str]:

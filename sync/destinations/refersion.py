@@ -200,9 +200,10 @@ def _read_status_change(call: Call, response: httpx.Response) -> list[Outcome]:
         raise FatalError(error_text(response), response.status_code)
     try:
         body = response.json()
-        changed = {str(i) for i in body.get("ids_changed") or []}
-    except (ValueError, AttributeError, TypeError):  # not JSON, not an object, ids_changed not a list
-        changed = set()
+        ids = body.get("ids_changed")
+    except (ValueError, AttributeError):  # not JSON, not an object
+        ids = None
+    changed = {str(i) for i in ids} if isinstance(ids, list) else set()
     active = call.json["status"] == "ACTIVE"
     return [
         accepted(c, remote_active=active)
