@@ -477,6 +477,17 @@ def test_refersion_status_change_answer_of_another_shape_stays_pending(
         assert "ids_not_changed" in (outcome.reason or "")
 
 
+def test_message_json_cannot_carry_is_rejected_not_raised(make_delivery: MakeDelivery) -> None:
+    with SegmentServer(api_key="k") as server:
+        dest = segment(server)
+        _, [call], _ = prepare(dest, [member("u1")])
+        call.json["traits"]["score"] = float("inf")  # what traits_json turns into text, should one slip by
+        [outcome] = make_delivery(dest).send_all([call])
+        assert outcome.status == "rejected"
+        assert (outcome.reason or "").startswith("the message cannot be sent as JSON")
+        assert server.requests == []
+
+
 def test_refersion_exit_without_affiliate_id_is_rejected(make_delivery: MakeDelivery) -> None:
     with RefersionServer() as server:
         dest = refersion(server, on_exit="disable")
