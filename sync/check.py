@@ -8,11 +8,21 @@ from sync.destinations import load_destination
 from sync.errors import ConfigError, SourceError
 from sync.tables import destination_columns, destinations
 
+# SQLite keeps whatever a shell writes into a BOOLEAN column; 'yes' or 'true' read as false in SQL
+NOT_BOOLEAN = """SELECT {columns}, enabled FROM {table}
+WHERE typeof(enabled) <> 'integer' OR enabled NOT IN (0, 1)"""
+KEYS = {"destinations": "id", "audiences": "id", "audience_destinations": "audience_id, destination_id"}
+
 
 def find_problems(conn: sa.Connection, source: sa.Engine, timeout: float) -> tuple[list[str], int]:
     """Every problem of the enabled rows (keys, settings, credentials, URLs, queries); rows checked."""
     valid, problems = load_audiences(conn)
     found = list(problems.values())
+    if conn.dialect.name == "sqlite":
+        for table, columns in KEYS.items():
+            for *key, enabled in conn.exec_driver_sql(NOT_BOOLEAN.format(table=table, columns=columns)):
+                where = ", ".join(f"{c}={k}" for c, k in zip(columns.split(", "), key, strict=True))
+                found.append(f"{table} row {where}: enabled holds {enabled!r}; set it to 1 or 0")
     rows = conn.execute(
         sa.select(*destination_columns()).where(destinations.c.enabled).order_by(destinations.c.id)
     ).all()

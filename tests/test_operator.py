@@ -36,10 +36,15 @@ def test_check_lists_every_problem_at_once(state_url: str, config: Config, custo
         "SELECT id, :d, '{\"type\": \"page\"}' FROM audiences WHERE name = 'Bad Connection'",
         d=good,
     )
+    sqlite = state_url.startswith("sqlite")
+    if sqlite:  # what an operator types in the sqlite3 shell; SQL reads it as false
+        config.sql("UPDATE audiences SET enabled = 'true' WHERE name = 'VIP'")
     bad = run_cli(state_url, "check")
     assert bad.returncode == 2
     problems = bad.stdout.splitlines()
-    assert len(problems) == 6, bad.stdout
+    assert len(problems) == 6 + sqlite, bad.stdout
+    if sqlite:
+        assert "audiences row id=1: enabled holds 'true'; set it to 1 or 0" in problems
     for expected in (
         "('Plain'): settings.tracking_domain: 'http://track.example.com' must use https://",
         "('Keyless'): api_key_env names 'UNSET_REFERSION_KEY', which is not set or empty",
