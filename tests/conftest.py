@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import uuid
@@ -198,6 +199,13 @@ class Customers:
 @pytest.fixture
 def customers(engine: sa.Engine) -> Customers:
     return Customers(engine)
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now: for a server to start on, or a connection to be refused."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def cli_env(state_url: str, env: dict[str, str] | None = None) -> dict[str, str]:

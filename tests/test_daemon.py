@@ -12,7 +12,7 @@ import pytest
 
 from sync.scheduler import CadenceTrigger
 from sync.settings import Cadence
-from tests.conftest import Config, Customers, run_cli, start_cli
+from tests.conftest import Config, Customers, free_port, run_cli, start_cli
 from tests.servers import EverflowServer
 from tests.test_e2e import everflow_destination
 
@@ -30,12 +30,6 @@ def _wait_for(condition: object, timeout: float) -> None:
     pytest.fail(f"condition not met within {timeout}s")
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def test_daemon_runs_cycles_picks_up_changes_and_stops_on_sigterm(
     state_url: str, config: Config, customers: Customers
 ) -> None:
@@ -43,7 +37,7 @@ def test_daemon_runs_cycles_picks_up_changes_and_stops_on_sigterm(
     with EverflowServer() as everflow:
         audience = config.audience("VIP", Customers.QUERY)
         config.connect(audience, everflow_destination(config, everflow))
-        port = _free_port()
+        port = free_port()
         env = dict(
             SYNC_INTERVAL="2s",
             SYNC_RELOAD_INTERVAL="1s",

@@ -5,7 +5,6 @@ import contextlib
 import json
 import re
 import signal
-import socket
 import subprocess
 import time
 from collections import Counter
@@ -15,7 +14,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from tests.conftest import Config, Customers, run_cli, start_cli
+from tests.conftest import Config, Customers, free_port, run_cli, start_cli
 from tests.servers import EverflowServer, FakeServer, RefersionServer, SegmentServer
 from tests.tcp_proxy import TcpProxy
 from tests.test_e2e import EVENTS
@@ -116,7 +115,7 @@ def test_secrets_never_appear_in_output_logs_or_state(
         outputs.append(run_cli(url, "forget", "u1", env=env))
         outputs.append(run_cli(url, "run", env={**env, "TEST_REFERSION_KEY": f"{public}.wrong"}))
         customers.move("u2", segment="lapsed")
-        port = _closed_port()
+        port = free_port()
         daemon = start_cli(url, "daemon", env={**env, "SYNC_INTERVAL": "1s", "SYNC_METRICS_PORT": str(port)})
         metrics = _wait_for_metrics(port, 'outcome="ok"')
         daemon.send_signal(signal.SIGTERM)
@@ -342,12 +341,6 @@ STOPPING = {
 AMBIGUOUS = {"accepted, then the connection reset": 3, "accepted, answered after the timeout": 3}
 
 
-def _closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def _run_through(
     state_url: str, server: FakeServer, fault: str, fix: Callable[[str], None] = lambda _: None
 ) -> None:
@@ -389,7 +382,7 @@ def test_fault_matrix_every_change_accepted_once(
             **FAST_RETRIES,
         }
         refused = fault == "connection refused until it comes up"
-        closed = {**settings, "tracking_domain": f"http://127.0.0.1:{_closed_port()}"}
+        closed = {**settings, "tracking_domain": f"http://127.0.0.1:{free_port()}"}
         destination = config.destination("Everflow", "everflow", closed if refused else settings)
         config.connect(config.audience("VIP", Customers.QUERY), destination)
         FAULTS[fault](everflow)
