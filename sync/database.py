@@ -15,6 +15,10 @@ from alembic.script import ScriptDirectory
 from sync.errors import StateError
 
 log = logging.getLogger(__name__)
+# Connections kept open for reuse, above what the runner uses at once: a daemon runs up to 4 audiences,
+# each holding one connection for its members, one per destination and one for its lease. A run that
+# opened its own instead would open (on Postgres: start a server process for) several a minute.
+POOL_SIZE = 16
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
 
@@ -54,9 +58,8 @@ def create_engine(url: str) -> sa.Engine:
         if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
             parsed = parsed.set(drivername="postgresql+psycopg")
         in_memory = parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:")
-        # No pool limit to time out on: the runner's threads bound the connections (per running audience,
-        # one holding its members and one per destination, plus the lease heartbeat).
-        pool = {} if in_memory else {"max_overflow": -1}
+        # No pool limit to time out on: the runner's threads bound the connections in use.
+        pool = {} if in_memory else {"pool_size": POOL_SIZE, "max_overflow": -1}
         engine = sa.create_engine(parsed, pool_pre_ping=True, **pool)
     except (sa.exc.ArgumentError, ImportError) as exc:
         raise StateError(f"cannot use database URL {describe(url)}: {exc}") from None

@@ -9,9 +9,12 @@ from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
+import sqlalchemy as sa
 
+from sync.database import POOL_SIZE
+from sync.runner import Options, Runner
 from sync.scheduler import CadenceTrigger
-from sync.settings import Cadence
+from sync.settings import Cadence, Settings
 from tests.conftest import Config, Customers, free_port, run_cli, start_cli
 from tests.servers import EverflowServer
 from tests.test_e2e import everflow_destination
@@ -172,3 +175,25 @@ def test_schedule_too_long_makes_its_audience_invalid_and_the_others_keep_syncin
     assert daemon.returncode == 0 and "Traceback" not in stderr, stderr
     assert f"audiences row id={huge} ('Huge'): schedule: '99999999d' is longer than 365 days" in stderr
     assert _runs(config, huge) == 1
+
+
+def test_runs_reuse_the_state_database_connections(
+    engine: sa.Engine, config: Config, customers: Customers
+) -> None:
+    """Runs take pooled connections instead of opening new ones (on Postgres a server process each)."""
+    opened: list[object] = []
+    sa.event.listen(engine, "connect", lambda dbapi_connection, _record: opened.append(dbapi_connection))
+    customers.add("u1", "u2")
+    with EverflowServer() as everflow:
+        destination = everflow_destination(config, everflow)
+        for n in range(8):
+            config.connect(config.audience(f"Audience {n}", Customers.QUERY), destination)
+        runner = Runner(engine, engine, Settings.from_env())
+        try:
+            results = [result for cycle in range(10) for result in runner.run(Options())]
+        finally:
+            runner.close()
+
+    assert [r.outcome for r in results] == ["ok"] * 80
+    # 80 runs, each with a lease, a connection holding its members and one for the destination
+    assert len(opened) <= POOL_SIZE
