@@ -129,11 +129,15 @@ class Sender:
         with self.client.stream(
             call.method, call.url, params=call.params, json=call.json, headers=call.headers
         ) as streamed:
+            # `timeout` bounds each read; this bounds the body too, which could come a byte at a time forever
+            deadline = time.monotonic() + self.limits.timeout
             body = bytearray()
             for chunk in streamed.iter_bytes():
                 body += chunk
                 if len(body) > ANSWER_MAX:  # leaving the block closes the response and drops its connection
                     break
+                if time.monotonic() > deadline:
+                    raise RetriableError(f"the answer was still arriving after {self.limits.timeout:g}s")
         headers = [(k, v) for k, v in streamed.headers.multi_items() if k.lower() not in FRAMING]
         if len(body) > ANSWER_MAX:
             headers = [(k, v) for k, v in headers if k.lower() != "content-type"]

@@ -1,9 +1,9 @@
 """Loopback HTTP servers that behave like the destination APIs, for unit and end-to-end tests.
 
 Each server records every request, counts what it accepted, and can be made to misbehave: canned responses
-(`fault`), dropped connections (`reset_connection`), requests accepted but answered too late or not at all
-(`accept_then`), a share of 503s (`fail_ratio`), latency (`delay`) and a token-bucket rate limit answering 429
-(`rate_limit`). They emulate only what the platforms' documentation and
+(`fault`, its body sent slowly if asked), dropped connections (`reset_connection`), requests accepted but
+answered too late or not at all (`accept_then`), a share of 503s (`fail_ratio`), latency (`delay`) and a
+token-bucket rate limit answering 429 (`rate_limit`). They emulate only what the platforms' documentation and
 section 6 of DESIGN.md state; what those leave open is kept plain.
 """
 
@@ -98,7 +98,7 @@ class _Handler(BaseHTTPRequestHandler):
             json=_parse_json(body),
             body=body,
         )
-        action, delay, after = fake._admit(rec)
+        action, delay, after, dribble = fake._admit(rec)
         if action == _RESET:
             self._reset()
             return
@@ -121,7 +121,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
             self.close_connection = True
         self.end_headers()
-        self.wfile.write(data)
+        if dribble:  # wfile is unbuffered: each byte goes out on its own
+            for i in range(len(data)):
+                fake._closing.wait(dribble)
+                self.wfile.write(data[i : i + 1])
+        else:
+            self.wfile.write(data)
 
     def _reset(self) -> None:
         # SO_LINGER 0 makes close() send RST: the client sees "connection reset", not a clean EOF.
@@ -146,7 +151,7 @@ class FakeServer:
         self._lock = threading.Lock()
         self._closing = threading.Event()
         self._random = random.Random(0)
-        self._faults: collections.deque[tuple[Response, float]] = collections.deque()
+        self._faults: collections.deque[tuple[Response, float, float]] = collections.deque()
         self._resets = 0
         self._after_accepting: collections.deque[float | str] = collections.deque()
         self.unanswered = 0  # requests accepted whose answer was then dropped or delayed (accept_then)
@@ -179,14 +184,16 @@ class FakeServer:
         headers: dict[str, str] | None = None,
         times: int = 1,
         delay: float = 0.0,
+        dribble: float = 0.0,
     ) -> None:
-        """Answer the next `times` requests with this response instead of handling them."""
+        """Answer the next `times` requests with this response instead of handling them; with `dribble`,
+        send its body one byte at a time, `dribble` seconds apart."""
         data = body.encode() if isinstance(body, str) else body
         headers = dict(headers or {})
         if data and not any(name.lower() == "content-type" for name in headers):
             headers["Content-Type"] = "application/json" if _parse_json(data) is not None else "text/plain"
         with self._lock:
-            self._faults.extend([((status, data, headers), delay)] * times)
+            self._faults.extend([((status, data, headers), delay, dribble)] * times)
 
     def reset_connection(self, times: int = 1) -> None:
         """Drop the connection of the next `times` requests without answering."""
@@ -231,26 +238,27 @@ class FakeServer:
         """The destination's own behaviour; called with the lock held."""
         raise NotImplementedError
 
-    def _admit(self, rec: Recorded) -> tuple[Response | str | None, float, float | str]:
+    def _admit(self, rec: Recorded) -> tuple[Response | str | None, float, float | str, float]:
         """Record the request and pick its answer: reset, a canned response, or None (handle it normally),
-        the delay before it, and what follows handling: a reset or the seconds to wait before answering."""
+        the delay before it, what follows handling (a reset or the seconds to wait before answering), and
+        the seconds between the bytes of the body (0: all at once)."""
         with self._lock:
             self.requests.append(rec)
             if self._resets:
                 self._resets -= 1
-                return _RESET, 0.0, 0.0
+                return _RESET, 0.0, 0.0, 0.0
             if self._faults:
-                response, delay = self._faults.popleft()
-                return response, delay + self.delay, 0.0
+                response, delay, dribble = self._faults.popleft()
+                return response, delay + self.delay, 0.0, dribble
             if not self._take_token():
                 self.throttled += 1
-                return (429, b"", {"Retry-After": "1"}), self.delay, 0.0
+                return (429, b"", {"Retry-After": "1"}), self.delay, 0.0, 0.0
             if self.fail_ratio and self._random.random() < self.fail_ratio:
-                return (503, b"", {}), self.delay, 0.0
+                return (503, b"", {}), self.delay, 0.0, 0.0
             if not self._after_accepting:
-                return None, self.delay, 0.0
+                return None, self.delay, 0.0, 0.0
             self.unanswered += 1
-            return None, self.delay, self._after_accepting.popleft()
+            return None, self.delay, self._after_accepting.popleft(), 0.0
 
     def _take_token(self) -> bool:
         if self._rate_limit is None:
