@@ -15,9 +15,9 @@ from alembic.script import ScriptDirectory
 from sync.errors import StateError
 
 log = logging.getLogger(__name__)
-# Connections kept open for reuse, above what the runner uses at once: a daemon runs up to 4 audiences,
-# each holding one connection for its members, one per destination and one for its lease. A run that
-# opened its own instead would open (on Postgres: start a server process for) several a minute.
+# Connections kept open between runs. The runner uses up to 4 audiences x (1 for the members + 1 per
+# destination) at once, plus brief ones for leases; with fewer kept, each run past them opened (on
+# Postgres: started a server process for) and closed connections of its own.
 POOL_SIZE = 16
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 

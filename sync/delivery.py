@@ -121,28 +121,31 @@ class Sender:
         return call.read(call, response)
 
     def _request(self, call: Call) -> httpx.Response:
-        """The answer to `call`, its body read up to ANSWER_MAX bytes.
+        """The answer to `call`, its body read up to ANSWER_MAX bytes and until `timeout` after the request.
 
-        A longer answer stands as unreadable: its body is replaced by a note saying so, which the readers
-        show as the reason of an error status and cannot take for the body of a success.
+        An answer longer, or slower, stands as unreadable: its body is replaced by a note saying so, which the
+        readers show as the reason of an error status and cannot take for the body of a success.
         """
+        # `timeout` bounds each read; this bounds the body too, which could come a byte at a time forever
+        deadline = time.monotonic() + self.limits.timeout
+        unread = None
         with self.client.stream(
             call.method, call.url, params=call.params, json=call.json, headers=call.headers
         ) as streamed:
-            # `timeout` bounds each read; this bounds the body too, which could come a byte at a time forever
-            deadline = time.monotonic() + self.limits.timeout
             body = bytearray()
             for chunk in streamed.iter_bytes():
                 body += chunk
                 if len(body) > ANSWER_MAX:  # leaving the block closes the response and drops its connection
+                    unread = TOO_LARGE
                     break
                 if time.monotonic() > deadline:
-                    raise RetriableError(f"the answer was still arriving after {self.limits.timeout:g}s")
+                    unread = f"answer still arriving after {self.limits.timeout:g}s, not read"
+                    break
         headers = [(k, v) for k, v in streamed.headers.multi_items() if k.lower() not in FRAMING]
-        if len(body) > ANSWER_MAX:
+        if unread:
             headers = [(k, v) for k, v in headers if k.lower() != "content-type"]
             headers.append(("Content-Type", "text/plain"))
-            body = bytearray(TOO_LARGE.encode())
+            body = bytearray(unread.encode())
         return httpx.Response(
             streamed.status_code, headers=headers, content=bytes(body), request=streamed.request
         )

@@ -725,6 +725,32 @@ def test_timeout_fails_with_a_reason_that_says_so(make_delivery: MakeDelivery) -
         assert len(server.requests) == 2
 
 
+SLOW = "answer still arriving after 0.5s, not read"
+
+
+@pytest.mark.parametrize(
+    ("status", "outcome", "reason"),
+    [
+        (200, "accepted", None),
+        (400, "rejected", f"HTTP 400: {SLOW}"),
+        (401, "failed", f"stopped: credentials refused (HTTP 401: {SLOW})"),
+    ],
+)
+def test_answer_dribbled_past_the_timeout_is_cut_off_and_taken_by_its_status(
+    make_delivery: MakeDelivery, status: int, outcome: str, reason: str | None
+) -> None:
+    """Each byte within the timeout, the whole body far past it: reading stops at `timeout`, the status
+    still decides (Everflow takes any 2xx; a 401 stops the destination), the body is not read."""
+    with EverflowServer() as server:
+        server.fault(status, json.dumps({"error": "x" * 40}), dribble=0.1)  # about 5 s
+        dest = everflow(server, timeout=0.5)
+        started = time.monotonic()
+        got = send(dest, make_delivery(dest), [member("u1")])["u1"]
+        assert time.monotonic() - started < 2
+        assert (got.status, got.reason) == (outcome, reason)
+        assert len(server.requests) == 1
+
+
 def test_most_calls_failing_gives_up_for_the_run(make_delivery: MakeDelivery) -> None:
     with EverflowServer() as server:
         server.fault(500, times=1000)

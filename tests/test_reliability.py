@@ -325,7 +325,6 @@ FAULTS = {
     "rate limited by the server": lambda s: setattr(s, "rate_limit", 8),
     "connections reset": lambda s: s.reset_connection(times=4),
     "slower than the timeout": lambda s: s.fault(200, delay=1.0, times=3),
-    "a body dribbled out past the timeout": lambda s: s.fault(200, body='{"ok": true}', dribble=0.2, times=3),
     "401 for everything": lambda s: s.fault(401, body='{"error": "Invalid API key"}', times=10_000),
     "308 for everything": lambda s: s.fault(308, headers={"Location": "https://moved.example/"}, times=9999),
     "empty 500 bodies": lambda s: s.fault(500, body=b"", times=4),
