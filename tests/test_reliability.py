@@ -9,11 +9,15 @@ import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
 import sqlalchemy as sa
 
+from sync import runner
+from sync.settings import Settings
 from tests.conftest import Config, Customers, free_port, run_cli, start_cli
 from tests.servers import EverflowServer, FakeServer, RefersionServer, SegmentServer
 from tests.tcp_proxy import TcpProxy
@@ -267,6 +271,49 @@ def test_a_second_process_says_a_run_is_in_progress(
         first.communicate(timeout=60)
         assert first.returncode == 0
         assert sorted(Counter(m["userId"] for m in segment.messages).values()) == [1] * 30
+
+
+def test_a_run_that_loses_its_lease_stops_after_the_page_and_the_next_run_resumes(
+    engine: sa.Engine, config: Config, customers: Customers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process took the lease (this one stalled past its expiry): the run stops after the page in
+    flight, and the changes it did not send are sent once by the next run."""
+    monkeypatch.setattr(runner, "LEASE_TTL", 0.4)  # renewed every 0.1 s
+    users = [f"u{i:03d}" for i in range(120)]
+    customers.add(*users)
+    with SegmentServer(api_key="k", delay=0.05) as segment:  # some 40 a second: 3 s for all
+        config.connect(
+            config.audience("VIP", Customers.QUERY),
+            config.destination(
+                "Segment",
+                "everflow",
+                {"transport": "segment", "endpoint": segment.url, "max_in_flight": 2},
+                api_key="k",
+            ),
+        )
+        sync = runner.Runner(engine, engine, Settings.from_env())
+        try:
+            with ThreadPoolExecutor(1) as pool:
+                first = pool.submit(sync.run, runner.Options())
+                deadline = time.monotonic() + 30
+                while len(segment.messages) < 10 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                config.sql(
+                    "UPDATE sync_leases SET owner = 'elsewhere:1', expires_at = :t",
+                    t=datetime.now(UTC) + timedelta(hours=1),
+                )
+                [stopped] = first.result(timeout=30)
+            sent_before = len(segment.messages)
+            assert stopped.outcome == "failed"
+            assert (stopped.error or "").startswith("stopped: the audience's lease was lost;")
+            assert 10 <= sent_before < len(users)
+
+            config.sql("DELETE FROM sync_leases")  # the other process finished
+            [resumed] = sync.run(runner.Options())
+        finally:
+            sync.close()
+    assert resumed.outcome == "ok"
+    assert sorted(Counter(m["userId"] for m in segment.messages).items()) == [(u, 1) for u in users]
 
 
 @pytest.mark.postgres
