@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from sync.errors import ConfigError, SourceError
 from sync.messages import traits_json
 from sync.settings import Cadence
-from sync.tables import audiences, sync_stage, sync_stage_diff
+from sync.tables import audiences, readable_columns, sync_stage, sync_stage_diff
 
 KEY_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
 STAGE_CHUNK = 5000
@@ -61,7 +61,7 @@ def load_audiences(conn: sa.Connection) -> tuple[list[Audience], dict[int, str]]
     Keys are compared across all rows, disabled ones too: a disabled audience still owns its key. The row
     that stored a key in audiences.key keeps it: a new audience whose name gives the same key is refused.
     """
-    rows = conn.execute(sa.select(audiences).order_by(audiences.c.id)).all()
+    rows = conn.execute(sa.select(*readable_columns(audiences)).order_by(audiences.c.id)).all()
     by_key: dict[str, list[sa.Row[Any]]] = {}
     for row in rows:
         source = row.key if row.key is not None else row.name

@@ -11,10 +11,11 @@ from sync.connections import missing_destination
 from sync.settings import Cadence, Settings
 from sync.tables import sync_runs
 
+# `enabled = true`: as the runner reads it (on SQLite a shell may have written 'false' or 'yes')
 CONNECTIONS = sa.text("""
-    SELECT a.id AS audience_id, a.name AS audience, a.schedule, a.enabled AS audience_enabled,
-           ad.destination_id, d.name AS destination, d.enabled AS destination_enabled,
-           ad.enabled AS connection_enabled,
+    SELECT a.id AS audience_id, a.name AS audience, a.schedule, a.enabled = true AS audience_enabled,
+           ad.destination_id, d.name AS destination, d.enabled = true AS destination_enabled,
+           ad.enabled = true AS connection_enabled,
            (SELECT count(*) FROM sync_state s
             WHERE s.audience_id = a.id AND s.destination_id = ad.destination_id AND s.member = true)
            AS accepted_members,

@@ -194,10 +194,19 @@ sync_stage_diff = sa.Table(
 )
 
 
+def readable_columns(table: sa.Table) -> list[sa.ColumnElement[Any]]:
+    """The table's columns, `enabled` read as SQL conditions read it (NULL, a missing row, stays NULL).
+
+    SQLite keeps whatever a shell writes into a BOOLEAN column. A condition reads 'false', 'true' or 2 as
+    not enabled (`enabled = 1`), while the driver would hand Python a string, true in an `if`.
+    """
+    return [(c == sa.true()).label("enabled") if c.name == "enabled" else c for c in table.c]
+
+
 def destination_columns() -> list[sa.ColumnElement[Any]]:
     """The `destinations` columns with settings as raw text: a malformed JSON row must not break the query."""
     return [
-        *(c for c in destinations.c if c.name != "settings"),
+        *(c for c in readable_columns(destinations) if c.name != "settings"),
         sa.cast(destinations.c.settings, sa.Text).label("settings_text"),
     ]
 

@@ -487,6 +487,49 @@ def test_connection_to_disabled_destination_is_skipped(
     assert rows[("Healthy", "Everflow")]["last_run"]["outcome"] == "ok"
 
 
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)  # Postgres refuses such values
+def test_enabled_holding_text_on_sqlite_is_read_as_sql_reads_it(
+    state_url: str, config: Config, customers: Customers
+) -> None:
+    """What a sqlite3 shell user types ('false', 'true') is kept as text. Every reader takes it as SQL does
+    (`enabled = 1`: not enabled), not as Python would (a non-empty string: enabled), and check names it."""
+    customers.add("u1")
+    with EverflowServer() as everflow, EverflowServer() as paused:
+        good = everflow_destination(config, everflow)
+        off = config.destination(
+            "Paused", "everflow", {"tracking_domain": paused.url, "network_id": "1", "event_mapping": EVENTS}
+        )
+        on = config.audience("On", Customers.QUERY)
+        config.connect(on, good)
+        config.connect(on, off)
+        stopped = config.audience("Off", Customers.QUERY)
+        config.connect(stopped, good)
+        typed = config.audience("Typed", Customers.QUERY)
+        config.connect(typed, good)
+        config.sql("UPDATE destinations SET enabled = 'false' WHERE id = :id", id=off)
+        config.sql("UPDATE audiences SET enabled = 'false' WHERE id = :id", id=stopped)
+        config.sql("UPDATE audience_destinations SET enabled = 'true' WHERE audience_id = :id", id=typed)
+
+        result = run_cli(state_url, "run")
+        check = run_cli(state_url, "check")
+        rows = status(state_url)
+
+    clean(result, check)
+    assert result.returncode == 0, result.stderr
+    assert paused.requests == []
+    assert everflow.accepted == {("tid-u1", "7"): 1}  # from 'On' alone
+    assert config.sql("SELECT count(*) FROM sync_runs WHERE audience_id = :id", id=stopped)[0][0] == 0
+    assert f"audience 'On' (id {on}): destination 'Paused' is disabled; skipped" in result.stderr
+    assert [(a, d) for (a, d), row in rows.items() if row["enabled"]] == [("On", "Everflow")]
+    assert check.returncode == 2
+    assert check.stdout.splitlines() == [
+        f"destinations row id={off}: enabled holds 'false'; set it to 1 or 0",
+        f"audiences row id={stopped}: enabled holds 'false'; set it to 1 or 0",
+        f"audience_destinations row audience_id={typed}, destination_id={good}: enabled holds 'true'; "
+        "set it to 1 or 0",
+    ]
+
+
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)  # elsewhere foreign keys forbid it
 def test_connection_to_a_missing_destination_is_named(
     state_url: str, config: Config, customers: Customers
