@@ -24,8 +24,8 @@ def membership(conn: sa.Connection, source: sa.Engine, user_id: str, timeout: fl
 def explain_user(
     conn: sa.Connection, source: sa.Engine, user_id: str, timeout: float
 ) -> list[dict[str, Any]]:
-    """One entry per connection: member now (the audience's query, run for this user), what the
-    destination last accepted, any rejection."""
+    """One entry per connection: whether it syncs, member now (the audience's query, run for this user),
+    what the destination last accepted, any rejection."""
     members = membership(conn, source, user_id, timeout)
     ad, s, r = audience_destinations, sync_state, sync_rejections
     rows = conn.execute(
@@ -33,6 +33,7 @@ def explain_user(
             audiences.c.id.label("audience_id"),
             audiences.c.name.label("audience"),
             destinations.c.name.label("destination"),
+            sa.and_(*(t.c.enabled == sa.true() for t in (audiences, ad, destinations))).label("enabled"),
             s.c.member.label("accepted_member"),
             s.c.accepted_at,
             s.c.changes,
@@ -65,6 +66,7 @@ def explain_user(
             {
                 "audience": row.audience,
                 "destination": row.destination,
+                "enabled": bool(row.enabled),  # the audience, the connection and the destination
                 "member": member if known else None,
                 "member_unknown": None if known else member,
                 "accepted": None if row.accepted_member is None else bool(row.accepted_member),

@@ -88,6 +88,28 @@ def test_explain_shows_membership_and_acceptance(
         table = run_cli(state_url, "explain", "u1", env={"COLUMNS": "300"})
         assert "query failed" in table.stdout
 
+        # a connection that does not sync says so, whichever of its rows is disabled
+        assert [e["enabled"] for e in u1] == [True, True]
+        paused = config.destination(
+            "Paused", "everflow", {"tracking_domain": everflow.url, "network_id": "1"}
+        )
+        config.connect(config.audience("Quiet", Customers.QUERY), destination)
+        config.connect(config.audience("Other", Customers.QUERY), paused)
+        config.sql("UPDATE destinations SET enabled = false WHERE name = 'Paused'")
+        config.sql(
+            "UPDATE audience_destinations SET enabled = false WHERE audience_id = ("
+            "SELECT id FROM audiences WHERE name = 'Quiet')"
+        )
+        u1 = json.loads(run_cli(state_url, "explain", "u1", "--json").stdout)
+        assert {e["audience"]: e["enabled"] for e in u1} == {
+            "Left": True,
+            "Other": False,
+            "Quiet": False,
+            "VIP": True,
+        }
+        table = run_cli(state_url, "explain", "u1", env={"COLUMNS": "300"})
+        assert "Paused (disabled)" in table.stdout and "Everflow (disabled)" in table.stdout
+
 
 @pytest.mark.parametrize("refersion_fails", [False, True])
 def test_forget_tells_each_destination_then_drops_state(
