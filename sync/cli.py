@@ -232,7 +232,7 @@ def _explain(engine: sa.Engine, settings: Settings, user_id: str, as_json: bool)
         rejection = entry["rejection"]
         table.add_row(
             entry["audience"],
-            entry["destination"] + ("" if entry["enabled"] else " (disabled)"),
+            f"{entry['destination']}{'' if entry['enabled'] else ' (disabled)'}",
             entry["member_unknown"] or ("yes" if entry["member"] else "no"),
             accepted,
             "" if rejection is None else f"{str(rejection['value']).lower()}: {rejection['reason']}",
