@@ -3,7 +3,7 @@
 import sqlalchemy as sa
 
 from sync.audiences import load_audiences, probe_query
-from sync.connections import connection_rows, load_connection
+from sync.connections import connection_rows, load_connection, type_warning
 from sync.destinations import load_destination
 from sync.errors import ConfigError, SourceError
 from sync.tables import destination_columns, destinations
@@ -14,10 +14,12 @@ WHERE typeof(enabled) <> 'integer' OR enabled NOT IN (0, 1)"""
 KEYS = {"destinations": "id", "audiences": "id", "audience_destinations": "audience_id, destination_id"}
 
 
-def find_problems(conn: sa.Connection, source: sa.Engine, timeout: float) -> tuple[list[str], int]:
-    """Every problem of the enabled rows (keys, settings, credentials, URLs, queries); rows checked."""
+def find_problems(conn: sa.Connection, source: sa.Engine, timeout: float) -> tuple[list[str], list[str], int]:
+    """Every problem of the enabled rows (keys, settings, credentials, URLs, queries), the warnings (what
+    does not stop a run), and the number of rows checked."""
     valid, problems = load_audiences(conn)
     found = list(problems.values())
+    warnings: list[str] = []
     if conn.dialect.name == "sqlite":
         for table, columns in KEYS.items():
             for *key, enabled in conn.exec_driver_sql(NOT_BOOLEAN.format(table=table, columns=columns)):
@@ -29,7 +31,7 @@ def find_problems(conn: sa.Connection, source: sa.Engine, timeout: float) -> tup
     broken_destinations = set()
     for row in rows:
         try:
-            load_destination(row, row.settings_text)
+            warnings += load_destination(row, row.settings_text).warnings
         except ConfigError as exc:
             found.append(str(exc))
             broken_destinations.add(row.id)
@@ -44,7 +46,11 @@ def find_problems(conn: sa.Connection, source: sa.Engine, timeout: float) -> tup
             if row.enabled is False or row.id in broken_destinations:  # None: missing, reported below
                 continue
             try:
-                load_connection(conn, audience, row)
+                _, destination = load_connection(conn, audience, row)
             except ConfigError as exc:
                 found.append(str(exc))
-    return found, checked
+                continue
+            warning = type_warning(audience, row, destination)
+            if warning:
+                warnings.append(warning)
+    return found, warnings, checked

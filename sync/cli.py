@@ -201,13 +201,18 @@ def _check(engine: sa.Engine, settings: Settings) -> int:
 
     source = _source(engine, settings)
     with engine.connect() as conn:
-        problems, checked = find_problems(conn, source, settings.query_timeout)
+        problems, warnings, checked = find_problems(conn, source, settings.query_timeout)
     for problem in problems:
         print(problem)
+    for warning in warnings:
+        print(f"warning: {warning}")
+    noted = f" and {len(warnings)} warning(s)" if warnings else ""
     if problems:
-        print(f"{len(problems)} problem(s) in {checked} rows checked", file=sys.stderr)
+        print(f"{len(problems)} problem(s){noted} in {checked} rows checked", file=sys.stderr)
         return 2
-    print(f"all {checked} rows are valid; every audience query runs and returns user_id", file=sys.stderr)
+    print(
+        f"all {checked} rows are valid{noted}; every audience query runs and returns user_id", file=sys.stderr
+    )
     return 0
 
 
@@ -224,10 +229,11 @@ def _explain(engine: sa.Engine, settings: Settings, user_id: str, as_json: bool)
     for column in ("audience", "destination", "member now", "destination accepted", "rejection"):
         table.add_column(column)
     for entry in entries:
+        received = " (received by the postback endpoint)" if entry["accepted_means"] == "received" else ""
         accepted = (
             "never sent"
             if entry["accepted"] is None
-            else (f"{str(entry['accepted']).lower()} at {entry['accepted_at']:%Y-%m-%d %H:%M}")
+            else (f"{str(entry['accepted']).lower()}{received} at {entry['accepted_at']:%Y-%m-%d %H:%M}")
         )
         rejection = entry["rejection"]
         table.add_row(

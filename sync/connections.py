@@ -1,5 +1,6 @@
 """Connections: the `audience_destinations` rows of an audience, validated with their destinations."""
 
+import dataclasses
 from typing import Any
 
 import sqlalchemy as sa
@@ -38,6 +39,22 @@ def missing_destination(audience_name: str, destination_id: int) -> str:
     )
 
 
+def connection_where(audience: Audience, row: sa.Row[Any]) -> str:
+    return f"audience_destinations row ({audience.name!r}, {row.name!r})"
+
+
+def type_warning(audience: Audience, row: sa.Row[Any], destination: Destination) -> str | None:
+    """Why a connection's `type` is not what is sent: over the Segment transport the kind decides it."""
+    where = connection_where(audience, row)
+    asked = json_object(row.connection_settings, f"{where}: settings").get("type")
+    if destination.transport is None or asked in (None, destination.segment_type):
+        return None
+    return (
+        f"{where}: settings.type is {asked!r}, but Segment's {destination.kind.capitalize()} destination "
+        f"takes {destination.segment_type} calls only; {destination.segment_type} is sent"
+    )
+
+
 def load_connection(
     conn: sa.Connection, audience: Audience, row: sa.Row[Any], allow_new_key: bool = False
 ) -> tuple[Connection, Destination]:
@@ -45,7 +62,7 @@ def load_connection(
     if row.id is None:
         raise ConfigError(missing_destination(audience.name, row.destination_id))
     destination = load_destination(row, row.settings_text)
-    where = f"audience_destinations row ({audience.name!r}, {row.name!r})"
+    where = connection_where(audience, row)
     connection = Connection.from_settings(
         json_object(row.connection_settings, f"{where}: settings"),
         where,
@@ -54,6 +71,8 @@ def load_connection(
         destination_id=row.id,
         destination_name=row.name,
     )
+    if destination.transport is not None:  # the kind's Segment destination takes one message type
+        connection = dataclasses.replace(connection, type=destination.segment_type)
     synced = state.synced_key(conn, audience.id, row.id)
     if synced is not None and synced != audience.key and not allow_new_key:
         raise ConfigError(

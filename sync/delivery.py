@@ -100,7 +100,7 @@ class Sender:
         backoff = wait_random_exponential(multiplier=self.limits.backoff_initial, max=self.limits.backoff_max)
         return float(backoff(state))
 
-    def _attempt(self, call: Call) -> list[Outcome]:
+    def _attempt(self, call: Call) -> list[Outcome] | Call:
         self.limiter.wait()
         try:
             response = self._request(call)
@@ -151,7 +151,16 @@ class Sender:
         )
 
     def send(self, call: Call) -> list[Outcome]:
-        """Send one call with retries; AuthError propagates, other errors become outcomes."""
+        """Send one call, and the calls its answer leads to, with retries; AuthError propagates, other
+        errors become outcomes."""
+        while True:
+            result = self._send_one(call)
+            if isinstance(result, Call):
+                call = result
+                continue
+            return result
+
+    def _send_one(self, call: Call) -> list[Outcome] | Call:
         retrying = Retrying(
             stop=stop_after_attempt(self.limits.max_attempts),
             wait=self._wait,

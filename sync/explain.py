@@ -1,5 +1,6 @@
 """`audience-sync explain USER_ID`: one user's membership and what each destination last accepted."""
 
+import json
 from typing import Any
 
 import sqlalchemy as sa
@@ -33,6 +34,8 @@ def explain_user(
             audiences.c.id.label("audience_id"),
             audiences.c.name.label("audience"),
             destinations.c.name.label("destination"),
+            destinations.c.kind,
+            sa.cast(destinations.c.settings, sa.Text).label("settings_text"),
             sa.and_(*(t.c.enabled == sa.true() for t in (audiences, ad, destinations))).label("enabled"),
             s.c.member.label("accepted_member"),
             s.c.accepted_at,
@@ -66,6 +69,8 @@ def explain_user(
             {
                 "audience": row.audience,
                 "destination": row.destination,
+                # a postback's 200 says the endpoint received it; Everflow may still reject the conversion
+                "accepted_means": "received" if _postback(row.kind, row.settings_text) else "accepted",
                 "enabled": bool(row.enabled),  # the audience, the connection and the destination
                 "member": member if known else None,
                 "member_unknown": None if known else member,
@@ -82,3 +87,12 @@ def explain_user(
             }
         )
     return entries
+
+
+def _postback(kind: str, settings_text: str | None) -> bool:
+    """Whether a destination sends Everflow postbacks (not the Segment transport); unreadable settings: no."""
+    try:
+        settings = json.loads(settings_text or "{}")
+    except ValueError:
+        return False
+    return kind == "everflow" and isinstance(settings, dict) and settings.get("transport") != "segment"

@@ -24,6 +24,7 @@ def forget_user(engine: sa.Engine, user_id: str, now: datetime) -> tuple[list[di
                 *destination_columns(),
                 sync_state.c.traits,
                 sync_state.c.remote_id,
+                sync_state.c.remote_code,
             )
             .join(sync_state, sync_state.c.destination_id == destinations.c.id)
             .where(sync_state.c.user_id == user_id)
@@ -54,13 +55,15 @@ def _forget_at(row: Any, user_id: str, now: datetime) -> dict[str, Any]:
         destination = load_destination(row, row.settings_text)
     except ConfigError as exc:
         return {"outcome": "failed", "detail": str(exc)}
-    change = Change(user_id, False, row.traits, 0, row.remote_id, True)
-    call = destination.forget(change, delete_message(user_id, row.name, now))
+    change = Change(user_id, False, row.traits, 0, row.remote_id, True, row.remote_code)
+    # Segment's Refersion destination finds the affiliate of a delete by its email
+    email = change.traits.get("email") if destination.kind == "refersion" else None
+    call = destination.forget(change, delete_message(user_id, row.name, now, email=email))
     if call is None:
         return {
             "outcome": "nothing to send",
             "detail": f"{destination.kind} supports no deletion"
-            + ("" if destination.kind != "refersion" else " for a user without a known affiliate id"),
+            + ("" if destination.kind != "refersion" else " for a user without a known affiliate or email"),
         }
     sender = Sender(destination)
     try:

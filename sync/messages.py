@@ -26,8 +26,11 @@ class Change:
     value: bool  # True: entered, False: exited
     traits_text: str  # the traits as stored (JSON): a rejected entry is retried once they change
     changes: int  # how many changes of this user the destination accepted before
-    remote_id: str | None = None  # the destination's own id for the user (Refersion affiliate id)
-    remote_active: bool = True
+    remote_id: str | None = (
+        None  # the destination's own id for the user (Refersion: the numeric affiliate id)
+    )
+    remote_active: bool = True  # False once we disabled it (Refersion)
+    remote_code: str | None = None  # another id the destination gave it (Refersion: the affiliate code)
     _traits: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -137,12 +140,13 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def delete_message(user_id: str, destination_name: str, now: datetime) -> dict[str, Any]:
-    """A Segment `delete` message: the user asked to be forgotten."""
+def delete_message(user_id: str, destination_name: str, now: datetime, email: Any = None) -> dict[str, Any]:
+    """A Segment `delete` message: the user asked to be forgotten (with the user's email when given)."""
     seed = f"delete:{destination_name}:{user_id}"
     return {
         "type": "delete",
         "userId": user_id,
+        **({"email": str(email)} if email not in (None, "") else {}),
         "context": {"library": {"name": "audience-sync", "version": __version__}},
         "integrations": {"All": False, destination_name: True},
         "messageId": "as-" + hashlib.sha256(seed.encode()).hexdigest()[:40],

@@ -48,27 +48,28 @@ _EXITS = f"""
       AND NOT EXISTS (SELECT 1 FROM {sync_stage.name} m WHERE m.user_id = s.user_id)
 """
 
+_REMOTE = "s.changes, s.remote_id, s.remote_active, s.remote_code"  # what a change carries of the state
 PAGE = 2_000  # rows per page: each page is a keyset range of one indexed table; small pages are cheaper
 
 # A connection's diff, written once per run: one evaluation of both anti-joins (paging them directly
 # re-evaluated the joins over the rest of the range for every page).
 DIFF = sa.text(
     f"INSERT INTO {sync_stage_diff.name}"
-    " SELECT :destination_id, true, m.user_id, m.traits, s.changes, s.remote_id, s.remote_active"
+    f" SELECT :destination_id, true, m.user_id, m.traits, {_REMOTE}"
     + _ENTRIES
-    + " UNION ALL SELECT :destination_id, false, s.user_id, s.traits, s.changes, s.remote_id, s.remote_active"
+    + f" UNION ALL SELECT :destination_id, false, s.user_id, s.traits, {_REMOTE}"
     + _EXITS
 )
 
 ENTRIES_PAGE = sa.text(
-    f"SELECT user_id, traits, changes, remote_id, remote_active FROM {sync_stage_diff.name}"
+    f"SELECT user_id, traits, changes, remote_id, remote_active, remote_code FROM {sync_stage_diff.name}"
     " WHERE destination_id = :destination_id AND value = true AND user_id > :after"
     " ORDER BY user_id LIMIT :limit"
 )
 
 # An exit is read with the user's state as it is now: `forget` may have removed the user meanwhile.
 EXITS_PAGE = sa.text(
-    f"SELECT s.user_id, s.traits, s.changes, s.remote_id, s.remote_active FROM {sync_stage_diff.name} d"
+    f"SELECT s.user_id, s.traits, {_REMOTE} FROM {sync_stage_diff.name} d"
     " JOIN sync_state s ON s.audience_id = :audience_id AND s.destination_id = :destination_id"
     "   AND s.user_id = d.user_id AND s.member = true"
     " WHERE d.destination_id = :destination_id AND d.value = false AND d.user_id > :after"
@@ -95,7 +96,7 @@ STAGED = sa.text(
 
 # `initial --resend`: every staged member is an entry again, nothing is an exit, accepted changes still count.
 RESENT = sa.text(
-    "SELECT m.user_id, m.traits, s.changes, s.remote_id, s.remote_active"
+    f"SELECT m.user_id, m.traits, {_REMOTE}"
     f" FROM {sync_stage.name} m LEFT JOIN sync_state s"
     "   ON s.audience_id = :audience_id AND s.destination_id = :destination_id AND s.user_id = m.user_id"
     " WHERE m.user_id > :after ORDER BY m.user_id LIMIT :limit"
@@ -203,8 +204,8 @@ class Diff:
         if self.fresh:  # (user_id, traits): no more columns, each costs at a million rows
             return [Change(user_id, True, traits, 0) for user_id, traits in rows]
         return [
-            Change(user_id, value, traits, changes or 0, remote_id, remote_active in (None, 1, True))
-            for user_id, traits, changes, remote_id, remote_active in rows
+            Change(user_id, value, traits, changes or 0, remote_id, remote_active in (None, 1, True), code)
+            for user_id, traits, changes, remote_id, remote_active, code in rows
         ]
 
     def batches(self, value: bool, size: int) -> Iterator[list[Change]]:
@@ -256,6 +257,7 @@ def record(
                 "traits": change.traits_text,
                 "changes": change.changes + 1,
                 "remote_id": outcome.remote_id or change.remote_id,
+                "remote_code": outcome.remote_code or change.remote_code,
                 "remote_active": change.remote_active
                 if outcome.remote_active is None
                 else outcome.remote_active,
@@ -265,7 +267,10 @@ def record(
         if outcome.status == "rejected":
             rejections.append(_rejection(ids, outcome, now))
     _upsert(
-        conn, sync_state, states, ("member", "traits", "changes", "remote_id", "remote_active", "accepted_at")
+        conn,
+        sync_state,
+        states,
+        ("member", "traits", "changes", "remote_id", "remote_code", "remote_active", "accepted_at"),
     )
     accepted_entries = [
         o.change.user_id for o in outcomes if o.change.value and o.status in ("accepted", "skipped")

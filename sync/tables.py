@@ -105,6 +105,7 @@ sync_state = sa.Table(
     sa.Column("changes", sa.Integer, nullable=False),
     sa.Column("remote_id", sa.Text),
     sa.Column("remote_active", sa.Boolean, nullable=False, server_default=sa.true()),
+    sa.Column("remote_code", sa.Text),
     sa.Column("accepted_at", UTCDateTime, nullable=False),
 )
 
@@ -189,6 +190,7 @@ sync_stage_diff = sa.Table(
     sa.Column("changes", sa.Integer),
     sa.Column("remote_id", sa.Text),
     sa.Column("remote_active", sa.Boolean),
+    sa.Column("remote_code", sa.Text),
     sa.Index("ix_sync_stage_diff", "destination_id", "value", "user_id"),
     prefixes=["TEMPORARY"],
 )

@@ -3,8 +3,9 @@
 Each server records every request, counts what it accepted, and can be made to misbehave: canned responses
 (`fault`, its body sent slowly if asked), dropped connections (`reset_connection`), requests accepted but
 answered too late or not at all (`accept_then`), a share of 503s (`fail_ratio`), latency (`delay`) and a
-token-bucket rate limit answering 429 (`rate_limit`). They emulate only what the platforms' documentation and
-section 6 of DESIGN.md state; what those leave open is kept plain.
+token-bucket rate limit answering 429 (`rate_limit`). They emulate only what the platforms' published
+documentation (gathered in REFERENCE.md) and section 6 of DESIGN.md state, each fact commented with its
+source; what those leave open is kept plain and marked "not documented; chosen here".
 """
 
 from __future__ import annotations
@@ -287,93 +288,294 @@ class FakeServer:
             conn.shutdown(socket.SHUT_RDWR)  # wakes a handler waiting for the next kept-alive request
 
 
+def _is_int(value: Any) -> bool:
+    """A JSON integer: not a bool (a subclass of int in Python), not a string of digits."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 class EverflowServer(FakeServer):
-    """Everflow server postbacks: `GET /?nid=&transaction_id=&adv_event_id=[&verification_token=]`."""
+    """Everflow server postbacks: `GET /?nid=&transaction_id=&adv_event_id=[&verification_token=]...`.
+
+    Every postback answers 200. `accepted` counts what the endpoint received, per (transaction_id,
+    adv_event_id); `conversions` counts what Everflow would record; `report` lists the rejected ones with
+    their reason, which the real platform shows only in its reports.
+    """
 
     def __init__(
-        self, *, network_id: str = "1", verification_token: str | None = None, **kwargs: Any
+        self,
+        *,
+        network_id: str = "1",
+        verification_token: str | None = None,
+        allow_duplicates: bool = False,
+        **kwargs: Any,
     ) -> None:
         self.network_id = network_id
         self.verification_token = verification_token
+        # Everflow helpdesk, advertiser events / REFERENCE.md: "Allow Duplicate Conversion" is off by default.
+        self.allow_duplicates = allow_duplicates
+        self.conversions: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.report: list[tuple[str, str, str]] = []  # (transaction_id, adv_event_id or "", reason)
         super().__init__(**kwargs)
 
     def _handle(self, rec: Recorded) -> Response:
+        # Everflow helpdesk, server postbacks / REFERENCE.md: nid and transaction_id, optional adv_event_id,
+        # aid, amount, adv1..adv5, order_id, coupon_code, email, verification_token. The extras are only
+        # recorded.
         q = rec.query
-        for name in ("nid", "transaction_id"):
-            if not q.get(name):
-                return _json(400, {"error": f"{name} is required"})
-        if q["nid"] != self.network_id:
-            return _json(404, {"error": "Network not found"})
-        if self.verification_token is not None and q.get("verification_token") != self.verification_token:
-            return _json(403, {"error": "Invalid verification token"})
-        self.accepted[(q["transaction_id"], q.get("adv_event_id", ""))] += 1
+        key = (q.get("transaction_id", ""), q.get("adv_event_id", ""))
+        if q.get("nid") and q.get("transaction_id"):
+            self.accepted[key] += 1
+        reason = self._rejection(q, key)
+        if reason:
+            self.report.append((*key, reason))
+        else:
+            self.conversions[key] += 1
+        # REFERENCE.md (Everflow helpdesk, server postbacks): a postback answers 200 even when the conversion
+        # is rejected; the error codes appear only in Everflow's reports. Response format not documented (2xx
+        # = received); the plain-text "OK" body is chosen here.
         return 200, b"OK", {"Content-Type": "text/plain"}
+
+    def _rejection(self, q: dict[str, str], key: tuple[str, str]) -> str | None:
+        """Why Everflow would not record this conversion, or None when it would."""
+        # A postback without nid or transaction_id: the answer is not documented; chosen here: 200, and
+        # reported.
+        if not q.get("nid"):
+            return "missing nid"
+        if not q.get("transaction_id"):
+            return "missing transaction_id"
+        # Not documented how an unknown network id is reported; chosen here.
+        if q["nid"] != self.network_id:
+            return "invalid network id"
+        # REFERENCE.md (Everflow helpdesk): verification_token is required when the advertiser uses tokens;
+        # "invalid verification token" is one of the report's error codes.
+        if self.verification_token is not None and q.get("verification_token") != self.verification_token:
+            return "invalid verification token"
+        # REFERENCE.md (Everflow helpdesk): the same transaction id and event twice is a duplicate conversion.
+        # Not documented whether a missing adv_event_id and adv_event_id=0 are the same event; chosen here:
+        # they are compared as sent.
+        if key in self.conversions and not self.allow_duplicates:
+            return "duplicate conversion"
+        return None
 
 
 class RefersionServer(FakeServer):
-    """Refersion REST API v2 (`/v2/affiliate/new`, `/v2/affiliate/status_change`)."""
+    """Refersion REST API v2: `/v2/affiliate/new`, `/get`, `/search` and `/status_change`.
+
+    Affiliates are keyed by their numeric id; each also has a string code, which is what `/affiliate/new` and
+    `/affiliate/search` answer as `id`.
+    """
 
     def __init__(self, *, public_key: str = "pub", secret_key: str = "sec", **kwargs: Any) -> None:
         self.public_key = public_key
         self.secret_key = secret_key
-        self.affiliates: dict[str, dict[str, Any]] = {}
-        self.not_changeable: set[str] = set()
-        self._ids = itertools.count(1)
+        self.affiliates: dict[int, dict[str, Any]] = {}
+        self.not_changeable: set[int] = set()  # numeric ids status_change refuses (ids_not_changed)
+        # Refersion REST API v2 reference (OpenAPI, affiliate/search): results come in pages (`page`); the
+        # page size is not documented; chosen here.
+        self.search_page_size = 10
+        # Refersion REST API v2 reference (OpenAPI, affiliate/new): `offer` "defaults to your default offer";
+        # the default offer's id is not documented; chosen here (the OpenAPI example's offer_id).
+        self.default_offer = "1234"
+        # Refersion REST API v2 reference (OpenAPI, affiliate/new example): "The affiliate 37569297 has been
+        # created", code "a3y7". How ids and codes are made is not documented; chosen here: numbers counting
+        # up from the example, codes "c" + hex counter, so a code is never all digits.
+        self._ids = itertools.count(37569297)
+        self._codes = itertools.count(0xA37)
         super().__init__(**kwargs)
 
-    def add_affiliate(self, email: str, **fields: Any) -> str:
-        """Store an affiliate that exists before the test (status ACTIVE unless given); returns its id."""
+    def add_affiliate(self, email: str, **fields: Any) -> int:
+        """Store an affiliate that exists before the test (status ACTIVE unless given); its numeric id."""
         with self._lock:
-            return self._store({"email": email, "status": "ACTIVE", **fields})
+            return self._store({"status": "ACTIVE", **fields, "email": email})
 
-    def _store(self, fields: dict[str, Any]) -> str:
-        affiliate_id = f"a{next(self._ids):03d}"
-        self.affiliates[affiliate_id] = {**fields, "id": affiliate_id}
+    def code_of(self, affiliate_id: int) -> str:
+        """The code of the affiliate with this numeric id (KeyError when there is none)."""
+        with self._lock:
+            return str(self.affiliates[affiliate_id]["code"])
+
+    def by_code(self, code: str) -> dict[str, Any] | None:
+        """The stored affiliate with this code, or None."""
+        with self._lock:
+            return self._by_code(code)
+
+    def _by_code(self, code: str) -> dict[str, Any] | None:
+        return next((a for a in self.affiliates.values() if a["code"] == code), None)
+
+    def _store(self, fields: dict[str, Any]) -> int:
+        affiliate_id = next(self._ids)
+        fields.pop("password", None)
+        self.affiliates[affiliate_id] = {**fields, "id": affiliate_id, "code": f"c{next(self._codes):x}"}
         return affiliate_id
 
+    def _link(self, affiliate: dict[str, Any]) -> str:
+        # Refersion REST API v2 reference (OpenAPI, affiliate/new example): link
+        # "https://site.refersion.com/c/a3y7".
+        return f"{self.url}/c/{affiliate['code']}"
+
     def _handle(self, rec: Recorded) -> Response:
+        # Refersion REST API v2 reference (OpenAPI, 401_Error): headers Refersion-Public-Key and
+        # Refersion-Secret-Key, else 401 "Invalid API credentials (error 2)."
         keys = (rec.headers.get("refersion-public-key"), rec.headers.get("refersion-secret-key"))
         if keys != (self.public_key, self.secret_key):
             return _json(401, {"error": "Invalid API credentials (error 2)."})
-        data = rec.json if isinstance(rec.json, dict) else {}
-        if rec.method == "POST" and rec.path == "/v2/affiliate/new":
-            return self._new(data)
-        if rec.method == "POST" and rec.path == "/v2/affiliate/status_change":
-            return self._status_change(data)
-        return 404, b"", {}
+        routes = {
+            "/v2/affiliate/new": self._new,
+            "/v2/affiliate/get": self._get,
+            "/v2/affiliate/search": self._search,
+            "/v2/affiliate/status_change": self._status_change,
+        }
+        # Refersion REST API v2 reference (OpenAPI): every call is a POST under /v2. An unknown path's answer
+        # is not documented; chosen here: 404 with an empty body.
+        route = routes.get(rec.path) if rec.method == "POST" else None
+        if route is None:
+            return 404, b"", {}
+        # Refersion REST API v2 reference (OpenAPI, 404_Error): "Empty request body" -> "Bad request, no
+        # body". Chosen here: a body that is not a JSON object counts as no body; `{}` is a body missing its
+        # fields.
+        if not isinstance(rec.json, dict):
+            return _json(404, {"error": "Bad request, no body"})
+        return route(rec.json)
 
     def _new(self, data: dict[str, Any]) -> Response:
+        # Refersion REST API v2 reference (OpenAPI, affiliate/new; 400_Error "Missing required field X"):
+        # required first_name, last_name, email, password, status.
         for name in ("first_name", "last_name", "email", "password", "status"):
             if not data.get(name):
-                return _json(400, {"error": f"{name} is required"})
+                return _json(400, {"error": f"Missing required field {name}"})
         email = str(data["email"])
+        # Refersion REST API v2 reference (OpenAPI, affiliate/new, password) / REFERENCE.md: 9-72 characters,
+        # upper, lower, digit, special, no character more than 3 times in a row, not the email. The answer's
+        # shape is not documented; chosen here: 400 with the ErrorResponse shape {"errors": [...]}.
         errors = _password_errors(str(data["password"]), email)
         if errors:
             return _json(400, {"errors": errors})
+        # Refersion REST API v2 reference (OpenAPI, affiliate/new): status enum ACTIVE, PENDING. REFERENCE.md:
+        # a 204 with a body means an invalid field, on every operation.
         if data["status"] not in ("ACTIVE", "PENDING"):
             return _json(204, {"errors": ["Invalid status"]})
+        # Refersion REST API v2 reference (OpenAPI, affiliate/new): country, two-letter ISO code, minLength 2,
+        # maxLength 2; invalid field -> 204 with a body (REFERENCE.md).
         if "country" in data and not re.fullmatch(r"[A-Za-z]{2}", str(data["country"])):
             return _json(204, {"errors": ["Invalid country"]})
+        # Refersion REST API v2 reference (OpenAPI, 422_Error) / REFERENCE.md: the taken-email message.
+        # Compared case-insensitively: chosen here (email addresses are matched that way in practice).
         if any(str(a.get("email", "")).casefold() == email.casefold() for a in self.affiliates.values()):
             return _json(422, {"errors": ["The email you have entered is taken by another Affiliate."]})
-        fields = {k: v for k, v in data.items() if k != "password"}
-        affiliate_id = self._store({**fields, "has_password": True})
+        affiliate_id = self._store({**data, "has_password": True})
+        affiliate, status = self.affiliates[affiliate_id], data["status"]
         self.accepted[(data.get("unique_merchant_id") or email, "new")] += 1
+        # Refersion REST API v2 reference (OpenAPI, affiliate/new 200): `id` is the affiliate's code (a
+        # string); the numeric id is only in the message text.
         return _json(
-            200, {"id": affiliate_id, "link": f"{self.url}/l/{affiliate_id}", "message": "Affiliate created"}
+            200,
+            {
+                "id": affiliate["code"],
+                "link": self._link(affiliate),
+                "message": f"The affiliate {affiliate_id} has been created with the status of {status}.",
+            },
         )
 
+    def _get(self, data: dict[str, Any]) -> Response:
+        # Refersion REST API v2 reference (OpenAPI, affiliate/get): oneOf {"id": <integer>} or
+        # {"affiliate_code": <string>}. Chosen here: id wins when both are sent; an id that is not an integer
+        # (a string of digits included) finds nothing.
+        if data.get("id") is not None:
+            affiliate_id = data["id"]
+            affiliate = self.affiliates.get(affiliate_id) if _is_int(affiliate_id) else None
+        elif data.get("affiliate_code") is not None:
+            affiliate = self._by_code(str(data["affiliate_code"]))
+        else:
+            return _json(400, {"error": "Missing required field id or affiliate_code"})
+        # An unknown affiliate's answer is not documented; chosen here: 422 in the ErrorResponse shape.
+        if affiliate is None:
+            return _json(422, {"errors": ["Affiliate not found"]})
+        # Refersion REST API v2 reference (OpenAPI, affiliate/get 200 example): numeric `id`, offer_id,
+        # status, names, company_name, email, link, custom_fields.
+        return _json(
+            200,
+            {
+                "id": affiliate["id"],
+                "offer_id": self._offer_id(affiliate),
+                "status": affiliate["status"],
+                "first_name": affiliate.get("first_name", ""),
+                "last_name": affiliate.get("last_name", ""),
+                "company_name": affiliate.get("company", ""),
+                "email": affiliate["email"],
+                "link": self._link(affiliate),
+                "custom_fields": [],
+            },
+        )
+
+    def _search(self, data: dict[str, Any]) -> Response:
+        # Refersion REST API v2 reference (OpenAPI, affiliate/search): `keyword` required.
+        keyword = data.get("keyword")
+        if keyword is None or keyword == "":
+            return _json(400, {"error": "Missing required field keyword"})
+        # Refersion REST API v2 reference (OpenAPI, affiliate/search): `page` (a string, default "1"). An int
+        # is accepted too; a page that is not a positive number is an invalid field: 204 with a body
+        # (REFERENCE.md).
+        page = data.get("page", 1)
+        if isinstance(page, str) and page.strip().isdigit():
+            page = int(page)
+        if not _is_int(page) or page < 1:
+            return _json(204, {"errors": ["Invalid page"]})
+        # Refersion REST API v2 reference (OpenAPI, affiliate/search): "Affiliate ID must be exact; email can
+        # be a partial match"; the results' `id` is the affiliate's code. Case-insensitive email match: chosen
+        # here. first_name / last_name: their matching rule is not documented; chosen here: ignored.
+        keyword = str(keyword)
+        matches = [
+            self.affiliates[n]
+            for n in sorted(self.affiliates)
+            if self.affiliates[n]["code"] == keyword
+            or keyword.casefold() in str(self.affiliates[n].get("email", "")).casefold()
+        ]
+        start = (page - 1) * self.search_page_size
+        # Refersion REST API v2 reference (OpenAPI, affiliate/search 200): total and results (id = code,
+        # offer_id, status, first_name, last_name, email, custom_fields).
+        results = [
+            {
+                "id": a["code"],
+                "offer_id": self._offer_id(a),
+                "status": a["status"],
+                "first_name": a.get("first_name", ""),
+                "last_name": a.get("last_name", ""),
+                "email": a["email"],
+                "custom_fields": [],
+            }
+            for a in matches[start : start + self.search_page_size]
+        ]
+        return _json(200, {"total": len(matches), "results": results})
+
+    def _offer_id(self, affiliate: dict[str, Any]) -> str:
+        # Refersion REST API v2 reference (OpenAPI, affiliate/get): offer_id is a string.
+        return str(affiliate.get("offer") or self.default_offer)
+
     def _status_change(self, data: dict[str, Any]) -> Response:
+        # Refersion REST API v2 reference (OpenAPI, affiliate/status_change): required ids (array of integers)
+        # and status; 400_Error "Missing required field X".
         ids, status = data.get("ids"), data.get("status")
         if not isinstance(ids, list):
-            return _json(400, {"error": "ids is required"})
+            return _json(400, {"error": "Missing required field ids"})
+        # Refersion REST API v2 reference (OpenAPI, affiliate/status_change): "Limit of 50 IDs per call". The
+        # answer to more is not documented; chosen here: 400.
         if len(ids) > 50:
             return _json(400, {"error": "A maximum of 50 ids is allowed"})
+        if status is None or status == "":
+            return _json(400, {"error": "Missing required field status"})
+        # Refersion REST API v2 reference (OpenAPI, affiliate/status_change): status enum ACTIVE, DENIED,
+        # DISABLED (PENDING cannot be set); an invalid field -> 204 with a body (REFERENCE.md).
         if status not in ("ACTIVE", "DENIED", "DISABLED"):
-            return _json(400, {"error": "status must be ACTIVE, DENIED or DISABLED"})
+            return _json(204, {"errors": ["Invalid status"]})
+        # Refersion REST API v2 reference (OpenAPI, affiliate/status_change 200): ids_changed /
+        # ids_not_changed, answered 200 even when some were not changed. Only integer ids name an affiliate;
+        # anything else (a code, a string of digits) is not changed and is echoed as given: chosen here.
         changed, not_changed = [], []
-        for affiliate_id in map(str, ids):
-            if affiliate_id in self.affiliates and affiliate_id not in self.not_changeable:
+        for affiliate_id in ids:
+            if (
+                _is_int(affiliate_id)
+                and affiliate_id in self.affiliates
+                and affiliate_id not in self.not_changeable
+            ):
                 self.affiliates[affiliate_id]["status"] = status
                 self.accepted[(affiliate_id, status)] += 1
                 changed.append(affiliate_id)
@@ -383,6 +585,8 @@ class RefersionServer(FakeServer):
 
 
 def _password_errors(password: str, email: str) -> list[str]:
+    # Refersion REST API v2 reference (OpenAPI, affiliate/new, password) / REFERENCE.md; the messages are
+    # chosen here.
     rules = [
         (9 <= len(password) <= 72, "Password must be 9 to 72 characters long"),
         (re.search(r"[A-Z]", password), "Password must contain an upper-case letter"),
@@ -398,30 +602,62 @@ def _password_errors(password: str, email: str) -> list[str]:
     return [message for ok, message in rules if not ok]
 
 
-class SegmentServer(FakeServer):
-    """A partner destination receiving Segment's JSON messages directly (`POST` to any path)."""
+# The call types each kind of SegmentServer takes (None: any).
+# Segment docs, Everflow destination: Track calls. Segment docs, Refersion destination: Identify and delete.
+_CALL_TYPES: dict[str | None, frozenset[str] | None] = {
+    None: None,
+    "everflow": frozenset({"track"}),
+    "refersion": frozenset({"identify", "delete"}),
+}
 
-    def __init__(self, *, api_key: str = "key", **kwargs: Any) -> None:
+
+class SegmentServer(FakeServer):
+    """A partner destination receiving Segment's JSON messages directly (`POST` to any path).
+
+    `kind` narrows it to one destination's call types: "everflow", "refersion", or None for a generic partner.
+    """
+
+    def __init__(self, *, api_key: str = "key", kind: str | None = None, **kwargs: Any) -> None:
+        if kind not in _CALL_TYPES:
+            raise ValueError(f"kind must be one of {sorted(map(str, _CALL_TYPES))}, not {kind!r}")
         self.api_key = api_key
+        self.kind = kind
         self.messages: list[dict[str, Any]] = []
         super().__init__(**kwargs)
 
     def _handle(self, rec: Recorded) -> Response:
+        # Segment docs, "Building a Direct Destination", Response body: errors carry {"message": "..."}.
+        # Authorization: Basic base64("<apiKey>:"); Status code 401: "The client's API key is malformed...".
         if not self._authorized(rec.headers.get("authorization", "")):
-            return _json(401, {"error": "Invalid API key"})
+            return _json(401, {"message": "Invalid API key"})
+        # Segment docs, "Building a Direct Destination", Headers: Content-Type is always application/json. The
+        # answer to another type is not documented there; chosen here: 415.
         if rec.headers.get("content-type", "").partition(";")[0].strip().lower() != "application/json":
-            return _json(415, {"error": "Content-Type must be application/json"})
+            return _json(415, {"message": "Content-Type must be application/json"})
+        # Segment docs, "Building a Direct Destination", Headers: X-Segment-Settings is base64-encoded
+        # settings (JSON); Status code 400: "The message is malformed".
         try:
             settings = rec.settings
         except ValueError:
             settings = False
         if settings is not None and not isinstance(settings, dict):
-            return _json(400, {"error": "X-Segment-Settings must be a base64-encoded JSON object"})
+            return _json(400, {"message": "X-Segment-Settings must be a base64-encoded JSON object"})
+        # Segment docs, Spec (common fields): every message has `type` and `messageId`.
         body = rec.json
         if not isinstance(body, dict) or "type" not in body or "messageId" not in body:
-            return _json(400, {"error": "Body must be a JSON object with type and messageId"})
+            return _json(400, {"message": "Body must be a JSON object with type and messageId"})
+        # Segment docs, "Building a Direct Destination", Status code: 501 for an unsupported call type.
+        supported = _CALL_TYPES[self.kind]
+        if supported is not None and body["type"] not in supported:
+            return _json(501, {"message": f"Unsupported call type {body['type']}"})
+        # Segment docs, Everflow destination, TransactionId: context.referrer.id and context.referrer.type
+        # ("everflow") are required; 400 for a message with an error that is the client's fault.
+        if self.kind == "everflow" and not _has_everflow_referrer(body):
+            return _json(400, {"message": "context.referrer.id and context.referrer.type are required"})
         self.messages.append(body)
         self.accepted[(body.get("userId"), body["messageId"])] += 1
+        # Segment docs, "Building a Direct Destination": 200 accepted and processed; "You can normally send
+        # back an empty body"; the {"ok": true} body is chosen here.
         return _json(200, {"ok": True})
 
     def _authorized(self, header: str) -> bool:
@@ -433,3 +669,14 @@ class SegmentServer(FakeServer):
             )
         except ValueError:
             return False
+
+
+def _has_everflow_referrer(body: dict[str, Any]) -> bool:
+    context = body.get("context")
+    referrer = context.get("referrer") if isinstance(context, dict) else None
+    return (
+        isinstance(referrer, dict)
+        and referrer.get("type") == "everflow"
+        and isinstance(referrer.get("id"), str)
+        and referrer["id"] != ""
+    )

@@ -45,11 +45,13 @@ def change(
     user_id: str,
     value: bool = True,
     *,
-    remote_id: str | None = None,
+    remote_id: str | int | None = None,
     remote_active: bool = True,
+    remote_code: str | None = None,
     **traits: Any,
 ) -> Change:
-    return Change(user_id, value, traits_json(traits), 0, remote_id, remote_active)
+    known = None if remote_id is None else str(remote_id)
+    return Change(user_id, value, traits_json(traits), 0, known, remote_active, remote_code)
 
 
 def member(user_id: str, value: bool = True, **extra: Any) -> Change:
@@ -205,13 +207,62 @@ def test_everflow_requires_transaction_id(make_delivery: MakeDelivery) -> None:
         assert [r.query["transaction_id"] for r in server.requests] == ["tid-u3"]
 
 
-def test_everflow_wrong_network_is_rejected_with_server_reason(make_delivery: MakeDelivery) -> None:
+def test_everflow_postback_is_received_even_when_everflow_rejects_the_conversion(
+    make_delivery: MakeDelivery,
+) -> None:
+    # REFERENCE.md (Everflow): a postback answers 200 even when the conversion is rejected; the reason shows
+    # only in Everflow's reports. The run can only count it as received.
     with EverflowServer(network_id="7") as server:
         dest = everflow(server, network_id="8")
         outcome = send(dest, make_delivery(dest), [member("u1")])["u1"]
-        assert (outcome.status, outcome.reason) == ("rejected", "HTTP 404: Network not found")
-        assert len(server.requests) == 1  # 404 is not retried
-        assert not server.accepted
+        assert outcome.status == "accepted"
+        assert len(server.requests) == 1
+        assert not server.conversions
+        assert [reason for *_, reason in server.report] == ["invalid network id"]
+
+
+def test_everflow_postback_carries_aid_and_mapped_params(make_delivery: MakeDelivery) -> None:
+    # Everflow helpdesk, advertiser server postbacks: aid, amount, order_id, coupon_code, email, adv1..adv5
+    with EverflowServer() as server:
+        params = {"amount": "order_total", "order_id": "last_order", "adv1": "plan", "coupon_code": "coupon"}
+        dest = everflow(server, aid=42, params=params)
+        members = [
+            member("u1", order_total=12.5, last_order="o-1", plan="gold", coupon=None),
+            member("u2", order_total=None, last_order="", plan="free"),
+        ]
+        outcomes = send(dest, make_delivery(dest), members)
+        assert {o.status for o in outcomes.values()} == {"accepted"}
+        sent = {r.query["transaction_id"]: r.query for r in server.requests}
+        assert sent["tid-u1"] == {
+            "nid": "1",
+            "transaction_id": "tid-u1",
+            "adv_event_id": "11",
+            "aid": "42",
+            "amount": "12.5",
+            "order_id": "o-1",
+            "adv1": "gold",
+        }
+        assert sent["tid-u2"] == {
+            "nid": "1",
+            "transaction_id": "tid-u2",
+            "adv_event_id": "11",
+            "aid": "42",
+            "adv1": "free",
+        }
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"revenue": "order_total"}, "unknown postback parameter(s) revenue"),
+        ({"amount": 5}, "settings.params must map postback parameters to trait names"),
+        (["amount"], "settings.params must map postback parameters to trait names"),
+    ],
+)
+def test_everflow_params_must_name_documented_parameters(params: Any, message: str) -> None:
+    settings = {"tracking_domain": "https://track.example.com", "network_id": "1", "params": params}
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        destination("everflow", settings)
 
 
 @pytest.mark.parametrize("field", ["tracking_domain", "network_id"])
@@ -284,7 +335,7 @@ def test_everflow_describe_masks_verification_token() -> None:
 
 def test_refersion_new_affiliate_body(make_delivery: MakeDelivery) -> None:
     with RefersionServer() as server:
-        dest = refersion(server, offer="spring")
+        dest = refersion(server, offer="12345")
         joiner = change(
             "u1",
             email="ada@example.com",
@@ -314,7 +365,7 @@ def test_refersion_new_affiliate_body(make_delivery: MakeDelivery) -> None:
             "email": "ada@example.com",
             "status": "PENDING",
             "send_welcome": "FALSE",
-            "offer": "spring",
+            "offer": "12345",
             "unique_merchant_id": "u1",
             "address1": "12 St James's Square",
             "city": "London",
@@ -323,9 +374,12 @@ def test_refersion_new_affiliate_body(make_delivery: MakeDelivery) -> None:
             "country": "GB",
             "phone": "+44 20 7946 0000",
         }
-        [(affiliate_id, stored)] = server.affiliates.items()
+        [stored] = server.affiliates.values()
         assert stored["has_password"] is True
-        assert (outcome.status, outcome.remote_id, outcome.remote_active) == ("accepted", affiliate_id, True)
+        # Refersion REST API v2 reference: /affiliate/new answers the affiliate's code as `id`; the numeric
+        # id, which status_change takes, is only in the message text and is looked up when first needed
+        assert (outcome.status, outcome.remote_code, outcome.remote_id) == ("accepted", stored["code"], None)
+        assert outcome.remote_active is True
         assert server.accepted == {("u1", "new"): 1}
 
 
@@ -378,25 +432,79 @@ def test_refersion_entry_without_email_or_names_is_rejected_locally(make_deliver
         assert server.requests == []
 
 
-def test_refersion_email_taken_is_accepted(make_delivery: MakeDelivery) -> None:
+def test_refersion_email_taken_adopts_the_affiliate_without_changing_its_status(
+    make_delivery: MakeDelivery,
+) -> None:
+    # Refersion REST API v2 reference: 422 "email taken"; /affiliate/search by a partial email answers codes
+    # as `id`, paged until `total`; /affiliate/get by code answers the numeric id
     with RefersionServer() as server:
-        server.add_affiliate("u1@example.com")
-        dest = refersion(server)
+        server.search_page_size = 2
+        for prefix in "abcd":  # partial matches of the keyword, found before the exact one
+            server.add_affiliate(f"{prefix}u1@example.com")
+        existing = server.add_affiliate("U1@Example.com", status="DISABLED")
+        dest = refersion(server, on_exit="disable")
         outcome = send(dest, make_delivery(dest), [member("u1")])["u1"]
         assert outcome.status == "accepted"
-        assert outcome.remote_id is None
-        assert len(server.requests) == 1  # 422 is not retried
-        assert len(server.affiliates) == 1
+        assert (outcome.change.remote_id, outcome.change.remote_code) == (
+            str(existing),
+            server.code_of(existing),
+        )
+        assert "adopted" in (outcome.reason or "")
+        paths = [r.path.removeprefix("/v2/affiliate/") for r in server.requests]
+        assert paths == ["new", "search", "search", "search", "get"]
+        assert [r.json.get("page") for r in server.requests[1:4]] == ["1", "2", "3"]
+        assert server.affiliates[existing]["status"] == "DISABLED"  # adoption changes no status
+        assert len(server.affiliates) == 5
+
+
+def test_refersion_email_taken_with_no_exact_match_is_rejected(make_delivery: MakeDelivery) -> None:
+    with RefersionServer() as server:
+        server.add_affiliate("xu1@example.com")  # a partial match only
+        server.fault(422, '{"errors": ["The email you have entered is taken by another Affiliate."]}')
+        dest = refersion(server)
+        outcome = send(dest, make_delivery(dest), [member("u1")])["u1"]
+        assert outcome.status == "rejected"
+        assert outcome.reason == "no Refersion affiliate has exactly the email 'u1@example.com'"
+        assert [r.path for r in server.requests] == ["/v2/affiliate/new", "/v2/affiliate/search"]
 
 
 def test_refersion_204_is_rejected(make_delivery: MakeDelivery) -> None:
+    # REFERENCE.md (Refersion): a 204 with a body means an invalid field, on every operation
     with RefersionServer() as server:
+        server.fault(204, '{"errors": ["Invalid offer"]}')
         dest = refersion(server)
-        outcome = send(dest, make_delivery(dest), [member("u1", country="United Kingdom")])["u1"]
+        outcome = send(dest, make_delivery(dest), [member("u1")])["u1"]
         assert outcome.status == "rejected"
         assert "204" in (outcome.reason or "")
         assert len(server.requests) == 1
         assert server.affiliates == {}
+
+
+@pytest.mark.parametrize(
+    ("country", "sent"),
+    [("United States", "US"), ("usa", "US"), ("us", "US"), ("United Kingdom", "GB"), ("826", "GB")],
+)
+def test_refersion_country_is_sent_as_an_iso_code(
+    make_delivery: MakeDelivery, country: str, sent: str
+) -> None:
+    # Refersion REST API v2 reference: /affiliate/new `country` is a two-letter ISO code (minLength 2,
+    # maxLength 2)
+    with RefersionServer() as server:
+        dest = refersion(server)
+        assert send(dest, make_delivery(dest), [member("u1", country=country)])["u1"].status == "accepted"
+        [request] = server.requests
+        assert request.json["country"] == sent
+
+
+def test_refersion_unmappable_country_is_rejected_locally_with_the_column(
+    make_delivery: MakeDelivery,
+) -> None:
+    with RefersionServer() as server:
+        dest = refersion(server)
+        outcome = send(dest, make_delivery(dest), [member("u1", country="Narnia")])["u1"]
+        assert outcome.status == "rejected"
+        assert (outcome.reason or "").startswith("the country column holds 'Narnia', which is not a country")
+        assert server.requests == []
 
 
 @pytest.mark.parametrize(
@@ -420,7 +528,7 @@ def test_refersion_400_is_rejected_with_server_reason(
 def test_refersion_exit_ignored_by_default(make_delivery: MakeDelivery) -> None:
     with RefersionServer() as server:
         dest = refersion(server)
-        done, calls, _ = prepare(dest, [member("u1", False), change("u2", False, remote_id="a001")])
+        done, calls, _ = prepare(dest, [member("u1", False), change("u2", False, remote_code="ca37")])
         assert calls == []
         assert {o.change.user_id: o.status for o in done} == {"u1": "accepted", "u2": "accepted"}
         assert make_delivery(dest).send_all(calls) == []
@@ -431,7 +539,7 @@ def test_refersion_disable_in_batches_of_50(make_delivery: MakeDelivery) -> None
     with RefersionServer() as server:
         ids = [server.add_affiliate(f"u{i}@example.com") for i in range(120)]
         dest = refersion(server, on_exit="disable")
-        exits = [change(f"u{i}", False, remote_id=ids[i]) for i in range(120)]
+        exits = [change(f"u{i}", False, remote_id=ids[i], remote_code="unused") for i in range(120)]
         done, calls, _ = prepare(dest, exits)
         assert done == []
         assert [len(call.changes) for call in calls] == [50, 50, 20]
@@ -441,6 +549,8 @@ def test_refersion_disable_in_batches_of_50(make_delivery: MakeDelivery) -> None
         assert len(server.requests) == 3
         assert all(r.path == "/v2/affiliate/status_change" for r in server.requests)
         assert all(r.json["status"] == "DISABLED" and len(r.json["ids"]) <= 50 for r in server.requests)
+        # Refersion REST API v2 reference: status_change takes numeric affiliate ids, as integers
+        assert all(type(i) is int for r in server.requests for i in r.json["ids"])
         assert sorted(i for r in server.requests for i in r.json["ids"]) == sorted(ids)
         assert {a["status"] for a in server.affiliates.values()} == {"DISABLED"}
 
@@ -488,20 +598,68 @@ def test_message_json_cannot_carry_is_rejected_not_raised(make_delivery: MakeDel
         assert server.requests == []
 
 
-def test_refersion_exit_without_affiliate_id_is_rejected(make_delivery: MakeDelivery) -> None:
+def test_refersion_exit_without_any_affiliate_id_is_looked_up_by_email(make_delivery: MakeDelivery) -> None:
     with RefersionServer() as server:
+        known = server.add_affiliate("u1@example.com")
         dest = refersion(server, on_exit="disable")
-        outcome = send(dest, make_delivery(dest), [member("u1", False)])["u1"]
+        outcomes = send(
+            dest, make_delivery(dest), [member("u1", False), member("u2", False), change("u3", False)]
+        )
+        assert (outcomes["u1"].status, outcomes["u1"].change.remote_id) == ("accepted", str(known))
+        assert outcomes["u1"].remote_active is False
+        assert server.affiliates[known]["status"] == "DISABLED"
+        assert outcomes["u2"].status == "rejected"
+        assert "exactly the email 'u2@example.com'" in (outcomes["u2"].reason or "")
+        assert outcomes["u3"].status == "rejected"  # neither a code nor an email: nothing to look up
+        assert "no affiliate code and no email" in (outcomes["u3"].reason or "")
+
+
+def test_refersion_exit_known_by_code_resolves_the_numeric_id_first(make_delivery: MakeDelivery) -> None:
+    with RefersionServer() as server:
+        affiliate = server.add_affiliate("u1@example.com")
+        dest = refersion(server, on_exit="disable")
+        outcome = send(
+            dest, make_delivery(dest), [change("u1", False, remote_code=server.code_of(affiliate))]
+        )["u1"]
+        assert outcome.status == "accepted"
+        assert (outcome.change.remote_id, outcome.remote_active) == (str(affiliate), False)
+        get, status_change = server.requests
+        assert (get.path, get.json) == ("/v2/affiliate/get", {"affiliate_code": server.code_of(affiliate)})
+        assert (status_change.path, status_change.json) == (
+            "/v2/affiliate/status_change",
+            {"ids": [affiliate], "status": "DISABLED"},
+        )
+
+
+def test_refersion_lookup_that_fails_leaves_the_change_pending(make_delivery: MakeDelivery) -> None:
+    with RefersionServer() as server:
+        affiliate = server.add_affiliate("u1@example.com")
+        server.fault(503, times=3)
+        dest = refersion(server, on_exit="disable")
+        outcome = send(
+            dest, make_delivery(dest), [change("u1", False, remote_code=server.code_of(affiliate))]
+        )["u1"]
+        assert outcome.status == "failed"
+        assert [r.path for r in server.requests] == ["/v2/affiliate/get"] * 3
+        assert server.affiliates[affiliate]["status"] == "ACTIVE"
+
+
+def test_refersion_status_change_204_is_rejected_not_retried(make_delivery: MakeDelivery) -> None:
+    with RefersionServer() as server:
+        affiliate = server.add_affiliate("u1@example.com")
+        server.fault(204, '{"errors": ["Invalid status"]}')
+        dest = refersion(server, on_exit="disable")
+        outcome = send(dest, make_delivery(dest), [change("u1", False, remote_id=affiliate)])["u1"]
         assert outcome.status == "rejected"
-        assert "affiliate id" in (outcome.reason or "")
-        assert server.requests == []
+        assert "204" in (outcome.reason or "")
+        assert len(server.requests) == 1
 
 
 def test_refersion_reentry_reactivates_disabled_affiliate(make_delivery: MakeDelivery) -> None:
     with RefersionServer() as server:
         disabled = server.add_affiliate("u1@example.com", status="DISABLED")
         active = server.add_affiliate("u2@example.com")
-        dest = refersion(server, on_exit="disable")
+        dest = refersion(server, on_exit="disable", status="ACTIVE")
         outcomes = send(
             dest,
             make_delivery(dest),
@@ -518,6 +676,29 @@ def test_refersion_reentry_reactivates_disabled_affiliate(make_delivery: MakeDel
             {"ids": [disabled], "status": "ACTIVE"},
         )
         assert server.affiliates[disabled]["status"] == "ACTIVE"
+
+
+@pytest.mark.parametrize("on_reentry", ["ignore", "activate"])
+def test_refersion_reentry_with_pending_status_follows_on_reentry(
+    make_delivery: MakeDelivery, on_reentry: str
+) -> None:
+    # Refersion REST API v2 reference: status_change cannot set PENDING (ACTIVE, DENIED or DISABLED only)
+    with RefersionServer() as server:
+        disabled = server.add_affiliate("u1@example.com", status="DISABLED")
+        dest = refersion(server, on_exit="disable", status="PENDING", on_reentry=on_reentry)
+        entry = send(dest, make_delivery(dest), [change("u1", remote_id=disabled, remote_active=False)])["u1"]
+        assert entry.status == "accepted"
+        if on_reentry == "activate":
+            assert server.affiliates[disabled]["status"] == "ACTIVE"
+            assert entry.remote_active is True
+            return
+        assert server.requests == []  # left disabled, and its next exit has nothing to send
+        assert entry.remote_active is None  # the state keeps remote_active false
+        assert server.affiliates[disabled]["status"] == "DISABLED"
+        done, calls, _ = prepare(dest, [change("u1", False, remote_id=disabled, remote_active=False)])
+        assert calls == [] and [o.status for o in done] == ["accepted"]
+    with pytest.raises(ConfigError, match=r"settings\.on_reentry must be 'ignore' or 'activate'"):
+        destination("refersion", {"on_reentry": "yes"}, api_key="pub.sec")
 
 
 @pytest.mark.parametrize("key", ["PUBxyzSECxyz", ".SECxyz", "PUBxyz.", ""])
@@ -898,7 +1079,7 @@ def test_chunked_answers_are_read_up_to_the_bound() -> None:
     sender = Sender(dest, httpx.Client(transport=httpx.MockTransport(handler)))
     try:
         outcomes = send(dest, Delivery(sender), [member("u1")])
-        assert (outcomes["u1"].status, outcomes["u1"].remote_id) == ("accepted", "a7")
+        assert (outcomes["u1"].status, outcomes["u1"].remote_code) == ("accepted", "a7")
         outcomes = send(dest, Delivery(sender), [member("u2")])
         assert (outcomes["u2"].status, outcomes["u2"].reason) == ("rejected", f"HTTP 400: {TOO_LARGE}")
         assert pulled == 17  # 16 chunks make 1 MiB; the 17th goes past it

@@ -1,6 +1,7 @@
 """Migrations on both backends: upgrade (command and plain Alembic), no drift, downgrade, defaults."""
 
 import contextlib
+import json
 import os
 import sqlite3
 import subprocess
@@ -14,7 +15,8 @@ import sqlalchemy as sa
 from alembic import command
 
 from sync import database, tables
-from tests.conftest import run_cli
+from tests.conftest import Config, run_cli
+from tests.servers import RefersionServer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ALEMBIC = str(Path(sys.executable).with_name("alembic"))
@@ -180,12 +182,28 @@ def fill_every_table(url: str) -> None:
         engine.dispose()
 
 
+# Columns added after 0003, which the rows filled at 0002 cannot have (their own migrations test them)
+LATER_COLUMNS = {"remote_code"}
+
+
 def every_row(url: str) -> dict[str, list[tuple[Any, ...]]]:
     engine = database.create_engine(url)
     try:
         with engine.connect() as conn:
+            present = sa.inspect(conn)
             return {
-                name: sorted(tuple(row) for row in conn.execute(sa.select(table)))
+                name: sorted(
+                    tuple(row)
+                    for row in conn.execute(
+                        sa.select(
+                            *(
+                                table.c[column["name"]]
+                                for column in present.get_columns(name)
+                                if column["name"] not in LATER_COLUMNS
+                            )
+                        )
+                    )
+                )
                 for name, table in tables.metadata.tables.items()
             }
     finally:
@@ -311,5 +329,85 @@ def inherited(url: str, table: str, row_id: int) -> list[str]:
                 if column in child.c
                 and conn.scalar(sa.select(sa.func.count()).where(child.c[column] == row_id))
             ]
+    finally:
+        engine.dispose()
+
+
+# 0005: Refersion affiliate codes move from remote_id to remote_code.
+
+
+def test_0005_state_of_an_earlier_version_upgrades_and_disables_by_numeric_id(empty_url: str) -> None:
+    """Earlier versions kept the affiliate code /affiliate/new answered in remote_id and sent it to
+    status_change (Refersion REST API v2 reference: it takes numeric ids); after 0005 it is looked up."""
+    alembic(empty_url, "upgrade", "0004")
+    with RefersionServer() as refersion:
+        kept, leaving = refersion.add_affiliate("u1@example.com"), refersion.add_affiliate("u2@example.com")
+        engine = database.create_engine(empty_url)
+        try:
+            config = Config(engine)
+            config.sql("CREATE TABLE customers (user_id TEXT, email TEXT)")
+            config.sql("INSERT INTO customers VALUES ('u1', 'u1@example.com')")
+            settings = {"api_base": refersion.url + "/v2", "on_exit": "disable", "backoff_initial": 0.01}
+            destination = config.destination("Refersion", "refersion", settings, api_key="pub.sec")
+            audience = config.audience("Buyers", "SELECT user_id, email FROM customers")
+            config.connect(audience, destination)
+            config.sql(
+                "INSERT INTO sync_connections (audience_id, destination_id, key, initial_completed_at) "
+                "VALUES (:a, :d, 'buyers', :now)",
+                a=audience,
+                d=destination,
+                now=NOW,
+            )
+            for user, affiliate in (("u1", kept), ("u2", leaving)):
+                config.sql(
+                    "INSERT INTO sync_state (audience_id, destination_id, user_id, member, traits, changes, "
+                    "remote_id, remote_active, accepted_at) "
+                    "VALUES (:a, :d, :u, true, :t, 1, :code, true, :now)",
+                    a=audience,
+                    d=destination,
+                    u=user,
+                    t=json.dumps({"email": f"{user}@example.com"}),
+                    code=refersion.code_of(affiliate),
+                    now=NOW,
+                )
+
+            assert run_cli(empty_url, "db", "upgrade").returncode == 0
+            moved = config.sql("SELECT user_id, remote_id, remote_code FROM sync_state ORDER BY user_id")
+            assert [tuple(row) for row in moved] == [
+                ("u1", None, refersion.code_of(kept)),
+                ("u2", None, refersion.code_of(leaving)),
+            ]
+
+            done = run_cli(empty_url, "run")
+
+            assert done.returncode == 0, done.stderr
+            assert refersion.affiliates[leaving]["status"] == "DISABLED"
+            assert refersion.affiliates[kept]["status"] == "ACTIVE"
+            assert [r.json for r in refersion.requests] == [
+                {"affiliate_code": refersion.code_of(leaving)},
+                {"ids": [leaving], "status": "DISABLED"},
+            ]
+            [(remote_id,)] = config.sql("SELECT remote_id FROM sync_state WHERE user_id = 'u2'")
+            assert remote_id == str(leaving)
+        finally:
+            engine.dispose()
+
+
+def test_0005_downgrade_puts_the_codes_back(empty_url: str) -> None:
+    alembic(empty_url, "upgrade", "0005")
+    engine = database.create_engine(empty_url)
+    try:
+        config = Config(engine)
+        destination = config.destination("Refersion", "refersion", {})
+        audience = config.audience("Buyers", "SELECT 1 AS user_id")
+        config.sql(
+            "INSERT INTO sync_state (audience_id, destination_id, user_id, member, traits, changes, "
+            "remote_id, remote_code, accepted_at) VALUES (:a, :d, 'u1', true, '{}', 1, '37', 'ca37', :now)",
+            a=audience,
+            d=destination,
+            now=NOW,
+        )
+        alembic(empty_url, "downgrade", "0004")
+        assert [tuple(r) for r in config.sql("SELECT user_id, remote_id FROM sync_state")] == [("u1", "ca37")]
     finally:
         engine.dispose()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import socket
 import threading
 import time
@@ -25,6 +26,12 @@ AFFILIATE = {
     "status": "PENDING",
     "unique_merchant_id": "u1",
 }
+REFERSION_PATHS = [
+    "/v2/affiliate/new",
+    "/v2/affiliate/get",
+    "/v2/affiliate/search",
+    "/v2/affiliate/status_change",
+]
 
 
 @pytest.fixture
@@ -60,8 +67,28 @@ def new_affiliate(client: httpx.Client, server: RefersionServer, **changes: Any)
     return client.post(server.url + "/v2/affiliate/new", json=body, headers=KEYS)
 
 
+def refersion_call(client: httpx.Client, server: RefersionServer, call: str, body: Any) -> httpx.Response:
+    return client.post(f"{server.url}/v2/affiliate/{call}", json=body, headers=KEYS)
+
+
 def status_change(client: httpx.Client, server: RefersionServer, body: Any) -> httpx.Response:
-    return client.post(server.url + "/v2/affiliate/status_change", json=body, headers=KEYS)
+    return refersion_call(client, server, "status_change", body)
+
+
+def raw_post(server: RefersionServer, path: str, body: Any) -> tuple[bytes, bytes]:
+    """POST over a bare socket and read to EOF: the head and the body, even the body of a 204."""
+    data = json.dumps(body).encode()
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Refersion-Public-Key: pub\r\nRefersion-Secret-Key: sec\r\nContent-Length: {len(data)}\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1])), timeout=5) as sock:
+        sock.sendall(head.encode() + data)
+        raw = b""
+        while chunk := sock.recv(65536):
+            raw += chunk
+    head_bytes, _, payload = raw.partition(b"\r\n\r\n")
+    return head_bytes, payload
 
 
 def segment_headers(api_key: str = "k3y", settings: Any = None) -> dict[str, str]:
@@ -72,37 +99,49 @@ def segment_headers(api_key: str = "k3y", settings: Any = None) -> dict[str, str
 
 
 MESSAGE = {"type": "identify", "userId": "u1", "messageId": "m1", "traits": {"vip": True}}
+TRACK = {
+    "type": "track",
+    "event": "Audience Entered",
+    "userId": "u1",
+    "messageId": "m2",
+    "context": {"referrer": {"type": "everflow", "id": "tid-1"}},
+}
 
 
 # Everflow
 
 
 def test_everflow_postback_accepted_and_recorded(everflow: EverflowServer, client: httpx.Client) -> None:
-    r = postback(client, everflow, nid="7", transaction_id="t1", adv_event_id="3")
+    r = postback(client, everflow, nid="7", transaction_id="t1", adv_event_id="3", aid="9", amount="1.5")
     assert (r.status_code, r.text) == (200, "OK")
     assert everflow.accepted == {("t1", "3"): 1}
+    assert everflow.conversions == {("t1", "3"): 1}
+    assert everflow.report == []
     [rec] = everflow.requests
     assert (rec.method, rec.path, rec.json) == ("GET", "/", None)
-    assert rec.query == {"nid": "7", "transaction_id": "t1", "adv_event_id": "3"}
+    assert rec.query == {"nid": "7", "transaction_id": "t1", "adv_event_id": "3", "aid": "9", "amount": "1.5"}
     assert rec.headers["host"] == everflow.url.removeprefix("http://")
 
 
 @pytest.mark.parametrize("missing", ["nid", "transaction_id"])
-def test_everflow_missing_parameter(everflow: EverflowServer, client: httpx.Client, missing: str) -> None:
+def test_everflow_missing_parameter_is_200_and_reported(
+    everflow: EverflowServer, client: httpx.Client, missing: str
+) -> None:
     params = {"nid": "7", "transaction_id": "t1", "adv_event_id": "0"}
     del params[missing]
     r = postback(client, everflow, **params)
-    assert r.status_code == 400
-    assert r.headers["content-type"] == "application/json"
-    assert missing in r.json()["error"]
+    assert (r.status_code, r.text) == (200, "OK")
     assert not everflow.accepted
+    assert not everflow.conversions
+    assert everflow.report == [(params.get("transaction_id", ""), "0", f"missing {missing}")]
 
 
-def test_everflow_wrong_network(everflow: EverflowServer, client: httpx.Client) -> None:
+def test_everflow_wrong_network_is_200_and_reported(everflow: EverflowServer, client: httpx.Client) -> None:
     r = postback(client, everflow, nid="8", transaction_id="t1", adv_event_id="0")
-    assert r.status_code == 404
-    assert "error" in r.json()
-    assert not everflow.accepted
+    assert (r.status_code, r.text) == (200, "OK")
+    assert everflow.accepted == {("t1", "0"): 1}  # the endpoint received it
+    assert not everflow.conversions  # Everflow records nothing
+    assert everflow.report == [("t1", "0", "invalid network id")]
 
 
 def test_everflow_verification_token(client: httpx.Client) -> None:
@@ -112,12 +151,31 @@ def test_everflow_verification_token(client: httpx.Client) -> None:
             if token:
                 params["verification_token"] = token
             r = postback(client, server, **params)
-            assert r.status_code == 403
-            assert r.json() == {"error": "Invalid verification token"}
-        assert postback(
-            client, server, nid="1", transaction_id="t1", adv_event_id="0", verification_token="tok"
-        ).is_success
-        assert server.accepted == {("t1", "0"): 1}
+            assert (r.status_code, r.text) == (200, "OK")
+        assert not server.conversions
+        assert server.report == [("t1", "0", "invalid verification token")] * 2
+        r = postback(client, server, nid="1", transaction_id="t1", adv_event_id="0", verification_token="tok")
+        assert r.status_code == 200
+        assert server.accepted == {("t1", "0"): 3}
+        assert server.conversions == {("t1", "0"): 1}  # the rejected ones made it no duplicate
+        assert len(server.report) == 2
+
+
+def test_everflow_duplicate_conversion_is_reported(everflow: EverflowServer, client: httpx.Client) -> None:
+    for event in ("3", "3", "4", ""):
+        assert postback(client, everflow, nid="7", transaction_id="t1", adv_event_id=event).status_code == 200
+    assert postback(client, everflow, nid="7", transaction_id="t1").status_code == 200  # no adv_event_id
+    assert everflow.accepted == {("t1", "3"): 2, ("t1", "4"): 1, ("t1", ""): 2}
+    assert everflow.conversions == {("t1", "3"): 1, ("t1", "4"): 1, ("t1", ""): 1}
+    assert everflow.report == [("t1", "3", "duplicate conversion"), ("t1", "", "duplicate conversion")]
+
+
+def test_everflow_allow_duplicates(client: httpx.Client) -> None:
+    with EverflowServer(allow_duplicates=True) as server:
+        for _ in range(2):
+            assert postback(client, server, nid="1", transaction_id="t1", adv_event_id="3").status_code == 200
+        assert server.conversions == server.accepted == {("t1", "3"): 2}
+        assert server.report == []
 
 
 # Refersion
@@ -127,9 +185,17 @@ def test_refersion_new_affiliate(refersion: RefersionServer, client: httpx.Clien
     r = new_affiliate(client, refersion, country="GB", send_welcome="FALSE")
     assert r.status_code == 200
     body = r.json()
-    assert body["message"] == "Affiliate created"
-    assert body["link"].startswith("http://")
-    stored = refersion.affiliates[body["id"]]
+    code = body["id"]
+    assert isinstance(code, str)
+    assert not code.isdigit()
+    [numeric] = refersion.affiliates
+    assert body["message"] == f"The affiliate {numeric} has been created with the status of PENDING."
+    assert body["link"] == f"{refersion.url}/c/{code}"
+    stored = refersion.affiliates[numeric]
+    assert (stored["id"], stored["code"]) == (numeric, code)
+    assert refersion.code_of(numeric) == code
+    assert refersion.by_code(code) is stored
+    assert refersion.by_code("nope") is None
     assert "password" not in stored
     assert stored["has_password"] is True
     assert (stored["email"], stored["status"], stored["unique_merchant_id"]) == (
@@ -140,9 +206,32 @@ def test_refersion_new_affiliate(refersion: RefersionServer, client: httpx.Clien
     assert stored["country"] == "GB"
     assert refersion.accepted == {("u1", "new"): 1}
     # Without unique_merchant_id the email is the key.
-    new_affiliate(client, refersion, email="bob@example.com", unique_merchant_id=None).raise_for_status()
+    r = new_affiliate(client, refersion, email="bob@example.com", unique_merchant_id=None, status="ACTIVE")
+    assert r.status_code == 200
     assert refersion.accepted[("bob@example.com", "new")] == 1
-    assert len(set(refersion.affiliates)) == 2
+    assert len(refersion.affiliates) == 2
+    second = max(refersion.affiliates)
+    assert second > numeric
+    assert r.json()["id"] == refersion.code_of(second) != code
+    assert r.json()["message"] == f"The affiliate {second} has been created with the status of ACTIVE."
+
+
+def test_refersion_add_affiliate(refersion: RefersionServer) -> None:
+    a = refersion.add_affiliate("a@example.com", first_name="A")
+    b = refersion.add_affiliate("b@example.com", status="DISABLED", password="secret")
+    assert isinstance(a, int)
+    assert b > a
+    assert refersion.affiliates[a] == {
+        "id": a,
+        "code": refersion.code_of(a),
+        "email": "a@example.com",
+        "status": "ACTIVE",
+        "first_name": "A",
+    }
+    assert refersion.affiliates[b]["status"] == "DISABLED"
+    assert "password" not in refersion.affiliates[b]
+    assert re.fullmatch(r"[a-z][0-9a-z]*", refersion.code_of(b))
+    assert not refersion.accepted
 
 
 @pytest.mark.parametrize(
@@ -157,11 +246,23 @@ def test_refersion_bad_credentials(
     assert not refersion.affiliates
 
 
+@pytest.mark.parametrize("path", REFERSION_PATHS)
+@pytest.mark.parametrize("content", [b"", b"nope", b"[1]", b'"x"', b"null"])
+def test_refersion_no_body_is_404(
+    refersion: RefersionServer, client: httpx.Client, path: str, content: bytes
+) -> None:
+    headers = {**KEYS, "Content-Type": "application/json"}
+    r = client.post(refersion.url + path, content=content, headers=headers)
+    assert r.status_code == 404
+    assert r.json() == {"error": "Bad request, no body"}
+    assert not refersion.affiliates
+
+
 @pytest.mark.parametrize("field", ["first_name", "last_name", "email", "password", "status"])
 def test_refersion_missing_field(refersion: RefersionServer, client: httpx.Client, field: str) -> None:
     r = new_affiliate(client, refersion, **{field: None})
     assert r.status_code == 400
-    assert field in r.json()["error"]
+    assert r.json() == {"error": f"Missing required field {field}"}
     assert not refersion.affiliates
 
 
@@ -192,7 +293,10 @@ def test_refersion_password_edges_allowed(refersion: RefersionServer, client: ht
         )
 
 
-@pytest.mark.parametrize(("field", "value"), [("status", "DENIED"), ("country", "GBR"), ("country", "1A")])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("status", "DENIED"), ("country", "USA"), ("country", "GBR"), ("country", "U"), ("country", "1A")],
+)
 def test_refersion_invalid_field_is_204(
     refersion: RefersionServer, client: httpx.Client, field: str, value: str
 ) -> None:
@@ -203,21 +307,24 @@ def test_refersion_invalid_field_is_204(
     assert new_affiliate(client, refersion).status_code == 200
 
 
-def test_refersion_204_carries_a_body_on_the_wire(refersion: RefersionServer) -> None:
-    body = json.dumps({**AFFILIATE, "country": "Britain"}).encode()
-    head = (
-        "POST /v2/affiliate/new HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        f"Refersion-Public-Key: pub\r\nRefersion-Secret-Key: sec\r\nContent-Length: {len(body)}\r\n\r\n"
-    )
-    with socket.create_connection(("127.0.0.1", int(refersion.url.rsplit(":", 1)[1])), timeout=5) as sock:
-        sock.sendall(head.encode() + body)
-        raw = b""
-        while chunk := sock.recv(65536):
-            raw += chunk
-    head_bytes, _, payload = raw.partition(b"\r\n\r\n")
-    assert head_bytes.startswith(b"HTTP/1.1 204")
-    assert b"Content-Length: %d" % len(payload) in head_bytes
-    assert json.loads(payload) == {"errors": ["Invalid country"]}
+@pytest.mark.parametrize(
+    ("path", "body", "errors"),
+    [
+        ("/v2/affiliate/new", {**AFFILIATE, "country": "USA"}, ["Invalid country"]),
+        ("/v2/affiliate/new", {**AFFILIATE, "status": "DISABLED"}, ["Invalid status"]),
+        ("/v2/affiliate/status_change", {"ids": [1], "status": "PENDING"}, ["Invalid status"]),
+        ("/v2/affiliate/search", {"keyword": "a", "page": "0"}, ["Invalid page"]),
+    ],
+)
+def test_refersion_204_carries_a_body_on_the_wire(
+    refersion: RefersionServer, path: str, body: Any, errors: list[str]
+) -> None:
+    head, payload = raw_post(refersion, path, body)
+    assert head.startswith(b"HTTP/1.1 204")
+    assert b"Content-Length: %d" % len(payload) in head
+    assert b"Connection: close" in head
+    assert json.loads(payload) == {"errors": errors}
+    assert not refersion.affiliates
 
 
 def test_refersion_email_taken(refersion: RefersionServer, client: httpx.Client) -> None:
@@ -229,35 +336,173 @@ def test_refersion_email_taken(refersion: RefersionServer, client: httpx.Client)
     assert not refersion.accepted
 
 
-def test_refersion_status_change(refersion: RefersionServer, client: httpx.Client) -> None:
-    a, b, stuck = (refersion.add_affiliate(f"{n}@example.com") for n in "abc")
-    refersion.not_changeable.add(stuck)
-    r = status_change(client, refersion, {"ids": [a, "zzzz", stuck, b], "status": "DISABLED"})
-    assert r.status_code == 200
-    assert r.json() == {"ids_changed": [a, b], "ids_not_changed": ["zzzz", stuck]}
-    assert [refersion.affiliates[i]["status"] for i in (a, b, stuck)] == ["DISABLED", "DISABLED", "ACTIVE"]
-    assert refersion.accepted == {(a, "DISABLED"): 1, (b, "DISABLED"): 1}
+def test_refersion_get_by_code_and_by_id(refersion: RefersionServer, client: httpx.Client) -> None:
+    refersion.add_affiliate("other@example.com")
+    created = new_affiliate(client, refersion, offer="777", company="Engines").json()
+    numeric = max(refersion.affiliates)
+    expected = {
+        "id": numeric,
+        "offer_id": "777",
+        "status": "PENDING",
+        "first_name": "Ada",
+        "last_name": "Lovelace",
+        "company_name": "Engines",
+        "email": "ada@example.com",
+        "link": created["link"],
+        "custom_fields": [],
+    }
+    by_code = refersion_call(client, refersion, "get", {"affiliate_code": created["id"]})
+    by_id = refersion_call(client, refersion, "get", {"id": numeric})
+    assert (by_code.status_code, by_id.status_code) == (200, 200)
+    assert by_code.json() == by_id.json() == expected
+    # Without an offer, the default offer; without names, empty strings.
+    other = refersion_call(client, refersion, "get", {"id": min(refersion.affiliates)}).json()
+    assert (other["offer_id"], other["first_name"], other["status"]) == ("1234", "", "ACTIVE")
 
 
 @pytest.mark.parametrize(
-    "body",
+    "body", [{"affiliate_code": "zzzz"}, {"id": 1}, {"id": "37569297"}, {"id": True}, {"affiliate_code": ""}]
+)
+def test_refersion_get_unknown_is_422(refersion: RefersionServer, client: httpx.Client, body: Any) -> None:
+    refersion.add_affiliate("a@example.com")  # numeric id 37569297, the first one
+    assert 37569297 in refersion.affiliates
+    r = refersion_call(client, refersion, "get", body)
+    assert r.status_code == 422
+    assert r.json() == {"errors": ["Affiliate not found"]}
+
+
+@pytest.mark.parametrize("body", [{}, {"code": "c1"}, {"id": None, "affiliate_code": None}])
+def test_refersion_get_without_id_or_code(
+    refersion: RefersionServer, client: httpx.Client, body: Any
+) -> None:
+    r = refersion_call(client, refersion, "get", body)
+    assert r.status_code == 400
+    assert r.json() == {"error": "Missing required field id or affiliate_code"}
+
+
+def test_refersion_search_exact_code_and_partial_email(
+    refersion: RefersionServer, client: httpx.Client
+) -> None:
+    ada = refersion.add_affiliate("Ada@Example.com", first_name="Ada", last_name="L", offer="9")
+    bob = refersion.add_affiliate("bob@example.org")
+    refersion.add_affiliate("eve@elsewhere.net")
+    code = refersion.code_of(ada)
+
+    def search(keyword: str) -> Any:
+        r = refersion_call(client, refersion, "search", {"keyword": keyword})
+        assert r.status_code == 200
+        return r.json()
+
+    assert search(code) == {
+        "total": 1,
+        "results": [
+            {
+                "id": code,
+                "offer_id": "9",
+                "status": "ACTIVE",
+                "first_name": "Ada",
+                "last_name": "L",
+                "email": "Ada@Example.com",
+                "custom_fields": [],
+            }
+        ],
+    }
+    assert search(code[:-1]) == {"total": 0, "results": []}  # a code matches only exactly
+    found = search("EXAMPLE")  # a partial email, any case
+    assert found["total"] == 2
+    assert [r["id"] for r in found["results"]] == [code, refersion.code_of(bob)]
+    assert search(str(ada)) == {"total": 0, "results": []}  # the numeric id is not a keyword
+
+
+def test_refersion_search_pages_until_total(refersion: RefersionServer, client: httpx.Client) -> None:
+    refersion.search_page_size = 3
+    ids = [refersion.add_affiliate(f"user{i}@example.com") for i in range(8)]
+    refersion.add_affiliate("other@elsewhere.net")
+    codes, page = [], 1
+    while True:
+        body = {"keyword": "@example.com"} if page == 1 else {"keyword": "@example.com", "page": str(page)}
+        r = refersion_call(client, refersion, "search", body)
+        assert r.status_code == 200
+        results = r.json()["results"]
+        assert r.json()["total"] == 8
+        assert len(results) <= 3
+        codes += [result["id"] for result in results]
+        if len(codes) >= r.json()["total"]:
+            break
+        page += 1
+    assert page == 3
+    assert codes == [refersion.code_of(i) for i in ids]  # ordered by numeric id
+    past = refersion_call(client, refersion, "search", {"keyword": "@example.com", "page": 4})
+    assert past.json() == {"total": 8, "results": []}
+
+
+@pytest.mark.parametrize("body", [{}, {"keyword": ""}, {"keyword": None}, {"page": "1"}])
+def test_refersion_search_needs_keyword(refersion: RefersionServer, client: httpx.Client, body: Any) -> None:
+    r = refersion_call(client, refersion, "search", body)
+    assert r.status_code == 400
+    assert r.json() == {"error": "Missing required field keyword"}
+
+
+@pytest.mark.parametrize("page", ["0", "x", -1, True, 1.5, None])
+def test_refersion_search_invalid_page_is_204(
+    refersion: RefersionServer, client: httpx.Client, page: Any
+) -> None:
+    r = refersion_call(client, refersion, "search", {"keyword": "a", "page": page})
+    assert r.status_code == 204
+
+
+def test_refersion_status_change(refersion: RefersionServer, client: httpx.Client) -> None:
+    a, b, stuck, code_holder = (refersion.add_affiliate(f"{n}@example.com") for n in "abcd")
+    refersion.not_changeable.add(stuck)
+    code = refersion.code_of(code_holder)
+    ids = [a, code, 1, stuck, str(b), True, None, b]
+    r = status_change(client, refersion, {"ids": ids, "status": "DISABLED"})
+    assert r.status_code == 200
+    assert r.json() == {"ids_changed": [a, b], "ids_not_changed": [code, 1, stuck, str(b), True, None]}
+    statuses = [refersion.affiliates[i]["status"] for i in (a, b, stuck, code_holder)]
+    assert statuses == ["DISABLED", "DISABLED", "ACTIVE", "ACTIVE"]
+    assert refersion.accepted == {(a, "DISABLED"): 1, (b, "DISABLED"): 1}
+
+
+def test_refersion_status_change_code_is_not_an_id(refersion: RefersionServer, client: httpx.Client) -> None:
+    created = new_affiliate(client, refersion).json()
+    r = status_change(client, refersion, {"ids": [created["id"]], "status": "DENIED"})
+    assert r.json() == {"ids_changed": [], "ids_not_changed": [created["id"]]}
+    stored = refersion.by_code(created["id"])
+    assert stored is not None
+    assert stored["status"] == "PENDING"
+
+
+@pytest.mark.parametrize("status", ["PENDING", "active", "DELETED", 1])
+def test_refersion_status_change_invalid_status_is_204(
+    refersion: RefersionServer, client: httpx.Client, status: Any
+) -> None:
+    a = refersion.add_affiliate("a@example.com", status="DENIED")
+    r = status_change(client, refersion, {"ids": [a], "status": status})
+    assert r.status_code == 204
+    assert refersion.affiliates[a]["status"] == "DENIED"
+    assert not refersion.accepted
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
     [
-        {"ids": [f"a{i}" for i in range(51)], "status": "DISABLED"},
-        {"ids": ["a1"], "status": "PENDING"},
-        {"ids": ["a1"]},
-        {"status": "ACTIVE"},
+        ({"ids": list(range(51)), "status": "DISABLED"}, "A maximum of 50 ids is allowed"),
+        ({"ids": [1]}, "Missing required field status"),
+        ({"status": "ACTIVE"}, "Missing required field ids"),
+        ({"ids": 1, "status": "ACTIVE"}, "Missing required field ids"),
     ],
 )
 def test_refersion_status_change_rejected(
-    refersion: RefersionServer, client: httpx.Client, body: Any
+    refersion: RefersionServer, client: httpx.Client, body: Any, error: str
 ) -> None:
     r = status_change(client, refersion, body)
     assert r.status_code == 400
-    assert "error" in r.json()
+    assert r.json() == {"error": error}
 
 
 def test_refersion_status_change_fifty_ids_allowed(refersion: RefersionServer, client: httpx.Client) -> None:
-    r = status_change(client, refersion, {"ids": [f"x{i}" for i in range(50)], "status": "ACTIVE"})
+    r = status_change(client, refersion, {"ids": list(range(50)), "status": "ACTIVE"})
     assert r.status_code == 200
     assert len(r.json()["ids_not_changed"]) == 50
 
@@ -288,6 +533,14 @@ def test_segment_accepts_message(segment: SegmentServer, client: httpx.Client) -
     assert (rec.path, rec.json, rec.settings) == ("/v1/identify", MESSAGE, {"network_id": "7"})
 
 
+def test_segment_generic_kind_accepts_any_type(segment: SegmentServer, client: httpx.Client) -> None:
+    assert segment.kind is None
+    for i, kind in enumerate(["track", "page", "group", "alias", "screen", "delete"]):
+        message = {"type": kind, "userId": "u1", "messageId": f"m{i}"}
+        assert client.post(segment.url + "/", json=message, headers=segment_headers()).status_code == 200
+    assert len(segment.messages) == 6
+
+
 @pytest.mark.parametrize(
     "authorization",
     [
@@ -304,7 +557,7 @@ def test_segment_bad_credentials(
     headers = {"Authorization": authorization} if authorization else {}
     r = client.post(segment.url + "/", json=MESSAGE, headers=headers)
     assert r.status_code == 401
-    assert "error" in r.json()
+    assert r.json() == {"message": "Invalid API key"}
     assert not segment.messages
 
 
@@ -312,6 +565,7 @@ def test_segment_requires_json_content_type(segment: SegmentServer, client: http
     headers = {**segment_headers(), "Content-Type": "text/plain"}
     r = client.post(segment.url + "/", content=json.dumps(MESSAGE), headers=headers)
     assert r.status_code == 415
+    assert set(r.json()) == {"message"}
     assert not segment.messages
 
 
@@ -321,6 +575,7 @@ def test_segment_requires_json_content_type(segment: SegmentServer, client: http
 def test_segment_rejects_bad_body(segment: SegmentServer, client: httpx.Client, body: Any) -> None:
     r = client.post(segment.url + "/", json=body, headers=segment_headers())
     assert r.status_code == 400
+    assert set(r.json()) == {"message"}
     assert not segment.messages
 
 
@@ -332,7 +587,60 @@ def test_segment_rejects_bad_settings(segment: SegmentServer, client: httpx.Clie
         segment.url + "/", json=MESSAGE, headers={**segment_headers(), "X-Segment-Settings": settings}
     )
     assert r.status_code == 400
+    assert set(r.json()) == {"message"}
     assert not segment.messages
+
+
+def test_segment_everflow_kind_takes_track_with_referrer(client: httpx.Client) -> None:
+    with SegmentServer(api_key="k3y", kind="everflow") as server:
+        r = client.post(server.url + "/", json=MESSAGE, headers=segment_headers())
+        assert r.status_code == 501
+        assert r.json() == {"message": "Unsupported call type identify"}
+        r = client.post(server.url + "/", json=TRACK, headers=segment_headers())
+        assert r.status_code == 200
+        assert server.messages == [TRACK]
+        assert server.accepted == {("u1", "m2"): 1}
+
+
+@pytest.mark.parametrize(
+    "context",
+    [
+        None,
+        [],
+        {},
+        {"referrer": {"id": "tid-1"}},
+        {"referrer": {"type": "other", "id": "tid-1"}},
+        {"referrer": {"type": "everflow"}},
+        {"referrer": {"type": "everflow", "id": ""}},
+        {"referrer": "tid-1"},
+    ],
+)
+def test_segment_everflow_kind_requires_referrer(client: httpx.Client, context: Any) -> None:
+    track = {k: v for k, v in TRACK.items() if k != "context"}
+    if context is not None:
+        track["context"] = context
+    with SegmentServer(api_key="k3y", kind="everflow") as server:
+        r = client.post(server.url + "/", json=track, headers=segment_headers())
+        assert r.status_code == 400
+        assert r.json() == {"message": "context.referrer.id and context.referrer.type are required"}
+        assert not server.messages
+
+
+def test_segment_refersion_kind_takes_identify_and_delete(client: httpx.Client) -> None:
+    # The delete example of Segment's Refersion destination page carries "context": [].
+    delete = {"type": "delete", "userId": "5678", "messageId": "d1", "context": [], "integrations": []}
+    with SegmentServer(api_key="k3y", kind="refersion") as server:
+        r = client.post(server.url + "/", json=TRACK, headers=segment_headers())
+        assert r.status_code == 501
+        assert r.json() == {"message": "Unsupported call type track"}
+        for message in (MESSAGE, delete):
+            assert client.post(server.url + "/", json=message, headers=segment_headers()).status_code == 200
+        assert server.messages == [MESSAGE, delete]
+
+
+def test_segment_unknown_kind() -> None:
+    with pytest.raises(ValueError, match="kind"):
+        SegmentServer(kind="hubspot")
 
 
 # Behaviour shared by every server

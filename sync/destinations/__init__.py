@@ -37,6 +37,7 @@ class Outcome:
     reason: str | None = None
     remote_id: str | None = None
     remote_active: bool | None = None
+    remote_code: str | None = None
 
 
 def accepted(change: Change, **extra: Any) -> Outcome:
@@ -49,12 +50,13 @@ def rejected(change: Change, reason: str) -> Outcome:
 
 @dataclass
 class Call:
-    """One HTTP request carrying `changes`; `read` turns a non-retriable answer into outcomes."""
+    """One HTTP request carrying `changes`; `read` turns a non-retriable answer into outcomes, or into the
+    call to send next for the same changes (a lookup before the request that carries them)."""
 
     changes: list[Change]
     method: str
     url: str
-    read: Callable[["Call", httpx.Response], list[Outcome]]
+    read: Callable[["Call", httpx.Response], "list[Outcome] | Call"]
     params: dict[str, str] | None = None
     json: Any = None
     headers: dict[str, str] = field(default_factory=dict)
@@ -73,7 +75,7 @@ class Call:
         return shown
 
 
-def read_accepting(call: Call, response: httpx.Response) -> list[Outcome]:
+def read_accepting(call: Call, response: httpx.Response) -> list[Outcome] | Call:
     """The plain rule: 2xx accepts every change of the call, anything else rejects them."""
     if response.is_success:
         return [accepted(change) for change in call.changes]
@@ -81,7 +83,8 @@ def read_accepting(call: Call, response: httpx.Response) -> list[Outcome]:
 
 
 def error_text(response: httpx.Response) -> str:
-    """A short reason from a documented error body (`{"error": ...}` or `{"errors": [...]}`) or the text."""
+    """A short reason from a documented error body (`{"error": ...}`, `{"errors": [...]}`, `{"message": ...}`)
+    or the text."""
     reason = response.text.strip()  # shortened only after secrets are scrubbed (Sender.scrub)
     try:
         body = response.json()
@@ -92,6 +95,8 @@ def error_text(response: httpx.Response) -> str:
             reason = body["error"]
         elif isinstance(body.get("errors"), list):
             reason = "; ".join(str(e) for e in body["errors"])
+        elif isinstance(body.get("message"), str):  # Segment's partner destinations
+            reason = body["message"]
     return f"HTTP {response.status_code}" + (f": {reason}" if reason else "")
 
 
@@ -157,6 +162,7 @@ class Destination:
     """One configured destination account. Subclasses turn changes into calls."""
 
     kind = ""
+    segment_type = ""  # the only message type the kind's Segment destination takes
     settings_fields: frozenset[str] = frozenset()
     default_rate_limit = 10.0
 
@@ -166,6 +172,7 @@ class Destination:
         self.where = f"destinations row id={row.id} ({row.name!r})"
         self.settings = settings
         self.api_key = api_key
+        self.warnings: list[str] = []  # what `check` reports without stopping a run
         self.limits = Limits(
             rate_limit=self._number("rate_limit", self.default_rate_limit, 1_000_000),
             max_in_flight=self._count("max_in_flight", 32, 1_000),

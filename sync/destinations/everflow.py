@@ -1,4 +1,8 @@
-"""Everflow: membership changes as advertiser-event server postbacks, keyed by click transaction id."""
+"""Everflow: membership changes as advertiser-event server postbacks, keyed by click transaction id.
+
+A postback's 200 means the endpoint received it: Everflow may still reject the conversion (an invalid
+transaction id, an event not in the offer, a duplicate) and says so only in its own reports.
+"""
 
 from collections.abc import Callable
 from typing import Any
@@ -9,10 +13,16 @@ from sync.destinations import Call, Destination, Outcome, base_url, read_accepti
 from sync.errors import ConfigError
 from sync.messages import Change
 
+# The optional postback parameters a member's traits may fill (Everflow's advertiser postback macros)
+PARAMS = frozenset({"amount", "order_id", "coupon_code", "email", *(f"adv{i}" for i in range(1, 6))})
+
 
 class Everflow(Destination):
     kind = "everflow"
-    settings_fields = frozenset({"tracking_domain", "network_id", "verification_token", "event_mapping"})
+    segment_type = "track"  # Segment's Everflow destination takes Track calls only
+    settings_fields = frozenset(
+        {"tracking_domain", "network_id", "verification_token", "event_mapping", "aid", "params"}
+    )
     default_rate_limit = 20.0
 
     def __init__(self, row: sa.Row[Any], settings: dict[str, Any], api_key: str | None) -> None:
@@ -31,14 +41,31 @@ class Everflow(Destination):
             network_id = settings.get("network_id")
             if network_id in (None, ""):
                 raise ConfigError(f"{self.where}: settings.network_id is required")
-            if isinstance(network_id, bool) or not isinstance(network_id, int | str):
+            self.network_id = self._id_setting("network_id")
+            self.aid = self._id_setting("aid") if settings.get("aid") not in (None, "") else None
+            self.params: dict[str, str] = settings.get("params") or {}
+            if not isinstance(self.params, dict) or not all(
+                isinstance(v, str) and v for v in self.params.values()
+            ):
                 raise ConfigError(
-                    f"{self.where}: settings.network_id must be a whole number or text, not {network_id!r}"
+                    f"{self.where}: settings.params must map postback parameters to trait names, "
+                    'e.g. {"amount": "order_total"}'
                 )
-            self.network_id = str(network_id)
+            unknown = sorted(set(self.params) - PARAMS)
+            if unknown:
+                raise ConfigError(
+                    f"{self.where}: settings.params names unknown postback parameter(s) {', '.join(unknown)} "
+                    "(Everflow takes amount, order_id, coupon_code, email and adv1 to adv5)"
+                )
             self.verification_token = settings.get("verification_token")
             if not isinstance(self.verification_token, str | None):
                 raise ConfigError(f"{self.where}: settings.verification_token must be text")
+
+    def _id_setting(self, name: str) -> str:
+        value = self.settings.get(name)
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ConfigError(f"{self.where}: settings.{name} must be a whole number or text, not {value!r}")
+        return str(value)
 
     def secrets(self) -> list[str]:
         token = self.settings.get("verification_token")
@@ -66,6 +93,12 @@ class Everflow(Destination):
             }
             if self.verification_token:
                 params["verification_token"] = str(self.verification_token)
+            if self.aid:
+                params["aid"] = self.aid
+            for param, trait in self.params.items():
+                value = change.traits.get(trait)
+                if value not in (None, ""):
+                    params[param] = str(value)
             calls.append(
                 Call(
                     [change],

@@ -1,11 +1,20 @@
-"""Refersion: audience members become affiliates through REST API v2."""
+"""Refersion: audience members become affiliates through REST API v2.
 
+An affiliate has two ids: the code /affiliate/new answers with ("a3y7", kept as `remote_code`) and the
+numeric id /affiliate/status_change takes (kept as `remote_id`), which /affiliate/get resolves from the
+code the first time a status change needs it. A person who already is an affiliate (422, email taken) is
+adopted: found with /affiliate/search by email, resolved, and recorded as ours to disable on exit.
+"""
+
+import dataclasses
+import functools
 import secrets
 import string
 from collections.abc import Callable
 from typing import Any
 
 import httpx
+import pycountry
 import sqlalchemy as sa
 
 from sync.destinations import Call, Destination, Outcome, accepted, base_url, error_text, rejected
@@ -14,6 +23,11 @@ from sync.messages import Change
 
 STATUS_CHANGE_MAX_IDS = 50
 SYMBOLS = "!#$%&*+-=?@^_~"
+NO_AFFILIATE = "no Refersion affiliate is known for this user (no affiliate code and no email)"
+
+# What a lookup leads to once it found the affiliate: the change, with its ids now known, becomes a call
+# (the status change) or outcomes (an adoption, accepted as it is).
+Then = Callable[[Change], "list[Outcome] | Call"]
 
 
 def generate_password() -> str:
@@ -38,22 +52,38 @@ def split_name(traits: dict[str, Any]) -> tuple[str, str]:
     return str(first).strip(), str(last).strip()
 
 
+@functools.lru_cache(maxsize=1024)
+def country_code(value: str) -> str | None:
+    """The ISO 3166-1 alpha-2 code of a country given as a code ("us", "USA", "840") or its ISO name
+    ("United States", "United Kingdom"); None when pycountry knows no such country."""
+    try:
+        return str(pycountry.countries.lookup(value.strip()).alpha_2)
+    except LookupError:
+        return None
+
+
+def numeric_id(change: Change) -> int | None:
+    """The numeric affiliate id status_change takes, when known."""
+    value = change.remote_id
+    return int(value) if value and value.isascii() and value.isdigit() else None
+
+
 class Refersion(Destination):
     kind = "refersion"
-    settings_fields = frozenset({"api_base", "status", "offer", "send_welcome", "on_exit"})
+    segment_type = "identify"  # Segment's Refersion destination takes Identify (and delete)
+    settings_fields = frozenset({"api_base", "status", "offer", "send_welcome", "on_exit", "on_reentry"})
     default_rate_limit = 5.0
 
     def __init__(self, row: sa.Row[Any], settings: dict[str, Any], api_key: str | None) -> None:
         super().__init__(row, settings, api_key)
-        self.on_exit = settings.get("on_exit", "ignore")
-        if self.on_exit not in ("ignore", "disable"):
-            raise ConfigError(
-                f"{self.where}: settings.on_exit must be 'ignore' or 'disable', not {self.on_exit!r}"
-            )
-        self.status = settings.get("status", "PENDING")
-        if self.status not in ("ACTIVE", "PENDING"):
-            raise ConfigError(
-                f"{self.where}: settings.status must be 'ACTIVE' or 'PENDING', not {self.status!r}"
+        self.on_exit = self._choice("on_exit", ("ignore", "disable"))
+        self.on_reentry = self._choice("on_reentry", ("ignore", "activate"))
+        self.status = self._choice("status", ("PENDING", "ACTIVE"))
+        offer = settings.get("offer")
+        if offer is not None and not (isinstance(offer, int | str) and str(offer).isdigit()):
+            self.warnings.append(
+                f"{self.where}: settings.offer is {offer!r}; Refersion takes an offer id such as "
+                "'12345' and refuses every create with anything else"
             )
         if self.transport is not None:
             return
@@ -72,8 +102,17 @@ class Refersion(Destination):
             )
         self.headers = {"Refersion-Public-Key": public, "Refersion-Secret-Key": secret}
 
+    def _choice(self, name: str, allowed: tuple[str, ...]) -> str:
+        """A setting with a closed set of values; the first is the default."""
+        value = self.settings.get(name, allowed[0])
+        if value not in allowed:
+            raise ConfigError(
+                f"{self.where}: settings.{name} must be {' or '.join(map(repr, allowed))}, not {value!r}"
+            )
+        return str(value)
+
     def check(self, change: Change, message: dict[str, Any]) -> str | None:
-        if not change.value or (change.remote_id and self.transport is None):
+        if not change.value or change.remote_id or change.remote_code:
             return None
         first, last = split_name(change.traits)
         missing = [
@@ -87,6 +126,12 @@ class Refersion(Destination):
         ]
         if missing:
             return f"Refersion needs {', '.join(missing)} to create an affiliate"
+        country = change.traits.get("country")
+        if self.transport is None and country not in (None, "") and not country_code(str(country)):
+            return (
+                f"the country column holds {str(country)[:60]!r}, which is not a country Refersion takes: "
+                "return an ISO 3166-1 code (e.g. 'US') or the ISO name ('United States')"
+            )
         return None
 
     def plan_native(
@@ -97,28 +142,56 @@ class Refersion(Destination):
         reactivate: list[Change] = []
         disable: list[Change] = []
         for change in changes:
-            if change.value and change.remote_id is None:
+            known = bool(change.remote_id or change.remote_code)
+            if change.value and not known:
                 calls.append(self._new_affiliate(change))
-            elif change.value:
-                (done.append(accepted(change)) if change.remote_active else reactivate.append(change))
-            elif self.on_exit == "ignore":
+            elif change.value and change.remote_active:
                 done.append(accepted(change))
-            elif change.remote_id is None:
-                done.append(
-                    rejected(
-                        change,
-                        "no Refersion affiliate id is known for this user (it already was an "
-                        "affiliate when it entered), so it cannot be disabled",
-                    )
-                )
+            elif change.value and self.status != "ACTIVE" and self.on_reentry == "ignore":
+                done.append(accepted(change, reason="left disabled (on_reentry: ignore)"))
+            elif change.value:
+                reactivate.append(change)
+            elif self.on_exit == "ignore" or not change.remote_active:
+                done.append(accepted(change))
             else:
                 disable.append(change)
-        calls += self._status_changes(reactivate, "ACTIVE") + self._status_changes(disable, "DISABLED")
+        for status, batch in (("ACTIVE", reactivate), ("DISABLED", disable)):
+            unresolved = [c for c in batch if numeric_id(c) is None]
+            calls += self._status_changes([c for c in batch if numeric_id(c) is not None], status)
+            for change in unresolved:
+                lookup = self._find(change, functools.partial(self._status_change, status))
+                if isinstance(lookup, Call):
+                    calls.append(lookup)
+                else:
+                    done += lookup
         return done, calls
 
     def forget_native(self, change: Change) -> Call | None:
         """Refersion has no delete endpoint: the affiliate is disabled."""
-        return self._status_changes([change], "DISABLED")[0] if change.remote_id else None
+        if numeric_id(change) is not None:
+            return self._status_change("DISABLED", change)
+        lookup = self._find(change, functools.partial(self._status_change, "DISABLED"))
+        return lookup if isinstance(lookup, Call) else None
+
+    def _find(self, change: Change, then: Then) -> list[Outcome] | Call:
+        """The lookup of the change's numeric affiliate id: by its code, else by its email."""
+        if change.remote_code:
+            return self._get(change, change.remote_code, then)
+        email = change.traits.get("email")
+        if email:
+            return self._search(change, str(email), 1, 0, then)
+        return [rejected(change, NO_AFFILIATE)]
+
+    def _call(self, change: Change, path: str, body: dict[str, Any], read: Any, **extra: Any) -> Call:
+        return Call(
+            [change],
+            "POST",
+            f"{self.api_base}/affiliate/{path}",
+            read,
+            json=body,
+            headers=self.headers,
+            **extra,
+        )
 
     def _new_affiliate(self, change: Change) -> Call:
         traits = change.traits
@@ -135,25 +208,83 @@ class Refersion(Destination):
             "unique_merchant_id": change.user_id,
         }
         if self.settings.get("offer"):
-            body["offer"] = self.settings["offer"]
+            body["offer"] = str(self.settings["offer"])
         address = {
             "address1": traits.get("street") or traits.get("address1"),
             "city": traits.get("city"),
             "state": traits.get("state"),
             "zip": traits.get("postal_code") or traits.get("zip"),
-            "country": traits.get("country"),
+            "country": country_code(str(traits.get("country") or "")),
             "phone": traits.get("phone"),
         }
         body.update({k: str(v) for k, v in address.items() if v not in (None, "")})
-        return Call(
-            [change],
-            "POST",
-            f"{self.api_base}/affiliate/new",
-            _read_new,
-            json=body,
-            headers=self.headers,
-            masked=("password",),
-        )
+        return self._call(change, "new", body, self._read_new, masked=("password",))
+
+    def _read_new(self, call: Call, response: httpx.Response) -> list[Outcome] | Call:
+        change = call.changes[0]
+        if (
+            response.status_code == 204
+        ):  # Refersion's way of saying a field is invalid; its body is not reliable
+            return [rejected(change, "Refersion answered 204: a field of the affiliate is invalid")]
+        if response.status_code == 422 and "taken" in response.text:
+            return self._search(change, str(change.traits.get("email")), 1, 0, self._adopted)
+        if not response.is_success:
+            raise FatalError(error_text(response), response.status_code)
+        code = _field(response, "id")
+        # without its code the affiliate could never be disabled: not accepted, sent again next run
+        if not isinstance(code, str | int) or isinstance(code, bool) or not str(code):
+            return [
+                Outcome(
+                    change, "failed", f"Refersion answered {response.status_code} without an affiliate code"
+                )
+            ]
+        return [accepted(change, remote_code=str(code), remote_active=True)]
+
+    @staticmethod
+    def _adopted(found: Change) -> list[Outcome]:
+        return [
+            accepted(
+                found,
+                reason=f"already an affiliate (email taken): adopted affiliate {found.remote_code}",
+                remote_active=True,
+            )
+        ]
+
+    def _search(self, change: Change, email: str, page: int, seen: int, then: Then) -> Call:
+        """Page through /affiliate/search for the affiliate whose email is exactly `email` (any case)."""
+
+        def read(call: Call, response: httpx.Response) -> list[Outcome] | Call:
+            if not response.is_success:
+                raise FatalError(
+                    f"searching the affiliate by email: {error_text(response)}", response.status_code
+                )
+            results, total = _field(response, "results"), _field(response, "total")
+            if not isinstance(results, list):
+                return [Outcome(change, "failed", "Refersion's search answered without results")]
+            for result in results:
+                if isinstance(result, dict) and str(result.get("email", "")).casefold() == email.casefold():
+                    return self._get(change, str(result.get("id")), then)
+            if results and isinstance(total, int) and seen + len(results) < total:
+                return self._search(change, email, page + 1, seen + len(results), then)
+            return [rejected(change, f"no Refersion affiliate has exactly the email {email!r}")]
+
+        return self._call(change, "search", {"keyword": email, "page": str(page)}, read)
+
+    def _get(self, change: Change, code: str, then: Then) -> Call:
+        """/affiliate/get by code: the numeric id, then `then` with the change knowing both."""
+
+        def read(call: Call, response: httpx.Response) -> list[Outcome] | Call:
+            if not response.is_success:
+                raise FatalError(f"looking up affiliate {code}: {error_text(response)}", response.status_code)
+            found = _field(response, "id")
+            if isinstance(found, bool) or not str(found).isdigit():  # not the documented answer: try again
+                return [Outcome(change, "failed", f"Refersion's get of affiliate {code} gave no numeric id")]
+            return then(dataclasses.replace(change, remote_id=str(found), remote_code=code))
+
+        return self._call(change, "get", {"affiliate_code": code}, read)
+
+    def _status_change(self, status: str, change: Change) -> Call:
+        return self._status_changes([change], status)[0]
 
     def _status_changes(self, changes: list[Change], status: str) -> list[Call]:
         return [
@@ -162,7 +293,7 @@ class Refersion(Destination):
                 "POST",
                 f"{self.api_base}/affiliate/status_change",
                 _read_status_change,
-                json={"ids": [c.remote_id for c in batch], "status": status},
+                json={"ids": [numeric_id(c) for c in batch], "status": status},
                 headers=self.headers,
             )
             for batch in (
@@ -174,35 +305,24 @@ class Refersion(Destination):
         return super().secrets() + [v for v in getattr(self, "headers", {}).values()]
 
 
-def _read_new(call: Call, response: httpx.Response) -> list[Outcome]:
-    change = call.changes[0]
-    if response.status_code == 204:  # Refersion's way of saying a field is invalid; its body is not reliable
-        return [rejected(change, "Refersion answered 204: a field of the affiliate is invalid")]
-    if response.status_code == 422 and "taken" in response.text:
-        return [accepted(change, reason="already an affiliate (email taken)")]
-    if not response.is_success:
-        raise FatalError(error_text(response), response.status_code)
+def _field(response: httpx.Response, name: str) -> Any:
+    """A field of a JSON object answer; None when the answer is not one."""
     try:
-        remote_id = response.json().get("id")
-    except (ValueError, AttributeError):
-        remote_id = None
-    # without the id the affiliate could never be disabled: not accepted, sent again next run
-    if not remote_id or not isinstance(remote_id, str | int):
-        return [
-            Outcome(change, "failed", f"Refersion answered {response.status_code} without an affiliate id")
-        ]
-    return [accepted(change, remote_id=str(remote_id), remote_active=True)]
+        body = response.json()
+    except ValueError:
+        return None
+    return body.get(name) if isinstance(body, dict) else None
 
 
 def _read_status_change(call: Call, response: httpx.Response) -> list[Outcome]:
-
+    if response.status_code == 204:  # an invalid field: the same request would be refused again
+        return [
+            rejected(c, "Refersion answered 204: the status change has an invalid field")
+            for c in call.changes
+        ]
     if not response.is_success:
         raise FatalError(error_text(response), response.status_code)
-    try:
-        body = response.json()
-        ids = body.get("ids_changed")
-    except (ValueError, AttributeError):  # not JSON, not an object
-        ids = None
+    ids = _field(response, "ids_changed")
     changed = {str(i) for i in ids} if isinstance(ids, list) else set()
     active = call.json["status"] == "ACTIVE"
     return [
