@@ -171,7 +171,7 @@ def soak(
     final: dict[tuple[str, str], bool] = {}
     for message in server.messages:  # the destination's view, in the order it accepted them
         key = message["context"]["personas"]["computation_key"]
-        final[(key, message["userId"])] = message["traits"][key]
+        final[(key, message["userId"])] = message["properties"][key]  # Everflow over Segment: track calls
     members_there = {k for k, value in final.items() if value}
     lost = len(wanted ^ members_there)
     duplicates = sum(n - 1 for n in Counter(m["messageId"] for m in server.messages).values())

@@ -18,6 +18,11 @@ from sync.tables import audiences, readable_columns, sync_stage, sync_stage_diff
 
 KEY_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
 STAGE_CHUNK = 5000
+# A longer user id is skipped and counted like a NULL one: it stays under every index's row limit (a
+# Postgres btree entry takes at most 2,704 bytes) with room for the other key columns.
+MAX_USER_ID_BYTES = 1024
+# SQLite's json_object takes at most 127 arguments (SQLITE_MAX_FUNCTION_ARG): 63 traits
+JSON_OBJECT_PAIRS = 63
 
 
 def derive_key(name: str) -> str:
@@ -105,6 +110,7 @@ class Staged:
     members: int
     null_user_ids: int
     duplicate_user_ids: int
+    long_user_ids: int
 
 
 @contextmanager
@@ -119,6 +125,10 @@ def _read_only(conn: sa.Connection, timeout: float, stage: bool = False) -> Iter
         conn.exec_driver_sql("SET TRANSACTION READ ONLY")
         conn.exec_driver_sql(f"SET LOCAL statement_timeout = {int(timeout * 1000)}")
         yield conn
+        # nothing the query set survives it (set_config(..., false), an advisory lock); DISCARD ALL would
+        # drop the staged members too, and what failed is rolled back with its transaction
+        conn.exec_driver_sql("RESET ALL")
+        conn.exec_driver_sql("SELECT pg_advisory_unlock_all()")
         conn.commit()
         return
     raw: Any = conn.connection.dbapi_connection
@@ -150,13 +160,16 @@ def _allow_reads_and_staging(
     return sqlite3.SQLITE_DENY
 
 
-def stage_members(state: sa.Connection, source: sa.Engine, audience: Audience, timeout: float) -> Staged:
+def stage_members(
+    state: sa.Connection, source: sa.Engine, audience: Audience, timeout: float, limit: str = ""
+) -> Staged:
     """Evaluate the audience's query into `sync_stage_members`, this connection's temporary table.
 
     The table holds the members for this run: one row per user id (the first of duplicates), indexed for
     the diff. The query runs read-only, so the state database is not write-locked while it runs: with
     `INSERT ... SELECT` when the source is the state database, streamed in chunks otherwise. Commits;
-    any failure raises SourceError, so a broken query never looks like an empty audience.
+    any failure raises SourceError, so a broken query never looks like an empty audience. `limit`
+    (" LIMIT 0") bounds the query: `check` stages nothing the way a run stages everything.
     """
     state.commit()
     drop_stage(state)
@@ -166,14 +179,15 @@ def stage_members(state: sa.Connection, source: sa.Engine, audience: Audience, t
         with _query_failures(audience):
             if source is state.engine:
                 with _read_only(state, timeout, stage=True):
-                    rows = _stage_in_place(state, audience)
+                    rows = _stage_in_place(state, audience, limit)
             else:
                 with source.connect() as conn, _read_only(conn, timeout):
-                    rows = _stage_streamed(state, conn, audience)
+                    rows = _stage_streamed(state, conn, audience, limit)
                 state.commit()
     except SourceError:
         state.rollback()
         raise
+    long = state.exec_driver_sql(LONG_USER_IDS[state.dialect.name]).rowcount
     try:  # one row per user id is the rule, so the index is built unique and fails if a user repeats
         state.exec_driver_sql(UNIQUE_INDEX)
         duplicates = 0
@@ -185,8 +199,13 @@ def stage_members(state: sa.Connection, source: sa.Engine, audience: Audience, t
     if state.dialect.name == "postgresql":  # temporary tables get no statistics otherwise
         state.exec_driver_sql(f"ANALYZE {sync_stage.name}")
     state.commit()
-    return Staged(rows - nulls - duplicates, nulls, duplicates)
+    return Staged(rows - nulls - duplicates - long, nulls, duplicates, long)
 
+
+LONG_USER_IDS = {
+    "sqlite": f"DELETE FROM {sync_stage.name} WHERE length(CAST(user_id AS BLOB)) > {MAX_USER_ID_BYTES}",
+    "postgresql": f"DELETE FROM {sync_stage.name} WHERE octet_length(user_id) > {MAX_USER_ID_BYTES}",
+}
 
 UNIQUE_INDEX = f"CREATE UNIQUE INDEX ix_{sync_stage.name}_user_id ON {sync_stage.name} (user_id)"
 
@@ -223,7 +242,7 @@ def dropping_stage(state: sa.Connection) -> Iterator[None]:
             pass  # the connection is lost, and its temporary table with it
 
 
-def _stage_in_place(state: sa.Connection, audience: Audience) -> int:
+def _stage_in_place(state: sa.Connection, audience: Audience, limit: str) -> int:
     """`INSERT ... SELECT` the query's rows into the staging table, traits built as JSON by the database.
 
     Returns how many rows the query returned.
@@ -233,22 +252,32 @@ def _stage_in_place(state: sa.Connection, audience: Audience) -> int:
     if state.dialect.name == "postgresql":
         traits = "(to_jsonb(q) - 'user_id')::text"
     else:
-        pairs = [
-            f"'{c.replace(chr(39), chr(39) * 2)}', q.\"{c.replace(chr(34), chr(34) * 2)}\""
-            for c in columns
-            if c != "user_id"
-        ]
-        traits = f"json_object({', '.join(pairs)})"
+        traits = _sqlite_json_object([c for c in columns if c != "user_id"])
     insert = f"INSERT INTO {sync_stage.name} (user_id, traits) "
     user_id = "NULLIF(CAST(q.user_id AS TEXT), '')"
-    return state.execute(_over_query(audience, f"{user_id}, {_escaped(traits)}", prefix=insert)).rowcount
+    select = _over_query(audience, f"{user_id}, {_escaped(traits)}", prefix=insert, suffix=limit)
+    return state.execute(select).rowcount
 
 
-def _stage_streamed(state: sa.Connection, source: sa.Connection, audience: Audience) -> int:
+def _sqlite_json_object(columns: list[str]) -> str:
+    """SQL building the traits object of `q`'s columns, in their order; past JSON_OBJECT_PAIRS columns, from
+    json_object()s of at most that many, their texts joined (json_patch would drop NULL traits)."""
+    pairs = [f"'{c.replace(chr(39), chr(39) * 2)}', q.\"{c.replace(chr(34), chr(34) * 2)}\"" for c in columns]
+    parts = [
+        f"json_object({', '.join(pairs[i : i + JSON_OBJECT_PAIRS])})"
+        for i in range(0, len(pairs), JSON_OBJECT_PAIRS)
+    ]
+    if len(parts) <= 1:
+        return parts[0] if parts else "json_object()"
+    inner = [f"substr({part}, 2, length({part}) - 2)" for part in parts]  # each `{...}` without its braces
+    return "'{' || " + " || ',' || ".join(inner) + " || '}'"
+
+
+def _stage_streamed(state: sa.Connection, source: sa.Connection, audience: Audience, limit: str) -> int:
     """Stream the query's rows from another database into the staging table in chunks; returns how many."""
     rows = 0
-    result = source.execution_options(stream_results=True, yield_per=STAGE_CHUNK).execute(
-        _wrapped(audience, "")
+    result = source.execute(  # a statement's options: the connection's would stay with it
+        _wrapped(audience, limit), execution_options={"stream_results": True, "yield_per": STAGE_CHUNK}
     )
     with result:
         _require_user_id(audience, result)
@@ -268,15 +297,11 @@ def _stage_streamed(state: sa.Connection, source: sa.Connection, audience: Audie
     return rows
 
 
-def probe_query(source: sa.Engine, audience: Audience, timeout: float) -> None:
-    """Run the audience query with LIMIT 0: it must parse, run read-only and return user_id."""
-    with (
-        _query_failures(audience),
-        source.connect() as conn,
-        _read_only(conn, timeout),
-        conn.execute(_wrapped(audience, " LIMIT 0")) as result,
-    ):
-        _require_user_id(audience, result)
+def probe_query(state: sa.Connection, source: sa.Engine, audience: Audience, timeout: float) -> None:
+    """Stage the audience query with LIMIT 0 as a run stages it: it must parse, run read-only, return
+    user_id, and build its traits; nothing is kept."""
+    with dropping_stage(state):
+        stage_members(state, source, audience, timeout, limit=" LIMIT 0")
 
 
 def is_member(source: sa.Engine, audience: Audience, user_id: str, timeout: float) -> bool:

@@ -38,7 +38,7 @@ def find_problems(conn: sa.Connection, source: sa.Engine, timeout: float) -> tup
     checked = len(rows) + len(valid) + len(problems)
     for audience in valid:
         try:
-            probe_query(source, audience, timeout)
+            probe_query(conn, source, audience, timeout)
         except SourceError as exc:
             found.append(str(exc))
         for row in connection_rows(conn, audience.id):
@@ -53,4 +53,39 @@ def find_problems(conn: sa.Connection, source: sa.Engine, timeout: float) -> tup
             warning = type_warning(audience, row, destination)
             if warning:
                 warnings.append(warning)
+    if source.dialect.name == "postgresql":
+        warnings += _postgres_writes_left(source)
     return found, warnings, checked
+
+
+# A READ ONLY transaction still lets these write large objects; only a revoked privilege stops them.
+LARGE_OBJECT_WRITES = (
+    "lo_from_bytea(oid, bytea)",
+    "lo_create(oid)",
+    "lo_creat(integer)",
+    "lo_import(text)",
+    "lo_put(oid, bigint, bytea)",
+    "lowrite(integer, bytea)",
+)
+
+
+def _postgres_writes_left(source: sa.Engine) -> list[str]:
+    """What the source role can still write inside a READ ONLY transaction (the operator guide's role)."""
+    callable_ = ", ".join(f"has_function_privilege('{f}', 'EXECUTE')" for f in LARGE_OBJECT_WRITES)
+    with source.connect() as conn:
+        superuser, *executable = conn.execute(
+            sa.text(f"SELECT rolsuper, {callable_} FROM pg_roles WHERE rolname = current_user")
+        ).one()
+        role = conn.scalar(sa.text("SELECT current_user"))
+    if superuser:
+        return [
+            f"the source role {role!r} is a superuser: audience queries can write large objects and read "
+            "server files despite the READ ONLY transaction; use a SELECT-only role (operator guide)"
+        ]
+    writes = [f.split("(")[0] for f, can in zip(LARGE_OBJECT_WRITES, executable, strict=True) if can]
+    if not writes:
+        return []
+    return [
+        f"the source role {role!r} may execute {', '.join(writes)}: audience queries can write large objects "
+        "despite the READ ONLY transaction; REVOKE EXECUTE on them FROM PUBLIC (operator guide)"
+    ]

@@ -26,6 +26,7 @@ RETRY_AFTER_CAP = 60.0
 REASON_MAX = 300
 ANSWER_MAX = 1024 * 1024  # bytes of an answer read; the documented APIs answer with small JSON bodies
 TOO_LARGE = f"answer of more than {ANSWER_MAX // 1024 // 1024} MiB, not read"
+SAME_REFUSALS = 10  # requests refused alike, none accepted: the destination is misconfigured, not the users
 FRAMING = ("content-encoding", "content-length", "transfer-encoding")  # of the body as it came, not as read
 
 
@@ -180,12 +181,21 @@ class Sender:
 
 
 class Delivery:
-    """One run's delivery to one connection: stops on refused credentials or when most recent calls fail."""
+    """One run's delivery to one connection: stops on refused credentials, when most recent calls fail, or
+    when the first requests are all refused alike (a misconfigured destination, not refused users).
+
+    Until the destination accepted a request, its refusals are held back; `held()` hands out those still
+    held when the delivery ends. A refusal shared by the first SAME_REFUSALS requests is the destination's:
+    they become failures, pending for the next run, and the delivery stops.
+    """
 
     def __init__(self, sender: Sender) -> None:
         self.sender = sender
         self.stopped: str | None = None
         self.recent: deque[bool] = deque(maxlen=max(8, sender.limits.max_in_flight))  # True: the call failed
+        self.trusted = False  # a request was accepted, or refusals differed: refusals are about users
+        self.suspects: list[Outcome] = []
+        self.suspect_calls = 0
 
     def send_all(self, calls: list[Call]) -> list[Outcome]:
         if self.stopped:
@@ -198,7 +208,7 @@ class Delivery:
             except AuthError as exc:
                 self.stopped = f"stopped: {exc.reason}"
                 results = [Outcome(c, "failed", self.stopped) for c in call.changes]
-            outcomes += results
+            outcomes += self._judge(results)
             self.recent.append(all(o.status == "failed" for o in results))
         failed = sum(self.recent)
         if not self.stopped and len(self.recent) >= 4 and failed * 2 > len(self.recent):
@@ -208,3 +218,32 @@ class Delivery:
                 f"gave up for this run: {failed} of the last {window} requests failed (last: {last})"
             )
         return outcomes
+
+    def held(self) -> list[Outcome]:
+        """The refusals still held back, as they are: fewer than SAME_REFUSALS requests were refused."""
+        held, self.suspects = self.suspects, []
+        return held
+
+    def _judge(self, results: list[Outcome]) -> list[Outcome]:
+        """The outcomes of one request, its refusals held back while they may be the destination's."""
+        if self.trusted:
+            return results
+        refused = [o for o in results if o.status == "rejected"]
+        if any(o.status == "accepted" for o in results) or (
+            refused and self.suspects and refused[0].reason != self.suspects[0].reason
+        ):
+            self.trusted = True
+            return self.held() + results
+        if not refused:
+            return results
+        self.suspects += refused
+        self.suspect_calls += 1
+        others = [o for o in results if o.status != "rejected"]
+        if self.suspect_calls < SAME_REFUSALS:
+            return others
+        self.stopped = (
+            f"stopped: the first {self.suspect_calls} requests were all refused alike "
+            f"({self.suspects[0].reason}) and none was accepted: the destination's settings look wrong "
+            "(an endpoint path, a network id, an offer?)"
+        )
+        return others + [Outcome(o.change, "failed", self.stopped) for o in self.held()]

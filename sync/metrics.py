@@ -40,10 +40,16 @@ def observe_run(
             CHANGES.labels(audience, destination, status).inc(counts[status])
     if outcome == "ok":
         LAST_SUCCESS.labels(audience).set(finished)
-    done = sum(counts.get(s, 0) for s in ("accepted", "rejected", "skipped"))
-    PENDING.labels(audience, destination).set(
-        max(0, counts.get("entered", 0) + counts.get("exited", 0) - done)
-    )
+    PENDING.labels(audience, destination).set(counts.get("pending", 0))
+
+
+def seed(last_runs: Iterable[Any]) -> None:
+    """The gauges as the recorded runs left them (`state.last_runs`), so a restart does not empty them."""
+    for run in last_runs:
+        audience = str(run.audience)
+        PENDING.labels(audience, run.destination or "").set(run.pending)
+        if run.last_success is not None:
+            LAST_SUCCESS.labels(audience).set(run.last_success.timestamp())
 
 
 class _Quiet(WSGIRequestHandler):

@@ -19,7 +19,14 @@ import sqlalchemy as sa
 from rich.progress import Progress
 
 from sync import metrics, state
-from sync.audiences import Audience, dropping_stage, load_audiences, stage_members, store_key
+from sync.audiences import (
+    MAX_USER_ID_BYTES,
+    Audience,
+    dropping_stage,
+    load_audiences,
+    stage_members,
+    store_key,
+)
 from sync.connections import connection_rows, load_connection
 from sync.delivery import Delivery, Sender
 from sync.destinations import Destination, Outcome, rejected
@@ -78,6 +85,8 @@ class Runner:
         self.senders_lock = threading.Lock()
         self.retired: list[Sender] = []
         self.stopping = threading.Event()  # set on SIGTERM: finish the page in flight, then stop
+        self.unrecorded: list[dict[str, Any]] = []  # audience runs the state database could not take yet
+        self.unrecorded_lock = threading.Lock()
         self.progress: Progress | None = None  # a progress bar per connection, on a terminal
 
     def close(self) -> None:
@@ -109,6 +118,7 @@ class Runner:
 
     def run_audience(self, audience: Audience, options: Options) -> list[Result]:
         """Run one audience under its lease; a state database failure fails this audience only."""
+        self._record_deferred()
         try:
             with self._lease(audience) as (holder, lost):
                 if holder:
@@ -119,26 +129,44 @@ class Runner:
         except sa.exc.DBAPIError as exc:  # e.g. lost mid-run, and with it the run's temporary members table
             message = f"{audience}: the state database failed during the run: {_first_line(exc)}"
             log.error("%s", message, extra={"action": "state_failed"})
+            if not options.dry_run:
+                self._record_audience_run(audience.id, "failed", message)
             return [Result(audience.name, None, "failed", error=message)]
 
     def _invalid_audience(self, audience_id: int, name: str, problem: str, options: Options) -> Result:
         """Log and record an audience whose row is invalid (status shows the reason)."""
         log.error("%s", problem, extra={"action": "audience_invalid"})
         if not options.dry_run:
-            now = self.now()
-            with self.engine.begin() as conn:
-                state.record_run(
-                    conn,
-                    {
-                        "audience_id": audience_id,
-                        "destination_id": None,
-                        "started_at": now,
-                        "finished_at": now,
-                        "outcome": "invalid",
-                        "error": problem,
-                    },
-                )
+            self._record_audience_run(audience_id, "invalid", problem)
         return Result(name, None, "invalid", error=problem)
+
+    def _record_audience_run(self, audience_id: int, outcome: str, error: str) -> None:
+        """Record a run of the audience as a whole (no destination); if the state database cannot take it
+        now, at the next chance: with the next run's records."""
+        now = self.now()
+        row = {"audience_id": audience_id, "destination_id": None, "started_at": now, "finished_at": now}
+        with self.unrecorded_lock:
+            self.unrecorded.append({**row, "outcome": outcome, "error": error})
+        self._record_deferred()
+
+    def _record_deferred(self) -> None:
+        with self.unrecorded_lock:
+            rows, self.unrecorded = self.unrecorded, []
+        if not rows:
+            return
+        try:
+            with self.engine.begin() as conn:
+                for row in rows:
+                    state.record_run(conn, row)
+        except sa.exc.DBAPIError as exc:
+            log.error(
+                "cannot record %d run(s) yet (%s); trying again with the next run",
+                len(rows),
+                _first_line(exc),
+                extra={"action": "record_deferred"},
+            )
+            with self.unrecorded_lock:
+                self.unrecorded[:0] = rows
 
     @contextmanager
     def _lease(self, audience: Audience) -> Iterator[tuple[str | None, threading.Event]]:
@@ -215,17 +243,20 @@ class Runner:
                         state.forget_connection(conn, audience.id, connection.destination_id)
                 store_key(conn, audience)
             log.info(
-                "%s: %d members (%d null user_ids, %d duplicates)",
+                "%s: %d members (%d null user_ids, %d duplicates, %d user_ids over %d bytes)",
                 audience,
                 staged.members,
                 staged.null_user_ids,
                 staged.duplicate_user_ids,
+                staged.long_user_ids,
+                MAX_USER_ID_BYTES,
                 extra={"action": "audience_evaluated"},
             )
             base = {
                 "members": staged.members,
                 "null_user_ids": staged.null_user_ids,
                 "duplicate_user_ids": staged.duplicate_user_ids,
+                "long_user_ids": staged.long_user_ids,
             }
             if options.dry_run:
                 reads = state.SharedReads(conn, keep_transaction=True)
@@ -333,6 +364,8 @@ class Runner:
         if hold and not options.allow_mass_exit:
             held = f"held: {hold}; run `audience-sync run --allow-mass-exit` if that is right"
             log.warning("%s -> %s %s", audience, destination.name, held, extra={"action": "connection_held"})
+            if not options.dry_run:
+                counts["pending"] = numbers.entries + numbers.exits
             return self._finish(audience, connection, started, "held", counts, held, options, conn=conn)
         if not options.dry_run:
             state.begin_connection(conn, audience.id, connection.destination_id, audience.key)
@@ -345,20 +378,26 @@ class Runner:
             )
         last_failure: str | None = None  # the reason of the last change not accepted, for the run's error
         error: str | None = None
+
+        def account(outcomes: list[Outcome]) -> None:
+            """Count the outcomes and, unless dry, record them."""
+            nonlocal last_failure
+            for outcome in outcomes:
+                counts[outcome.status] = counts.get(outcome.status, 0) + 1
+                if outcome.status == "failed":
+                    last_failure = outcome.reason
+            if delivery:
+                state.record(conn, audience.id, connection.destination_id, outcomes, self.now())
+                conn.commit()
+
         try:
             for value in (True, False):
                 for page in diff.batches(value, destination.limits.max_in_flight):
                     counts["entered" if value else "exited"] += len(page)
-                    outcomes = self._deliver(connection, destination, page, delivery, options)
+                    account(self._deliver(connection, destination, page, delivery, options))
                     if self.progress is not None and task is not None:
                         self.progress.advance(task, len(page))
-                    for outcome in outcomes:
-                        counts[outcome.status] = counts.get(outcome.status, 0) + 1
-                        if outcome.status == "failed":
-                            last_failure = outcome.reason
                     if delivery:
-                        state.record(conn, audience.id, connection.destination_id, outcomes, self.now())
-                        conn.commit()
                         if self.stopping.is_set() and not delivery.stopped:
                             delivery.stopped = "interrupted by shutdown"
                         if lost.is_set() and not delivery.stopped:
@@ -369,8 +408,12 @@ class Runner:
                     break
         except SourceError as exc:  # a staged row the driver cannot read: the pages before it are recorded
             error = str(exc)
+        if delivery:
+            account(delivery.held())
+            unread = numbers.entries + numbers.exits - counts["entered"] - counts["exited"]
+            counts["pending"] = counts["failed"] + unread
         if error is None and delivery and delivery.stopped:
-            error = f"{delivery.stopped}; {counts['failed']} changes stay pending for the next run"
+            error = f"{delivery.stopped}; {counts['pending']} changes stay pending for the next run"
         elif error is None and counts["failed"]:
             failed = "1 change was" if counts["failed"] == 1 else f"{counts['failed']} changes were"
             error = f"{failed} not accepted and will be sent again on the next run (last: {last_failure})"

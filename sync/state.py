@@ -21,6 +21,7 @@ from sync.errors import SourceError
 from sync.messages import Change
 from sync.tables import (
     audiences,
+    destinations,
     sync_connections,
     sync_leases,
     sync_rejections,
@@ -53,12 +54,20 @@ PAGE = 2_000  # rows per page: each page is a keyset range of one indexed table;
 
 # A connection's diff, written once per run: one evaluation of both anti-joins (paging them directly
 # re-evaluated the joins over the rest of the range for every page).
+_DIFF_EXITS = f" UNION ALL SELECT :destination_id, false, s.user_id, s.traits, {_REMOTE}" + _EXITS
 DIFF = sa.text(
     f"INSERT INTO {sync_stage_diff.name}"
-    f" SELECT :destination_id, true, m.user_id, m.traits, {_REMOTE}"
-    + _ENTRIES
-    + f" UNION ALL SELECT :destination_id, false, s.user_id, s.traits, {_REMOTE}"
-    + _EXITS
+    f" SELECT :destination_id, true, m.user_id, m.traits, {_REMOTE}" + _ENTRIES + _DIFF_EXITS
+)
+
+# `initial --resend`: every staged member is an entry again (accepted changes still count for messageIds),
+# and accepted members who left are exits as in any run.
+DIFF_RESEND = sa.text(
+    f"INSERT INTO {sync_stage_diff.name}"
+    f" SELECT :destination_id, true, m.user_id, m.traits, {_REMOTE} FROM {sync_stage.name} m"
+    "  LEFT JOIN sync_state s"
+    "    ON s.audience_id = :audience_id AND s.destination_id = :destination_id AND s.user_id = m.user_id"
+    + _DIFF_EXITS
 )
 
 ENTRIES_PAGE = sa.text(
@@ -76,29 +85,21 @@ EXITS_PAGE = sa.text(
     " ORDER BY d.user_id LIMIT :limit"
 )
 
-DIFF_COUNTS = sa.text(f"""
+# With --resend, the staged members were accepted too (forget_connection marked them not accepted).
+DIFF_COUNTS = """
     SELECT
-      (SELECT count(*) FROM {sync_stage.name}) AS members,
+      (SELECT count(*) FROM {stage}) AS members,
       (SELECT count(*) FROM sync_state s
-       WHERE s.audience_id = :audience_id AND s.destination_id = :destination_id AND s.member = true
+       WHERE s.audience_id = :audience_id AND s.destination_id = :destination_id
+         AND (s.member = true {or_staged})
       ) AS accepted_members,
-      (SELECT count(*) FROM {sync_stage_diff.name} WHERE destination_id = :destination_id AND value = true
-      ) AS entries,
-      (SELECT count(*) FROM {sync_stage_diff.name} WHERE destination_id = :destination_id AND value = false
-      ) AS exits
-""")
+      (SELECT count(*) FROM {diff} WHERE destination_id = :destination_id AND value = true) AS entries,
+      (SELECT count(*) FROM {diff} WHERE destination_id = :destination_id AND value = false) AS exits
+"""
 
 # A connection without history (its initial sync): every staged member is an entry, nothing is an exit.
 STAGED = sa.text(
     f"SELECT m.user_id, m.traits FROM {sync_stage.name} m"
-    " WHERE m.user_id > :after ORDER BY m.user_id LIMIT :limit"
-)
-
-# `initial --resend`: every staged member is an entry again, nothing is an exit, accepted changes still count.
-RESENT = sa.text(
-    f"SELECT m.user_id, m.traits, {_REMOTE}"
-    f" FROM {sync_stage.name} m LEFT JOIN sync_state s"
-    "   ON s.audience_id = :audience_id AND s.destination_id = :destination_id AND s.user_id = m.user_id"
     " WHERE m.user_id > :after ORDER BY m.user_id LIMIT :limit"
 )
 
@@ -147,8 +148,8 @@ class Diff:
     Computed once, when the connection's run starts, into `sync_stage_diff`; what the run then records
     does not change it. A connection without history (nothing accepted or rejected: its initial sync)
     skips that: every staged member is an entry, read from the staged members directly. With `resend`,
-    every staged member is an entry, whatever was accepted or rejected (a dry run previews
-    `initial --resend` this way, without writing).
+    every staged member is an entry, whatever was accepted or rejected, and accepted members who left are
+    exits (a dry run previews `initial --resend` this way, without writing).
     """
 
     def __init__(
@@ -165,27 +166,29 @@ class Diff:
             for index in sync_stage_diff.indexes:
                 conn.execute(sa.schema.CreateIndex(index, if_not_exists=True))
             conn.execute(sa.delete(sync_stage_diff).where(sync_stage_diff.c.destination_id == destination_id))
-            if not (self.fresh or resend):
-                conn.execute(DIFF, self.ids)
+            if not self.fresh:
+                conn.execute(DIFF_RESEND if resend else DIFF, self.ids)
                 if conn.dialect.name == "postgresql":  # else it plans exits' pages for a dozen rows
                     conn.exec_driver_sql(f"ANALYZE {sync_stage_diff.name}")
 
     def counts(self) -> Counts:
         """members, accepted_members, entries and exits (mass-exit guard, progress)."""
         with self.reads.turn() as conn:
-            if self.fresh or self.resend:
+            if self.fresh:
                 members = conn.scalar(sa.select(sa.func.count()).select_from(sync_stage)) or 0
                 return Counts(members, 0, members, 0)
-            return Counts(*conn.execute(DIFF_COUNTS, self.ids).one())
+            or_staged = f"OR s.user_id IN (SELECT user_id FROM {sync_stage.name})" if self.resend else ""
+            counts = DIFF_COUNTS.format(stage=sync_stage.name, diff=sync_stage_diff.name, or_staged=or_staged)
+            return Counts(*conn.execute(sa.text(counts), self.ids).one())
 
     def page(self, value: bool, after: str, limit: int) -> list[tuple[Any, ...]]:
         """The next page of entries (value True) or exits (False) after user id `after`, as the driver's rows.
 
         At a million rows SQLAlchemy `Row`s cost more than the SQL; rows become `Change`s a batch at a time.
         """
-        if (self.fresh or self.resend) and not value:
+        if self.fresh and not value:
             return []
-        statement = STAGED if self.fresh else RESENT if self.resend else ENTRIES_PAGE if value else EXITS_PAGE
+        statement = STAGED if self.fresh else ENTRIES_PAGE if value else EXITS_PAGE
         params = {**self.ids, "after": after, "limit": limit}
         with self.reads.turn() as conn, conn.execute(statement, params) as result:
             try:
@@ -337,12 +340,15 @@ def complete_initial(conn: sa.Connection, audience_id: int, destination_id: int,
 
 
 def forget_connection(conn: sa.Connection, audience_id: int, destination_id: int) -> None:
-    """For `initial --resend`: mark every accepted member as not accepted, so every member is sent again.
+    """For `initial --resend`: mark every staged member as not accepted, so every member is sent again.
 
-    The rows stay: their change counts keep later messageIds new, and Refersion affiliate ids stay known.
+    On the connection holding the staged members. Accepted members who left stay accepted: their exits
+    are still to send. The rows stay: their change counts keep later messageIds new, and Refersion
+    affiliate ids stay known.
     """
     where = (sync_state.c.audience_id == audience_id, sync_state.c.destination_id == destination_id)
-    conn.execute(sa.update(sync_state).where(*where).values(member=False))
+    staged = sa.select(sync_stage.c.user_id)
+    conn.execute(sa.update(sync_state).where(*where, sync_state.c.user_id.in_(staged)).values(member=False))
     for table in (sync_rejections, sync_connections):
         conn.execute(
             sa.delete(table).where(
@@ -353,6 +359,32 @@ def forget_connection(conn: sa.Connection, audience_id: int, destination_id: int
 
 def record_run(conn: sa.Connection, run: dict[str, Any]) -> None:
     conn.execute(sa.insert(sync_runs), run)
+
+
+def last_runs(conn: sa.Connection) -> list[sa.Row[Any]]:
+    """Each connection's last run (audience, destination, pending) and its audience's last ok run, by name:
+    what the metrics show after a restart."""
+    latest = sa.select(sa.func.max(sync_runs.c.id)).group_by(
+        sync_runs.c.audience_id, sync_runs.c.destination_id
+    )
+    last_ok = (
+        sa.select(sa.func.max(sync_runs.c.finished_at))
+        .where(sync_runs.c.audience_id == audiences.c.id, sync_runs.c.outcome == "ok")
+        .scalar_subquery()
+    )
+    return list(
+        conn.execute(
+            sa.select(
+                audiences.c.name.label("audience"),
+                destinations.c.name.label("destination"),
+                sync_runs.c.pending,
+                last_ok.label("last_success"),
+            )
+            .join(audiences, audiences.c.id == sync_runs.c.audience_id)
+            .outerjoin(destinations, destinations.c.id == sync_runs.c.destination_id)
+            .where(sync_runs.c.id.in_(latest))
+        )
+    )
 
 
 def last_run_times(conn: sa.Connection) -> dict[int, datetime]:

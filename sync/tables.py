@@ -140,6 +140,8 @@ sync_runs = sa.Table(
             "failed",
             "null_user_ids",
             "duplicate_user_ids",
+            "long_user_ids",  # longer than MAX_USER_ID_BYTES: skipped like NULL ones
+            "pending",  # changes left for the next run: not accepted, rejected or skipped
         )
     ),
     sa.Column("error", sa.Text),

@@ -158,7 +158,7 @@ def test_members_are_staged_with_their_traits(
 
     staged, members = stage(engine, audience)
 
-    assert staged == Staged(members=2, null_user_ids=0, duplicate_user_ids=0)
+    assert staged == Staged(members=2, null_user_ids=0, duplicate_user_ids=0, long_user_ids=0)
     assert members == {
         user: {
             "email": f"{user}@example.com",
@@ -199,7 +199,7 @@ def test_null_user_ids_are_skipped_and_counted(
 
     staged, members = stage(engine, audience)
 
-    assert staged == Staged(members=1, null_user_ids=2, duplicate_user_ids=0)
+    assert staged == Staged(members=1, null_user_ids=2, duplicate_user_ids=0, long_user_ids=0)
     assert set(members) == {"u1"}
 
 
@@ -213,7 +213,7 @@ def test_duplicate_user_ids_collapse_and_are_counted(
 
     staged, members = stage(engine, audience)
 
-    assert staged == Staged(members=2, null_user_ids=0, duplicate_user_ids=2)
+    assert staged == Staged(members=2, null_user_ids=0, duplicate_user_ids=2, long_user_ids=0)
     assert set(members) == {"u1", "u2"}
     if engine.dialect.name == "sqlite":
         assert members["u1"]["email"] == "u1@example.com"  # the first row the query returned
@@ -233,7 +233,8 @@ def test_nulls_and_duplicates_in_one_query_are_counted_apart(
 
     staged, members = stage(engine, audience)
 
-    assert staged == Staged(members=2, null_user_ids=3, duplicate_user_ids=1)  # '' counts as no user id
+    # '' counts as no user id
+    assert staged == Staged(members=2, null_user_ids=3, duplicate_user_ids=1, long_user_ids=0)
     assert set(members) == {"u1", "u2"}
 
 

@@ -369,8 +369,14 @@ def test_null_and_duplicate_user_ids_are_counted(
     clean(result)
     # skipped and counted, not an error: the run is good
     assert result.returncode == 0, result.stderr
-    assert f"audience 'Nullable' (id {nullable}): 2 members (2 null user_ids, 0 duplicates)" in result.stderr
-    assert f"audience 'Doubled' (id {doubled}): 2 members (0 null user_ids, 2 duplicates)" in result.stderr
+    assert (
+        f"audience 'Nullable' (id {nullable}): 2 members "
+        "(2 null user_ids, 0 duplicates, 0 user_ids over 1024 bytes)" in result.stderr
+    )
+    assert (
+        f"audience 'Doubled' (id {doubled}): 2 members "
+        "(0 null user_ids, 2 duplicates, 0 user_ids over 1024 bytes)" in result.stderr
+    )
     runs = config.sql(
         "SELECT audience_id, outcome, members, accepted, null_user_ids, duplicate_user_ids FROM sync_runs "
         "WHERE audience_id IN (:n, :d) ORDER BY audience_id",

@@ -12,6 +12,7 @@ import json
 import re
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -114,7 +115,12 @@ def send(
     dest: Destination, delivery: Delivery, changes: list[Change], connection: Connection = CONNECTION
 ) -> dict[str, Outcome]:
     done, calls, _ = prepare(dest, changes, connection)
-    return by_user(done + delivery.send_all(calls))
+    return by_user(done + deliver(delivery, calls))
+
+
+def deliver(delivery: Delivery, calls: list[Call]) -> list[Outcome]:
+    """What a delivery of `calls` comes to, its held-back refusals included (the runner asks at the end)."""
+    return delivery.send_all(calls) + delivery.held()
 
 
 def reasons(outcomes: list[Outcome] | dict[str, Outcome]) -> str:
@@ -190,7 +196,7 @@ def test_everflow_unmapped_event_is_skipped_without_request(make_delivery: MakeD
         [outcome] = done
         assert outcome.status == "skipped"
         assert "Audience Exited" in (outcome.reason or "")
-        assert make_delivery(dest).send_all(calls) == []
+        assert deliver(make_delivery(dest), calls) == []
         assert server.requests == []
 
 
@@ -351,7 +357,7 @@ def test_refersion_new_affiliate_body(make_delivery: MakeDelivery) -> None:
         done, [call], _ = prepare(dest, [joiner])
         assert done == []
         password = call.json["password"]
-        outcome = by_user(make_delivery(dest).send_all([call]))["u1"]
+        outcome = by_user(deliver(make_delivery(dest), [call]))["u1"]
 
         [request] = server.requests
         assert (request.method, request.path) == ("POST", "/v2/affiliate/new")
@@ -399,7 +405,7 @@ def test_refersion_generated_passwords_meet_the_rules_and_are_masked(make_delive
             assert shown["json"]["email"] == call.json["email"]
             assert password not in json.dumps(shown)
             assert "sec" not in json.dumps(shown)  # headers (the keys) are never shown
-        outcomes = by_user(done + make_delivery(dest).send_all(calls))
+        outcomes = by_user(done + deliver(make_delivery(dest), calls))
         assert {o.status for o in outcomes.values()} == {"accepted"}
         assert len(server.affiliates) == 20  # the server checked every password against the same rules
 
@@ -531,7 +537,7 @@ def test_refersion_exit_ignored_by_default(make_delivery: MakeDelivery) -> None:
         done, calls, _ = prepare(dest, [member("u1", False), change("u2", False, remote_code="ca37")])
         assert calls == []
         assert {o.change.user_id: o.status for o in done} == {"u1": "accepted", "u2": "accepted"}
-        assert make_delivery(dest).send_all(calls) == []
+        assert deliver(make_delivery(dest), calls) == []
         assert server.requests == []
 
 
@@ -543,7 +549,7 @@ def test_refersion_disable_in_batches_of_50(make_delivery: MakeDelivery) -> None
         done, calls, _ = prepare(dest, exits)
         assert done == []
         assert [len(call.changes) for call in calls] == [50, 50, 20]
-        outcomes = by_user(make_delivery(dest).send_all(calls))
+        outcomes = by_user(deliver(make_delivery(dest), calls))
         assert {o.status for o in outcomes.values()} == {"accepted"}
         assert {o.remote_active for o in outcomes.values()} == {False}
         assert len(server.requests) == 3
@@ -592,7 +598,7 @@ def test_message_json_cannot_carry_is_rejected_not_raised(make_delivery: MakeDel
         dest = segment(server)
         _, [call], _ = prepare(dest, [member("u1")])
         call.json["traits"]["score"] = float("inf")  # what traits_json turns into text, should one slip by
-        [outcome] = make_delivery(dest).send_all([call])
+        [outcome] = deliver(make_delivery(dest), [call])
         assert outcome.status == "rejected"
         assert (outcome.reason or "").startswith("the message cannot be sent as JSON")
         assert server.requests == []
@@ -745,7 +751,7 @@ def test_segment_transport_request(make_delivery: MakeDelivery) -> None:
         dest = segment(server, event_mapping=EVENTS, network_id=9)
         done, calls, messages = prepare(dest, [member("u1"), member("u2", False)])
         assert done == []
-        outcomes = by_user(make_delivery(dest).send_all(calls))
+        outcomes = by_user(deliver(make_delivery(dest), calls))
         assert {o.status for o in outcomes.values()} == {"accepted"}
         assert len(server.requests) == 2
         token = base64.b64encode(b"seg-K3y:").decode()
@@ -1220,3 +1226,46 @@ def test_rate_limiter_pause_holds_back() -> None:
     started = time.monotonic()
     limiter.wait()
     assert time.monotonic() - started >= 0.28
+
+
+def _judged(answers: list[tuple[int, str]]) -> tuple[list[Outcome], Delivery]:
+    """Outcomes of one Segment request per answer (status, message), sent one page at a time."""
+    replies = iter(answers)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        status, message = next(replies)
+        return httpx.Response(status, json={"message": message})
+
+    dest = destination("refersion", {"transport": "segment", "endpoint": "http://127.0.0.1:9", **FAST}, "k")
+    sender = Sender(dest, httpx.Client(transport=httpx.MockTransport(handler)))
+    delivery = Delivery(sender)
+    outcomes: list[Outcome] = []
+    try:
+        for i in range(len(answers)):
+            _, calls, _ = prepare(dest, [member(f"u{i:02d}")])
+            outcomes += delivery.send_all(calls)
+        return outcomes + delivery.held(), delivery
+    finally:
+        sender.close()
+
+
+def test_ten_requests_refused_alike_are_the_destinations_refusal_not_the_users() -> None:
+    outcomes, delivery = _judged([(404, "Not Found")] * 12)
+    assert [o.status for o in outcomes] == ["failed"] * 12  # pending: the last two were not even sent
+    assert (delivery.stopped or "").startswith("stopped: the first 10 requests were all refused alike")
+
+
+@pytest.mark.parametrize(
+    "answers",
+    [
+        [(400, "Missing email address")] * 9 + [(200, "ok")],  # then one was accepted
+        [(400, "Missing email address")] * 5 + [(400, "Invalid phone")] * 5,  # refusals that differ
+    ],
+)
+def test_refusals_are_the_users_once_the_destination_accepted_or_they_differ(
+    answers: list[tuple[int, str]],
+) -> None:
+    outcomes, delivery = _judged(answers)
+    assert delivery.stopped is None
+    refused = sum(1 for status, _ in answers if status == 400)
+    assert Counter(o.status for o in outcomes) == Counter(rejected=refused, accepted=len(answers) - refused)

@@ -379,6 +379,7 @@ FAULTS = {
     "slower than the timeout": lambda s: s.fault(200, delay=1.0, times=3),
     "401 for everything": lambda s: s.fault(401, body='{"error": "Invalid API key"}', times=10_000),
     "308 for everything": lambda s: s.fault(308, headers={"Location": "https://moved.example/"}, times=9999),
+    "404 for everything": lambda s: s.fault(404, body='{"error": "Not Found"}', times=10_000),
     "empty 500 bodies": lambda s: s.fault(500, body=b"", times=4),
     "connection refused until it comes up": lambda s: None,  # the first run points at a closed port
     "accepted, then the connection reset": lambda s: s.accept_then(times=3),
@@ -388,6 +389,7 @@ FAULTS = {
 STOPPING = {
     "401 for everything": "credentials refused (HTTP 401: Invalid API key)",
     "308 for everything": "answered 308, a redirect to https://moved.example/: fix the URL in settings",
+    "404 for everything": "were all refused alike (HTTP 404: Not Found)",
 }
 # Requests the destination took without the client learning it: the only ones that may be accepted twice.
 AMBIGUOUS = {"accepted, then the connection reset": 3, "accepted, answered after the timeout": 3}
