@@ -1,4 +1,4 @@
-# `make run`: install, migrate the SQLite state database and run one sync cycle.
+# `make run`: install, then a first run: a demo SQLite file of its own synced twice against the sandbox.
 # `make test`: install, lint, type-check, smoke-run the benchmark and run the tests (Postgres at 127.0.0.1:5432).
 VENV := .venv
 BIN := $(VENV)/bin
@@ -11,8 +11,7 @@ $(BIN)/audience-sync: pyproject.toml
 
 .PHONY: run test
 run: $(BIN)/audience-sync
-	$(BIN)/audience-sync db upgrade
-	$(BIN)/audience-sync run
+	$(BIN)/audience-sync demo
 
 test: $(BIN)/audience-sync
 	$(BIN)/ruff check sync tests migrations benchmarks

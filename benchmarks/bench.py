@@ -20,7 +20,6 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -34,10 +33,8 @@ from sync.audiences import Audience, drop_stage, stage_members
 from sync.delivery import Delivery, Sender
 from sync.destinations import Destination, load_destination
 from sync.messages import Change, Connection, build_message
+from sync.sandbox import EverflowServer, Recorded, Response
 from sync.tables import UTCDateTime, sync_stage, sync_state
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for tests.servers
-from tests.servers import EverflowServer, Recorded, Response  # noqa: E402
 
 POSTGRES_URL = os.environ.get("SYNC_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 AUDIENCE_QUERY = (

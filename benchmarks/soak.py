@@ -26,10 +26,8 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from sync import database  # noqa: E402
-from tests.servers import SegmentServer  # noqa: E402
+from sync import database
+from sync.sandbox import SegmentServer
 
 COMMAND = str(Path(sys.executable).with_name("audience-sync"))
 POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"

@@ -5,8 +5,10 @@ import ctypes
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -76,6 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
         "forget", help="privacy deletion: tell each destination, then drop the user's state"
     )
     forget.add_argument("user_id", metavar="USER_ID")
+    sandbox = commands.add_parser(
+        "sandbox", help="serve receivers that answer like Everflow, Refersion and Segment, on loopback"
+    )
+    sandbox.add_argument(
+        "--port", type=int, default=8870, help="Everflow's port; Refersion and Segment take the next two"
+    )
+    demo = commands.add_parser(
+        "demo", help="a first run against the sandbox, on a demo SQLite file of its own (make run)"
+    )
+    demo.add_argument("--file", default="audience-sync-demo.db", metavar="PATH", help="the demo database")
     return parser
 
 
@@ -83,6 +95,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "daemon":
         _one_malloc_arena()
+    if args.command == "sandbox":  # no state database of the operator's: no settings needed
+        logs.configure("text")
+        return _sandbox(args.port)
+    if args.command == "demo":
+        logs.configure("text", logging.WARNING)  # the demo tells its own story
+        return _demo(args.file)
     try:
         settings = Settings.from_env()
         logs.configure(settings.log_format)
@@ -245,6 +263,37 @@ def _explain(engine: sa.Engine, settings: Settings, user_id: str, as_json: bool)
         )
     Console(markup=False, emoji=False).print(table)  # names, user ids and reasons are data, shown as is
     return 0
+
+
+def _sandbox(port: int) -> int:
+    from sync.sandbox import EverflowServer, RefersionServer, SegmentServer
+
+    stop = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop)  # before the servers' threads start: they inherit it
+    try:
+        with (
+            EverflowServer(port=port) as everflow,
+            RefersionServer(port=port + 1) as refersion,
+            SegmentServer(port=port + 2) as segment,
+        ):
+            print(f"Everflow postbacks:  tracking_domain {everflow.url}  network_id 1")
+            print(f"Refersion API v2:    api_base {refersion.url}/v2  api key pub.sec")
+            print(f"Segment partner:     endpoint {segment.url}  api key key")
+            print("each request is logged; Ctrl-C stops the sandbox", flush=True)
+            signal.sigwait(stop)
+    except OSError as exc:
+        print(
+            f"audience-sync: cannot listen on 127.0.0.1 ports {port}-{port + 2}: {exc.strerror}",
+            file=sys.stderr,
+        )
+        return 2
+    return 0
+
+
+def _demo(file: str) -> int:
+    from sync.demo import run_demo
+
+    return 0 if run_demo(Path(file).resolve(), sys.stdout) else 1
 
 
 def _forget(engine: sa.Engine, user_id: str) -> int:

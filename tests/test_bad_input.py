@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from sync.sandbox import EverflowServer, RefersionServer, SegmentServer
 from tests.conftest import SLOW_QUERY, Config, Customers, run_cli
-from tests.servers import EverflowServer, RefersionServer, SegmentServer
 from tests.test_e2e import EVENTS, everflow_destination, refersion_destination
 
 Status = dict[tuple[str, str], dict[str, Any]]

@@ -12,10 +12,10 @@ import pytest
 import sqlalchemy as sa
 
 from sync.runner import Options, Runner
+from sync.sandbox import EverflowServer
 from sync.scheduler import CadenceTrigger
 from sync.settings import Cadence, Settings
 from tests.conftest import Config, Customers, free_port, run_cli, start_cli
-from tests.servers import EverflowServer
 from tests.test_e2e import everflow_destination
 
 

@@ -26,7 +26,7 @@ from sync.delivery import Delivery, RateLimiter, Sender
 from sync.destinations import Call, Destination, Outcome, load_destination, rejected
 from sync.errors import ConfigError
 from sync.messages import Change, Connection, build_message, traits_json
-from tests.servers import EverflowServer, RefersionServer, SegmentServer
+from sync.sandbox import EverflowServer, RefersionServer, SegmentServer
 
 NOW = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
 CONNECTION = Connection(

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from sync.sandbox import EverflowServer, RefersionServer, SegmentServer
 from tests.conftest import SLOW_QUERY, Config, Customers, run_cli
-from tests.servers import EverflowServer, RefersionServer, SegmentServer
 
 EVENTS = {"Audience Entered": 7, "Audience Exited": 8}
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from sync.sandbox import EverflowServer, RefersionServer, SegmentServer
 from tests.conftest import Config, run_cli
-from tests.servers import EverflowServer, RefersionServer, SegmentServer
 from tests.test_e2e import EVENTS, everflow_destination, refersion_destination
 
 BUYERS = "SELECT user_id, email, first_name, last_name, country, transaction_id, total, order_id FROM buyers"

@@ -15,8 +15,8 @@ import sqlalchemy as sa
 from alembic import command
 
 from sync import database, tables
+from sync.sandbox import RefersionServer
 from tests.conftest import Config, run_cli
-from tests.servers import RefersionServer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ALEMBIC = str(Path(sys.executable).with_name("alembic"))

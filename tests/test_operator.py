@@ -3,14 +3,16 @@
 import json
 import os
 import pty
+import signal
 import subprocess
 from pathlib import Path
 
+import httpx
 import pytest
 
 from sync import database
-from tests.conftest import Config, Customers, run_cli, start_cli
-from tests.servers import EverflowServer, RefersionServer, SegmentServer
+from sync.sandbox import EverflowServer, RefersionServer, SegmentServer
+from tests.conftest import Config, Customers, free_port, run_cli, start_cli
 from tests.test_e2e import everflow_destination, refersion_destination
 
 
@@ -233,3 +235,31 @@ def test_brackets_in_names_and_destination_errors_are_shown_not_read_as_markup(
     explain = run_cli(state_url, "explain", "u1", env={"COLUMNS": "300"})
     assert explain.returncode == 0, explain.stderr
     assert "VIP [bold]customers[/bold]" in explain.stdout and "bad value [/transaction_id]" in explain.stdout
+
+
+def test_demo_shows_entries_and_exits_on_a_file_of_its_own(tmp_path: Path) -> None:
+    demo = tmp_path / "demo.db"
+    done = run_cli("sqlite:///never-touched.db", "demo", "--file", str(demo))
+    assert done.returncode == 0, done.stderr
+    assert "Big Spenders -> Everflow (sandbox): ok (entered 3, exited 0)" in done.stdout
+    assert "Big Spenders -> Refersion (sandbox): ok (entered 1, exited 1)" in done.stdout
+    assert "grace@example.com    DISABLED  country US" in done.stdout
+    assert demo.exists() and not Path("never-touched.db").exists()
+
+
+def test_sandbox_serves_the_receivers_until_interrupted(tmp_path: Path) -> None:
+    port = free_port()
+    sandbox = start_cli("sqlite:///unused.db", "sandbox", "--port", str(port))
+    try:
+        assert sandbox.stdout is not None
+        first = sandbox.stdout.readline()
+        assert first.startswith(f"Everflow postbacks:  tracking_domain http://127.0.0.1:{port}")
+        answer = httpx.get(f"http://127.0.0.1:{port}/", params={"nid": "1", "transaction_id": "t1"})
+        assert answer.status_code == 200
+        refused = httpx.post(f"http://127.0.0.1:{port + 1}/v2/affiliate/get", json={"id": 1})
+        assert refused.status_code == 401  # no keys: Refersion's 401
+    finally:
+        sandbox.send_signal(signal.SIGINT)
+        _, stderr = sandbox.communicate(timeout=10)
+    assert sandbox.returncode == 0, stderr
+    assert "EverflowServer GET / -> 200" in stderr and "Traceback" not in stderr

@@ -17,10 +17,10 @@ import pytest
 import sqlalchemy as sa
 
 from sync import runner
+from sync.sandbox import EverflowServer, FakeServer, RefersionServer, SegmentServer
 from sync.settings import Settings
 from sync.tables import sync_leases
 from tests.conftest import Config, Customers, free_port, run_cli, start_cli
-from tests.servers import EverflowServer, FakeServer, RefersionServer, SegmentServer
 from tests.tcp_proxy import TcpProxy
 from tests.test_e2e import EVENTS
 

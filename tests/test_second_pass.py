@@ -12,9 +12,9 @@ import pytest
 import sqlalchemy as sa
 
 from sync.runner import Options, Runner
+from sync.sandbox import SegmentServer
 from sync.settings import Settings
 from tests.conftest import Config, Customers, run_cli
-from tests.servers import SegmentServer
 
 FAST = {"backoff_initial": 0.01, "backoff_max": 0.05, "max_attempts": 2, "rate_limit": 1000}
 

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.servers import EverflowServer, RefersionServer, SegmentServer
+from sync.sandbox import EverflowServer, RefersionServer, SegmentServer
 
 KEYS = {"Refersion-Public-Key": "pub", "Refersion-Secret-Key": "sec"}
 AFFILIATE = {

@@ -1,4 +1,4 @@
-"""Loopback HTTP servers that behave like the destination APIs, for unit and end-to-end tests.
+"""Loopback HTTP servers that behave like the destination APIs: `audience-sync sandbox`, and the tests'.
 
 Each server records every request, counts what it accepted, and can be made to misbehave: canned responses
 (`fault`, its body sent slowly if asked), dropped connections (`reset_connection`), requests accepted but
@@ -15,6 +15,7 @@ import collections
 import contextlib
 import itertools
 import json
+import logging
 import random
 import re
 import socket
@@ -27,6 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Self
 from urllib.parse import parse_qsl, urlsplit
 
+log = logging.getLogger(__name__)
 Response = tuple[int, bytes, dict[str, str]]
 _RESET = "reset"  # what _admit returns for a request whose connection is to be dropped
 
@@ -61,9 +63,9 @@ def _json(status: int, obj: Any) -> Response:
 
 
 class _HTTPServer(ThreadingHTTPServer):
-    def __init__(self, fake: FakeServer) -> None:
+    def __init__(self, fake: FakeServer, port: int) -> None:
         self.fake = fake
-        super().__init__(("127.0.0.1", 0), _Handler)
+        super().__init__(("127.0.0.1", port), _Handler)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client that hung up (timeout, reset) is part of the tests, not an error; real bugs still print.
@@ -113,6 +115,9 @@ class _Handler(BaseHTTPRequestHandler):
             fake._closing.wait(float(after))
         assert not isinstance(action, str)
         status, data, headers = action
+        log.info(
+            "%s %s %s -> %d", type(fake).__name__, rec.method, rec.path, status, extra={"action": "received"}
+        )
         self.send_response(status)
         for name, value in headers.items():
             self.send_header(name, value)
@@ -139,10 +144,11 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class FakeServer:
-    """Base of the fake destinations: threaded HTTP server on 127.0.0.1, any free port; a context manager."""
+    """Base of the fake destinations: threaded HTTP server on 127.0.0.1, on `port` or any free one; a context
+    manager."""
 
     def __init__(
-        self, *, delay: float = 0.0, fail_ratio: float = 0.0, rate_limit: float | None = None
+        self, *, delay: float = 0.0, fail_ratio: float = 0.0, rate_limit: float | None = None, port: int = 0
     ) -> None:
         self.requests: list[Recorded] = []
         self.accepted: collections.Counter[tuple[Any, ...]] = collections.Counter()
@@ -158,7 +164,7 @@ class FakeServer:
         self.unanswered = 0  # requests accepted whose answer was then dropped or delayed (accept_then)
         self._connections: dict[socket.socket, threading.Thread] = {}  # open connections and their handlers
         self.rate_limit = rate_limit
-        self._httpd = _HTTPServer(self)
+        self._httpd = _HTTPServer(self, port)
         self.url = f"http://127.0.0.1:{self._httpd.server_port}"
         # A short poll interval, because shutdown() waits for the serving loop to look at its flag.
         self._thread = threading.Thread(

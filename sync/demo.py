@@ -1,0 +1,108 @@
+"""`audience-sync demo` (`make run`): a first run on a SQLite file of its own, against the sandbox.
+
+It seeds a customers table, one audience and one destination of each kind pointing at the sandbox's
+receivers, runs the initial sync, changes a few customers, runs again and shows status and what arrived.
+It never touches the database SYNC_DATABASE_URL names.
+"""
+
+from pathlib import Path
+from typing import TextIO
+
+import sqlalchemy as sa
+
+from sync import database
+from sync.runner import Options, Result, Runner
+from sync.sandbox import EverflowServer, RefersionServer
+from sync.settings import Cadence, Settings
+from sync.status import connection_status, render
+
+CUSTOMERS = [
+    ("c1", "ada@example.com", "Ada", "Lovelace", "United Kingdom", "tx-1", 120.0),
+    ("c2", "grace@example.com", "Grace", "Hopper", "USA", "tx-2", 80.5),
+    ("c3", "alan@example.com", "Alan", "Turing", "GB", "tx-3", 42.0),
+    ("c4", "edsger@example.com", "Edsger", "Dijkstra", "Netherlands", "tx-4", 15.0),
+]
+AUDIENCE = (
+    "SELECT user_id, email, first_name, last_name, country, transaction_id, total FROM customers "
+    "WHERE total >= 40"
+)
+
+
+def run_demo(path: Path, out: TextIO) -> bool:
+    """Seed `path` afresh, sync twice against the sandbox, tell `out` what happened; True if all went ok."""
+    path.unlink(missing_ok=True)
+    url = f"sqlite:///{path}"
+    database.upgrade(url)
+    engine = database.create_engine(url)
+    settings = Settings(url, None, Cadence.parse("2h-3h", "interval"), 60.0, 600.0)
+    runner = Runner(engine, engine, settings)
+    try:
+        with EverflowServer() as everflow, RefersionServer() as refersion:
+            _seed(engine, everflow.url, refersion.url)
+            out.write(
+                f"demo state database: {path}\nsandbox: Everflow {everflow.url}, Refersion {refersion.url}\n"
+            )
+            out.write("\n1. the initial sync: every member entered (true)\n")
+            good = _report(runner.run(Options(initial_only=True)), out)
+            with engine.begin() as conn:  # c4 buys more and enters; c2's total drops and c2 leaves
+                conn.exec_driver_sql("UPDATE customers SET total = 99.0 WHERE user_id = 'c4'")
+                conn.exec_driver_sql("UPDATE customers SET total = 10.0 WHERE user_id = 'c2'")
+            out.write(
+                "\n2. c4 qualifies, c2 no longer does: the next run sends only that (c4 true, c2 false)\n"
+            )
+            good = _report(runner.run(Options()), out) and good
+            out.write("\nEverflow received these postbacks (transaction_id, advertiser event id):\n")
+            for request in everflow.requests:
+                query = request.query
+                out.write(f"  {query.get('transaction_id')}  event {query.get('adv_event_id')}\n")
+            out.write("Refersion holds these affiliates:\n")
+            for affiliate in refersion.affiliates.values():
+                email, status = affiliate["email"], affiliate["status"]
+                out.write(f"  {email:<20} {status:<9} country {affiliate.get('country')}\n")
+    finally:
+        runner.close()
+    with engine.connect() as conn:
+        render(connection_status(conn, settings))
+    engine.dispose()
+    out.write(f"\nInspect it: SYNC_DATABASE_URL=sqlite:///{path} .venv/bin/audience-sync status\n")
+    return good
+
+
+def _seed(engine: sa.Engine, everflow_url: str, refersion_url: str) -> None:
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TABLE customers (user_id TEXT, email TEXT, first_name TEXT, last_name TEXT, "
+            "country TEXT, transaction_id TEXT, total REAL)"
+        )
+        conn.execute(
+            sa.text("INSERT INTO customers VALUES (:u, :e, :f, :l, :c, :t, :total)"),
+            [dict(zip(("u", "e", "f", "l", "c", "t", "total"), row, strict=True)) for row in CUSTOMERS],
+        )
+        conn.execute(
+            sa.text("INSERT INTO audiences (name, query) VALUES ('Big Spenders', :q)"), {"q": AUDIENCE}
+        )
+        everflow = (
+            f'{{"tracking_domain": "{everflow_url}", "network_id": "1", '
+            '"event_mapping": {"Audience Entered": 1, "Audience Exited": 2}, "params": {"amount": "total"}}'
+        )
+        refersion = f'{{"api_base": "{refersion_url}/v2", "on_exit": "disable", "status": "ACTIVE"}}'
+        conn.execute(
+            sa.text(
+                "INSERT INTO destinations (name, kind, api_key, settings) VALUES "
+                "('Everflow (sandbox)', 'everflow', NULL, :e), "
+                "('Refersion (sandbox)', 'refersion', 'pub.sec', :r)"
+            ),
+            {"e": everflow, "r": refersion},
+        )
+        conn.exec_driver_sql(
+            "INSERT INTO audience_destinations (audience_id, destination_id) "
+            "SELECT a.id, d.id FROM audiences a, destinations d"
+        )
+
+
+def _report(results: list[Result], out: TextIO) -> bool:
+    for result in results:
+        counts = f"entered {result.counts.get('entered', 0)}, exited {result.counts.get('exited', 0)}"
+        out.write(f"  {result.audience} -> {result.destination}: {result.outcome} ({counts})")
+        out.write(f": {result.error}\n" if result.error else "\n")
+    return all(result.good for result in results)
