@@ -125,10 +125,15 @@ def _read_only(conn: sa.Connection, timeout: float, stage: bool = False) -> Iter
         conn.exec_driver_sql("SET TRANSACTION READ ONLY")
         conn.exec_driver_sql(f"SET LOCAL statement_timeout = {int(timeout * 1000)}")
         yield conn
-        # nothing the query set survives it (set_config(..., false), an advisory lock); DISCARD ALL would
-        # drop the staged members too, and what failed is rolled back with its transaction
-        conn.exec_driver_sql("RESET ALL")
-        conn.exec_driver_sql("SELECT pg_advisory_unlock_all()")
+        # nothing the query set survives it (set_config(..., false), a role, an advisory lock); DISCARD ALL
+        # would drop the staged members too, and what failed is rolled back with its transaction
+        for reset in (
+            "RESET ALL",
+            "RESET ROLE",
+            "RESET SESSION AUTHORIZATION",
+            "SELECT pg_advisory_unlock_all()",
+        ):
+            conn.exec_driver_sql(reset)
         conn.commit()
         return
     raw: Any = conn.connection.dbapi_connection
@@ -187,7 +192,10 @@ def stage_members(
     except SourceError:
         state.rollback()
         raise
-    long = state.exec_driver_sql(LONG_USER_IDS[state.dialect.name]).rowcount
+    # one pass over the staged rows (a Postgres index on an overlong id would fail): rows with no usable id
+    skipped = [bool(null) for (null,) in state.exec_driver_sql(SKIP_USER_IDS[state.dialect.name])]
+    nulls, long = skipped.count(True), skipped.count(False)
+    state.commit()  # a failed unique index below rolls back to here
     try:  # one row per user id is the rule, so the index is built unique and fails if a user repeats
         state.exec_driver_sql(UNIQUE_INDEX)
         duplicates = 0
@@ -195,16 +203,19 @@ def stage_members(
         state.rollback()
         duplicates = state.exec_driver_sql(DEDUPLICATE[state.dialect.name]).rowcount
         state.exec_driver_sql(UNIQUE_INDEX)
-    nulls = state.execute(sa.delete(sync_stage).where(sync_stage.c.user_id.is_(None))).rowcount
     if state.dialect.name == "postgresql":  # temporary tables get no statistics otherwise
         state.exec_driver_sql(f"ANALYZE {sync_stage.name}")
     state.commit()
     return Staged(rows - nulls - duplicates - long, nulls, duplicates, long)
 
 
-LONG_USER_IDS = {
-    "sqlite": f"DELETE FROM {sync_stage.name} WHERE length(CAST(user_id AS BLOB)) > {MAX_USER_ID_BYTES}",
-    "postgresql": f"DELETE FROM {sync_stage.name} WHERE octet_length(user_id) > {MAX_USER_ID_BYTES}",
+SKIP_USER_IDS = {
+    dialect: f"DELETE FROM {sync_stage.name} WHERE user_id IS NULL OR {length} > {MAX_USER_ID_BYTES}"
+    " RETURNING user_id IS NULL"
+    for dialect, length in (
+        ("sqlite", "length(CAST(user_id AS BLOB))"),
+        ("postgresql", "octet_length(user_id)"),
+    )
 }
 
 UNIQUE_INDEX = f"CREATE UNIQUE INDEX ix_{sync_stage.name}_user_id ON {sync_stage.name} (user_id)"

@@ -88,9 +88,9 @@ class Sender:
         self.pool.shutdown(wait=True)
         self.client.close()
 
-    def scrub(self, text: str) -> str:
-        """`text` without any secret, shortened for run history."""
-        for secret in self.secrets:
+    def scrub(self, text: str, call: Call | None = None) -> str:
+        """`text` without any secret (nor a generated password `call` carries), shortened for run history."""
+        for secret in self.secrets + (call.masked_values() if call else []):
             text = text.replace(secret, "***")
         return text[:REASON_MAX]
 
@@ -172,21 +172,22 @@ class Sender:
             return retrying(self._attempt, call)
         except RetriableError as exc:
             attempts = f"{self.limits.max_attempts} attempt" + ("s" if self.limits.max_attempts > 1 else "")
-            reason = self.scrub(f"gave up after {attempts}: {exc.reason}")
+            reason = self.scrub(f"gave up after {attempts}: {exc.reason}", call)
             return [Outcome(change, "failed", reason) for change in call.changes]
         except AuthError as exc:
-            raise AuthError(self.scrub(exc.reason), exc.status) from None
+            raise AuthError(self.scrub(exc.reason, call), exc.status) from None
         except FatalError as exc:
-            return [rejected(change, self.scrub(exc.reason)) for change in call.changes]
+            return [rejected(change, self.scrub(exc.reason, call), refused=True) for change in call.changes]
 
 
 class Delivery:
     """One run's delivery to one connection: stops on refused credentials, when most recent calls fail, or
     when the first requests are all refused alike (a misconfigured destination, not refused users).
 
-    Until the destination accepted a request, its refusals are held back; `held()` hands out those still
-    held when the delivery ends. A refusal shared by the first SAME_REFUSALS requests is the destination's:
-    they become failures, pending for the next run, and the delivery stops.
+    Until the destination accepted a request, its refusals are held back: a refusal is taken as one about
+    its user only once the destination accepted something or refused differently. A refusal shared by the
+    first SAME_REFUSALS requests (whole batches) is the destination's: the delivery stops and they stay
+    pending, as do those still held when the delivery ends (`held()`).
     """
 
     def __init__(self, sender: Sender) -> None:
@@ -201,15 +202,16 @@ class Delivery:
         if self.stopped:
             return [Outcome(c, "failed", self.stopped) for call in calls for c in call.changes]
         futures = [(call, self.sender.pool.submit(self.sender.send, call)) for call in calls]
-        outcomes: list[Outcome] = []
+        batch: list[list[Outcome]] = []
         for call, future in futures:
             try:
                 results = future.result()
             except AuthError as exc:
                 self.stopped = f"stopped: {exc.reason}"
                 results = [Outcome(c, "failed", self.stopped) for c in call.changes]
-            outcomes += self._judge(results)
+            batch.append(results)
             self.recent.append(all(o.status == "failed" for o in results))
+        outcomes = self._judge(batch)
         failed = sum(self.recent)
         if not self.stopped and len(self.recent) >= 4 and failed * 2 > len(self.recent):
             last = next((o.reason for o in reversed(outcomes) if o.status == "failed"), None)
@@ -220,25 +222,33 @@ class Delivery:
         return outcomes
 
     def held(self) -> list[Outcome]:
-        """The refusals still held back, as they are: fewer than SAME_REFUSALS requests were refused."""
+        """The refusals still held back when the delivery ends: nothing was accepted, so they cannot be told
+        from a refusal of the destination's settings; they stay pending rather than rejected."""
         held, self.suspects = self.suspects, []
-        return held
+        return [
+            Outcome(
+                o.change,
+                "failed",
+                f"refused ({o.reason}) while nothing was accepted: kept for the next run, as a refusal of "
+                "the destination's settings cannot be told from one about this user",
+            )
+            for o in held
+        ]
 
-    def _judge(self, results: list[Outcome]) -> list[Outcome]:
-        """The outcomes of one request, its refusals held back while they may be the destination's."""
+    def _judge(self, batch: list[list[Outcome]]) -> list[Outcome]:
+        """The outcomes of a batch of requests, refusals held back while they may be the destination's."""
+        outcomes = [o for results in batch for o in results]
         if self.trusted:
-            return results
-        refused = [o for o in results if o.status == "rejected"]
-        if any(o.status == "accepted" for o in results) or (
-            refused and self.suspects and refused[0].reason != self.suspects[0].reason
-        ):
+            return outcomes
+        refused = [o for o in outcomes if o.refused]
+        reasons = {o.reason for o in refused + self.suspects[:1]}
+        if any(o.status == "accepted" for o in outcomes) or len(reasons) > 1:
             self.trusted = True
-            return self.held() + results
-        if not refused:
-            return results
+            suspects, self.suspects = self.suspects, []
+            return suspects + outcomes
         self.suspects += refused
-        self.suspect_calls += 1
-        others = [o for o in results if o.status != "rejected"]
+        self.suspect_calls += sum(1 for results in batch if any(o.refused for o in results))
+        others = [o for o in outcomes if not o.refused]
         if self.suspect_calls < SAME_REFUSALS:
             return others
         self.stopped = (
@@ -246,4 +256,5 @@ class Delivery:
             f"({self.suspects[0].reason}) and none was accepted: the destination's settings look wrong "
             "(an endpoint path, a network id, an offer?)"
         )
-        return others + [Outcome(o.change, "failed", self.stopped) for o in self.held()]
+        suspects, self.suspects = self.suspects, []
+        return others + [Outcome(o.change, "failed", self.stopped) for o in suspects]

@@ -119,7 +119,9 @@ def send(
 
 
 def deliver(delivery: Delivery, calls: list[Call]) -> list[Outcome]:
-    """What a delivery of `calls` comes to, its held-back refusals included (the runner asks at the end)."""
+    """What a delivery of `calls` comes to, as from a destination that accepted requests before: these tests
+    read answers one by one (refusals alike with nothing accepted are judged apart, `_judged` below)."""
+    delivery.trusted = True
     return delivery.send_all(calls) + delivery.held()
 
 
@@ -456,6 +458,7 @@ def test_refersion_email_taken_adopts_the_affiliate_without_changing_its_status(
             server.code_of(existing),
         )
         assert "adopted" in (outcome.reason or "")
+        assert outcome.remote_active is False  # disabled by someone else: its exit will send nothing
         paths = [r.path.removeprefix("/v2/affiliate/") for r in server.requests]
         assert paths == ["new", "search", "search", "search", "get"]
         assert [r.json.get("page") for r in server.requests[1:4]] == ["1", "2", "3"]
@@ -1269,3 +1272,36 @@ def test_refusals_are_the_users_once_the_destination_accepted_or_they_differ(
     assert delivery.stopped is None
     refused = sum(1 for status, _ in answers if status == 400)
     assert Counter(o.status for o in outcomes) == Counter(rejected=refused, accepted=len(answers) - refused)
+
+
+def test_refusals_alike_held_at_the_end_with_nothing_accepted_stay_pending() -> None:
+    outcomes, delivery = _judged([(400, "Missing email address")] * 3)
+    assert delivery.stopped is None
+    assert [o.status for o in outcomes] == ["failed"] * 3
+    assert (outcomes[0].reason or "").startswith("refused (HTTP 400: Missing email address) while nothing")
+
+
+def test_refersion_exit_of_an_affiliate_denied_by_someone_else_sends_no_status_change(
+    make_delivery: MakeDelivery,
+) -> None:
+    with RefersionServer() as server:
+        denied = server.add_affiliate("u1@example.com", status="DENIED")
+        dest = refersion(server, on_exit="disable")
+        outcome = send(dest, make_delivery(dest), [member("u1", False)])["u1"]  # known by email only
+        assert (outcome.status, outcome.remote_active) == ("accepted", False)
+        assert [r.path for r in server.requests] == ["/v2/affiliate/search", "/v2/affiliate/get"]
+        assert server.affiliates[denied]["status"] == "DENIED"
+
+
+@pytest.mark.parametrize("path", ["get", "search"])
+def test_refersion_lookup_answered_204_is_rejected(make_delivery: MakeDelivery, path: str) -> None:
+    # REFERENCE.md (Refersion): a 204 means an invalid field, on every operation
+    with RefersionServer() as server:
+        affiliate = server.add_affiliate("u1@example.com")
+        dest = refersion(server, on_exit="disable")
+        code = server.code_of(affiliate) if path == "get" else None
+        server.fault(204, '{"errors": ["Invalid field"]}')
+        exit_ = change("u1", False, remote_code=code, email="u1@example.com")
+        outcome = send(dest, make_delivery(dest), [exit_])["u1"]
+        assert outcome.status == "rejected"
+        assert "HTTP 204" in (outcome.reason or "")

@@ -62,16 +62,36 @@ def test_finding_1_the_same_refusal_for_every_request_stops_the_destination_and_
         assert accepted_values(segment) == expected
 
 
-def test_finding_1_a_few_refused_users_are_still_rejected_one_by_one(
+def test_finding_1_refusals_alike_with_nothing_accepted_stay_pending_however_few(
     state_url: str, config: Config, customers: Customers
 ) -> None:
     customers.add("u1", "u2", "u3")
     with SegmentServer(api_key="k") as segment:
         config.connect(config.audience("VIP", Customers.QUERY), segment_destination(config, segment))
-        segment.fault(400, '{"message": "Missing email address"}', times=3)
+        assert run_cli(state_url, "initial").returncode == 0
+        customers.move("u2", "u3", segment="lapsed")
+        segment.fault(404, '{"message": "Not Found"}', times=2)  # 2 exits, below the 10 that stop it
+        refused = run_cli(state_url, "run")
+        assert refused.returncode == 1
+        assert "refused (HTTP 404: Not Found) while nothing was accepted" in refused.stderr
+        assert config.sql("SELECT count(*) FROM sync_rejections") == [(0,)]
+        assert config.sql("SELECT count(*) FROM sync_state WHERE member = true") == [(3,)]
+        segment.messages.clear()
+        assert run_cli(state_url, "run").returncode == 0
+        assert accepted_values(segment) == {("u2", False): 1, ("u3", False): 1}
+
+
+def test_finding_1_refused_users_are_rejected_once_the_destination_accepted_one_in_the_batch(
+    state_url: str, config: Config, customers: Customers
+) -> None:
+    customers.add(*[f"a{i:02d}" for i in range(10)], *[f"b{i:02d}" for i in range(30)])
+    with SegmentServer(api_key="k") as segment:
+        config.connect(config.audience("VIP", Customers.QUERY), segment_destination(config, segment))
+        segment.fault(400, '{"message": "Missing email address"}', times=10)  # 10 alike, about 10 users
         done = run_cli(state_url, "initial")
-        assert done.returncode == 0, done.stderr  # fewer than 10 alike: about those users
-        assert sorted(config.sql("SELECT user_id FROM sync_rejections")) == [("u1",), ("u2",), ("u3",)]
+        assert done.returncode == 0, done.stderr
+        assert config.sql("SELECT count(*) FROM sync_rejections") == [(10,)]
+        assert config.sql("SELECT count(*) FROM sync_state WHERE member = true") == [(30,)]
 
 
 def test_finding_2_initial_resend_delivers_the_exits_still_pending(
@@ -113,7 +133,8 @@ def test_finding_3_what_an_audience_query_sets_does_not_outlive_it(
     customers.add("u1", "u2")
     poison = (
         "SELECT user_id, set_config('default_transaction_read_only', 'on', false) AS ro, "
-        "set_config('statement_timeout', '1', false) AS t, pg_advisory_lock(42) AS l FROM customers"
+        "set_config('statement_timeout', '1', false) AS t, pg_advisory_lock(42) AS l, "
+        "set_config('role', 'pg_read_all_data', false) AS r FROM customers"
     )
     with SegmentServer(api_key="k") as segment:
         destination = segment_destination(config, segment)
@@ -128,9 +149,9 @@ def test_finding_3_what_an_audience_query_sets_does_not_outlive_it(
                     settings = conn.exec_driver_sql(
                         "SELECT current_setting('default_transaction_read_only'), "
                         "current_setting('statement_timeout'), "
-                        "(SELECT count(*) FROM pg_locks WHERE locktype = 'advisory')"
+                        "(SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'), current_user"
                     ).one()
-                    assert tuple(settings) == ("off", "0", 0)
+                    assert tuple(settings) == ("off", "0", 0, "postgres")
             [vip] = runner.run(Options(audiences=["VIP"]))
         finally:
             runner.close()

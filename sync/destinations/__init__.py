@@ -38,14 +38,16 @@ class Outcome:
     remote_id: str | None = None
     remote_active: bool | None = None
     remote_code: str | None = None
+    # a rejection by the destination's answer to the request, which may be about its settings, not the user
+    refused: bool = False
 
 
 def accepted(change: Change, **extra: Any) -> Outcome:
     return Outcome(change, "accepted", **extra)
 
 
-def rejected(change: Change, reason: str) -> Outcome:
-    return Outcome(change, "rejected", reason)
+def rejected(change: Change, reason: str, refused: bool = False) -> Outcome:
+    return Outcome(change, "rejected", reason, refused=refused)
 
 
 @dataclass
@@ -61,6 +63,11 @@ class Call:
     json: Any = None
     headers: dict[str, str] = field(default_factory=dict)
     masked: tuple[str, ...] = ()  # params or body fields never to show
+
+    def masked_values(self) -> list[str]:
+        """The values of the masked fields (a generated password), longest first."""
+        fields = {**(self.params or {}), **(self.json if isinstance(self.json, dict) else {})}
+        return sorted((str(fields[k]) for k in self.masked if fields.get(k)), key=len, reverse=True)
 
     def describe(self) -> dict[str, Any]:
         """The request for a dry run, without credentials or generated passwords."""

@@ -159,7 +159,7 @@ class Refersion(Destination):
             unresolved = [c for c in batch if numeric_id(c) is None]
             calls += self._status_changes([c for c in batch if numeric_id(c) is not None], status)
             for change in unresolved:
-                lookup = self._find(change, functools.partial(self._status_change, status))
+                lookup = self._find(change, functools.partial(self._after_lookup, status))
                 if isinstance(lookup, Call):
                     calls.append(lookup)
                 else:
@@ -172,6 +172,15 @@ class Refersion(Destination):
             return self._status_change("DISABLED", change)
         lookup = self._find(change, functools.partial(self._status_change, "DISABLED"))
         return lookup if isinstance(lookup, Call) else None
+
+    def _after_lookup(self, status: str, found: Change) -> list[Outcome] | Call:
+        """The status change a lookup found the affiliate for; none to disable one already disabled or
+        denied (by someone else: a user adopted from before, or one we never knew)."""
+        if status == "DISABLED" and not found.remote_active:
+            return [
+                accepted(found, remote_active=False, reason="the affiliate already is disabled or denied")
+            ]
+        return self._status_change(status, found)
 
     def _find(self, change: Change, then: Then) -> list[Outcome] | Call:
         """The lookup of the change's numeric affiliate id: by its code, else by its email."""
@@ -225,7 +234,9 @@ class Refersion(Destination):
         if (
             response.status_code == 204
         ):  # Refersion's way of saying a field is invalid; its body is not reliable
-            return [rejected(change, "Refersion answered 204: a field of the affiliate is invalid")]
+            return [
+                rejected(change, "Refersion answered 204: a field of the affiliate is invalid", refused=True)
+            ]
         if response.status_code == 422 and "taken" in response.text:
             return self._search(change, str(change.traits.get("email")), 1, 0, self._adopted)
         if not response.is_success:
@@ -242,11 +253,12 @@ class Refersion(Destination):
 
     @staticmethod
     def _adopted(found: Change) -> list[Outcome]:
+        """Adoption changes no status: a DISABLED or DENIED affiliate stays so, and its exit sends nothing."""
         return [
             accepted(
                 found,
                 reason=f"already an affiliate (email taken): adopted affiliate {found.remote_code}",
-                remote_active=True,
+                remote_active=found.remote_active,
             )
         ]
 
@@ -254,11 +266,12 @@ class Refersion(Destination):
         """Page through /affiliate/search for the affiliate whose email is exactly `email` (any case)."""
 
         def read(call: Call, response: httpx.Response) -> list[Outcome] | Call:
-            if not response.is_success:
+            if response.status_code == 204 or not response.is_success:  # 204: an invalid field
                 raise FatalError(
                     f"searching the affiliate by email: {error_text(response)}", response.status_code
                 )
             results, total = _field(response, "results"), _field(response, "total")
+            total = int(total) if isinstance(total, str) and total.isdigit() else total
             if not isinstance(results, list):
                 return [Outcome(change, "failed", "Refersion's search answered without results")]
             for result in results:
@@ -274,12 +287,16 @@ class Refersion(Destination):
         """/affiliate/get by code: the numeric id, then `then` with the change knowing both."""
 
         def read(call: Call, response: httpx.Response) -> list[Outcome] | Call:
-            if not response.is_success:
+            if response.status_code == 204 or not response.is_success:  # 204: an invalid field
                 raise FatalError(f"looking up affiliate {code}: {error_text(response)}", response.status_code)
             found = _field(response, "id")
             if isinstance(found, bool) or not str(found).isdigit():  # not the documented answer: try again
                 return [Outcome(change, "failed", f"Refersion's get of affiliate {code} gave no numeric id")]
-            return then(dataclasses.replace(change, remote_id=str(found), remote_code=code))
+            # one DISABLED or DENIED by someone else is not ours to change (adoption): its exit sends nothing
+            active = _field(response, "status") not in ("DISABLED", "DENIED")
+            return then(
+                dataclasses.replace(change, remote_id=str(found), remote_code=code, remote_active=active)
+            )
 
         return self._call(change, "get", {"affiliate_code": code}, read)
 
@@ -317,7 +334,7 @@ def _field(response: httpx.Response, name: str) -> Any:
 def _read_status_change(call: Call, response: httpx.Response) -> list[Outcome]:
     if response.status_code == 204:  # an invalid field: the same request would be refused again
         return [
-            rejected(c, "Refersion answered 204: the status change has an invalid field")
+            rejected(c, "Refersion answered 204: the status change has an invalid field", refused=True)
             for c in call.changes
         ]
     if not response.is_success:
