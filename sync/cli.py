@@ -5,11 +5,13 @@ import ctypes
 import json
 import logging
 import os
+import queue
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from rich.console import Console
@@ -26,6 +28,9 @@ from rich.table import Table
 from sync import database, logs
 from sync.errors import SyncError
 from sync.settings import Settings
+
+if TYPE_CHECKING:
+    from sync.runner import Runner
 
 log = logging.getLogger("sync")
 
@@ -159,6 +164,7 @@ def _sync(engine: sa.Engine, settings: Settings, args: argparse.Namespace) -> in
         if args.command == "daemon":
             Daemon(runner).start()
             return 0
+        received = _stop_on_signals(runner)
         options = Options(
             audiences=args.audience,
             destinations=args.destination,
@@ -176,7 +182,39 @@ def _sync(engine: sa.Engine, settings: Settings, args: argparse.Namespace) -> in
     finally:
         runner.close()
     _summary(results, args.dry_run)
+    if received:
+        return 128 + received[0]
     return 0 if all(result.good for result in results) else 1
+
+
+def _stop_on_signals(runner: "Runner") -> list[int]:
+    """SIGTERM, SIGINT or SIGHUP: finish the batch in flight and record it (the command then exits 128 + the
+    signal's number); a second one: release the leases and exit at once. Returns the signals received."""
+    received: list[int] = []
+    signals: queue.SimpleQueue[int] = queue.SimpleQueue()
+
+    def act() -> None:  # in a thread: a handler runs in the main thread, wherever it was
+        while True:
+            signum = signals.get()
+            name = signal.Signals(signum).name
+            if received:
+                log.warning("received %s again: exiting now", name, extra={"action": "exiting_now"})
+                if runner.progress is not None:
+                    runner.progress.console.show_cursor(True)
+                runner.abandon()
+                os._exit(128 + signum)
+            received.append(signum)
+            log.warning(
+                "received %s: finishing the batch in flight; a second one exits at once",
+                name,
+                extra={"action": "stopping"},
+            )
+            runner.stopping.set()
+
+    threading.Thread(target=act, name="signals", daemon=True).start()
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, lambda signum, _frame: signals.put(signum))  # SimpleQueue.put is reentrant
+    return received
 
 
 def _summary(results: list[Any], dry_run: bool) -> None:

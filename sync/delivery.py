@@ -28,6 +28,11 @@ ANSWER_MAX = 1024 * 1024  # bytes of an answer read; the documented APIs answer 
 TOO_LARGE = f"answer of more than {ANSWER_MAX // 1024 // 1024} MiB, not read"
 SAME_REFUSALS = 10  # requests refused alike, none accepted: the destination is misconfigured, not the users
 FRAMING = ("content-encoding", "content-length", "transfer-encoding")  # of the body as it came, not as read
+INTERRUPTED = "interrupted by shutdown"
+
+
+class Interrupted(Exception):
+    """The process is stopping (SIGTERM, SIGINT): a request not sent yet is not sent, a wait ends now."""
 
 
 class RateLimiter:
@@ -37,19 +42,26 @@ class RateLimiter:
     destination counting strictly would then see more than `rate` in a second.
     """
 
-    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        rate: float,
+        clock: Callable[[], float] = time.monotonic,
+        stopping: threading.Event | None = None,
+    ) -> None:
         self.interval = 1.0 / (rate * 0.99)
         self.clock = clock
+        self.stopping = stopping or threading.Event()
         self.next_slot = 0.0
         self.lock = threading.Lock()
 
     def wait(self) -> None:
+        """Wait for this request's slot; raises Interrupted when the process stops meanwhile (or had)."""
         with self.lock:
             now = self.clock()
             slot = max(now, self.next_slot)
             self.next_slot = slot + self.interval
-        if slot > now:
-            time.sleep(slot - now)
+        if self.stopping.wait(max(0.0, slot - now)):
+            raise Interrupted
 
     def pause(self, seconds: float) -> None:
         """Hold every sender back, as when the destination answered 429 with Retry-After."""
@@ -60,9 +72,15 @@ class RateLimiter:
 class Sender:
     """The process-wide sending machinery of one destination, shared by all runs and audiences."""
 
-    def __init__(self, destination: Destination, client: httpx.Client | None = None) -> None:
+    def __init__(
+        self,
+        destination: Destination,
+        client: httpx.Client | None = None,
+        stopping: threading.Event | None = None,
+    ) -> None:
         limits = destination.limits
         self.limits = limits
+        self.stopping = stopping or threading.Event()  # set on SIGTERM: cuts short every wait
         # as sent in a query string or JSON body, a secret may come back encoded
         self.secrets = sorted(
             {
@@ -81,7 +99,7 @@ class Sender:
                 max_connections=limits.max_in_flight, max_keepalive_connections=limits.max_in_flight
             ),
         )
-        self.limiter = RateLimiter(limits.rate_limit)
+        self.limiter = RateLimiter(limits.rate_limit, stopping=self.stopping)
         self.pool = ThreadPoolExecutor(limits.max_in_flight, thread_name_prefix=f"send-{destination.id}")
 
     def close(self) -> None:
@@ -100,6 +118,11 @@ class Sender:
             return min(error.retry_after, RETRY_AFTER_CAP)
         backoff = wait_random_exponential(multiplier=self.limits.backoff_initial, max=self.limits.backoff_max)
         return float(backoff(state))
+
+    def _sleep(self, seconds: float) -> None:
+        """A retry's wait (backoff or Retry-After), ended by the process stopping."""
+        if self.stopping.wait(seconds):
+            raise Interrupted
 
     def _attempt(self, call: Call) -> list[Outcome] | Call:
         self.limiter.wait()
@@ -166,10 +189,13 @@ class Sender:
             stop=stop_after_attempt(self.limits.max_attempts),
             wait=self._wait,
             retry=retry_if_exception_type(RetriableError),
+            sleep=self._sleep,
             reraise=True,
         )
         try:
             return retrying(self._attempt, call)
+        except Interrupted:  # not sent, or not accepted yet: pending
+            return [Outcome(change, "failed", INTERRUPTED) for change in call.changes]
         except RetriableError as exc:
             attempts = f"{self.limits.max_attempts} attempt" + ("s" if self.limits.max_attempts > 1 else "")
             reason = self.scrub(f"gave up after {attempts}: {exc.reason}", call)
@@ -199,6 +225,8 @@ class Delivery:
         self.suspect_calls = 0
 
     def send_all(self, calls: list[Call]) -> list[Outcome]:
+        if self.sender.stopping.is_set() and not self.stopped:
+            self.stopped = INTERRUPTED
         if self.stopped:
             return [Outcome(c, "failed", self.stopped) for call in calls for c in call.changes]
         futures = [(call, self.sender.pool.submit(self.sender.send, call)) for call in calls]
@@ -212,6 +240,9 @@ class Delivery:
             batch.append(results)
             self.recent.append(all(o.status == "failed" for o in results))
         outcomes = self._judge(batch)
+        # the calls the stop cut short failed because of it, not the destination: not counted as giving up
+        if self.sender.stopping.is_set() and not self.stopped:
+            self.stopped = INTERRUPTED
         failed = sum(self.recent)
         if not self.stopped and len(self.recent) >= 4 and failed * 2 > len(self.recent):
             last = next((o.reason for o in reversed(outcomes) if o.status == "failed"), None)

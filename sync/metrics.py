@@ -40,14 +40,16 @@ def observe_run(
             CHANGES.labels(audience, destination, status).inc(counts[status])
     if outcome == "ok":
         LAST_SUCCESS.labels(audience).set(finished)
-    PENDING.labels(audience, destination).set(counts.get("pending", 0))
+    if "pending" in counts:  # not known when the query failed: the gauge keeps the last count
+        PENDING.labels(audience, destination).set(counts["pending"])
 
 
 def seed(last_runs: Iterable[Any]) -> None:
     """The gauges as the recorded runs left them (`state.last_runs`), so a restart does not empty them."""
     for run in last_runs:
         audience = str(run.audience)
-        PENDING.labels(audience, run.destination or "").set(run.pending)
+        if run.pending is not None:
+            PENDING.labels(audience, run.destination or "").set(run.pending)
         if run.last_success is not None:
             LAST_SUCCESS.labels(audience).set(run.last_success.timestamp())
 

@@ -28,7 +28,7 @@ from sync.audiences import (
     store_key,
 )
 from sync.connections import connection_rows, load_connection
-from sync.delivery import Delivery, Sender
+from sync.delivery import INTERRUPTED, Delivery, Sender
 from sync.destinations import Destination, Outcome, rejected
 from sync.errors import ConfigError, SourceError, StateError
 from sync.messages import Change, Connection, build_message
@@ -38,6 +38,7 @@ from sync.tables import audiences, destinations
 log = logging.getLogger(__name__)
 LEASE_TTL = 120.0
 MASS_EXIT_MIN = 100
+LEASE_LOST = "stopped: the audience's lease was lost"
 
 
 def utc_now() -> datetime:
@@ -61,7 +62,7 @@ class Result:
 
     audience: str
     destination: str | None
-    outcome: str  # ok, failed, held, invalid, busy
+    outcome: str  # ok, failed, interrupted, held, invalid, busy
     counts: dict[str, int] = field(default_factory=dict)
     error: str | None = None
 
@@ -84,7 +85,8 @@ class Runner:
         self.senders: dict[int, tuple[Any, Sender]] = {}
         self.senders_lock = threading.Lock()
         self.retired: list[Sender] = []
-        self.stopping = threading.Event()  # set on SIGTERM: finish the page in flight, then stop
+        # set on a signal: take no new work, cut retry waits short, record the page in flight and stop
+        self.stopping = threading.Event()
         self.unrecorded: list[dict[str, Any]] = []  # audience runs the state database could not take yet
         self.unrecorded_lock = threading.Lock()
         self.progress: Progress | None = None  # a progress bar per connection, on a terminal
@@ -92,6 +94,20 @@ class Runner:
     def close(self) -> None:
         for sender in [s for _, s in self.senders.values()] + self.retired:
             sender.close()
+
+    def abandon(self, timeout: float = 5.0) -> None:
+        """Release this process's leases before it exits at once (a second signal); bounded by `timeout`."""
+
+        def release() -> None:
+            try:
+                with self.engine.begin() as conn:
+                    state.release_leases(conn, self.owner)
+            except sa.exc.DBAPIError as exc:  # they expire, or a process on this host takes them over
+                log.error("cannot release the leases: %s", _first_line(exc), extra={"action": "lease_failed"})
+
+        releasing = threading.Thread(target=release, name="release-leases", daemon=True)
+        releasing.start()
+        releasing.join(timeout)
 
     def run(self, options: Options) -> list[Result]:
         """One cycle over the selected audiences, concurrently; returns a result per connection."""
@@ -378,6 +394,7 @@ class Runner:
             )
         last_failure: str | None = None  # the reason of the last change not accepted, for the run's error
         error: str | None = None
+        stopped: str | None = None  # why delivery stopped before the end
 
         def account(outcomes: list[Outcome]) -> None:
             """Count the outcomes and, unless dry, record them."""
@@ -397,31 +414,36 @@ class Runner:
                     account(self._deliver(connection, destination, page, delivery, options))
                     if self.progress is not None and task is not None:
                         self.progress.advance(task, len(page))
-                    if delivery:
-                        if self.stopping.is_set() and not delivery.stopped:
-                            delivery.stopped = "interrupted by shutdown"
-                        if lost.is_set() and not delivery.stopped:
-                            delivery.stopped = "stopped: the audience's lease was lost"
-                        if delivery.stopped:
-                            break
-                if delivery and delivery.stopped:
+                    stopped = self._stop_reason(delivery, lost)
+                    if stopped:
+                        break
+                if stopped:
                     break
         except SourceError as exc:  # a staged row the driver cannot read: the pages before it are recorded
             error = str(exc)
+        unread = numbers.entries + numbers.exits - counts["entered"] - counts["exited"]
         if delivery:
             account(delivery.held())
-            unread = numbers.entries + numbers.exits - counts["entered"] - counts["exited"]
             counts["pending"] = counts["failed"] + unread
-        if error is None and delivery and delivery.stopped:
-            error = f"{delivery.stopped}; {counts['pending']} changes stay pending for the next run"
+        if error is None and stopped:
+            pending = counts.get("pending", unread)
+            stay = "1 change stays" if pending == 1 else f"{pending} changes stay"
+            error = f"{stopped}; {stay} pending for the next run"
         elif error is None and counts["failed"]:
             failed = "1 change was" if counts["failed"] == 1 else f"{counts['failed']} changes were"
             error = f"{failed} not accepted and will be sent again on the next run (last: {last_failure})"
         if not error and not options.dry_run:
             state.complete_initial(conn, audience.id, connection.destination_id, self.now())
-        return self._finish(
-            audience, connection, started, "failed" if error else "ok", counts, error, options, conn=conn
-        )
+        ended = "interrupted" if stopped == INTERRUPTED else "failed" if error else "ok"
+        return self._finish(audience, connection, started, ended, counts, error, options, conn=conn)
+
+    def _stop_reason(self, delivery: Delivery | None, lost: threading.Event) -> str | None:
+        """Why a connection's delivery stops after the page just recorded, if it does."""
+        if delivery and delivery.stopped:
+            return delivery.stopped
+        if self.stopping.is_set():
+            return INTERRUPTED
+        return LEASE_LOST if lost.is_set() else None
 
     def _deliver(
         self,
@@ -478,7 +500,7 @@ class Runner:
             known = self.senders.get(destination.id)
             if known and known[0] == identity:
                 return known[1]
-            sender = Sender(destination)
+            sender = Sender(destination, stopping=self.stopping)
             self.senders[destination.id] = (identity, sender)
             if known:  # another run may still be sending with it: close it with the runner
                 self.retired.append(known[1])

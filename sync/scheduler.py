@@ -1,12 +1,16 @@
 """The daemon: one APScheduler job per enabled audience, on its cadence, re-reading the config tables."""
 
 import logging
+import os
+import queue
 import random
 import signal
+import threading
 from datetime import UTC, datetime, timedelta
 from types import FrameType
 
 import sqlalchemy as sa
+from apscheduler.events import EVENT_SCHEDULER_STARTED
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.blocking import BlockingScheduler
 from apscheduler.triggers.base import BaseTrigger
@@ -54,8 +58,18 @@ class Daemon:
         self.cadences: dict[int, Cadence] = {}
         self.rng = random.Random()
         self.healthy = False  # the last reload could read the state database
+        self.jobs_lock = threading.Lock()  # a reload changes the jobs; a stop shuts the scheduler down
+        self.signals: queue.SimpleQueue[int] = queue.SimpleQueue()
 
     def start(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._queue_signal)
+        # acted on from a thread of their own once the scheduler runs: a handler runs in the main thread,
+        # where it may interrupt the scheduler halfway through its jobs
+        self.scheduler.add_listener(
+            lambda _: threading.Thread(target=self._on_signals, name="signals", daemon=True).start(),
+            EVENT_SCHEDULER_STARTED,
+        )
         self.reload()
         self.scheduler.add_job(
             self.reload,
@@ -64,9 +78,10 @@ class Daemon:
             id=RELOAD_JOB,
             name="reload configuration",
         )
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, self._stop)
         port = self.runner.settings.metrics_port
+        if port:
+            with self.runner.engine.connect() as conn:  # as the recorded runs left the gauges
+                metrics.seed(state.last_runs(conn))
         stop_metrics = metrics.serve(port, lambda: self.healthy) if port else None
         log.info("daemon started with %d audiences", len(self.cadences), extra={"action": "daemon_started"})
         try:
@@ -78,14 +93,31 @@ class Daemon:
                 stop_metrics()
         log.info("daemon stopped", extra={"action": "daemon_stopped"})
 
-    def _stop(self, signum: int, _frame: FrameType | None) -> None:
-        log.info(
-            "received %s: finishing the page in flight",
-            signal.Signals(signum).name,
-            extra={"action": "daemon_stopping"},
-        )
-        self.runner.stopping.set()
-        self.scheduler.shutdown(wait=False)
+    def _queue_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self.signals.put(signum)  # SimpleQueue.put is reentrant
+
+    def _on_signals(self) -> None:
+        """SIGHUP: reload now. SIGTERM, SIGINT: stop taking work and let the runs in flight record their page;
+        a second one: release the leases and exit at once."""
+        while True:
+            signum = self.signals.get()
+            name = signal.Signals(signum).name
+            if signum == signal.SIGHUP:
+                log.info("received SIGHUP: reloading the configuration", extra={"action": "reload_requested"})
+                threading.Thread(target=self.reload, name="reload", daemon=True).start()
+            elif not self.runner.stopping.is_set():
+                log.info(
+                    "received %s: finishing the batch in flight; a second one exits at once",
+                    name,
+                    extra={"action": "daemon_stopping"},
+                )
+                self.runner.stopping.set()
+                with self.jobs_lock:
+                    self.scheduler.shutdown(wait=False)
+            else:
+                log.warning("received %s again: exiting now", name, extra={"action": "daemon_exiting_now"})
+                self.runner.abandon()
+                os._exit(128 + signum)
 
     def reload(self) -> None:
         """Add, reschedule and remove jobs to match the enabled audiences."""
@@ -100,6 +132,11 @@ class Daemon:
         self.healthy = True
         for problem in problems.values():
             log.error("%s", problem, extra={"action": "audience_invalid"})
+        with self.jobs_lock:
+            if not self.runner.stopping.is_set():  # the scheduler is shut down, or about to be
+                self._schedule(valid, last_runs)
+
+    def _schedule(self, valid: list[Audience], last_runs: dict[int, datetime]) -> None:
         wanted = {audience.id: audience for audience in valid}
         for audience_id in set(self.cadences) - set(wanted):
             self.scheduler.remove_job(str(audience_id))
@@ -122,10 +159,12 @@ class Daemon:
             log.info("%s scheduled (%s)", audience, trigger, extra={"action": "audience_scheduled"})
 
     def _run(self, audience_id: int) -> None:
+        if self.runner.stopping.is_set():
+            return
         with self.runner.engine.connect() as conn:
             valid, _ = load_audiences(conn)
         audience: Audience | None = next((a for a in valid if a.id == audience_id), None)
-        if audience is None or self.runner.stopping.is_set():
+        if audience is None:
             return
         try:
             self.runner.run_audience(audience, Options())

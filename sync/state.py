@@ -435,3 +435,8 @@ def release_lease(conn: sa.Connection, audience_id: int, owner: str) -> None:
     conn.execute(
         sa.delete(sync_leases).where(sync_leases.c.audience_id == audience_id, sync_leases.c.owner == owner)
     )
+
+
+def release_leases(conn: sa.Connection, owner: str) -> None:
+    """Every lease `owner` holds: for a process exiting at once."""
+    conn.execute(sa.delete(sync_leases).where(sync_leases.c.owner == owner))

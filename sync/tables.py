@@ -141,9 +141,10 @@ sync_runs = sa.Table(
             "null_user_ids",
             "duplicate_user_ids",
             "long_user_ids",  # longer than MAX_USER_ID_BYTES: skipped like NULL ones
-            "pending",  # changes left for the next run: not accepted, rejected or skipped
         )
     ),
+    # changes left for the next run: not accepted, rejected or skipped; NULL when not known (a failed query)
+    sa.Column("pending", sa.Integer),
     sa.Column("error", sa.Text),
     # an audience's last start, which the daemon reads every reload, is one index lookup however long
     # the history

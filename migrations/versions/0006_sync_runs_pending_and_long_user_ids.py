@@ -18,16 +18,14 @@ down_revision: str | None = "0005"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-COLUMNS = ("long_user_ids", "pending")
-
 
 def upgrade() -> None:
     with op.batch_alter_table("sync_runs") as batch:
-        for name in COLUMNS:
-            batch.add_column(sa.Column(name, sa.Integer(), nullable=False, server_default="0"))
+        batch.add_column(sa.Column("long_user_ids", sa.Integer(), nullable=False, server_default="0"))
+        batch.add_column(sa.Column("pending", sa.Integer(), nullable=True))  # NULL: not known
 
 
 def downgrade() -> None:
     with op.batch_alter_table("sync_runs") as batch:
-        for name in reversed(COLUMNS):
-            batch.drop_column(name)
+        batch.drop_column("pending")
+        batch.drop_column("long_user_ids")
