@@ -20,6 +20,7 @@ from sync.destinations import Outcome
 from sync.errors import SourceError
 from sync.messages import Change
 from sync.tables import (
+    UTCDateTime,
     audiences,
     destinations,
     sync_connections,
@@ -367,9 +368,10 @@ def last_runs(conn: sa.Connection) -> list[sa.Row[Any]]:
     latest = sa.select(sa.func.max(sync_runs.c.id)).group_by(
         sync_runs.c.audience_id, sync_runs.c.destination_id
     )
+    ok = sync_runs.alias("ok")
     last_ok = (
-        sa.select(sa.func.max(sync_runs.c.finished_at))
-        .where(sync_runs.c.audience_id == audiences.c.id, sync_runs.c.outcome == "ok")
+        sa.select(sa.func.max(ok.c.finished_at))
+        .where(ok.c.audience_id == sync_runs.c.audience_id, ok.c.outcome == "ok")
         .scalar_subquery()
     )
     return list(
@@ -378,8 +380,9 @@ def last_runs(conn: sa.Connection) -> list[sa.Row[Any]]:
                 audiences.c.name.label("audience"),
                 destinations.c.name.label("destination"),
                 sync_runs.c.pending,
-                last_ok.label("last_success"),
+                sa.type_coerce(last_ok, UTCDateTime).label("last_success"),
             )
+            .select_from(sync_runs)
             .join(audiences, audiences.c.id == sync_runs.c.audience_id)
             .outerjoin(destinations, destinations.c.id == sync_runs.c.destination_id)
             .where(sync_runs.c.id.in_(latest))

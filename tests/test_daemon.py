@@ -1,5 +1,6 @@
 """The daemon: seconds-scale cadence, config reload, resume after restart, clean SIGTERM."""
 
+import contextlib
 import json
 import random
 import signal
@@ -196,3 +197,29 @@ def test_runs_reuse_the_state_database_connections(
     assert [r.outcome for r in results] == ["ok"] * 80
     # 80 runs, but 4 at once, each with a connection holding its members and one for the destination
     assert len(opened) <= 8
+
+
+def test_a_restarted_daemon_shows_the_pending_changes_the_last_run_left(
+    state_url: str, config: Config, customers: Customers
+) -> None:
+    customers.add("u1", "u2", "u3")
+    with EverflowServer() as everflow:
+        audience = config.audience("VIP", Customers.QUERY)
+        config.connect(audience, everflow_destination(config, everflow, max_attempts=1))
+        everflow.fault(503, times=100)
+        assert run_cli(state_url, "run").returncode == 1
+        port = free_port()
+        env = {"SYNC_INTERVAL": "1h", "SYNC_METRICS_PORT": str(port)}  # the next run is an hour away
+        daemon = start_cli(state_url, "daemon", env=env)
+        try:
+            exposed = ""
+            deadline = time.monotonic() + 30
+            while "pending_changes{" not in exposed and time.monotonic() < deadline:
+                with contextlib.suppress(httpx.TransportError):
+                    exposed = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+                time.sleep(0.1)
+            assert 'audience_sync_pending_changes{audience="VIP",destination="Everflow"} 3.0' in exposed
+            assert _runs(config, audience) == 1  # seeded from the recorded run, not from a new one
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            daemon.communicate(timeout=30)

@@ -219,12 +219,13 @@ def test_status_table_and_progress_bar_on_a_terminal(
 def test_brackets_in_names_and_destination_errors_are_shown_not_read_as_markup(
     state_url: str, config: Config, customers: Customers
 ) -> None:
-    customers.add("u1")
+    customers.add("u0", "u1")
     with EverflowServer() as everflow:
         audience = config.audience("VIP [bold]customers[/bold]", Customers.QUERY)
         config.connect(audience, everflow_destination(config, everflow))
-        everflow.fault(400, body='{"error": "bad value [/transaction_id]"}')
+        everflow.fault(400, body='{"error": "bad value [/transaction_id]"}')  # the other one is accepted
         run_cli(state_url, "run")
+        [(refused,)] = config.sql("SELECT user_id FROM sync_rejections")
         customers.add("u2")
         everflow.fault(403, body='{"error": "token rejected [/auth]"}')
         run_cli(state_url, "run")
@@ -232,7 +233,7 @@ def test_brackets_in_names_and_destination_errors_are_shown_not_read_as_markup(
     status = run_cli(state_url, "status", env={"COLUMNS": "300"})
     assert status.returncode == 0, status.stderr
     assert "VIP [bold]customers[/bold]" in status.stdout and "token rejected [/auth]" in status.stdout
-    explain = run_cli(state_url, "explain", "u1", env={"COLUMNS": "300"})
+    explain = run_cli(state_url, "explain", refused, env={"COLUMNS": "300"})
     assert explain.returncode == 0, explain.stderr
     assert "VIP [bold]customers[/bold]" in explain.stdout and "bad value [/transaction_id]" in explain.stdout
 
