@@ -23,7 +23,7 @@ from rich.table import Table
 
 from sync import database, logs
 from sync.errors import SyncError
-from sync.settings import Settings
+from sync.settings import Settings, log_format_from_env
 
 log = logging.getLogger("sync")
 
@@ -83,9 +83,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "daemon":
         _one_malloc_arena()
+    log_format = log_format_from_env()
+    logs.configure(log_format)
     try:
         settings = Settings.from_env()
-        logs.configure(settings.log_format)
         if args.command == "db":
             database.upgrade(settings.database_url)
             print(f"{database.describe(settings.database_url)} is at the newest schema", file=sys.stderr)
@@ -105,7 +106,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _forget(engine, args.user_id)
         return _sync(engine, settings, args)
     except SyncError as exc:
-        print(f"audience-sync: {exc}", file=sys.stderr)
+        if log_format == "json":  # the last line is a JSON object like every other
+            log.error("%s", exc, extra={"action": "command_failed"})
+        else:
+            print(f"audience-sync: {exc}", file=sys.stderr)
         return 2
 
 
@@ -135,6 +139,7 @@ def _sync(engine: sa.Engine, settings: Settings, args: argparse.Namespace) -> in
     from sync.runner import Options, Runner
     from sync.scheduler import Daemon
 
+    database.check_writable(engine, settings.database_url)
     source = _source(engine, settings)
     runner = Runner(engine, source, settings)
     try:

@@ -72,6 +72,11 @@ class Settings:
         )
 
 
+def log_format_from_env() -> str:
+    """SYNC_LOG_FORMAT alone, so that a bad value of another variable is reported in it."""
+    return "json" if os.environ.get("SYNC_LOG_FORMAT") == "json" else "text"
+
+
 def _query_timeout(text: str) -> float:
     """At least a millisecond and at most 24 days: Postgres's statement_timeout counts in int32 ms."""
     seconds = parse_duration(text, "SYNC_QUERY_TIMEOUT")

@@ -706,3 +706,37 @@ def test_bytes_where_text_belongs_fail_only_their_audience(
     assert f"Blob Ids' (id {blob_ids}) -> Everflow: failed" in result.stderr
     broken(rows, "Blob Ids", "Everflow", "failed", not_text)
     assert f"audiences row id={blob_name} (b'Blob'): name holds bytes data, not text" in result.stderr
+
+
+# ------------------------------------------------------------------------------------------------------------
+# database URLs
+
+# Each hides the password `Pw4711@Zq9` (or `Pw4711Zq9`): no part of it may be printed.
+BAD_URLS = [
+    "postgresql://app:Pw4711@Zq9@db.invalid/state",  # an unescaped @: SQLAlchemy reads host `Zq9@db.invalid`
+    "postgresql://app:Pw4711@Zq9/x@db.invalid/state",  # ... host `Zq9`, database `x@db.invalid/state`
+    "postgresql://app:Pw4711@Zq9:5432@db.invalid/state",  # ... port `5432@db.invalid`
+    "postgresql://app:Pw4711Zq9@db.invalid:abc/state",  # a port that is not a number
+]
+
+
+@pytest.mark.parametrize("variable", ["SYNC_DATABASE_URL", "SYNC_SOURCE_URL"])
+def test_database_url_that_does_not_parse_is_one_line_without_any_part_of_the_password(
+    state_url: str, variable: str
+) -> None:
+    """Finding 9: a traceback (port) or the rest of the password (an unescaped @) was printed."""
+    commands = (
+        [["status"], ["run"], ["db", "upgrade"]] if variable == "SYNC_DATABASE_URL" else [["check"], ["run"]]
+    )
+    for url in BAD_URLS:
+        for command_line in commands:
+            done = run_cli(state_url, *command_line, env={variable: url}, timeout=30)
+            clean(done)
+            assert done.returncode == 2, (url, command_line, done.stderr)
+            last = done.stderr.splitlines()[-1]
+            assert last.startswith("audience-sync: cannot use database URL postgresql://***@db.invalid"), last
+            assert "it does not parse" in last
+            for part in ("Pw4711", "Zq9"):
+                assert part not in done.stdout + done.stderr, (url, command_line, done.stderr)
+            if variable == "SYNC_DATABASE_URL":
+                assert len(done.stderr.splitlines()) == 1, done.stderr

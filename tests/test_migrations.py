@@ -124,6 +124,35 @@ def test_unmigrated_database_makes_status_exit_2(empty_url: str) -> None:
     assert not table_names(empty_url) - {"alembic_version"}  # and did not quietly create the schema
 
 
+EVERY_COMMAND = [
+    ["db", "upgrade"],
+    ["status"],
+    ["status", "--json"],
+    ["check"],
+    ["run"],
+    ["initial"],
+    ["daemon"],
+    ["explain", "u1"],
+    ["forget", "u1"],
+]
+
+
+def test_state_database_at_a_newer_revision_is_named_so_by_every_command(state_url: str) -> None:
+    """Finding 9: a schema written by a newer audience-sync is not one to `db upgrade` (which could not)."""
+    engine = database.create_engine(state_url)
+    Config(engine).sql("UPDATE alembic_version SET version_num = '0099'")
+    for command_line in EVERY_COMMAND:
+        done = run_cli(state_url, *command_line, timeout=30)
+        assert done.returncode == 2, (command_line, done.stderr)
+        assert done.stderr.endswith(
+            f"audience-sync: the state database ({database.describe(state_url)}) is at revision '0099', "
+            "written by a newer audience-sync; upgrade the program\n"
+        ), (command_line, done.stderr)
+        assert "Traceback" not in done.stderr and "run `audience-sync db upgrade`" not in done.stderr
+    assert Config(engine).sql("SELECT version_num FROM alembic_version")[0][0] == "0099"  # left as it was
+    engine.dispose()
+
+
 # 0003: audiences.id and destinations.id AUTOINCREMENT on SQLite.
 NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
