@@ -223,6 +223,39 @@ def test_bad_destination_rows(backend: str, state_url: str, config: Config, cust
         assert f"destinations row id={healthy_id} " not in check.stdout
 
 
+def test_key_pasted_into_api_key_env_is_reported_without_its_value(
+    state_url: str, engine: sa.Engine, config: Config, customers: Customers
+) -> None:
+    """Finding 10: api_key_env holding the key itself, not a variable's name: no part of it is shown."""
+    customers.add("u1")
+    pasted = "pubPASTED4711.secPASTED4711\n"
+    with EverflowServer() as everflow, RefersionServer() as refersion:
+        healthy = config.audience("Healthy", Customers.QUERY)
+        config.connect(healthy, everflow_destination(config, everflow))
+        settings = json.dumps({"api_base": refersion.url + "/v2"})
+        pasted_into = raw_destination(config, "Pasted", "refersion", settings, api_key_env=pasted)
+        config.connect(healthy, pasted_into)
+        outputs = [
+            run_cli(state_url, *command_line, env={"SYNC_LOG_FORMAT": log_format})
+            for command_line in (["check"], ["run"], ["status"], ["status", "--json"], ["explain", "u1"])
+            for log_format in ("text", "json")
+        ]
+        rows = status(state_url)
+    clean(*outputs)
+    message = (
+        f"destinations row id={pasted_into} ('Pasted'): api_key_env does not hold an environment variable "
+        "name; put the key itself in the environment, not in this column"
+    )
+    assert message in outputs[0].stdout and message in outputs[2].stderr
+    broken(rows, "Healthy", "Pasted", "invalid", message)
+    assert everflow.accepted == {("tid-u1", "7"): 1} and refersion.requests == []
+    with engine.connect() as conn:
+        recorded = "\n".join(str(row) for row in conn.execute(sa.text("SELECT * FROM sync_runs")))
+    assert message in recorded
+    everything = recorded + "".join(o.stdout + o.stderr for o in outputs)
+    assert "PASTED" not in everything  # in both halves of the key
+
+
 # ------------------------------------------------------------------------------------------------------------
 # audience queries
 
