@@ -91,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             database.upgrade(settings.database_url)
             print(f"{database.describe(settings.database_url)} is at the newest schema", file=sys.stderr)
             return 0
-        engine = database.create_engine(settings.database_url)
+        engine = database.create_engine(settings.database_url, settings.pool_recycle)
         log.info(
             "state database: %s", database.describe(settings.database_url), extra={"action": "state_database"}
         )
@@ -132,7 +132,9 @@ def _one_malloc_arena() -> None:
 
 def _source(engine: sa.Engine, settings: Settings) -> sa.Engine:
     """Where audience queries run: SYNC_SOURCE_URL, or the state database."""
-    return database.create_engine(settings.source_url) if settings.source_url else engine
+    if not settings.source_url:
+        return engine
+    return database.create_engine(settings.source_url, settings.pool_recycle)
 
 
 def _sync(engine: sa.Engine, settings: Settings, args: argparse.Namespace) -> int:

@@ -20,6 +20,9 @@ log = logging.getLogger(__name__)
 # destination) at once, plus brief ones for leases; with fewer kept, each run past them opened (on
 # Postgres: started a server process for) and closed connections of its own.
 POOL_SIZE = 16
+# TCP keepalives (libpq's) on pooled Postgres connections: a NAT or firewall that drops idle flows keeps them,
+# and a peer that vanished is noticed in about two minutes instead of TCP's retransmission timeout.
+KEEPALIVES = {"keepalives": 1, "keepalives_idle": 60, "keepalives_interval": 10, "keepalives_count": 6}
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
 
@@ -70,8 +73,10 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def create_engine(url: str) -> sa.Engine:
-    """An engine for `url`; SQLite gets foreign keys, a busy timeout and WAL."""
+def create_engine(url: str, pool_recycle: float = 180.0) -> sa.Engine:
+    """An engine for `url`. SQLite gets foreign keys, a busy timeout and WAL; other databases get connections
+    replaced after `pool_recycle` seconds (below the idle timeouts of NAT gateways) and, on Postgres, TCP
+    keepalives."""
     parsed = _parse(url)
     if parsed is None and "://" not in url:
         raise StateError(f"cannot use {describe(url)}")
@@ -83,7 +88,11 @@ def create_engine(url: str) -> sa.Engine:
     options: dict[str, Any] = {"pool_size": POOL_SIZE, "max_overflow": -1}
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
         parsed = parsed.set(drivername="postgresql+psycopg")
-    if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
+    if parsed.get_backend_name() != "sqlite":
+        options["pool_recycle"] = pool_recycle
+        if parsed.get_driver_name() in ("psycopg", "psycopg2"):
+            options["connect_args"] = {k: v for k, v in KEEPALIVES.items() if k not in parsed.query}
+    elif parsed.database in (None, "", ":memory:"):
         options = {}
     try:
         # No pool limit to time out on: the runner's threads bound the connections in use.

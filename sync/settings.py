@@ -57,6 +57,7 @@ class Settings:
     query_timeout: float
     metrics_port: int | None = None
     log_format: str = "text"
+    pool_recycle: float = 180.0
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -69,6 +70,7 @@ class Settings:
             query_timeout=_query_timeout(env.get("SYNC_QUERY_TIMEOUT") or "10m"),
             metrics_port=_port(env.get("SYNC_METRICS_PORT")),
             log_format=_choice(env.get("SYNC_LOG_FORMAT") or "text", "SYNC_LOG_FORMAT", ("text", "json")),
+            pool_recycle=parse_duration(env.get("SYNC_POOL_RECYCLE") or "3m", "SYNC_POOL_RECYCLE"),
         )
 
 
