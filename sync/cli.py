@@ -208,7 +208,7 @@ def _check(engine: sa.Engine, settings: Settings) -> int:
 
     source = _source(engine, settings)
     with engine.connect() as conn:
-        problems, warnings, checked = find_problems(conn, source, settings.query_timeout)
+        problems, warnings, checked = find_problems(conn, source, settings)
     for problem in problems:
         print(problem)
     for warning in warnings:

@@ -10,6 +10,8 @@ from sync.errors import ConfigError
 _PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 MAX_DAYS = 365  # longer is a typo; dates and timers past it overflow
+SHORTEST_CADENCE = 1.0  # shorter is a typo (`1ms`), and runs would follow each other without a pause
+SHORT_CADENCE = 60.0  # shorter is for tests and soaks: each run reads the whole audience
 
 
 def parse_duration(text: str, name: str) -> float:
@@ -35,17 +37,29 @@ class Cadence:
     @classmethod
     def parse(cls, text: str, name: str) -> "Cadence":
         low, sep, high = text.partition("-")
-        if not sep:
+        if sep:
+            where = f"{name}: {text!r}"  # quote the range the operator wrote, not only the bad half
+            bounds = cls(parse_duration(low, where), parse_duration(high, where))
+            if bounds.low > bounds.high:
+                raise ConfigError(f"{name}: {text!r} is a range whose start is after its end")
+        else:
             seconds = parse_duration(text, name)
-            return cls(seconds, seconds)
-        where = f"{name}: {text!r}"  # quote the range the operator wrote, not only the bad half
-        bounds = cls(parse_duration(low, where), parse_duration(high, where))
-        if bounds.low > bounds.high:
-            raise ConfigError(f"{name}: {text!r} is a range whose start is after its end")
+            bounds = cls(seconds, seconds)
+        if bounds.low < SHORTEST_CADENCE:
+            raise ConfigError(f"{name}: {text!r} is shorter than 1s, the shortest cadence")
         return bounds
 
     def draw(self, rng: random.Random | None = None) -> float:
         return (rng or random).uniform(self.low, self.high)
+
+    def warning(self, where: str) -> str | None:
+        """What to say about a cadence under a minute: allowed, for tests and soaks, not for production."""
+        if self.low >= SHORT_CADENCE:
+            return None
+        return f"{where}: cadence {self} is under a minute, for tests (each run reads the whole audience)"
+
+    def __str__(self) -> str:
+        return f"{self.low:g}s" if self.low == self.high else f"{self.low:g}s-{self.high:g}s"
 
 
 @dataclass(frozen=True)
