@@ -5,6 +5,7 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, unquote, urlsplit
 
 import sqlalchemy as sa
 from alembic import command
@@ -49,6 +50,17 @@ def _parse(url: str) -> sa.URL | None:
     return parsed
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite URL (`file:` URIs too), None for another database or an in-memory one."""
+    parsed = _parse(url)
+    if parsed is None or parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    name = parsed.database or ""
+    if parsed.query.get("uri") == "true" and name.startswith("file:"):
+        name = unquote(urlsplit(name).path)
+    return Path(name).resolve()
+
+
 def describe(url: str) -> str:
     """Where a database is, for logs and messages: the absolute file for SQLite, no password, no query."""
     parsed = _parse(url)
@@ -58,8 +70,9 @@ def describe(url: str) -> str:
     if parsed is None:  # all of the user information, up to the last `@`: no part of a password may show
         _, at, place = rest.rpartition("@")
         return f"{scheme}://{'***@' if at else ''}{place.partition('?')[0]}"
-    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        return f"sqlite file {Path(parsed.database or '').resolve()}"
+    path = sqlite_file(url)
+    if path is not None:
+        return f"sqlite file {path}"
     # the query string is left out: it may hold a password (`?password=...`) that hide_password misses
     return parsed.set(query={}).render_as_string(hide_password=True)
 
@@ -73,10 +86,10 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def create_engine(url: str, pool_recycle: float = 180.0) -> sa.Engine:
-    """An engine for `url`. SQLite gets foreign keys, a busy timeout and WAL; other databases get connections
-    replaced after `pool_recycle` seconds (below the idle timeouts of NAT gateways) and, on Postgres, TCP
-    keepalives."""
+def create_engine(url: str, pool_recycle: float = 180.0, create: bool = False) -> sa.Engine:
+    """An engine for `url`. SQLite gets foreign keys, a busy timeout and WAL, and a file that must exist
+    unless `create`; other databases get connections replaced after `pool_recycle` seconds (below the idle
+    timeouts of NAT gateways) and, on Postgres, TCP keepalives."""
     parsed = _parse(url)
     if parsed is None and "://" not in url:
         raise StateError(f"cannot use {describe(url)}")
@@ -94,6 +107,9 @@ def create_engine(url: str, pool_recycle: float = 180.0) -> sa.Engine:
             options["connect_args"] = {k: v for k, v in KEEPALIVES.items() if k not in parsed.query}
     elif parsed.database in (None, "", ":memory:"):
         options = {}
+    elif not create and parsed.query.get("uri") != "true":  # mode=rw: open the file, never create it
+        uri = {**parsed.query, "mode": "rw", "uri": "true"}
+        parsed = parsed.set(database=f"file:{quote(parsed.database or '')}", query=uri)
     try:
         # No pool limit to time out on: the runner's threads bound the connections in use.
         engine = sa.create_engine(parsed, pool_pre_ping=True, **options)
@@ -134,7 +150,7 @@ def _revision(conn: sa.Connection, url: str) -> str | None:
 
 def upgrade(url: str) -> None:
     """Bring the state database to the newest schema."""
-    engine = create_engine(url)
+    engine = create_engine(url, create=True)
     try:
         with _reaching(url), engine.connect() as conn:
             _revision(conn, url)
@@ -145,7 +161,10 @@ def upgrade(url: str) -> None:
 
 
 def check_migrated(engine: sa.Engine, url: str) -> None:
-    """Fail clearly when the state database is unreachable, newer than the code or behind it."""
+    """Fail clearly when the state database is missing, unreachable, newer than the code or behind it."""
+    path = sqlite_file(url)
+    if path is not None and not path.exists():
+        raise StateError(f"no state database at {path}: run `audience-sync db upgrade`")
     head = ScriptDirectory.from_config(alembic_config(url)).get_current_head()
     with _reaching(url), engine.connect() as conn:
         current = _revision(conn, url)
