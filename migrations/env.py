@@ -13,7 +13,7 @@ if config.config_file_name is not None:
     fileConfig(config.config_file_name, disable_existing_loggers=False)
 
 url = config.get_main_option("sqlalchemy.url") or Settings.from_env().database_url
-engine = create_engine(url)
+engine = create_engine(url, create=True)
 
 with engine.begin() as connection:
     context.configure(

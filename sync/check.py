@@ -6,6 +6,7 @@ from sync.audiences import load_audiences, probe_query
 from sync.connections import connection_rows, load_connection, type_warning
 from sync.destinations import load_destination
 from sync.errors import ConfigError, SourceError
+from sync.settings import Settings
 from sync.tables import destination_columns, destinations
 
 # SQLite keeps whatever a shell writes into a BOOLEAN column; 'yes' or 'true' read as false in SQL
@@ -14,12 +15,15 @@ WHERE typeof(enabled) <> 'integer' OR enabled NOT IN (0, 1)"""
 KEYS = {"destinations": "id", "audiences": "id", "audience_destinations": "audience_id, destination_id"}
 
 
-def find_problems(conn: sa.Connection, source: sa.Engine, timeout: float) -> tuple[list[str], list[str], int]:
+def find_problems(
+    conn: sa.Connection, source: sa.Engine, settings: Settings
+) -> tuple[list[str], list[str], int]:
     """Every problem of the enabled rows (keys, settings, credentials, URLs, queries), the warnings (what
     does not stop a run), and the number of rows checked."""
     valid, problems = load_audiences(conn)
     found = list(problems.values())
-    warnings: list[str] = []
+    cadences = [("SYNC_INTERVAL", settings.interval)] + [(f"{a}", a.cadence) for a in valid if a.cadence]
+    warnings = [warning for where, cadence in cadences if (warning := cadence.warning(where))]
     if conn.dialect.name == "sqlite":
         for table, columns in KEYS.items():
             for *key, enabled in conn.exec_driver_sql(NOT_BOOLEAN.format(table=table, columns=columns)):
@@ -38,7 +42,7 @@ def find_problems(conn: sa.Connection, source: sa.Engine, timeout: float) -> tup
     checked = len(rows) + len(valid) + len(problems)
     for audience in valid:
         try:
-            probe_query(conn, source, audience, timeout)
+            probe_query(conn, source, audience, settings.query_timeout)
         except SourceError as exc:
             found.append(str(exc))
         for row in connection_rows(conn, audience.id):

@@ -27,7 +27,7 @@ from rich.table import Table
 
 from sync import database, logs
 from sync.errors import SyncError
-from sync.settings import Settings
+from sync.settings import Settings, log_format_from_env
 
 if TYPE_CHECKING:
     from sync.runner import Runner
@@ -106,14 +106,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         logs.configure("text", logging.WARNING)  # the demo tells its own story
         return _demo(args.file)
+    log_format = log_format_from_env()
+    logs.configure(log_format)
     try:
         settings = Settings.from_env()
-        logs.configure(settings.log_format)
         if args.command == "db":
             database.upgrade(settings.database_url)
             print(f"{database.describe(settings.database_url)} is at the newest schema", file=sys.stderr)
             return 0
-        engine = database.create_engine(settings.database_url)
+        engine = database.create_engine(settings.database_url, settings.pool_recycle)
         log.info(
             "state database: %s", database.describe(settings.database_url), extra={"action": "state_database"}
         )
@@ -128,7 +129,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _forget(engine, args.user_id)
         return _sync(engine, settings, args)
     except SyncError as exc:
-        print(f"audience-sync: {exc}", file=sys.stderr)
+        if log_format == "json":  # the last line is a JSON object like every other
+            log.error("%s", exc, extra={"action": "command_failed"})
+        else:
+            print(f"audience-sync: {exc}", file=sys.stderr)
         return 2
 
 
@@ -151,13 +155,16 @@ def _one_malloc_arena() -> None:
 
 def _source(engine: sa.Engine, settings: Settings) -> sa.Engine:
     """Where audience queries run: SYNC_SOURCE_URL, or the state database."""
-    return database.create_engine(settings.source_url) if settings.source_url else engine
+    if not settings.source_url:
+        return engine
+    return database.create_engine(settings.source_url, settings.pool_recycle)
 
 
 def _sync(engine: sa.Engine, settings: Settings, args: argparse.Namespace) -> int:
     from sync.runner import Options, Runner
     from sync.scheduler import Daemon
 
+    database.check_writable(engine, settings.database_url)
     source = _source(engine, settings)
     runner = Runner(engine, source, settings)
     try:
@@ -257,7 +264,7 @@ def _check(engine: sa.Engine, settings: Settings) -> int:
 
     source = _source(engine, settings)
     with engine.connect() as conn:
-        problems, warnings, checked = find_problems(conn, source, settings.query_timeout)
+        problems, warnings, checked = find_problems(conn, source, settings)
     for problem in problems:
         print(problem)
     for warning in warnings:

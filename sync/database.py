@@ -5,6 +5,7 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, unquote, urlsplit
 
 import sqlalchemy as sa
 from alembic import command
@@ -13,12 +14,16 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
 from sync.errors import StateError
+from sync.tables import sync_leases
 
 log = logging.getLogger(__name__)
 # Connections kept open between runs. The runner uses up to 4 audiences x (1 for the members + 1 per
 # destination) at once, plus brief ones for leases; with fewer kept, each run past them opened (on
 # Postgres: started a server process for) and closed connections of its own.
 POOL_SIZE = 16
+# TCP keepalives (libpq's) on pooled Postgres connections: a NAT or firewall that drops idle flows keeps them,
+# and a peer that vanished is noticed in about two minutes instead of TCP's retransmission timeout.
+KEEPALIVES = {"keepalives": 1, "keepalives_idle": 60, "keepalives_interval": 10, "keepalives_count": 6}
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
 
@@ -30,14 +35,44 @@ def _migrations_dir() -> Path:
     return Path(next(iter(sync.migrations.__path__)))
 
 
-def describe(url: str) -> str:
-    """Where a database is, for logs and messages: the absolute file for SQLite, no password, no query."""
+def _parse(url: str) -> sa.URL | None:
+    """The URL, or None when it does not parse as one unambiguous database URL.
+
+    A second `@` (one in a password, unescaped) makes SQLAlchemy take the rest of the password for the host,
+    the port or the database, which messages would then show.
+    """
     try:
         parsed = sa.make_url(url)
-    except sa.exc.ArgumentError:
+    except (sa.exc.ArgumentError, ValueError):  # ValueError: a port that is not a number
+        return None
+    if parsed.get_backend_name() != "sqlite" and url.count("@") > 1:
+        return None
+    return parsed
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite URL (`file:` URIs too), None for another database or an in-memory one."""
+    parsed = _parse(url)
+    if parsed is None or parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    name = parsed.database or ""
+    if parsed.query.get("uri") == "true" and name.startswith("file:"):
+        name = unquote(urlsplit(name).path)
+    return Path(name).resolve()
+
+
+def describe(url: str) -> str:
+    """Where a database is, for logs and messages: the absolute file for SQLite, no password, no query."""
+    parsed = _parse(url)
+    scheme, sep, rest = url.partition("://")
+    if not sep:
         return "a URL that is not a SQLAlchemy URL (e.g. sqlite:///audience-sync.db or postgresql://host/db)"
-    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        return f"sqlite file {Path(parsed.database or '').resolve()}"
+    if parsed is None:  # all of the user information, up to the last `@`: no part of a password may show
+        _, at, place = rest.rpartition("@")
+        return f"{scheme}://{'***@' if at else ''}{place.partition('?')[0]}"
+    path = sqlite_file(url)
+    if path is not None:
+        return f"sqlite file {path}"
     # the query string is left out: it may hold a password (`?password=...`) that hide_password misses
     return parsed.set(query={}).render_as_string(hide_password=True)
 
@@ -51,16 +86,33 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def create_engine(url: str) -> sa.Engine:
-    """An engine for `url`; SQLite gets foreign keys, a busy timeout and WAL."""
+def create_engine(url: str, pool_recycle: float = 180.0, create: bool = False) -> sa.Engine:
+    """An engine for `url`. SQLite gets foreign keys, a busy timeout and WAL, and a file that must exist
+    unless `create`; other databases get connections replaced after `pool_recycle` seconds (below the idle
+    timeouts of NAT gateways) and, on Postgres, TCP keepalives."""
+    parsed = _parse(url)
+    if parsed is None and "://" not in url:
+        raise StateError(f"cannot use {describe(url)}")
+    if parsed is None:
+        raise StateError(
+            f"cannot use database URL {describe(url)}: it does not parse (a port that is not a number? "
+            "write an `@` in a user name or password as %40)"
+        )
+    options: dict[str, Any] = {"pool_size": POOL_SIZE, "max_overflow": -1}
+    if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    if parsed.get_backend_name() != "sqlite":
+        options["pool_recycle"] = pool_recycle
+        if parsed.get_driver_name() in ("psycopg", "psycopg2"):
+            options["connect_args"] = {k: v for k, v in KEEPALIVES.items() if k not in parsed.query}
+    elif parsed.database in (None, "", ":memory:"):
+        options = {}
+    elif not create and parsed.query.get("uri") != "true":  # mode=rw: open the file, never create it
+        uri = {**parsed.query, "mode": "rw", "uri": "true"}
+        parsed = parsed.set(database=f"file:{quote(parsed.database or '')}", query=uri)
     try:
-        parsed = sa.make_url(url)
-        if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
-            parsed = parsed.set(drivername="postgresql+psycopg")
-        in_memory = parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:")
         # No pool limit to time out on: the runner's threads bound the connections in use.
-        pool = {} if in_memory else {"pool_size": POOL_SIZE, "max_overflow": -1}
-        engine = sa.create_engine(parsed, pool_pre_ping=True, **pool)
+        engine = sa.create_engine(parsed, pool_pre_ping=True, **options)
     except (sa.exc.ArgumentError, ImportError) as exc:
         raise StateError(f"cannot use database URL {describe(url)}: {exc}") from None
     if engine.dialect.name == "sqlite":
@@ -84,17 +136,48 @@ def _reaching(url: str) -> Iterator[None]:
         raise StateError(f"cannot reach the state database ({describe(url)}): {exc.orig}") from None
 
 
+def _revision(conn: sa.Connection, url: str) -> str | None:
+    """The state database's schema revision; refused when no migration here knows it."""
+    current = MigrationContext.configure(conn).get_current_revision()
+    known = {script.revision for script in ScriptDirectory.from_config(alembic_config(url)).walk_revisions()}
+    if current is not None and current not in known:
+        raise StateError(
+            f"the state database ({describe(url)}) is at revision {current!r}, written by a newer "
+            "audience-sync; upgrade the program"
+        )
+    return current
+
+
 def upgrade(url: str) -> None:
     """Bring the state database to the newest schema."""
+    engine = create_engine(url, create=True)
+    try:
+        with _reaching(url), engine.connect() as conn:
+            _revision(conn, url)
+    finally:
+        engine.dispose()
     with _reaching(url):
         command.upgrade(alembic_config(url), "head")
 
 
 def check_migrated(engine: sa.Engine, url: str) -> None:
-    """Fail clearly when the state database is unreachable or behind the code's schema."""
+    """Fail clearly when the state database is missing, unreachable, newer than the code or behind it."""
+    path = sqlite_file(url)
+    if path is not None and not path.exists():
+        raise StateError(f"no state database at {path}: run `audience-sync db upgrade`")
     head = ScriptDirectory.from_config(alembic_config(url)).get_current_head()
     with _reaching(url), engine.connect() as conn:
-        current = MigrationContext.configure(conn).get_current_revision()
+        current = _revision(conn, url)
     if current != head:
         state = "is not migrated" if current is None else f"is at revision {current}, not {head}"
         raise StateError(f"the state database ({describe(url)}) {state}: run `audience-sync db upgrade`")
+
+
+def check_writable(engine: sa.Engine, url: str) -> None:
+    """Fail clearly when the state database refuses writes (a read-only file, a read-only Postgres)."""
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.delete(sync_leases).where(sa.false()))  # no row: writes nothing, locks nothing
+            conn.rollback()
+    except sa.exc.DBAPIError as exc:
+        raise StateError(f"the state database ({describe(url)}) refuses writes: {exc.orig}") from None

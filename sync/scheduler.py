@@ -157,6 +157,8 @@ class Daemon:
             )
             self.cadences[audience.id] = cadence
             log.info("%s scheduled (%s)", audience, trigger, extra={"action": "audience_scheduled"})
+            if warning := cadence.warning(str(audience)):
+                log.warning("%s", warning, extra={"action": "cadence_short"})
 
     def _run(self, audience_id: int) -> None:
         if self.runner.stopping.is_set():

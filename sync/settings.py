@@ -10,6 +10,8 @@ from sync.errors import ConfigError
 _PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 MAX_DAYS = 365  # longer is a typo; dates and timers past it overflow
+SHORTEST_CADENCE = 1.0  # shorter is a typo (`1ms`), and runs would follow each other without a pause
+SHORT_CADENCE = 60.0  # shorter is for tests and soaks: each run reads the whole audience
 
 
 def parse_duration(text: str, name: str) -> float:
@@ -35,17 +37,29 @@ class Cadence:
     @classmethod
     def parse(cls, text: str, name: str) -> "Cadence":
         low, sep, high = text.partition("-")
-        if not sep:
+        if sep:
+            where = f"{name}: {text!r}"  # quote the range the operator wrote, not only the bad half
+            bounds = cls(parse_duration(low, where), parse_duration(high, where))
+            if bounds.low > bounds.high:
+                raise ConfigError(f"{name}: {text!r} is a range whose start is after its end")
+        else:
             seconds = parse_duration(text, name)
-            return cls(seconds, seconds)
-        where = f"{name}: {text!r}"  # quote the range the operator wrote, not only the bad half
-        bounds = cls(parse_duration(low, where), parse_duration(high, where))
-        if bounds.low > bounds.high:
-            raise ConfigError(f"{name}: {text!r} is a range whose start is after its end")
+            bounds = cls(seconds, seconds)
+        if bounds.low < SHORTEST_CADENCE:
+            raise ConfigError(f"{name}: {text!r} is shorter than 1s, the shortest cadence")
         return bounds
 
     def draw(self, rng: random.Random | None = None) -> float:
         return (rng or random).uniform(self.low, self.high)
+
+    def warning(self, where: str) -> str | None:
+        """What to say about a cadence under a minute: allowed, for tests and soaks, not for production."""
+        if self.low >= SHORT_CADENCE:
+            return None
+        return f"{where}: cadence {self} is under a minute, for tests (each run reads the whole audience)"
+
+    def __str__(self) -> str:
+        return f"{self.low:g}s" if self.low == self.high else f"{self.low:g}s-{self.high:g}s"
 
 
 @dataclass(frozen=True)
@@ -57,6 +71,7 @@ class Settings:
     query_timeout: float
     metrics_port: int | None = None
     log_format: str = "text"
+    pool_recycle: float = 180.0
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -69,7 +84,13 @@ class Settings:
             query_timeout=_query_timeout(env.get("SYNC_QUERY_TIMEOUT") or "10m"),
             metrics_port=_port(env.get("SYNC_METRICS_PORT")),
             log_format=_choice(env.get("SYNC_LOG_FORMAT") or "text", "SYNC_LOG_FORMAT", ("text", "json")),
+            pool_recycle=parse_duration(env.get("SYNC_POOL_RECYCLE") or "3m", "SYNC_POOL_RECYCLE"),
         )
+
+
+def log_format_from_env() -> str:
+    """SYNC_LOG_FORMAT alone, so that a bad value of another variable is reported in it."""
+    return "json" if os.environ.get("SYNC_LOG_FORMAT") == "json" else "text"
 
 
 def _query_timeout(text: str) -> float:

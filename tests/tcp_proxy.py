@@ -7,7 +7,8 @@ from typing import Self
 
 
 class TcpProxy:
-    """Forwards 127.0.0.1:<port> to `target`; `cut()` drops every connection and refuses new ones."""
+    """Forwards 127.0.0.1:<port> to `target`; `cut()` drops every connection and refuses new ones, `stall()`
+    stops forwarding on the connections open now without closing them."""
 
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target = (target_host, target_port)
@@ -16,6 +17,7 @@ class TcpProxy:
         self.up = threading.Event()
         self.up.set()
         self.sockets: set[socket.socket] = set()
+        self.stalled: set[socket.socket] = set()
         self.lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -41,7 +43,8 @@ class TcpProxy:
     def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
         with contextlib.suppress(OSError):
             while data := source.recv(65536):
-                sink.sendall(data)
+                if source not in self.stalled:
+                    sink.sendall(data)
         for end in (source, sink):
             with contextlib.suppress(OSError):
                 end.shutdown(socket.SHUT_RDWR)
@@ -58,6 +61,11 @@ class TcpProxy:
             for end in self.sockets:
                 with contextlib.suppress(OSError):
                     end.shutdown(socket.SHUT_RDWR)
+
+    def stall(self) -> None:
+        """What a NAT gateway does to a flow idle past its timeout: what is sent is lost, nothing says so."""
+        with self.lock:
+            self.stalled |= self.sockets
 
     def restore(self) -> None:
         self.up.set()

@@ -223,6 +223,39 @@ def test_bad_destination_rows(backend: str, state_url: str, config: Config, cust
         assert f"destinations row id={healthy_id} " not in check.stdout
 
 
+def test_key_pasted_into_api_key_env_is_reported_without_its_value(
+    state_url: str, engine: sa.Engine, config: Config, customers: Customers
+) -> None:
+    """Finding 10: api_key_env holding the key itself, not a variable's name: no part of it is shown."""
+    customers.add("u1")
+    pasted = "pubPASTED4711.secPASTED4711\n"
+    with EverflowServer() as everflow, RefersionServer() as refersion:
+        healthy = config.audience("Healthy", Customers.QUERY)
+        config.connect(healthy, everflow_destination(config, everflow))
+        settings = json.dumps({"api_base": refersion.url + "/v2"})
+        pasted_into = raw_destination(config, "Pasted", "refersion", settings, api_key_env=pasted)
+        config.connect(healthy, pasted_into)
+        outputs = [
+            run_cli(state_url, *command_line, env={"SYNC_LOG_FORMAT": log_format})
+            for command_line in (["check"], ["run"], ["status"], ["status", "--json"], ["explain", "u1"])
+            for log_format in ("text", "json")
+        ]
+        rows = status(state_url)
+    clean(*outputs)
+    message = (
+        f"destinations row id={pasted_into} ('Pasted'): api_key_env does not hold an environment variable "
+        "name; put the key itself in the environment, not in this column"
+    )
+    assert message in outputs[0].stdout and message in outputs[2].stderr
+    broken(rows, "Healthy", "Pasted", "invalid", message)
+    assert everflow.accepted == {("tid-u1", "7"): 1} and refersion.requests == []
+    with engine.connect() as conn:
+        recorded = "\n".join(str(row) for row in conn.execute(sa.text("SELECT * FROM sync_runs")))
+    assert message in recorded
+    everything = recorded + "".join(o.stdout + o.stderr for o in outputs)
+    assert "PASTED" not in everything  # in both halves of the key
+
+
 # ------------------------------------------------------------------------------------------------------------
 # audience queries
 
@@ -712,3 +745,37 @@ def test_bytes_where_text_belongs_fail_only_their_audience(
     assert f"Blob Ids' (id {blob_ids}) -> Everflow: failed" in result.stderr
     broken(rows, "Blob Ids", "Everflow", "failed", not_text)
     assert f"audiences row id={blob_name} (b'Blob'): name holds bytes data, not text" in result.stderr
+
+
+# ------------------------------------------------------------------------------------------------------------
+# database URLs
+
+# Each hides the password `Pw4711@Zq9` (or `Pw4711Zq9`): no part of it may be printed.
+BAD_URLS = [
+    "postgresql://app:Pw4711@Zq9@db.invalid/state",  # an unescaped @: SQLAlchemy reads host `Zq9@db.invalid`
+    "postgresql://app:Pw4711@Zq9/x@db.invalid/state",  # ... host `Zq9`, database `x@db.invalid/state`
+    "postgresql://app:Pw4711@Zq9:5432@db.invalid/state",  # ... port `5432@db.invalid`
+    "postgresql://app:Pw4711Zq9@db.invalid:abc/state",  # a port that is not a number
+]
+
+
+@pytest.mark.parametrize("variable", ["SYNC_DATABASE_URL", "SYNC_SOURCE_URL"])
+def test_database_url_that_does_not_parse_is_one_line_without_any_part_of_the_password(
+    state_url: str, variable: str
+) -> None:
+    """Finding 9: a traceback (port) or the rest of the password (an unescaped @) was printed."""
+    commands = (
+        [["status"], ["run"], ["db", "upgrade"]] if variable == "SYNC_DATABASE_URL" else [["check"], ["run"]]
+    )
+    for url in BAD_URLS:
+        for command_line in commands:
+            done = run_cli(state_url, *command_line, env={variable: url}, timeout=30)
+            clean(done)
+            assert done.returncode == 2, (url, command_line, done.stderr)
+            last = done.stderr.splitlines()[-1]
+            assert last.startswith("audience-sync: cannot use database URL postgresql://***@db.invalid"), last
+            assert "it does not parse" in last
+            for part in ("Pw4711", "Zq9"):
+                assert part not in done.stdout + done.stderr, (url, command_line, done.stderr)
+            if variable == "SYNC_DATABASE_URL":
+                assert len(done.stderr.splitlines()) == 1, done.stderr

@@ -177,6 +177,43 @@ def test_schedule_too_long_makes_its_audience_invalid_and_the_others_keep_syncin
     assert _runs(config, huge) == 1
 
 
+def test_schedule_under_a_second_is_refused_and_under_a_minute_is_warned(
+    state_url: str, config: Config, customers: Customers
+) -> None:
+    """Finding 13: `1ms` was accepted (861 runs in 20 s); seconds stay allowed, for tests and soaks."""
+    customers.add("u1")
+    with EverflowServer() as everflow:
+        destination = everflow_destination(config, everflow)
+        vip = config.audience("VIP", Customers.QUERY, schedule="2s")
+        busy = config.audience("Busy", Customers.QUERY, schedule="1ms")
+        config.connect(vip, destination)
+        config.connect(busy, destination)
+        refused = (
+            f"audiences row id={busy} ('Busy'): schedule: '1ms' is shorter than 1s, the shortest cadence"
+        )
+        warned = f"audience 'VIP' (id {vip}): cadence 2s is under a minute"
+
+        checked = run_cli(state_url, "check")
+        assert checked.returncode == 2 and refused in checked.stdout, checked.stdout
+        assert f"warning: {warned}" in checked.stdout and "1 problem(s) and 1 warning(s)" in checked.stderr
+        for interval in ("1ms", "500ms-2s"):
+            bad = run_cli(state_url, "status", env={"SYNC_INTERVAL": interval})
+            assert (bad.returncode, bad.stderr) == (
+                2,
+                f"audience-sync: SYNC_INTERVAL: {interval!r} is shorter than 1s, the shortest cadence\n",
+            )
+
+        daemon = start_cli(state_url, "daemon")
+        try:
+            _wait_for(lambda: _runs(config, vip) >= 2, 30)
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            _, stderr = daemon.communicate(timeout=30)
+    assert daemon.returncode == 0 and "Traceback" not in stderr, stderr
+    assert refused in stderr and warned in stderr
+    assert _runs(config, busy) == 0
+
+
 def test_runs_reuse_the_state_database_connections(
     engine: sa.Engine, config: Config, customers: Customers
 ) -> None:

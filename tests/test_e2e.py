@@ -234,6 +234,12 @@ def test_unmigrated_or_garbage_database_and_bad_settings_exit_2(tmp_path: Path) 
     url = f"sqlite:///{tmp_path / 'fresh.db'}"
     unmigrated = run_cli(url, "run")
     assert unmigrated.returncode == 2
+    assert (
+        f"no state database at {tmp_path / 'fresh.db'}: run `audience-sync db upgrade`" in unmigrated.stderr
+    )
+    (tmp_path / "fresh.db").touch()
+    unmigrated = run_cli(url, "run")
+    assert unmigrated.returncode == 2
     assert "is not migrated: run `audience-sync db upgrade`" in unmigrated.stderr
     assert str(tmp_path / "fresh.db") in unmigrated.stderr
     bad_interval = run_cli(url, "run", env={"SYNC_INTERVAL": "often"})

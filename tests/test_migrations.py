@@ -25,7 +25,7 @@ ALL_TABLES = set(tables.metadata.tables) | {"alembic_version"}
 
 
 def table_names(url: str) -> set[str]:
-    engine = database.create_engine(url)
+    engine = database.create_engine(url, create=True)
     try:
         return set(sa.inspect(engine).get_table_names())
     finally:
@@ -122,6 +122,61 @@ def test_unmigrated_database_makes_status_exit_2(empty_url: str) -> None:
     assert database.describe(empty_url) in done.stderr  # names the database it looked at
     assert "Traceback" not in done.stderr
     assert not table_names(empty_url) - {"alembic_version"}  # and did not quietly create the schema
+
+
+EVERY_COMMAND = [
+    ["db", "upgrade"],
+    ["status"],
+    ["status", "--json"],
+    ["check"],
+    ["run"],
+    ["initial"],
+    ["daemon"],
+    ["explain", "u1"],
+    ["forget", "u1"],
+]
+
+
+def test_state_database_at_a_newer_revision_is_named_so_by_every_command(state_url: str) -> None:
+    """Finding 9: a schema written by a newer audience-sync is not one to `db upgrade` (which could not)."""
+    engine = database.create_engine(state_url)
+    Config(engine).sql("UPDATE alembic_version SET version_num = '0099'")
+    for command_line in EVERY_COMMAND:
+        done = run_cli(state_url, *command_line, timeout=30)
+        assert done.returncode == 2, (command_line, done.stderr)
+        assert done.stderr.endswith(
+            f"audience-sync: the state database ({database.describe(state_url)}) is at revision '0099', "
+            "written by a newer audience-sync; upgrade the program\n"
+        ), (command_line, done.stderr)
+        assert "Traceback" not in done.stderr and "run `audience-sync db upgrade`" not in done.stderr
+    assert Config(engine).sql("SELECT version_num FROM alembic_version")[0][0] == "0099"  # left as it was
+    engine.dispose()
+
+
+def test_no_command_but_db_upgrade_creates_a_missing_sqlite_file(tmp_path: Path) -> None:
+    """Finding 13: pointed at a SQLite file that is not there, a command says so and leaves no empty file."""
+    for path in (tmp_path / "missing.db", tmp_path / "no-such-directory" / "state.db"):
+        url = f"sqlite:///{path}"
+        for command_line in EVERY_COMMAND[1:]:
+            done = run_cli(url, *command_line, timeout=30)
+            assert done.returncode == 2, (command_line, done.stderr)
+            assert done.stderr.endswith(
+                f"audience-sync: no state database at {path}: run `audience-sync db upgrade`\n"
+            ), (command_line, done.stderr)
+            assert not path.exists(), command_line
+    created = run_cli(f"sqlite:///{tmp_path / 'missing.db'}", "db", "upgrade")
+    assert created.returncode == 0, created.stderr
+    assert table_names(f"sqlite:///{tmp_path / 'missing.db'}") == ALL_TABLES
+
+    # an audience query pointed at a missing SQLite file fails, and does not create it either
+    state_url = f"sqlite:///{tmp_path / 'missing.db'}"
+    engine = database.create_engine(state_url)
+    Config(engine).sql("INSERT INTO audiences (name, query) VALUES ('VIP', 'SELECT 1 AS user_id')")
+    engine.dispose()
+    source = tmp_path / "warehouse.db"
+    checked = run_cli(state_url, "check", env={"SYNC_SOURCE_URL": f"sqlite:///{source}"})
+    assert checked.returncode == 2 and "unable to open database file" in checked.stdout, checked
+    assert not source.exists()
 
 
 # 0003: audiences.id and destinations.id AUTOINCREMENT on SQLite.
@@ -256,7 +311,7 @@ def test_sqlite_tables_and_migrations_agree_on_autoincrement(tmp_path: Path) -> 
     # `alembic check` does not compare sqlite_autoincrement, so compare the DDL SQLite keeps.
     migrated, created = f"sqlite:///{tmp_path / 'migrated.db'}", f"sqlite:///{tmp_path / 'created.db'}"
     database.upgrade(migrated)
-    engine = database.create_engine(created)
+    engine = database.create_engine(created, create=True)
     tables.metadata.create_all(engine)
     engine.dispose()
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import sqlalchemy as sa
 
 from sync import database
 from sync.sandbox import EverflowServer, RefersionServer, SegmentServer
@@ -177,6 +178,40 @@ def test_forget_on_a_read_only_state_file_says_so_and_exits_1(tmp_path: Path) ->
     ) in result.stderr
     assert config.sql("SELECT count(*) FROM sync_state WHERE user_id = 'u1'")[0][0] == 1
     engine.dispose()
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_read_only_state_database_stops_a_run_with_one_line_and_exit_2(
+    backend: str, state_url: str, config: Config, customers: Customers, log_format: str
+) -> None:
+    """Finding 12: a state database that refuses writes is one that nothing can run on; in JSON log mode
+    the line saying so is JSON like the others."""
+    customers.add("u1")
+    with SegmentServer(api_key="k") as segment:
+        config.connect(
+            config.audience("VIP", Customers.QUERY),
+            config.destination(
+                "Segment", "refersion", {"transport": "segment", "endpoint": segment.url}, api_key="k"
+            ),
+        )
+        name = sa.make_url(state_url).database
+        if backend == "sqlite":  # (chmod 0444 does not stop root, who runs the tests in CI)
+            read_only = f"sqlite:///file:{name}?mode=ro&uri=true"
+        else:
+            config.sql(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+            read_only = state_url
+        for command_line in (["run"], ["initial"], ["run", "--dry-run"], ["daemon"]):
+            done = run_cli(read_only, *command_line, env={"SYNC_LOG_FORMAT": log_format}, timeout=30)
+            assert done.returncode == 2 and "Traceback" not in done.stderr, (command_line, done.stderr)
+            refused = f"the state database ({database.describe(read_only)}) refuses writes: "
+            last = done.stderr.splitlines()[-1]
+            if log_format == "json":
+                records = [json.loads(line) for line in done.stderr.splitlines()]
+                assert records[-1]["level"] == "ERROR" and records[-1]["message"].startswith(refused), last
+            else:
+                assert last.startswith(f"audience-sync: {refused}"), last
+            assert "read-only" in last or "readonly" in last, last
+    assert segment.messages == []
 
 
 def test_status_table_and_progress_bar_on_a_terminal(

@@ -16,7 +16,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from sync import runner
+from sync import database, runner
 from sync.sandbox import EverflowServer, FakeServer, RefersionServer, SegmentServer
 from sync.settings import Settings
 from sync.tables import sync_leases
@@ -367,6 +367,63 @@ def test_state_database_lost_at_start_and_mid_run(
         by_user = Counter(m["userId"] for m in segment.messages)
         assert sorted(by_user) == users
         assert sum(by_user.values()) - len(users) <= 4  # only the batch that could not be recorded
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+def test_a_run_after_a_nat_dropped_the_idle_pooled_connections_starts_at_once(
+    state_url: str, config: Config, customers: Customers
+) -> None:
+    """Finding 12: pooled connections idle between runs, their flows silently dropped (a NAT gateway's idle
+    timeout): the next run must not wait on them, for the state database or the source."""
+    customers.add("u1")
+    url = sa.make_url(state_url)
+    engine = database.create_engine(state_url)
+    with engine.connect() as conn:  # libpq keepalives, which keep such flows alive in the first place
+        assert conn.connection.driver_connection.info.get_parameters()["keepalives_idle"] == "60"
+    engine.dispose()
+    with (
+        TcpProxy(url.host or "127.0.0.1", url.port or 5432) as proxy,
+        SegmentServer(api_key="k") as segment,
+    ):
+        config.connect(
+            config.audience("VIP", Customers.QUERY),
+            config.destination(
+                "Segment", "everflow", {"transport": "segment", "endpoint": segment.url}, api_key="k"
+            ),
+        )
+        via_proxy = url.set(port=proxy.port).render_as_string(hide_password=False)
+        env = {
+            "SYNC_SOURCE_URL": via_proxy,
+            "SYNC_INTERVAL": "4s",
+            "SYNC_RELOAD_INTERVAL": "1h",
+            "SYNC_POOL_RECYCLE": "1s",
+        }
+        daemon = start_cli(via_proxy, "daemon", env=env)
+        try:
+            deadline = time.monotonic() + 30
+            while not (
+                config.sql("SELECT count(*) FROM sync_runs")[0][0] == 1
+                and config.sql("SELECT count(*) FROM sync_leases")[0][0] == 0
+            ):
+                assert time.monotonic() < deadline, "the first run did not finish"
+                time.sleep(0.1)
+            proxy.stall()  # between two runs: every flow the daemon keeps open is gone, and nothing says so
+            customers.add("u2")
+            deadline = time.monotonic() + 30  # the next run is due 4 s after the first
+            while len(segment.messages) < 2:
+                assert time.monotonic() < deadline, "the next run did not get through"
+                time.sleep(0.1)
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            try:
+                _, stderr = daemon.communicate(timeout=30)
+            except subprocess.TimeoutExpired:  # stuck on a dead connection
+                daemon.kill()
+                _, stderr = daemon.communicate()
+    assert daemon.returncode == 0 and "Traceback" not in stderr, stderr
+    assert sorted(m["userId"] for m in segment.messages) == ["u1", "u2"]
+    assert config.sql("SELECT count(*) FROM sync_runs WHERE outcome = 'ok'")[0][0] == 2
 
 
 FAULTS = {

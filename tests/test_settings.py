@@ -57,17 +57,20 @@ def test_defaults_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         "SYNC_INTERVAL",
         "SYNC_RELOAD_INTERVAL",
         "SYNC_QUERY_TIMEOUT",
+        "SYNC_POOL_RECYCLE",
     ):
         monkeypatch.delenv(name, raising=False)
     defaults = Settings.from_env()
     assert defaults.database_url == "sqlite:///audience-sync.db"
     assert defaults.source_url is None
     assert defaults.interval == Cadence(7200, 10800)
-    assert (defaults.reload_interval, defaults.query_timeout) == (60, 600)
+    assert (defaults.reload_interval, defaults.query_timeout, defaults.pool_recycle) == (60, 600, 180)
     monkeypatch.setenv("SYNC_QUERY_TIMEOUT", "30s")
     monkeypatch.setenv("SYNC_INTERVAL", "5m")
+    monkeypatch.setenv("SYNC_POOL_RECYCLE", "5s")
     configured = Settings.from_env()
     assert configured.query_timeout == 30 and configured.interval == Cadence(300, 300)
+    assert configured.pool_recycle == 5
 
 
 @pytest.mark.parametrize("port", ["²", "٨٠٨٠", "0", "65536", "80a"])

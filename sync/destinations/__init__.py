@@ -7,6 +7,7 @@ outcomes known without a request (local rejections, skips). `delivery` sends the
 import base64
 import json
 import logging
+import re
 import reprlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 
 COMMON_SETTINGS = {"rate_limit", "max_in_flight", "timeout", "max_attempts", "backoff_initial", "backoff_max"}
 LOOPBACK = {"localhost", "127.0.0.1", "::1"}
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 @dataclass(frozen=True)
@@ -290,6 +292,12 @@ def load_destination(row: sa.Row[Any], settings_text: str | None) -> Destination
 def _api_key(row: sa.Row[Any], where: str) -> str | None:
     """The key, without the blanks around it (a key pasted or read from a file often ends in a newline)."""
     if row.api_key_env:
+        if not (isinstance(row.api_key_env, str) and ENV_NAME.fullmatch(row.api_key_env)):
+            # no part of it is shown: it is often the key itself, pasted into the wrong column
+            raise ConfigError(
+                f"{where}: api_key_env does not hold an environment variable name; put the key itself in the "
+                "environment, not in this column"
+            )
         value = (secret_from_env(row.api_key_env) or "").strip()
         if not value:
             raise ConfigError(f"{where}: api_key_env names {row.api_key_env!r}, which is not set or empty")
