@@ -204,6 +204,8 @@ def test_forget_disables_the_refersion_affiliate_by_numeric_id_and_sends_email_o
         config.connect(audience, over_segment, {"type": "track"})
         ok(run_cli(state_url, "initial"))
         assert [m["type"] for m in segment.messages] == ["identify"]  # `track` is not what it takes
+        check = ok(run_cli(state_url, "check")).stdout
+        assert "('Buyers', 'Refersion via Segment'): settings.type is 'track'" in check
         [affiliate] = refersion.affiliates.values()
         done = ok(run_cli(state_url, "forget", "u1"))
         assert "Refersion: sent (affiliate disabled accepted)" in done.stdout

@@ -98,6 +98,14 @@ def test_a_second_sigterm_exits_the_daemon_at_once_without_a_traceback_and_relea
     assert _leases(config) == 0
 
 
+def _blocked_logging(pid: int) -> bool:
+    """Whether the daemon's main thread is blocked logging to the full pipe: writing it, or waiting for the
+    logging lock of another thread that is (what each thread waits for: /proc, Linux)."""
+    waits = {task.name: (task / "wchan").read_text() for task in Path(f"/proc/{pid}/task").iterdir()}
+    writing = [task for task, wait in waits.items() if "pipe_write" in wait]  # pipe_write, anon_pipe_write
+    return str(pid) in writing or (waits[str(pid)] == "futex_do_wait" and bool(writing))
+
+
 def test_one_sigterm_while_the_scheduler_is_starting_due_jobs_stops_the_daemon_cleanly(
     state_url: str, config: Config, customers: Customers
 ) -> None:
@@ -112,8 +120,7 @@ def test_one_sigterm_while_the_scheduler_is_starting_due_jobs_stops_the_daemon_c
             config.connect(config.audience(f"Audience {n}", Customers.QUERY), destination)
         daemon = start_cli(state_url, "daemon", env={"SYNC_INTERVAL": "1s"})
         try:
-            main_thread = Path(f"/proc/{daemon.pid}/wchan")  # what the main thread waits for (Linux)
-            _wait_for(lambda: "pipe_write" in main_thread.read_text(), 60)
+            _wait_for(lambda: _blocked_logging(daemon.pid), 60)
             daemon.send_signal(signal.SIGTERM)
             _, stderr = daemon.communicate(timeout=60)
         finally:
