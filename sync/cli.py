@@ -128,7 +128,7 @@ def _one_malloc_arena() -> None:
 
 def _source(engine: sa.Engine, settings: Settings) -> sa.Engine:
     """Where audience queries run: SYNC_SOURCE_URL, or the state database."""
-    return database.create_engine(settings.source_url) if settings.source_url else engine
+    return database.create_engine(settings.source_url, source=True) if settings.source_url else engine
 
 
 def _sync(engine: sa.Engine, settings: Settings, args: argparse.Namespace) -> int:
