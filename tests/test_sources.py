@@ -247,6 +247,10 @@ def test_check_names_each_audiences_source_and_reads_its_session_back(
         config.sql("CREATE TABLE customers (user_id TEXT, segment TEXT)")
         query = "SELECT user_id FROM customers"
         where = database.describe(state_url) + " (the state database)"
+        if backend == "postgres":  # the same database as a source URL with a password (trusted here)
+            with_password = sa.make_url(state_url).set(password="hunter2")
+            env["SYNC_SOURCE_URL"] = with_password.render_as_string(hide_password=False)
+            where = database.describe(env["SYNC_SOURCE_URL"])
         session = {
             "sqlite": "query_only = 1, stopped after 90s by a progress handler",
             "postgres": "transaction_read_only = on, statement_timeout = 90000ms",
@@ -275,6 +279,7 @@ def test_check_names_each_audiences_source_and_reads_its_session_back(
     assert checked.returncode == 0, checked.stdout + checked.stderr
     for name, audience in (("First", first), ("Second", second)):
         assert f"audience '{name}' (id {audience}): source {where}: {session}\n" in checked.stderr
+    assert "hunter2" not in checked.stdout + checked.stderr
     if source == "duckdb":  # nothing written: the file is as the warehouse left it
         assert warehouse.path.read_bytes() == before
 
