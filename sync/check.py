@@ -1,9 +1,12 @@
 """`audience-sync check`: every configuration problem at once, before anything runs."""
 
+from dataclasses import dataclass, field
+
 import sqlalchemy as sa
 
-from sync.audiences import load_audiences, probe_query
+from sync.audiences import load_audiences, probe_query, read_back_guard
 from sync.connections import connection_rows, load_connection, type_warning
+from sync.database import describe
 from sync.destinations import load_destination
 from sync.errors import ConfigError, SourceError
 from sync.settings import Settings
@@ -15,51 +18,78 @@ WHERE typeof(enabled) <> 'integer' OR enabled NOT IN (0, 1)"""
 KEYS = {"destinations": "id", "audiences": "id", "audience_destinations": "audience_id, destination_id"}
 
 
-def find_problems(
-    conn: sa.Connection, source: sa.Engine, settings: Settings
-) -> tuple[list[str], list[str], int]:
-    """Every problem of the enabled rows (keys, settings, credentials, URLs, queries), the warnings (what
-    does not stop a run), and the number of rows checked."""
+@dataclass
+class Findings:
+    problems: list[str] = field(default_factory=list)  # what stops a run
+    warnings: list[str] = field(default_factory=list)  # what does not
+    sources: list[str] = field(default_factory=list)  # per audience: its source and what its session is
+    checked: int = 0  # rows
+
+
+def find_problems(conn: sa.Connection, source: sa.Engine, settings: Settings) -> Findings:
+    """Every problem of the enabled rows (keys, settings, credentials, URLs, queries, the source's session),
+    the warnings (what does not stop a run), each audience's source, and the number of rows checked."""
+    timeout = settings.query_timeout
     valid, problems = load_audiences(conn)
-    found = list(problems.values())
+    found = Findings(problems=list(problems.values()))
     cadences = [("SYNC_INTERVAL", settings.interval)] + [(f"{a}", a.cadence) for a in valid if a.cadence]
-    warnings = [warning for where, cadence in cadences if (warning := cadence.warning(where))]
+    found.warnings += [warning for where, cadence in cadences if (warning := cadence.warning(where))]
     if conn.dialect.name == "sqlite":
         for table, columns in KEYS.items():
             for *key, enabled in conn.exec_driver_sql(NOT_BOOLEAN.format(table=table, columns=columns)):
                 where = ", ".join(f"{c}={k}" for c, k in zip(columns.split(", "), key, strict=True))
-                found.append(f"{table} row {where}: enabled holds {enabled!r}; set it to 1 or 0")
+                found.problems.append(f"{table} row {where}: enabled holds {enabled!r}; set it to 1 or 0")
     rows = conn.execute(
         sa.select(*destination_columns()).where(destinations.c.enabled).order_by(destinations.c.id)
     ).all()
     broken_destinations = set()
     for row in rows:
         try:
-            warnings += load_destination(row, row.settings_text).warnings
+            found.warnings += load_destination(row, row.settings_text).warnings
         except ConfigError as exc:
-            found.append(str(exc))
+            found.problems.append(str(exc))
             broken_destinations.add(row.id)
-    checked = len(rows) + len(valid) + len(problems)
+    found.checked = len(rows) + len(valid) + len(problems)
+    session = _source_session(conn, source, timeout, found) if valid else ""
     for audience in valid:
+        found.sources.append(f"{audience}: source {session}")
         try:
-            probe_query(conn, source, audience, settings.query_timeout)
+            probe_query(conn, source, audience, timeout)
         except SourceError as exc:
-            found.append(str(exc))
+            found.problems.append(str(exc))
         for row in connection_rows(conn, audience.id):
-            checked += 1
+            found.checked += 1
             if row.enabled is False or row.id in broken_destinations:  # None: missing, reported below
                 continue
             try:
                 _, destination = load_connection(conn, audience, row)
             except ConfigError as exc:
-                found.append(str(exc))
+                found.problems.append(str(exc))
                 continue
             warning = type_warning(audience, row, destination)
             if warning:
-                warnings.append(warning)
+                found.warnings.append(warning)
+    return found
+
+
+def _source_session(conn: sa.Connection, source: sa.Engine, timeout: float, found: Findings) -> str:
+    """Where audience queries run (no password) and their session, read back from the source: one that is
+    not read-only or lacks the timeout is a problem, a source with no read-only guard a warning."""
+    where = describe(source.url.render_as_string(hide_password=False))
+    if source is conn.engine:
+        where += " (the state database)"
+    try:
+        guard = read_back_guard(source, timeout)
+    except sa.exc.DBAPIError as exc:
+        found.problems.append(f"source {where}: {str(exc.orig).strip().splitlines()[0]}")
+        return f"{where}: cannot be reached"
     if source.dialect.name == "postgresql":
-        warnings += _postgres_writes_left(source)
-    return found, warnings, checked
+        found.warnings += _postgres_writes_left(source)
+    if guard.problem:
+        found.problems.append(f"source {where}: {guard.problem}")
+    if guard.warning:
+        found.warnings.append(f"source {where}: {guard.warning}")
+    return f"{where}: {guard.read_back}"
 
 
 # A READ ONLY transaction still lets these write large objects; only a revoked privilege stops them.

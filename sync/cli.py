@@ -157,7 +157,7 @@ def _source(engine: sa.Engine, settings: Settings) -> sa.Engine:
     """Where audience queries run: SYNC_SOURCE_URL, or the state database."""
     if not settings.source_url:
         return engine
-    return database.create_engine(settings.source_url, settings.pool_recycle)
+    return database.create_engine(settings.source_url, settings.pool_recycle, source=True)
 
 
 def _sync(engine: sa.Engine, settings: Settings, args: argparse.Namespace) -> int:
@@ -264,17 +264,20 @@ def _check(engine: sa.Engine, settings: Settings) -> int:
 
     source = _source(engine, settings)
     with engine.connect() as conn:
-        problems, warnings, checked = find_problems(conn, source, settings)
-    for problem in problems:
+        found = find_problems(conn, source, settings)
+    for problem in found.problems:
         print(problem)
-    for warning in warnings:
+    for warning in found.warnings:
         print(f"warning: {warning}")
-    noted = f" and {len(warnings)} warning(s)" if warnings else ""
-    if problems:
-        print(f"{len(problems)} problem(s){noted} in {checked} rows checked", file=sys.stderr)
+    for line in found.sources:
+        print(line, file=sys.stderr)
+    noted = f" and {len(found.warnings)} warning(s)" if found.warnings else ""
+    if found.problems:
+        print(f"{len(found.problems)} problem(s){noted} in {found.checked} rows checked", file=sys.stderr)
         return 2
     print(
-        f"all {checked} rows are valid{noted}; every audience query runs and returns user_id", file=sys.stderr
+        f"all {found.checked} rows are valid{noted}; every audience query runs and returns user_id",
+        file=sys.stderr,
     )
     return 0
 

@@ -2,7 +2,7 @@
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
@@ -13,7 +13,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from sync.errors import StateError
+from sync.errors import ConfigError, StateError, SyncError
 from sync.tables import sync_leases
 
 log = logging.getLogger(__name__)
@@ -86,38 +86,112 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def create_engine(url: str, pool_recycle: float = 180.0, create: bool = False) -> sa.Engine:
+# Dialects whose audience queries the source guard (sync.audiences) can make read-only; any other runs its
+# queries in a transaction that is always rolled back.
+READ_ONLY_DIALECTS = ("postgresql", "sqlite", "mysql", "mariadb", "duckdb")
+# The package to install for a URL whose dialect or driver is missing: by backend or driver name, then by
+# the module that failed to import
+PACKAGES = {
+    "duckdb": "'audience-sync[duckdb]' (duckdb-engine)",
+    "snowflake": "snowflake-sqlalchemy",
+    "bigquery": "sqlalchemy-bigquery",
+    "redshift": "sqlalchemy-redshift redshift-connector",
+    "trino": "'trino[sqlalchemy]'",
+    "databricks": "databricks-sqlalchemy",
+    "psycopg2": "psycopg2-binary",
+    "MySQLdb": "mysqlclient",
+}
+
+
+def create_engine(
+    url: str, pool_recycle: float = 180.0, create: bool = False, source: bool = False
+) -> sa.Engine:
     """An engine for `url`. SQLite gets foreign keys, a busy timeout and WAL, and a file that must exist
     unless `create`; other databases get connections replaced after `pool_recycle` seconds (below the idle
-    timeouts of NAT gateways) and, on Postgres, TCP keepalives."""
+    timeouts of NAT gateways) and, on Postgres, TCP keepalives.
+
+    A `source` engine (SYNC_SOURCE_URL) for DuckDB opens the database file read-only and limits file access to
+    its directory; one the source guard cannot make read-only is logged.
+    """
+    what = "source URL" if source else "database URL"
+    error: type[SyncError] = ConfigError if source else StateError
     parsed = _parse(url)
     if parsed is None and "://" not in url:
-        raise StateError(f"cannot use {describe(url)}")
+        raise error(f"cannot use {describe(url)}")
     if parsed is None:
-        raise StateError(
-            f"cannot use database URL {describe(url)}: it does not parse (a port that is not a number? "
+        raise error(
+            f"cannot use {what} {describe(url)}: it does not parse (a port that is not a number? "
             "write an `@` in a user name or password as %40)"
         )
+    backend = parsed.get_backend_name()
     options: dict[str, Any] = {"pool_size": POOL_SIZE, "max_overflow": -1}
-    if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
+    connect_args: dict[str, Any] = {}
+    if backend == "postgresql" and parsed.drivername == "postgresql":
         parsed = parsed.set(drivername="postgresql+psycopg")
-    if parsed.get_backend_name() != "sqlite":
-        options["pool_recycle"] = pool_recycle
-        if parsed.get_driver_name() in ("psycopg", "psycopg2"):
-            options["connect_args"] = {k: v for k, v in KEEPALIVES.items() if k not in parsed.query}
-    elif parsed.database in (None, "", ":memory:"):
+    if backend in ("mysql", "mariadb") and "+" not in parsed.drivername:
+        parsed = parsed.set(drivername=f"{backend}+pymysql")  # pure Python, installed with us
+    in_memory = backend in ("sqlite", "duckdb") and parsed.database in (None, "", ":memory:")
+    if in_memory:
         options = {}
-    elif not create and parsed.query.get("uri") != "true":  # mode=rw: open the file, never create it
-        uri = {**parsed.query, "mode": "rw", "uri": "true"}
+    elif backend == "sqlite" and not create and parsed.query.get("uri") != "true":
+        uri = {**parsed.query, "mode": "rw", "uri": "true"}  # mode=rw: open the file, never create it
         parsed = parsed.set(database=f"file:{quote(parsed.database or '')}", query=uri)
+    elif backend not in ("sqlite", "duckdb"):
+        options["pool_recycle"] = pool_recycle
+        if parsed.drivername in ("postgresql+psycopg", "postgresql+psycopg2"):  # get_driver_name() loads it
+            connect_args = {k: v for k, v in KEEPALIVES.items() if k not in parsed.query}
+    if source and backend == "duckdb" and not in_memory:
+        connect_args["read_only"] = True
     try:
         # No pool limit to time out on: the runner's threads bound the connections in use.
-        engine = sa.create_engine(parsed, pool_pre_ping=True, **options)
-    except (sa.exc.ArgumentError, ImportError) as exc:
-        raise StateError(f"cannot use database URL {describe(url)}: {exc}") from None
+        engine = sa.create_engine(parsed, pool_pre_ping=True, connect_args=connect_args, **options)
+    except sa.exc.NoSuchModuleError:
+        package = PACKAGES.get(parsed.get_backend_name()) or PACKAGES.get(parsed.get_driver_name())
+        install = f"pip install {package}" if package else "install its SQLAlchemy dialect package"
+        raise error(
+            f"cannot use {what} {describe(url)}: no SQLAlchemy dialect {parsed.drivername!r} is installed; "
+            + install
+        ) from None
+    except ImportError as exc:
+        package = PACKAGES.get(exc.name or "", exc.name or "its driver")
+        raise error(
+            f"cannot use {what} {describe(url)}: its driver {exc.name!r} is not installed; "
+            f"pip install {package}"
+        ) from None
+    except sa.exc.ArgumentError as exc:
+        raise error(f"cannot use {what} {describe(url)}: {exc}") from None
     if engine.dialect.name == "sqlite":
         sa.event.listen(engine, "connect", _sqlite_pragmas)
+    if source and engine.dialect.name == "duckdb":
+        directory = Path.cwd() if in_memory else Path(parsed.database or "").resolve().parent
+        sa.event.listen(engine, "connect", _duckdb_limits(directory))
+    if source and (engine.dialect.name not in READ_ONLY_DIALECTS or (backend == "duckdb" and in_memory)):
+        log.warning(
+            "source %s: audience queries cannot be made read-only on %s; each runs in a transaction that is "
+            "rolled back (use a role that can only read)",
+            describe(url),
+            engine.dialect.name,
+            extra={"action": "source_not_read_only"},
+        )
     return engine
+
+
+def _duckdb_limits(directory: Path) -> Callable[[Any, Any], None]:
+    """A connect hook: DuckDB reads and writes files only in `directory` (the database file's), for good.
+
+    `enable_external_access = false` cannot be undone on a running database, and once it is off the allowed
+    directories cannot change; the second connection of a pool finds them set.
+    """
+
+    def limit(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("SELECT current_setting('enable_external_access')")
+        if cursor.fetchone()[0]:
+            quoted = str(directory).replace("'", "''")
+            cursor.execute(f"SET allowed_directories = ['{quoted}/']")
+            cursor.execute("SET enable_external_access = false")
+
+    return limit
 
 
 def alembic_config(url: str) -> Config:

@@ -1,4 +1,5 @@
-"""Fixtures: the same tests run against a real SQLite file and a real Postgres database."""
+"""Fixtures: the same tests run against a real SQLite file and a real Postgres database (and sources on the
+MariaDB server)."""
 
 import json
 import os
@@ -16,6 +17,7 @@ import sqlalchemy as sa
 from sync import database
 
 POSTGRES_URL = os.environ.get("SYNC_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+MARIADB_URL = os.environ.get("SYNC_TEST_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
 COMMAND = str(Path(sys.executable).with_name("audience-sync"))
 _template: dict[str, str] = {}
 
@@ -46,6 +48,22 @@ def _drop_postgres_database(url: str) -> None:
     with admin.connect() as conn:
         conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{sa.make_url(url).database}" WITH (FORCE)')
     admin.dispose()
+
+
+@pytest.fixture
+def mariadb() -> Iterator[sa.Engine]:
+    """The MariaDB server, for sources; required under CI like Postgres. Tests make their own tables."""
+    engine = sa.create_engine(MARIADB_URL)
+    try:
+        with engine.connect():
+            pass
+    except sa.exc.OperationalError as exc:
+        engine.dispose()
+        if os.environ.get("CI"):
+            pytest.fail(f"MariaDB is required under CI and is unreachable at {MARIADB_URL}: {exc.orig}")
+        pytest.skip(f"no MariaDB reachable at {MARIADB_URL} (set SYNC_TEST_MARIADB_URL)")
+    yield engine
+    engine.dispose()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

@@ -773,7 +773,8 @@ def test_database_url_that_does_not_parse_is_one_line_without_any_part_of_the_pa
             clean(done)
             assert done.returncode == 2, (url, command_line, done.stderr)
             last = done.stderr.splitlines()[-1]
-            assert last.startswith("audience-sync: cannot use database URL postgresql://***@db.invalid"), last
+            what = "database" if variable == "SYNC_DATABASE_URL" else "source"
+            assert last.startswith(f"audience-sync: cannot use {what} URL postgresql://***@db.invalid"), last
             assert "it does not parse" in last
             for part in ("Pw4711", "Zq9"):
                 assert part not in done.stdout + done.stderr, (url, command_line, done.stderr)
