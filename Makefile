@@ -1,5 +1,5 @@
 # `make run`: install, then a first run: a demo SQLite file of its own synced twice against the sandbox.
-# `make test`: install, lint, type-check, smoke-run the benchmark and run the tests (Postgres at 127.0.0.1:5432).
+# `make test`: install, lint, type-check, smoke-run the benchmark and run the tests (Postgres at 127.0.0.1:5432, MariaDB at :3306).
 VENV := .venv
 BIN := $(VENV)/bin
 
