@@ -425,6 +425,8 @@ class Runner:
         if delivery:
             account(delivery.held())
             counts["pending"] = counts["failed"] + unread
+        if stopped == INTERRUPTED and not unread and not counts["failed"]:
+            stopped = None  # the signal came with the last page: nothing was cut short
         if error is None and stopped:
             pending = counts.get("pending", unread)
             stay = "1 change stays" if pending == 1 else f"{pending} changes stay"

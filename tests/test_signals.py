@@ -5,6 +5,7 @@ as `interrupted` and releases the lease; a second one exits at once. SIGHUP relo
 and stops a one-shot command like SIGTERM.
 """
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -101,9 +102,12 @@ def test_a_second_sigterm_exits_the_daemon_at_once_without_a_traceback_and_relea
 def _blocked_logging(pid: int) -> bool:
     """Whether the daemon's main thread is blocked logging to the full pipe: writing it, or waiting for the
     logging lock of another thread that is (what each thread waits for: /proc, Linux)."""
-    waits = {task.name: (task / "wchan").read_text() for task in Path(f"/proc/{pid}/task").iterdir()}
+    waits = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
+            waits[task.name] = (task / "wchan").read_text()
     writing = [task for task, wait in waits.items() if "pipe_write" in wait]  # pipe_write, anon_pipe_write
-    return str(pid) in writing or (waits[str(pid)] == "futex_do_wait" and bool(writing))
+    return str(pid) in writing or (waits.get(str(pid)) == "futex_do_wait" and bool(writing))
 
 
 def test_one_sigterm_while_the_scheduler_is_starting_due_jobs_stops_the_daemon_cleanly(
