@@ -1,6 +1,5 @@
 """The daemon: seconds-scale cadence, config reload, resume after restart, clean SIGTERM."""
 
-import contextlib
 import json
 import random
 import signal
@@ -18,6 +17,7 @@ from sync.scheduler import CadenceTrigger
 from sync.settings import Cadence, Settings
 from tests.conftest import Config, Customers, free_port, run_cli, start_cli
 from tests.test_e2e import everflow_destination
+from tests.test_reliability import _wait_for_metrics
 
 
 def _runs(config: Config, audience: int) -> int:
@@ -251,12 +251,7 @@ def test_a_restarted_daemon_shows_the_pending_changes_the_last_run_left(
         env = {"SYNC_INTERVAL": "1h", "SYNC_METRICS_PORT": str(port)}  # the next run is an hour away
         daemon = start_cli(state_url, "daemon", env=env)
         try:
-            exposed = ""
-            deadline = time.monotonic() + 30
-            while "pending_changes{" not in exposed and time.monotonic() < deadline:
-                with contextlib.suppress(httpx.TransportError):
-                    exposed = httpx.get(f"http://127.0.0.1:{port}/metrics").text
-                time.sleep(0.1)
+            exposed = _wait_for_metrics(port, "pending_changes{")
             assert 'audience_sync_pending_changes{audience="VIP",destination="Everflow"} 3.0' in exposed
             assert _runs(config, audience) == 1  # seeded from the recorded run, not from a new one
         finally:
