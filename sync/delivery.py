@@ -77,6 +77,7 @@ class Sender:
         destination: Destination,
         client: httpx.Client | None = None,
         stopping: threading.Event | None = None,
+        transport: httpx.BaseTransport | None = None,
     ) -> None:
         limits = destination.limits
         self.limits = limits
@@ -93,6 +94,7 @@ class Sender:
             reverse=True,
         )
         self.client = client or httpx.Client(
+            transport=transport,  # None: the network; tests may hand in an in-process emulation
             headers={"Accept-Encoding": "identity"},  # a compressed answer could inflate far past ANSWER_MAX
             timeout=limits.timeout,
             limits=httpx.Limits(

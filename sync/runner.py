@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
+import httpx
 import sqlalchemy as sa
 from rich.progress import Progress
 
@@ -75,9 +76,16 @@ class Runner:
     """Runs audiences against the state database; keeps one Sender per destination for the process."""
 
     def __init__(
-        self, engine: sa.Engine, source: sa.Engine, settings: Settings, now: Callable[[], datetime] = utc_now
+        self,
+        engine: sa.Engine,
+        source: sa.Engine,
+        settings: Settings,
+        now: Callable[[], datetime] = utc_now,
+        *,
+        transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.engine = engine
+        self.transport = transport  # None: the network (httpx.MockTransport in the in-process tests)
         self.source = source
         self.settings = settings
         self.now = now
@@ -502,7 +510,7 @@ class Runner:
             known = self.senders.get(destination.id)
             if known and known[0] == identity:
                 return known[1]
-            sender = Sender(destination, stopping=self.stopping)
+            sender = Sender(destination, stopping=self.stopping, transport=self.transport)
             self.senders[destination.id] = (identity, sender)
             if known:  # another run may still be sending with it: close it with the runner
                 self.retired.append(known[1])
