@@ -50,3 +50,9 @@ class FatalError(DestinationError):
 
 class AuthError(FatalError):
     """The destination refused the request as a whole (credentials, a moved URL): stop it for this run."""
+
+
+def first_line(error: BaseException | None) -> str:
+    """The first line of an error's text (a driver error's own, not SQLAlchemy's wrapping), or its type."""
+    cause = getattr(error, "orig", None) or error
+    return (str(cause).strip().splitlines() or [type(cause).__name__])[0]

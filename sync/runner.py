@@ -5,12 +5,9 @@ The one-shot commands and the daemon both call `Runner.run`.
 
 import json
 import logging
-import os
-import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TextIO
@@ -19,7 +16,7 @@ import httpx
 import sqlalchemy as sa
 from rich.progress import Progress
 
-from sync import metrics, state
+from sync import leases, metrics, state
 from sync.audiences import (
     MAX_USER_ID_BYTES,
     Audience,
@@ -31,13 +28,12 @@ from sync.audiences import (
 from sync.connections import connection_rows, load_connection
 from sync.delivery import INTERRUPTED, Delivery, Sender
 from sync.destinations import Destination, Outcome, rejected
-from sync.errors import ConfigError, SourceError, StateError
+from sync.errors import ConfigError, SourceError, StateError, first_line
 from sync.messages import Change, Connection, build_message
 from sync.settings import Settings
 from sync.tables import audiences, destinations
 
 log = logging.getLogger(__name__)
-LEASE_TTL = 120.0
 MASS_EXIT_MIN = 100
 LEASE_LOST = "stopped: the audience's lease was lost"
 
@@ -89,7 +85,7 @@ class Runner:
         self.source = source
         self.settings = settings
         self.now = now
-        self.owner = f"{socket.gethostname()}:{os.getpid()}"
+        self.owner = leases.this_process()
         self.senders: dict[int, tuple[Any, Sender]] = {}
         self.senders_lock = threading.Lock()
         self.retired: list[Sender] = []
@@ -108,10 +104,9 @@ class Runner:
 
         def release() -> None:
             try:
-                with self.engine.begin() as conn:
-                    state.release_leases(conn, self.owner)
+                leases.release_all(self.engine, self.owner)
             except sa.exc.DBAPIError as exc:  # they expire, or a process on this host takes them over
-                log.error("cannot release the leases: %s", _first_line(exc), extra={"action": "lease_failed"})
+                log.error("cannot release the leases: %s", first_line(exc), extra={"action": "lease_failed"})
 
         releasing = threading.Thread(target=release, name="release-leases", daemon=True)
         releasing.start()
@@ -144,14 +139,14 @@ class Runner:
         """Run one audience under its lease; a state database failure fails this audience only."""
         self._record_deferred()
         try:
-            with self._lease(audience) as (holder, lost):
-                if holder:
-                    message = f"{audience} is being synced by {holder}; try again when it finishes"
-                    log.warning("%s", message, extra={"action": "audience_busy"})
-                    return [Result(audience.name, None, "busy", error=message)]
+            with leases.hold(self.engine, audience.id, self.owner, str(audience)) as lost:
                 return self._run_leased(audience, options, lost)
+        except leases.Busy as busy:
+            message = f"{audience} is being synced by {busy.holder}; try again when it finishes"
+            log.warning("%s", message, extra={"action": "audience_busy"})
+            return [Result(audience.name, None, "busy", error=message)]
         except sa.exc.DBAPIError as exc:  # e.g. lost mid-run, and with it the run's temporary members table
-            message = f"{audience}: the state database failed during the run: {_first_line(exc)}"
+            message = f"{audience}: the state database failed during the run: {first_line(exc)}"
             log.error("%s", message, extra={"action": "state_failed"})
             if not options.dry_run:
                 self._record_audience_run(audience.id, "failed", message)
@@ -186,58 +181,11 @@ class Runner:
             log.error(
                 "cannot record %d run(s) yet (%s); trying again with the next run",
                 len(rows),
-                _first_line(exc),
+                first_line(exc),
                 extra={"action": "record_deferred"},
             )
             with self.unrecorded_lock:
                 self.unrecorded[:0] = rows
-
-    @contextmanager
-    def _lease(self, audience: Audience) -> Iterator[tuple[str | None, threading.Event]]:
-        """Hold the audience's lease for the run: (holder if taken, an event set if the lease was lost)."""
-        lost = threading.Event()
-        with self.engine.begin() as conn:
-            holder = state.acquire_lease(conn, audience.id, self.owner, LEASE_TTL, self.now())
-            if holder and _dead_here(holder):
-                if state.take_over_lease(conn, audience.id, self.owner, holder, LEASE_TTL, self.now()):
-                    log.warning(
-                        "%s: took over the lease of %s, which is no longer running",
-                        audience,
-                        holder,
-                        extra={"action": "lease_taken_over"},
-                    )
-                    holder = None
-        if holder:
-            yield holder, lost
-            return
-        done = threading.Event()
-
-        def renew() -> None:
-            while not done.wait(LEASE_TTL / 4):
-                try:
-                    with self.engine.begin() as conn:
-                        holder = state.acquire_lease(conn, audience.id, self.owner, LEASE_TTL, self.now())
-                except sa.exc.DBAPIError as exc:
-                    holder = f"nobody we can tell (renewing failed: {_first_line(exc)})"
-                if holder:
-                    log.error(
-                        "%s: lease lost to %s; stopping this run",
-                        audience,
-                        holder,
-                        extra={"action": "lease_lost"},
-                    )
-                    lost.set()
-                    return
-
-        heartbeat = threading.Thread(target=renew, name=f"lease-{audience.id}", daemon=True)
-        heartbeat.start()
-        try:
-            yield None, lost
-        finally:
-            done.set()
-            heartbeat.join()
-            with self.engine.begin() as conn:
-                state.release_lease(conn, audience.id, self.owner)
 
     def _run_leased(self, audience: Audience, options: Options, lost: threading.Event) -> list[Result]:
         started = self.now()
@@ -571,22 +519,3 @@ class Runner:
         except sa.exc.OperationalError as exc:
             raise StateError(f"cannot record the run of {audience}: {exc.orig}") from None
         return result
-
-
-def _dead_here(owner: str) -> bool:
-    """Whether a lease owner (`host:pid`) is a process of this host that no longer runs (killed, crashed)."""
-    host, _, pid = owner.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
-def _first_line(error: BaseException) -> str:
-    cause = getattr(error, "orig", None) or error
-    return (str(cause).strip().splitlines() or [type(cause).__name__])[0]

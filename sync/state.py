@@ -11,7 +11,7 @@ import sqlite3
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, NamedTuple
 
 import sqlalchemy as sa
@@ -24,7 +24,6 @@ from sync.tables import (
     audiences,
     destinations,
     sync_connections,
-    sync_leases,
     sync_rejections,
     sync_runs,
     sync_stage,
@@ -399,47 +398,3 @@ def last_run_times(conn: sa.Connection) -> dict[int, datetime]:
     )
     rows = conn.execute(sa.select(audiences.c.id, last_start)).all()
     return {audience_id: started for audience_id, started in rows if started is not None}
-
-
-def acquire_lease(conn: sa.Connection, audience_id: int, owner: str, ttl: float, now: datetime) -> str | None:
-    """Take or renew the audience's lease; returns None on success, else the owner holding it."""
-    statement = upsertable_insert(conn, sync_leases).values(
-        audience_id=audience_id, owner=owner, expires_at=now + timedelta(seconds=ttl)
-    )
-    taken = conn.execute(
-        statement.on_conflict_do_update(
-            index_elements=["audience_id"],
-            set_={"owner": statement.excluded.owner, "expires_at": statement.excluded.expires_at},
-            where=(sync_leases.c.expires_at < now) | (sync_leases.c.owner == owner),
-        ).returning(sync_leases.c.owner)
-    ).first()
-    if taken is not None:
-        return None
-    holder: str | None = conn.scalar(
-        sa.select(sync_leases.c.owner).where(sync_leases.c.audience_id == audience_id)
-    )
-    return holder or "another process"
-
-
-def take_over_lease(
-    conn: sa.Connection, audience_id: int, owner: str, previous: str, ttl: float, now: datetime
-) -> bool:
-    """Take the lease from `previous` (a process known to be dead); False if someone else got it first."""
-    taken = conn.execute(
-        sa.update(sync_leases)
-        .where(sync_leases.c.audience_id == audience_id, sync_leases.c.owner == previous)
-        .values(owner=owner, expires_at=now + timedelta(seconds=ttl))
-        .returning(sync_leases.c.owner)
-    ).first()
-    return taken is not None
-
-
-def release_lease(conn: sa.Connection, audience_id: int, owner: str) -> None:
-    conn.execute(
-        sa.delete(sync_leases).where(sync_leases.c.audience_id == audience_id, sync_leases.c.owner == owner)
-    )
-
-
-def release_leases(conn: sa.Connection, owner: str) -> None:
-    """Every lease `owner` holds: for a process exiting at once."""
-    conn.execute(sa.delete(sync_leases).where(sync_leases.c.owner == owner))

@@ -16,7 +16,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from sync import database, runner
+from sync import database, leases, runner
 from sync.sandbox import EverflowServer, FakeServer, RefersionServer, SegmentServer
 from sync.settings import Settings
 from sync.tables import sync_leases
@@ -279,7 +279,7 @@ def test_a_run_that_loses_its_lease_stops_after_the_page_and_the_next_run_resume
 ) -> None:
     """Another process took the lease (this one stalled past its expiry): the run stops after the page in
     flight, and the changes it did not send are sent once by the next run."""
-    monkeypatch.setattr(runner, "LEASE_TTL", 0.4)  # renewed every 0.1 s
+    monkeypatch.setattr(leases, "TTL", 0.4)  # renewed every 0.1 s
     users = [f"u{i:03d}" for i in range(120)]
     customers.add(*users)
     with SegmentServer(api_key="k", delay=0.05) as segment:  # some 40 a second: 3 s for all
@@ -319,6 +319,45 @@ def test_a_run_that_loses_its_lease_stops_after_the_page_and_the_next_run_resume
             sync.close()
     assert resumed.outcome == "ok"
     assert sorted(Counter(m["userId"] for m in segment.messages).items()) == [(u, 1) for u in users]
+
+
+def test_daemons_whose_clocks_differ_by_minutes_cannot_both_hold_an_audience(
+    engine: sa.Engine, config: Config, customers: Customers
+) -> None:
+    """Lease expiry is the state database's clock: a host 5 minutes behind holds the audience, and a host 5
+    minutes ahead (which by its own clock would find the lease long expired) is told it is busy."""
+    customers.add(*[f"u{i:03d}" for i in range(60)])
+    with SegmentServer(api_key="k", delay=0.05) as segment:
+        config.connect(
+            config.audience("VIP", Customers.QUERY),
+            config.destination(
+                "Segment",
+                "everflow",
+                {"transport": "segment", "endpoint": segment.url, "max_in_flight": 1},
+                api_key="k",
+            ),
+        )
+        behind = runner.Runner(
+            engine, engine, Settings.from_env(), now=lambda: datetime.now(UTC) - timedelta(minutes=5)
+        )
+        ahead = runner.Runner(
+            engine, engine, Settings.from_env(), now=lambda: datetime.now(UTC) + timedelta(minutes=5)
+        )
+        ahead.owner = "other-host:1"  # another host: its lease is not taken over as a dead local process
+        try:
+            with ThreadPoolExecutor(1) as pool:
+                first = pool.submit(behind.run, runner.Options())
+                deadline = time.monotonic() + 30
+                while not segment.messages and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                [second] = ahead.run(runner.Options())
+                [done] = first.result(timeout=60)
+        finally:
+            behind.close()
+            ahead.close()
+    assert second.outcome == "busy"
+    assert done.outcome == "ok"
+    assert sorted(Counter(m["userId"] for m in segment.messages).values()) == [1] * 60
 
 
 @pytest.mark.postgres

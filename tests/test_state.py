@@ -10,11 +10,11 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sync import state
+from sync import leases, state
 from sync.audiences import Audience, Staged, load_audiences, stage_members
 from sync.destinations import Outcome, accepted, rejected
 from sync.messages import Change, Connection
-from sync.tables import sync_rejections, sync_runs, sync_state
+from sync.tables import sync_leases, sync_rejections, sync_runs, sync_state
 from tests.conftest import Config, Customers
 
 NOW = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
@@ -393,29 +393,25 @@ def test_counts(sync: Sync, customers: Customers) -> None:
     assert sync.counts() == {"members": 2, "accepted_members": 3, "entries": 1, "exits": 2}
 
 
-def test_leases(sync: Sync) -> None:
+def test_leases_expire_by_the_database_clock(sync: Sync) -> None:
     audience_id = sync.audience.id
     with sync.engine.begin() as conn:
-        assert state.acquire_lease(conn, audience_id, "host-a:1", 60, now=NOW) is None
-        assert (
-            state.acquire_lease(conn, audience_id, "host-b:2", 60, now=NOW + timedelta(seconds=30))
-            == "host-a:1"
-        )
-        # The owner renews; the other still waits until the renewed lease expires.
-        assert state.acquire_lease(conn, audience_id, "host-a:1", 60, now=NOW + timedelta(seconds=40)) is None
-        assert (
-            state.acquire_lease(conn, audience_id, "host-b:2", 60, now=NOW + timedelta(seconds=90))
-            == "host-a:1"
-        )
-        # Expired: the second owner takes it (a non-UTC `now` is the same instant).
-        later = (NOW + timedelta(seconds=101)).astimezone(timezone(timedelta(hours=5, minutes=30)))
-        assert state.acquire_lease(conn, audience_id, "host-b:2", 60, now=later) is None
-        assert state.acquire_lease(conn, audience_id, "host-a:1", 60, now=later) == "host-b:2"
+        assert leases.acquire(conn, audience_id, "host-a:1", 60) is None
+        assert leases.acquire(conn, audience_id, "host-b:2", 60) == "host-a:1"
+        assert leases.acquire(conn, audience_id, "host-a:1", 60) is None  # the owner renews
+        stored = conn.scalar(sa.select(sync_leases.c.expires_at))
+        # expiry is the database's now + ttl, stored as any other time (aware UTC on both backends)
+        assert stored is not None and stored.tzinfo is not None
+        assert abs((stored - datetime.now(UTC)).total_seconds() - 60) < 30
+        # Expired by the database's clock: the second owner takes it.
+        conn.execute(sa.update(sync_leases).values(expires_at=datetime.now(UTC) - timedelta(seconds=1)))
+        assert leases.acquire(conn, audience_id, "host-b:2", 60) is None
+        assert leases.acquire(conn, audience_id, "host-a:1", 60) == "host-b:2"
 
-        state.release_lease(conn, audience_id, "host-a:1")  # not the holder: no effect
-        assert state.acquire_lease(conn, audience_id, "host-a:1", 60, now=later) == "host-b:2"
-        state.release_lease(conn, audience_id, "host-b:2")
-        assert state.acquire_lease(conn, audience_id, "host-a:1", 60, now=later) is None
+        leases.release(conn, audience_id, "host-a:1")  # not the holder: no effect
+        assert leases.acquire(conn, audience_id, "host-a:1", 60) == "host-b:2"
+        leases.release(conn, audience_id, "host-b:2")
+        assert leases.acquire(conn, audience_id, "host-a:1", 60) is None
 
 
 def test_utc_round_trip(sync: Sync) -> None:
