@@ -28,12 +28,14 @@ import sqlalchemy as sa
 from rich.console import Console
 from rich.table import Table
 
-from sync import database, state
-from sync.audiences import Audience, drop_stage, stage_members
+from sync import database
+from sync.audiences import Audience
 from sync.delivery import Delivery, Sender
 from sync.destinations import Destination, load_destination
+from sync.diff import Diff
 from sync.messages import Change, Connection, build_message
 from sync.sandbox import EverflowServer, Recorded, Response
+from sync.staging import SharedReads, drop_stage, stage_members
 from sync.tables import UTCDateTime, sync_stage, sync_state
 
 POSTGRES_URL = os.environ.get("SYNC_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -135,7 +137,7 @@ def project_pass(engine: sa.Engine, conn: sa.Connection, audience: Audience) -> 
     staged = stage_members(conn, engine, audience, 3600.0)
     conn.commit()
     staged_at = time.perf_counter()
-    diff = state.Diff(state.SharedReads(conn), audience.id, 1)
+    diff = Diff(SharedReads(conn), audience.id, 1)
     entries = sum(len(batch) for batch in diff.batches(True, BATCH))
     exits = sum(len(batch) for batch in diff.batches(False, BATCH))
     diffed_at = time.perf_counter()

@@ -4,12 +4,14 @@ from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 
-from sync.audiences import load_audiences, probe_query, read_back_guard
+from sync.audiences import load_audiences
 from sync.connections import connection_rows, load_connection, type_warning
 from sync.database import describe
 from sync.destinations import load_destination
 from sync.errors import ConfigError, SourceError
 from sync.settings import Settings
+from sync.sources import read_back_guard
+from sync.staging import probe_query
 from sync.tables import destination_columns, destinations
 
 # SQLite keeps whatever a shell writes into a BOOLEAN column; 'yes' or 'true' read as false in SQL

@@ -17,20 +17,15 @@ import sqlalchemy as sa
 from rich.progress import Progress
 
 from sync import leases, metrics, state
-from sync.audiences import (
-    MAX_USER_ID_BYTES,
-    Audience,
-    dropping_stage,
-    load_audiences,
-    stage_members,
-    store_key,
-)
+from sync.audiences import Audience, load_audiences, store_key
 from sync.connections import connection_rows, load_connection
 from sync.delivery import INTERRUPTED, Delivery, Sender
 from sync.destinations import Destination, Outcome, rejected
+from sync.diff import Diff
 from sync.errors import ConfigError, SourceError, StateError, first_line
 from sync.messages import Change, Connection, build_message
 from sync.settings import Settings
+from sync.staging import MAX_USER_ID_BYTES, SharedReads, dropping_stage, stage_members
 from sync.tables import audiences, destinations
 
 log = logging.getLogger(__name__)
@@ -231,7 +226,7 @@ class Runner:
                 "long_user_ids": staged.long_user_ids,
             }
             if options.dry_run:
-                reads = state.SharedReads(conn, keep_transaction=True)
+                reads = SharedReads(conn, keep_transaction=True)
                 results += [
                     self._sync(conn, reads, audience, c, d, base, started, options, lost)
                     for c, d in connections
@@ -239,7 +234,7 @@ class Runner:
                 conn.rollback()
                 return results
             conn.commit()
-            reads = state.SharedReads(conn)
+            reads = SharedReads(conn)
             with ThreadPoolExecutor(len(connections), thread_name_prefix=f"aud{audience.id}") as pool:
                 results += pool.map(
                     lambda cd: self._sync_in_own_connection(
@@ -299,7 +294,7 @@ class Runner:
 
     def _sync_in_own_connection(
         self,
-        reads: state.SharedReads,
+        reads: SharedReads,
         audience: Audience,
         connection: Connection,
         destination: Destination,
@@ -314,7 +309,7 @@ class Runner:
     def _sync(
         self,
         conn: sa.Connection,
-        reads: state.SharedReads,
+        reads: SharedReads,
         audience: Audience,
         connection: Connection,
         destination: Destination,
@@ -326,7 +321,7 @@ class Runner:
         """Deliver one connection's pending changes (read through `reads`), recording them with `conn`."""
         counts = dict(base, entered=0, exited=0, rejected=0, skipped=0, failed=0)
         counts["to_send" if options.dry_run else "accepted"] = 0
-        diff = state.Diff(reads, audience.id, connection.destination_id, resend=options.resend)
+        diff = Diff(reads, audience.id, connection.destination_id, resend=options.resend)
         numbers = diff.counts()
         hold = None
         if numbers.members == 0 and numbers.accepted_members > 0:

@@ -173,7 +173,7 @@ sync_leases = sa.Table(
 
 
 # Per database connection, temporary: the members of the audience being run, one row per user, traits as
-# JSON text. Created by `audiences.stage_members`, not by migrations (hence its own MetaData).
+# JSON text. Created by `staging.stage_members`, not by migrations (hence its own MetaData).
 sync_stage = sa.Table(
     "sync_stage_members",
     sa.MetaData(),
@@ -182,7 +182,7 @@ sync_stage = sa.Table(
 )
 
 # Per database connection, temporary, next to `sync_stage`: each connection's diff of the run (value true:
-# an entry, false: an exit), written once by `state.Diff` and read in pages.
+# an entry, false: an exit), written once by `diff.Diff` and read in pages.
 sync_stage_diff = sa.Table(
     "sync_stage_diff",
     sa.MetaData(),

@@ -8,8 +8,9 @@ import pytest
 import sqlalchemy as sa
 
 from sync import database
-from sync.audiences import Audience, Staged, derive_key, load_audiences, stage_members
+from sync.audiences import Audience, derive_key, load_audiences
 from sync.errors import SourceError
+from sync.staging import Staged, stage_members
 from sync.tables import sync_stage
 from tests.conftest import Config, Customers
 

@@ -23,12 +23,12 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 
 from sync import database
-from sync.audiences import stage_members
 from sync.check import find_problems
 from sync.errors import SourceError
 from sync.messages import traits_json
 from sync.sandbox import SegmentServer
 from sync.settings import Settings
+from sync.staging import stage_members
 from tests.conftest import MARIADB_URL, Config, Customers, run_cli
 from tests.test_audiences import customer_ids, the_audience
 from tests.test_bad_input import clean

@@ -10,10 +10,13 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sync import diff as diff_module
 from sync import leases, state
-from sync.audiences import Audience, Staged, load_audiences, stage_members
+from sync.audiences import Audience, load_audiences
 from sync.destinations import Outcome, accepted, rejected
+from sync.diff import Diff
 from sync.messages import Change, Connection
+from sync.staging import SharedReads, Staged, stage_members
 from sync.tables import sync_leases, sync_rejections, sync_runs, sync_state
 from tests.conftest import Config, Customers
 
@@ -34,15 +37,15 @@ class Sync:
         return stage_members(self.members, self.engine, self.audience, 10.0)
 
     def pending(
-        self, value: bool, after: str = "", limit: int = 1000, diff: state.Diff | None = None
+        self, value: bool, after: str = "", limit: int = 1000, diff: Diff | None = None
     ) -> list[Change]:
         """A page of a run's diff (`diff`, or a new run's)."""
         diff = diff or self.diff()
         return diff.changes(diff.page(value, after=after, limit=limit), value)
 
-    def diff(self, resend: bool = False) -> state.Diff:
+    def diff(self, resend: bool = False) -> Diff:
         """The diff a run computes when it starts."""
-        return state.Diff(state.SharedReads(self.members), self.audience.id, self.destination_id, resend)
+        return Diff(SharedReads(self.members), self.audience.id, self.destination_id, resend)
 
     def all_pending(self, value: bool, limit: int = 1000) -> list[Change]:
         """Every page of one run's diff, keyset by keyset."""
@@ -325,7 +328,7 @@ def test_keyset_paging_returns_every_change_exactly_once(sync: Sync, customers: 
 def test_batches_over_several_pages_hold_every_change_once(
     sync: Sync, customers: Customers, monkeypatch: pytest.MonkeyPatch, page: int, history: bool
 ) -> None:
-    monkeypatch.setattr(state, "PAGE", page)
+    monkeypatch.setattr(diff_module, "PAGE", page)
     customers.add(*USERS)
     if history:  # an exit accepted earlier: not a member now, so no change for it in this run
         sync.record([accepted(Change("zz", False, "{}", 0))])
