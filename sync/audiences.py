@@ -10,8 +10,8 @@ import inflection
 import sqlalchemy as sa
 
 from sync.errors import ConfigError, SourceError, first_line
+from sync.guards import Refused, one_select, read_only
 from sync.settings import Cadence
-from sync.sources import Refused, one_select, read_only
 from sync.tables import audiences, readable_columns
 
 KEY_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")

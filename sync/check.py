@@ -9,8 +9,8 @@ from sync.connections import connection_rows, load_connection, type_warning
 from sync.database import describe
 from sync.destinations import load_destination
 from sync.errors import ConfigError, SourceError
+from sync.guards import read_back_guard
 from sync.settings import Settings
-from sync.sources import read_back_guard
 from sync.staging import probe_query
 from sync.tables import destination_columns, destinations
 

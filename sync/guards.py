@@ -1,4 +1,4 @@
-"""Sources: the read-only guard an audience query runs in, per dialect, and reading that guard back.
+"""Guards: the read-only session an audience query runs in, per source dialect, and reading it back.
 
 Transactions: `read_only` owns the transaction of the connection it guards (commits on success; the
 caller rolls back on failure); `read_back_guard` opens and closes its own connection.
