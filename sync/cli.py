@@ -9,7 +9,7 @@ import queue
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -184,7 +184,8 @@ def _sync(engine: sa.Engine, settings: Settings, args: argparse.Namespace) -> in
         if args.dry_run or not sys.stderr.isatty():
             results = runner.run(options)
         else:
-            with _progress() as runner.progress:
+            with _progress() as bars:
+                options.progress = _bars(bars)
                 results = runner.run(options)
     finally:
         runner.close()
@@ -206,8 +207,7 @@ def _stop_on_signals(runner: "Runner") -> list[int]:
             name = signal.Signals(signum).name
             if received:
                 log.warning("received %s again: exiting now", name, extra={"action": "exiting_now"})
-                if runner.progress is not None:
-                    runner.progress.console.show_cursor(True)
+                Console(stderr=True).show_cursor(True)  # a progress bar hid it (nothing off a terminal)
                 runner.abandon()
                 os._exit(128 + signum)
             received.append(signum)
@@ -257,6 +257,16 @@ def _progress() -> Progress:
         TimeRemainingColumn(),
         console=Console(stderr=True),
     )
+
+
+def _bars(bars: Progress) -> Callable[[str, int], Callable[[int], None]]:
+    """A bar per connection: added when its run starts, advanced as its pages are recorded."""
+
+    def start(label: str, total: int) -> Callable[[int], None]:
+        task = bars.add_task(label, total=total)
+        return lambda n: bars.advance(task, n)
+
+    return start
 
 
 def _check(engine: sa.Engine, settings: Settings) -> int:

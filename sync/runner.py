@@ -1,66 +1,36 @@
-"""One run: evaluate an audience, diff it against each connection's accepted state, deliver the changes.
+"""One run: evaluate each selected audience under its lease, then sync each of its connections.
 
-The one-shot commands and the daemon both call `Runner.run`.
+The one-shot commands and the daemon both call `Runner.run` (the daemon `Runner.run_audience`).
+Transactions: the staging connection is owned here (see `_run_leased`); each connection's run gets a
+connection of its own (`connection_sync`).
 """
 
-import json
 import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any, TextIO
+from datetime import datetime
 
 import httpx
 import sqlalchemy as sa
-from rich.progress import Progress
 
-from sync import leases, metrics, state
+from sync import leases, state
 from sync.audiences import Audience, load_audiences, store_key
+from sync.connection_sync import ConnectionRun, sync_connection
 from sync.connections import connection_rows, load_connection
-from sync.delivery import INTERRUPTED, Delivery, Sender
-from sync.destinations import Destination, Outcome, rejected
-from sync.diff import Diff
-from sync.errors import ConfigError, SourceError, StateError, first_line
-from sync.messages import Change, Connection, build_message
+from sync.destinations import Destination
+from sync.errors import ConfigError, SourceError, first_line
+from sync.messages import Connection
+from sync.runs import Finished, Options, Result, RunLog, RunOutcome, utc_now
+from sync.senders import Senders
 from sync.settings import Settings
-from sync.staging import MAX_USER_ID_BYTES, SharedReads, dropping_stage, stage_members
+from sync.sinks import Delivering, DryRun, Sink
+from sync.staging import MAX_USER_ID_BYTES, SharedReads, Staged, dropping_stage, stage_members
 from sync.tables import audiences, destinations
 
+__all__ = ["Options", "Result", "Runner", "utc_now"]
 log = logging.getLogger(__name__)
-MASS_EXIT_MIN = 100
-LEASE_LOST = "stopped: the audience's lease was lost"
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
-@dataclass
-class Options:
-    audiences: list[str] = field(default_factory=list)  # names; empty means all
-    destinations: list[str] = field(default_factory=list)
-    dry_run: bool = False
-    allow_mass_exit: bool = False
-    initial_only: bool = False  # `initial`: only connections whose initial sync has not completed
-    resend: bool = False
-    out: TextIO | None = None  # where --dry-run writes its JSON lines
-
-
-@dataclass
-class Result:
-    """How one connection (or an audience with no usable connection) fared in a run."""
-
-    audience: str
-    destination: str | None
-    outcome: str  # ok, failed, interrupted, held, invalid, busy
-    counts: dict[str, int] = field(default_factory=dict)
-    error: str | None = None
-
-    @property
-    def good(self) -> bool:
-        return self.outcome == "ok"
+Usable = list[tuple[Connection, Destination]]
 
 
 class Runner:
@@ -76,23 +46,19 @@ class Runner:
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.engine = engine
-        self.transport = transport  # None: the network (httpx.MockTransport in the in-process tests)
         self.source = source
         self.settings = settings
-        self.now = now
         self.owner = leases.this_process()
-        self.senders: dict[int, tuple[Any, Sender]] = {}
-        self.senders_lock = threading.Lock()
-        self.retired: list[Sender] = []
         # set on a signal: take no new work, cut retry waits short, record the page in flight and stop
         self.stopping = threading.Event()
-        self.unrecorded: list[dict[str, Any]] = []  # audience runs the state database could not take yet
-        self.unrecorded_lock = threading.Lock()
-        self.progress: Progress | None = None  # a progress bar per connection, on a terminal
+        self.senders = Senders(self.stopping, transport)
+        self.history = RunLog(engine, now)
+
+    def now(self) -> datetime:
+        return self.history.now()
 
     def close(self) -> None:
-        for sender in [s for _, s in self.senders.values()] + self.retired:
-            sender.close()
+        self.senders.close()
 
     def abandon(self, timeout: float = 5.0) -> None:
         """Release this process's leases before it exits at once (a second signal); bounded by `timeout`."""
@@ -132,126 +98,91 @@ class Runner:
 
     def run_audience(self, audience: Audience, options: Options) -> list[Result]:
         """Run one audience under its lease; a state database failure fails this audience only."""
-        self._record_deferred()
+        self.history.record_deferred()
         try:
             with leases.hold(self.engine, audience.id, self.owner, str(audience)) as lost:
                 return self._run_leased(audience, options, lost)
         except leases.Busy as busy:
             message = f"{audience} is being synced by {busy.holder}; try again when it finishes"
             log.warning("%s", message, extra={"action": "audience_busy"})
-            return [Result(audience.name, None, "busy", error=message)]
+            return [Result(audience.name, None, RunOutcome.BUSY, error=message)]
         except sa.exc.DBAPIError as exc:  # e.g. lost mid-run, and with it the run's temporary members table
             message = f"{audience}: the state database failed during the run: {first_line(exc)}"
             log.error("%s", message, extra={"action": "state_failed"})
             if not options.dry_run:
-                self._record_audience_run(audience.id, "failed", message)
-            return [Result(audience.name, None, "failed", error=message)]
+                self.history.audience_run(audience.id, RunOutcome.FAILED, message)
+            return [Result(audience.name, None, RunOutcome.FAILED, error=message)]
 
     def _invalid_audience(self, audience_id: int, name: str, problem: str, options: Options) -> Result:
         """Log and record an audience whose row is invalid (status shows the reason)."""
         log.error("%s", problem, extra={"action": "audience_invalid"})
         if not options.dry_run:
-            self._record_audience_run(audience_id, "invalid", problem)
-        return Result(name, None, "invalid", error=problem)
-
-    def _record_audience_run(self, audience_id: int, outcome: str, error: str) -> None:
-        """Record a run of the audience as a whole (no destination); if the state database cannot take it
-        now, at the next chance: with the next run's records."""
-        now = self.now()
-        row = {"audience_id": audience_id, "destination_id": None, "started_at": now, "finished_at": now}
-        with self.unrecorded_lock:
-            self.unrecorded.append({**row, "outcome": outcome, "error": error})
-        self._record_deferred()
-
-    def _record_deferred(self) -> None:
-        with self.unrecorded_lock:
-            rows, self.unrecorded = self.unrecorded, []
-        if not rows:
-            return
-        try:
-            with self.engine.begin() as conn:
-                for row in rows:
-                    state.record_run(conn, row)
-        except sa.exc.DBAPIError as exc:
-            log.error(
-                "cannot record %d run(s) yet (%s); trying again with the next run",
-                len(rows),
-                first_line(exc),
-                extra={"action": "record_deferred"},
-            )
-            with self.unrecorded_lock:
-                self.unrecorded[:0] = rows
+            self.history.audience_run(audience_id, RunOutcome.INVALID, problem)
+        return Result(name, None, RunOutcome.INVALID, error=problem)
 
     def _run_leased(self, audience: Audience, options: Options, lost: threading.Event) -> list[Result]:
         started = self.now()
-        results: list[Result] = []
         # This connection holds the run's staged members (a temporary table): the connections' threads
         # read their diff through it and write with connections of their own.
         with self.engine.connect() as conn, dropping_stage(conn):
-            connections, invalid = self._connections(conn, audience, options)
-            results += invalid
-            if not connections:
-                return results
-            if self.stopping.is_set():
+            connections, results = self._connections(conn, audience, options)
+            if not connections or self.stopping.is_set():
                 return results
             try:
                 staged = stage_members(conn, self.source, audience, self.settings.query_timeout)
             except SourceError as exc:
                 conn.rollback()
                 log.error("%s", exc, extra={"action": "query_failed"})
-                for connection, _ in connections:
-                    results.append(
-                        self._finish(audience, connection, started, "failed", {}, str(exc), options)
-                    )
-                return results
+                return results + [
+                    self._query_failed(audience, link, started, str(exc), options) for link, _ in connections
+                ]
             if not options.dry_run:  # a dry run writes nothing (a SQLite write lock would block others)
                 if options.resend:
-                    for connection, _ in connections:
-                        state.forget_connection(conn, audience.id, connection.destination_id)
+                    for link, _ in connections:
+                        state.forget_connection(conn, audience.id, link.destination_id)
                 store_key(conn, audience)
-            log.info(
-                "%s: %d members (%d null user_ids, %d duplicates, %d user_ids over %d bytes)",
-                audience,
-                staged.members,
-                staged.null_user_ids,
-                staged.duplicate_user_ids,
-                staged.long_user_ids,
-                MAX_USER_ID_BYTES,
-                extra={"action": "audience_evaluated"},
-            )
-            base = {
-                "members": staged.members,
-                "null_user_ids": staged.null_user_ids,
-                "duplicate_user_ids": staged.duplicate_user_ids,
-                "long_user_ids": staged.long_user_ids,
-            }
+            base = _staged_counts(audience, staged)
+            runs = [
+                ConnectionRun(audience, link, destination, options, started, base, lost, self.stopping)
+                for link, destination in connections
+            ]
             if options.dry_run:
                 reads = SharedReads(conn, keep_transaction=True)
-                results += [
-                    self._sync(conn, reads, audience, c, d, base, started, options, lost)
-                    for c, d in connections
-                ]
+                results += [sync_connection(run, conn, reads, self._sink(run), self.history) for run in runs]
                 conn.rollback()
                 return results
             conn.commit()
             reads = SharedReads(conn)
-            with ThreadPoolExecutor(len(connections), thread_name_prefix=f"aud{audience.id}") as pool:
-                results += pool.map(
-                    lambda cd: self._sync_in_own_connection(
-                        reads, audience, cd[0], cd[1], base, started, options, lost
-                    ),
-                    connections,
-                )
+            with ThreadPoolExecutor(len(runs), thread_name_prefix=f"aud{audience.id}") as pool:
+                results += pool.map(lambda run: self._sync_in_own_connection(run, reads), runs)
             return results
+
+    def _sync_in_own_connection(self, run: ConnectionRun, reads: SharedReads) -> Result:
+        with self.engine.connect() as conn:
+            return sync_connection(run, conn, reads, self._sink(run), self.history)
+
+    def _sink(self, run: ConnectionRun) -> Sink:
+        if run.options.dry_run:
+            return DryRun(run.options.out, self.now)
+        return Delivering(self.senders.get(run.destination), self.now)
+
+    def _query_failed(
+        self, audience: Audience, link: Connection, started: datetime, error: str, options: Options
+    ) -> Result:
+        """Log and (unless dry) record a connection's run that failed with its audience's query."""
+        result = Result(audience.name, link.destination_name, RunOutcome.FAILED, {}, error)
+        ended = Finished(
+            audience.id, str(audience), link.destination_id, link.destination_name, started, result
+        )
+        return self.history.finish(ended, dry_run=options.dry_run)
 
     def _connections(
         self, conn: sa.Connection, audience: Audience, options: Options
-    ) -> tuple[list[tuple[Connection, Destination]], list[Result]]:
+    ) -> tuple[Usable, list[Result]]:
         """The audience's usable connections, and a result for each invalid one."""
-        rows = connection_rows(conn, audience.id)
-        usable: list[tuple[Connection, Destination]] = []
+        usable: Usable = []
         invalid: list[Result] = []
-        for row in rows:
+        for row in connection_rows(conn, audience.id):
             if options.destinations and row.name not in options.destinations:
                 continue
             if row.enabled is False:  # None: the destination row is missing, which load_connection reports
@@ -263,25 +194,9 @@ class Runner:
                 )
                 continue
             try:
-                connection, destination = load_connection(conn, audience, row, allow_new_key=options.resend)
+                link, destination = load_connection(conn, audience, row, allow_new_key=options.resend)
             except ConfigError as exc:
-                log.error("%s", exc, extra={"action": "connection_invalid"})
-                if row.id is None:  # no destination to record a run for: status shows it by itself
-                    invalid.append(Result(audience.name, None, "invalid", error=str(exc)))
-                    continue
-                invalid.append(
-                    self._finish(
-                        audience,
-                        None,
-                        self.now(),
-                        "invalid",
-                        {},
-                        str(exc),
-                        options,
-                        destination_id=row.id,
-                        destination_name=row.name,
-                    )
-                )
+                invalid.append(self._invalid_connection(audience, row, str(exc), options))
                 continue
             if (
                 options.initial_only
@@ -289,228 +204,35 @@ class Runner:
                 and state.initial_completed(conn, audience.id, row.id)
             ):
                 continue
-            usable.append((connection, destination))
+            usable.append((link, destination))
         return usable, invalid
 
-    def _sync_in_own_connection(
-        self,
-        reads: SharedReads,
-        audience: Audience,
-        connection: Connection,
-        destination: Destination,
-        base: dict[str, int],
-        started: datetime,
-        options: Options,
-        lost: threading.Event,
+    def _invalid_connection(
+        self, audience: Audience, row: sa.Row[object], problem: str, options: Options
     ) -> Result:
-        with self.engine.connect() as conn:
-            return self._sync(conn, reads, audience, connection, destination, base, started, options, lost)
-
-    def _sync(
-        self,
-        conn: sa.Connection,
-        reads: SharedReads,
-        audience: Audience,
-        connection: Connection,
-        destination: Destination,
-        base: dict[str, int],
-        started: datetime,
-        options: Options,
-        lost: threading.Event,
-    ) -> Result:
-        """Deliver one connection's pending changes (read through `reads`), recording them with `conn`."""
-        counts = dict(base, entered=0, exited=0, rejected=0, skipped=0, failed=0)
-        counts["to_send" if options.dry_run else "accepted"] = 0
-        diff = Diff(reads, audience.id, connection.destination_id, resend=options.resend)
-        numbers = diff.counts()
-        hold = None
-        if numbers.members == 0 and numbers.accepted_members > 0:
-            hold = f"the query returned no rows while {numbers.accepted_members} members are accepted"
-        elif numbers.exits > MASS_EXIT_MIN and numbers.exits * 2 > numbers.accepted_members:
-            hold = f"it would send false to {numbers.exits} of {numbers.accepted_members} accepted members"
-        if hold and not options.allow_mass_exit:
-            held = f"held: {hold}; run `audience-sync run --allow-mass-exit` if that is right"
-            log.warning("%s -> %s %s", audience, destination.name, held, extra={"action": "connection_held"})
-            if not options.dry_run:
-                counts["pending"] = numbers.entries + numbers.exits
-            return self._finish(audience, connection, started, "held", counts, held, options, conn=conn)
-        if not options.dry_run:
-            state.begin_connection(conn, audience.id, connection.destination_id, audience.key)
-            conn.commit()
-        delivery = None if options.dry_run else Delivery(self._sender(destination))
-        task = None
-        if self.progress is not None:
-            task = self.progress.add_task(
-                f"{audience.name} -> {destination.name}", total=numbers.entries + numbers.exits
-            )
-        last_failure: str | None = None  # the reason of the last change not accepted, for the run's error
-        error: str | None = None
-        stopped: str | None = None  # why delivery stopped before the end
-
-        def account(outcomes: list[Outcome]) -> None:
-            """Count the outcomes and, unless dry, record them."""
-            nonlocal last_failure
-            for outcome in outcomes:
-                counts[outcome.status] = counts.get(outcome.status, 0) + 1
-                if outcome.status == "failed":
-                    last_failure = outcome.reason
-            if delivery:
-                state.record(conn, audience.id, connection.destination_id, outcomes, self.now())
-                conn.commit()
-
-        try:
-            for value in (True, False):
-                for page in diff.batches(value, destination.limits.max_in_flight):
-                    counts["entered" if value else "exited"] += len(page)
-                    account(self._deliver(connection, destination, page, delivery, options))
-                    if self.progress is not None and task is not None:
-                        self.progress.advance(task, len(page))
-                    stopped = self._stop_reason(delivery, lost)
-                    if stopped:
-                        break
-                if stopped:
-                    break
-        except SourceError as exc:  # a staged row the driver cannot read: the pages before it are recorded
-            error = str(exc)
-        unread = numbers.entries + numbers.exits - counts["entered"] - counts["exited"]
-        if delivery:
-            account(delivery.held())
-            counts["pending"] = counts["failed"] + unread
-        if stopped == INTERRUPTED and not unread and not counts["failed"]:
-            stopped = None  # the signal came with the last page: nothing was cut short
-        if error is None and stopped:
-            pending = counts.get("pending", unread)
-            stay = "1 change stays" if pending == 1 else f"{pending} changes stay"
-            error = f"{stopped}; {stay} pending for the next run"
-        elif error is None and counts["failed"]:
-            failed = "1 change was" if counts["failed"] == 1 else f"{counts['failed']} changes were"
-            error = f"{failed} not accepted and will be sent again on the next run (last: {last_failure})"
-        if not error and not options.dry_run:
-            state.complete_initial(conn, audience.id, connection.destination_id, self.now())
-        ended = "interrupted" if stopped == INTERRUPTED else "failed" if error else "ok"
-        return self._finish(audience, connection, started, ended, counts, error, options, conn=conn)
-
-    def _stop_reason(self, delivery: Delivery | None, lost: threading.Event) -> str | None:
-        """Why a connection's delivery stops after the page just recorded, if it does."""
-        if delivery and delivery.stopped:
-            return delivery.stopped
-        if self.stopping.is_set():
-            return INTERRUPTED
-        return LEASE_LOST if lost.is_set() else None
-
-    def _deliver(
-        self,
-        connection: Connection,
-        destination: Destination,
-        page: list[Change],
-        delivery: Delivery | None,
-        options: Options,
-    ) -> list[Outcome]:
-        now = self.now()
-        messages = {change.user_id: build_message(connection, change, now) for change in page}
-        outcomes: list[Outcome] = []
-        sendable = []
-        for change in page:
-            reason = destination.check(change, messages[change.user_id])
-            if reason:
-                outcomes.append(rejected(change, reason))
-            else:
-                sendable.append(change)
-        done, calls = destination.plan(sendable, messages, connection.event)
-        outcomes += done
-        if delivery is not None:
-            return outcomes + delivery.send_all(calls)
-        if options.out is not None:
-            for outcome in outcomes:
-                self._print_change(
-                    options.out,
-                    destination,
-                    messages[outcome.change.user_id],
-                    {outcome.status: outcome.reason} if outcome.status != "accepted" else {},
-                )
-            for call in calls:
-                for change in call.changes:
-                    self._print_change(
-                        options.out,
-                        destination,
-                        messages[change.user_id],
-                        {} if destination.transport else {"request": call.describe()},
-                    )
-        return [Outcome(o.change, "to_send") if o.status == "accepted" else o for o in outcomes] + [
-            Outcome(c, "to_send") for call in calls for c in call.changes
-        ]
-
-    @staticmethod
-    def _print_change(
-        out: TextIO, destination: Destination, message: dict[str, Any], extra: dict[str, Any]
-    ) -> None:
-        out.write(json.dumps({"destination": destination.name, "message": message, **extra}) + "\n")
-
-    def _sender(self, destination: Destination) -> Sender:
-        """The shared Sender of a destination, rebuilt when its limits or credentials changed."""
-        identity = (destination.limits, tuple(destination.secrets()))
-        with self.senders_lock:
-            known = self.senders.get(destination.id)
-            if known and known[0] == identity:
-                return known[1]
-            sender = Sender(destination, stopping=self.stopping, transport=self.transport)
-            self.senders[destination.id] = (identity, sender)
-            if known:  # another run may still be sending with it: close it with the runner
-                self.retired.append(known[1])
-        return sender
-
-    def _finish(
-        self,
-        audience: Audience,
-        connection: Connection | None,
-        started: datetime,
-        outcome: str,
-        counts: dict[str, int],
-        error: str | None,
-        options: Options,
-        conn: sa.Connection | None = None,
-        destination_id: int | None = None,
-        destination_name: str | None = None,
-    ) -> Result:
-        """Record the run (unless dry) and return its result."""
-        destination_id = connection.destination_id if connection else destination_id
-        destination_name = connection.destination_name if connection else destination_name
-        result = Result(audience.name, destination_name, outcome, counts, error)
-        log.info(
-            "%s -> %s: %s %s",
-            audience,
-            destination_name,
-            outcome,
-            " ".join(f"{k}={v}" for k, v in counts.items()),
-            extra={"action": "run_finished"},
-        )
-        if options.dry_run:
+        log.error("%s", problem, extra={"action": "connection_invalid"})
+        result = Result(audience.name, None, RunOutcome.INVALID, error=problem)
+        if row.id is None:  # no destination to record a run for: status shows it by itself
             return result
-        finished = self.now()
-        metrics.observe_run(
-            audience.name,
-            destination_name,
-            outcome,
-            counts,
-            (finished - started).total_seconds(),
-            finished.timestamp(),
-        )
-        row = {
-            "audience_id": audience.id,
-            "destination_id": destination_id,
-            "started_at": started,
-            "finished_at": finished,
-            "outcome": outcome,
-            "error": error,
-            **counts,
-        }
-        try:
-            if conn is not None:
-                state.record_run(conn, row)
-                conn.commit()
-            else:
-                with self.engine.begin() as own:
-                    state.record_run(own, row)
-        except sa.exc.OperationalError as exc:
-            raise StateError(f"cannot record the run of {audience}: {exc.orig}") from None
-        return result
+        result.destination = row.name
+        ended = Finished(audience.id, str(audience), row.id, row.name, self.now(), result)
+        return self.history.finish(ended, dry_run=options.dry_run)
+
+
+def _staged_counts(audience: Audience, staged: Staged) -> dict[str, int]:
+    log.info(
+        "%s: %d members (%d null user_ids, %d duplicates, %d user_ids over %d bytes)",
+        audience,
+        staged.members,
+        staged.null_user_ids,
+        staged.duplicate_user_ids,
+        staged.long_user_ids,
+        MAX_USER_ID_BYTES,
+        extra={"action": "audience_evaluated"},
+    )
+    return {
+        "members": staged.members,
+        "null_user_ids": staged.null_user_ids,
+        "duplicate_user_ids": staged.duplicate_user_ids,
+        "long_user_ids": staged.long_user_ids,
+    }

@@ -1,0 +1,163 @@
+"""One connection's run: its diff, the mass-exit guard, sending page by page through a Sink while recording
+each page's outcomes, and how the run ended.
+
+Transactions: `sync_connection` commits on the state connection it is given, after each page it records
+(a dry run's sink writes nothing, and nothing is recorded).
+"""
+
+import logging
+import threading
+from dataclasses import dataclass
+from datetime import datetime
+
+import sqlalchemy as sa
+
+from sync import state
+from sync.audiences import Audience
+from sync.delivery import INTERRUPTED
+from sync.destinations import Destination, Outcome
+from sync.diff import Counts, Diff
+from sync.errors import SourceError
+from sync.messages import Connection
+from sync.runs import Finished, Options, Result, RunLog, RunOutcome
+from sync.sinks import Sink
+from sync.staging import SharedReads
+
+log = logging.getLogger(__name__)
+MASS_EXIT_MIN = 100
+LEASE_LOST = "stopped: the audience's lease was lost"
+
+
+@dataclass(frozen=True)
+class ConnectionRun:
+    """What one connection's run works with."""
+
+    audience: Audience
+    link: Connection
+    destination: Destination
+    options: Options
+    started: datetime
+    staged: dict[str, int]  # the audience's staging counts: members, null/duplicate/long user ids
+    lost: threading.Event  # set when the audience's lease was lost
+    stopping: threading.Event  # set on a signal: stop after the page in flight
+
+
+def mass_exit_hold(counts: Counts) -> str | None:
+    """Why the connection's changes look like a broken query rather than real exits, if they do."""
+    if counts.members == 0 and counts.accepted_members > 0:
+        return f"the query returned no rows while {counts.accepted_members} members are accepted"
+    if counts.exits > MASS_EXIT_MIN and counts.exits * 2 > counts.accepted_members:
+        return f"it would send false to {counts.exits} of {counts.accepted_members} accepted members"
+    return None
+
+
+class _Pages:
+    """Sends a connection's diff page by page through the sink, counting and (when the sink writes)
+    recording each page's outcomes before the next."""
+
+    def __init__(self, run: ConnectionRun, conn: sa.Connection, sink: Sink, history: RunLog) -> None:
+        self.run, self.conn, self.sink, self.history = run, conn, sink, history
+        self.counts = dict(run.staged, entered=0, exited=0, rejected=0, skipped=0, failed=0)
+        self.counts["accepted" if sink.writes else "to_send"] = 0
+        self.last_failure: str | None = None  # the reason of the last change not accepted
+
+    def account(self, outcomes: list[Outcome]) -> None:
+        for outcome in outcomes:
+            self.counts[outcome.status] = self.counts.get(outcome.status, 0) + 1
+            if outcome.status == "failed":
+                self.last_failure = outcome.reason
+        if self.sink.writes:
+            ids = (self.run.audience.id, self.run.link.destination_id)
+            state.record(self.conn, *ids, outcomes, self.history.now())
+            self.conn.commit()
+
+    def send_all(self, diff: Diff, total: int) -> str | None:
+        """Entries, then exits; returns why sending stopped early, if it did."""
+        run = self.run
+        progress = run.options.progress
+        advance = progress(f"{run.audience.name} -> {run.destination.name}", total) if progress else None
+        for value in (True, False):
+            for page in diff.batches(value, run.destination.limits.max_in_flight):
+                self.counts["entered" if value else "exited"] += len(page)
+                self.account(self.sink.send(run.link, run.destination, page))
+                if advance is not None:
+                    advance(len(page))
+                stopped = self.stop_reason()
+                if stopped:
+                    return stopped
+        return None
+
+    def finish(self, outcome: RunOutcome, error: str | None) -> Result:
+        """Log and (unless dry) record how the connection's run ended."""
+        run = self.run
+        result = Result(run.audience.name, run.destination.name, outcome, self.counts, error)
+        ended = Finished(
+            run.audience.id,
+            str(run.audience),
+            run.link.destination_id,
+            run.destination.name,
+            run.started,
+            result,
+        )
+        return self.history.finish(ended, dry_run=not self.sink.writes, conn=self.conn)
+
+    def stop_reason(self) -> str | None:
+        if reason := self.sink.stop_reason():
+            return reason
+        if self.run.stopping.is_set():
+            return INTERRUPTED
+        return LEASE_LOST if self.run.lost.is_set() else None
+
+
+def sync_connection(
+    run: ConnectionRun, conn: sa.Connection, reads: SharedReads, sink: Sink, history: RunLog
+) -> Result:
+    """Send one connection's pending changes (read through `reads`), recording them with `conn`."""
+    diff = Diff(reads, run.audience.id, run.link.destination_id, resend=run.options.resend)
+    numbers = diff.counts()
+    pages = _Pages(run, conn, sink, history)
+    hold = mass_exit_hold(numbers)
+    if hold and not run.options.allow_mass_exit:
+        held = f"held: {hold}; run `audience-sync run --allow-mass-exit` if that is right"
+        log.warning(
+            "%s -> %s %s", run.audience, run.destination.name, held, extra={"action": "connection_held"}
+        )
+        if sink.writes:
+            pages.counts["pending"] = numbers.entries + numbers.exits
+        return pages.finish(RunOutcome.HELD, held)
+    if sink.writes:
+        state.begin_connection(conn, run.audience.id, run.link.destination_id, run.audience.key)
+        conn.commit()
+    error: str | None = None
+    try:
+        stopped = pages.send_all(diff, numbers.entries + numbers.exits)
+    except SourceError as exc:  # a staged row the driver cannot read: the pages before it are recorded
+        stopped, error = None, str(exc)
+    counts = pages.counts
+    unread = numbers.entries + numbers.exits - counts["entered"] - counts["exited"]
+    if sink.writes:
+        pages.account(sink.held())
+        counts["pending"] = counts["failed"] + unread
+    if stopped == INTERRUPTED and not unread and not counts["failed"]:
+        stopped = None  # the signal came with the last page: nothing was cut short
+    error = error or _ending_error(stopped, counts, unread, pages.last_failure)
+    if not error and sink.writes:
+        state.complete_initial(conn, run.audience.id, run.link.destination_id, history.now())
+    outcome = (
+        RunOutcome.INTERRUPTED if stopped == INTERRUPTED else RunOutcome.FAILED if error else RunOutcome.OK
+    )
+    return pages.finish(outcome, error)
+
+
+def _ending_error(
+    stopped: str | None, counts: dict[str, int], unread: int, last_failure: str | None
+) -> str | None:
+    """The run's error: why it stopped early, or which changes were not accepted."""
+    if stopped:
+        pending = counts.get("pending", unread)
+        stay = "1 change stays" if pending == 1 else f"{pending} changes stay"
+        return f"{stopped}; {stay} pending for the next run"
+    if counts["failed"]:
+        failed = "1 change was" if counts["failed"] == 1 else f"{counts['failed']} changes were"
+        return f"{failed} not accepted and will be sent again on the next run (last: {last_failure})"
+    return None

@@ -1,0 +1,100 @@
+"""Where a connection's changes go: a destination (`Delivering`) or a dry run's JSON lines (`DryRun`).
+
+Both take a page of changes, build their messages, check them locally, plan the requests and return one
+outcome per change. Neither touches the state database: the connection's run records what they return.
+"""
+
+import json
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any, Protocol, TextIO
+
+from sync.delivery import Delivery, Sender
+from sync.destinations import Call, Destination, Outcome, rejected
+from sync.messages import Change, Connection, build_message
+
+
+class Sink(Protocol):
+    writes: bool  # its outcomes are recorded in the state database (False: a dry run)
+
+    def send(self, link: Connection, destination: Destination, page: list[Change]) -> list[Outcome]: ...
+
+    def held(self) -> list[Outcome]:
+        """Outcomes held back until the end of the connection's run."""
+        ...
+
+    def stop_reason(self) -> str | None:
+        """Why the connection's run stops after the page just sent, if it does."""
+        ...
+
+
+Planned = tuple[dict[str, dict[str, Any]], list[Outcome], list[Call]]
+
+
+def planned(link: Connection, destination: Destination, page: list[Change], now: datetime) -> Planned:
+    """The page's messages by user id, the outcomes known without a request, and the requests to send."""
+    messages = {change.user_id: build_message(link, change, now) for change in page}
+    outcomes: list[Outcome] = []
+    sendable = []
+    for change in page:
+        reason = destination.check(change, messages[change.user_id])
+        if reason:
+            outcomes.append(rejected(change, reason))
+        else:
+            sendable.append(change)
+    done, calls = destination.plan(sendable, messages, link.event)
+    return messages, outcomes + done, calls
+
+
+class Delivering:
+    """Sends each page to the destination through its Sender (one Delivery per connection's run)."""
+
+    writes = True
+
+    def __init__(self, sender: Sender, now: Callable[[], datetime]) -> None:
+        self.delivery = Delivery(sender)
+        self.now = now
+
+    def send(self, link: Connection, destination: Destination, page: list[Change]) -> list[Outcome]:
+        _, outcomes, calls = planned(link, destination, page, self.now())
+        return outcomes + self.delivery.send_all(calls)
+
+    def held(self) -> list[Outcome]:
+        return self.delivery.held()
+
+    def stop_reason(self) -> str | None:
+        return self.delivery.stopped
+
+
+class DryRun:
+    """Writes what would be sent as JSON lines to `out` (if any); every change would be sent: `to_send`."""
+
+    writes = False
+
+    def __init__(self, out: TextIO | None, now: Callable[[], datetime]) -> None:
+        self.out = out
+        self.now = now
+
+    def send(self, link: Connection, destination: Destination, page: list[Change]) -> list[Outcome]:
+        messages, outcomes, calls = planned(link, destination, page, self.now())
+        if self.out is not None:
+            lines = [
+                (messages[o.change.user_id], {o.status: o.reason} if o.status != "accepted" else {})
+                for o in outcomes
+            ] + [
+                (messages[change.user_id], {} if destination.transport else {"request": call.describe()})
+                for call in calls
+                for change in call.changes
+            ]
+            for message, extra in lines:
+                line = {"destination": destination.name, "message": message, **extra}
+                self.out.write(json.dumps(line) + "\n")
+        return [Outcome(o.change, "to_send") if o.status == "accepted" else o for o in outcomes] + [
+            Outcome(c, "to_send") for call in calls for c in call.changes
+        ]
+
+    def held(self) -> list[Outcome]:
+        return []
+
+    def stop_reason(self) -> str | None:
+        return None
