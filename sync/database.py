@@ -113,27 +113,13 @@ def create_engine(
     A `source` engine (SYNC_SOURCE_URL) for DuckDB opens the database file read-only and limits file access to
     its directory; one the source guard cannot make read-only is logged.
     """
-    what = "source URL" if source else "database URL"
-    error: type[SyncError] = ConfigError if source else StateError
-    parsed = _parse(url)
-    if parsed is None and "://" not in url:
-        raise error(f"cannot use {describe(url)}")
-    if parsed is None:
-        raise error(
-            f"cannot use {what} {describe(url)}: it does not parse (a port that is not a number? "
-            "write an `@` in a user name or password as %40)"
-        )
+    what = ("source URL", ConfigError) if source else ("database URL", StateError)
+    parsed = _url(url, what)
     backend = parsed.get_backend_name()
-    options: dict[str, Any] = {"pool_size": POOL_SIZE, "max_overflow": -1}
-    connect_args: dict[str, Any] = {}
-    if backend == "postgresql" and parsed.drivername == "postgresql":
-        parsed = parsed.set(drivername="postgresql+psycopg")
-    if backend in ("mysql", "mariadb") and "+" not in parsed.drivername:
-        parsed = parsed.set(drivername=f"{backend}+pymysql")  # pure Python, installed with us
     in_memory = backend in ("sqlite", "duckdb") and parsed.database in (None, "", ":memory:")
-    if in_memory:
-        options = {}
-    elif backend == "sqlite" and not create and parsed.query.get("uri") != "true":
+    options: dict[str, Any] = {} if in_memory else {"pool_size": POOL_SIZE, "max_overflow": -1}
+    connect_args: dict[str, Any] = {}
+    if backend == "sqlite" and not in_memory and not create and parsed.query.get("uri") != "true":
         uri = {**parsed.query, "mode": "rw", "uri": "true"}  # mode=rw: open the file, never create it
         parsed = parsed.set(database=f"file:{quote(parsed.database or '')}", query=uri)
     elif backend not in ("sqlite", "duckdb"):
@@ -142,38 +128,69 @@ def create_engine(
             connect_args = {k: v for k, v in KEEPALIVES.items() if k not in parsed.query}
     if source and backend == "duckdb" and not in_memory:
         connect_args["read_only"] = True
+    # No pool limit to time out on: the runner's threads bound the connections in use.
+    engine = _engine(url, parsed, what, pool_pre_ping=True, connect_args=connect_args, **options)
+    if engine.dialect.name == "sqlite":
+        sa.event.listen(engine, "connect", _sqlite_pragmas)
+    if source:
+        _guard_source(engine, url, in_memory)
+    return engine
+
+
+def _url(url: str, what: tuple[str, type[SyncError]]) -> sa.URL:
+    """The URL parsed, with the drivers installed with audience-sync where it names none."""
+    parsed = _parse(url)
+    if parsed is None and "://" not in url:
+        raise what[1](f"cannot use {describe(url)}")
+    if parsed is None:
+        raise what[1](
+            f"cannot use {what[0]} {describe(url)}: it does not parse (a port that is not a number? "
+            "write an `@` in a user name or password as %40)"
+        )
+    backend = parsed.get_backend_name()
+    if backend == "postgresql" and parsed.drivername == "postgresql":
+        return parsed.set(drivername="postgresql+psycopg")
+    if backend in ("mysql", "mariadb") and "+" not in parsed.drivername:
+        return parsed.set(drivername=f"{backend}+pymysql")  # pure Python, installed with us
+    return parsed
+
+
+def _engine(url: str, parsed: sa.URL, what: tuple[str, type[SyncError]], **options: Any) -> sa.Engine:
+    """`sa.create_engine`, with a missing dialect or driver answered by the package to install."""
+    name, error = what
     try:
-        # No pool limit to time out on: the runner's threads bound the connections in use.
-        engine = sa.create_engine(parsed, pool_pre_ping=True, connect_args=connect_args, **options)
+        return sa.create_engine(parsed, **options)
     except sa.exc.NoSuchModuleError:
         package = PACKAGES.get(parsed.get_backend_name()) or PACKAGES.get(parsed.get_driver_name())
         install = f"pip install {package}" if package else "install its SQLAlchemy dialect package"
         raise error(
-            f"cannot use {what} {describe(url)}: no SQLAlchemy dialect {parsed.drivername!r} is installed; "
+            f"cannot use {name} {describe(url)}: no SQLAlchemy dialect {parsed.drivername!r} is installed; "
             + install
         ) from None
     except ImportError as exc:
         package = PACKAGES.get(exc.name or "", exc.name or "its driver")
         raise error(
-            f"cannot use {what} {describe(url)}: its driver {exc.name!r} is not installed; "
+            f"cannot use {name} {describe(url)}: its driver {exc.name!r} is not installed; "
             f"pip install {package}"
         ) from None
     except sa.exc.ArgumentError as exc:
-        raise error(f"cannot use {what} {describe(url)}: {exc}") from None
-    if engine.dialect.name == "sqlite":
-        sa.event.listen(engine, "connect", _sqlite_pragmas)
-    if source and engine.dialect.name == "duckdb":
-        directory = Path.cwd() if in_memory else Path(parsed.database or "").resolve().parent
+        raise error(f"cannot use {name} {describe(url)}: {exc}") from None
+
+
+def _guard_source(engine: sa.Engine, url: str, in_memory: bool) -> None:
+    """DuckDB's file access limits; a warning for a source whose queries cannot be made read-only."""
+    name = engine.dialect.name
+    if name == "duckdb":
+        directory = Path.cwd() if in_memory else Path(engine.url.database or "").resolve().parent
         sa.event.listen(engine, "connect", _duckdb_limits(directory))
-    if source and (engine.dialect.name not in READ_ONLY_DIALECTS or (backend == "duckdb" and in_memory)):
+    if name not in READ_ONLY_DIALECTS or (name == "duckdb" and in_memory):
         log.warning(
             "source %s: audience queries cannot be made read-only on %s; each runs in a transaction that is "
             "rolled back (use a role that can only read)",
             describe(url),
-            engine.dialect.name,
+            name,
             extra={"action": "source_not_read_only"},
         )
-    return engine
 
 
 def _duckdb_limits(directory: Path) -> Callable[[Any, Any], None]:
