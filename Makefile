@@ -1,5 +1,5 @@
 # `make run`: install, then a first run: a demo SQLite file of its own synced twice against the sandbox.
-# `make test`: install, lint, type-check, smoke-run the benchmark and run the tests (Postgres at 127.0.0.1:5432, MariaDB at :3306).
+# `make test`: install, lint (ruff, the import layers), type-check, smoke-run the benchmark and run the tests (Postgres at 127.0.0.1:5432, MariaDB at :3306).
 VENV := .venv
 BIN := $(VENV)/bin
 
@@ -17,5 +17,6 @@ test: $(BIN)/audience-sync
 	$(BIN)/ruff check sync tests migrations benchmarks
 	$(BIN)/ruff format --check sync tests migrations benchmarks
 	$(BIN)/mypy
+	$(BIN)/lint-imports  # the layers of docs/architecture.md
 	$(BIN)/python benchmarks/bench.py --smoke --backends sqlite  # only checks that it completes
 	$(BIN)/python -m pytest
