@@ -116,6 +116,8 @@ def sync_connection(
     diff = Diff(reads, run.audience.id, run.link.destination_id, resend=run.options.resend)
     numbers = diff.counts()
     pages = _Pages(run, conn, sink, history)
+    if run.options.baseline and not diff.fresh:
+        return _not_baselined(run, history)
     hold = mass_exit_hold(numbers)
     if hold and not run.options.allow_mass_exit:
         held = f"held: {hold}; run `audience-sync run --allow-mass-exit` if that is right"
@@ -143,10 +145,15 @@ def sync_connection(
     error = error or _ending_error(stopped, counts, unread, pages.last_failure)
     if not error and sink.writes:
         state.complete_initial(conn, run.audience.id, run.link.destination_id, history.now())
-    outcome = (
-        RunOutcome.INTERRUPTED if stopped == INTERRUPTED else RunOutcome.FAILED if error else RunOutcome.OK
-    )
-    return pages.finish(outcome, error)
+    return pages.finish(_outcome(stopped, error, run.options.baseline), error)
+
+
+def _outcome(stopped: str | None, error: str | None, baseline: bool) -> RunOutcome:
+    if stopped == INTERRUPTED:
+        return RunOutcome.INTERRUPTED
+    if error:
+        return RunOutcome.FAILED
+    return RunOutcome.BASELINE if baseline else RunOutcome.OK
 
 
 def _ending_error(
@@ -161,3 +168,18 @@ def _ending_error(
         failed = "1 change was" if counts["failed"] == 1 else f"{counts['failed']} changes were"
         return f"{failed} not accepted and will be sent again on the next run (last: {last_failure})"
     return None
+
+
+def _not_baselined(run: ConnectionRun, history: RunLog) -> Result:
+    """A connection that has sent before (an initial sync cut short) is not baselined: only a run can tell
+    the destination about the members who left since. Nothing is recorded."""
+    error = (
+        f"not baselined: {run.audience} has synced to {run.destination.name!r} before; "
+        "finish its initial sync with `audience-sync initial`"
+    )
+    log.warning("%s", error, extra={"action": "baseline_refused"})
+    result = Result(run.audience.name, run.destination.name, RunOutcome.FAILED, {}, error)
+    ended = Finished(
+        run.audience.id, str(run.audience), run.link.destination_id, run.destination.name, run.started, result
+    )
+    return history.finish(ended, dry_run=True)

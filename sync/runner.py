@@ -24,7 +24,7 @@ from sync.messages import Connection
 from sync.runs import Finished, Options, Result, RunLog, RunOutcome, utc_now
 from sync.senders import Senders
 from sync.settings import Settings
-from sync.sinks import Delivering, DryRun, Sink
+from sync.sinks import Baseline, Delivering, DryRun, Sink
 from sync.staging import MAX_USER_ID_BYTES, SharedReads, Staged, dropping_stage, stage_members
 from sync.tables import audiences, destinations
 
@@ -164,6 +164,8 @@ class Runner:
     def _sink(self, run: ConnectionRun) -> Sink:
         if run.options.dry_run:
             return DryRun(run.options.out, self.now)
+        if run.options.baseline:
+            return Baseline()
         return Delivering(self.senders.get(run.destination), self.now)
 
     def _query_failed(

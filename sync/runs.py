@@ -36,6 +36,7 @@ class RunOutcome(StrEnum):
     HELD = "held"
     INVALID = "invalid"
     BUSY = "busy"  # another process holds the audience's lease: nothing recorded
+    BASELINE = "baseline"  # `initial --baseline`: the members recorded as accepted, nothing sent
 
 
 @dataclass
@@ -46,6 +47,7 @@ class Options:
     allow_mass_exit: bool = False
     initial_only: bool = False  # `initial`: only connections whose initial sync has not completed
     resend: bool = False
+    baseline: bool = False  # record the members as accepted without sending (the destination holds them)
     out: TextIO | None = None  # where --dry-run writes its JSON lines
     progress: Progress | None = None  # a progress bar per connection (the CLI, on a terminal)
 

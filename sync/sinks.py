@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Any, Protocol, TextIO
 
 from sync.delivery import Delivery, Sender
-from sync.destinations import Call, Destination, Outcome, rejected
+from sync.destinations import Call, Destination, Outcome, accepted, rejected
 from sync.messages import Change, Connection, build_message
 
 
@@ -92,6 +92,22 @@ class DryRun:
         return [Outcome(o.change, "to_send") if o.status == "accepted" else o for o in outcomes] + [
             Outcome(c, "to_send") for call in calls for c in call.changes
         ]
+
+    def held(self) -> list[Outcome]:
+        return []
+
+    def stop_reason(self) -> str | None:
+        return None
+
+
+class Baseline:
+    """Records every change as accepted and sends nothing: the destination already holds these members (a
+    move from Segment Engage). The destination's own ids stay unknown until a change needs them."""
+
+    writes = True
+
+    def send(self, link: Connection, destination: Destination, page: list[Change]) -> list[Outcome]:
+        return [accepted(change) for change in page]
 
     def held(self) -> list[Outcome]:
         return []

@@ -1,0 +1,82 @@
+"""`initial --baseline` (issue 16 item 8): a move from Segment Engage records the destinations' current
+members as accepted without sending anything; later runs send only what changed since. Both backends, the
+sandbox's Everflow and Refersion over loopback."""
+
+import sqlalchemy as sa
+
+from sync.runner import Options, Runner
+from sync.sandbox import EverflowServer, RefersionServer
+from sync.settings import Settings
+from tests.conftest import Config, Customers
+from tests.test_e2e import everflow_destination, refersion_destination
+
+
+def _run(engine: sa.Engine, options: Options) -> list[tuple[str | None, str, str | None]]:
+    runner = Runner(engine, engine, Settings.from_env())
+    try:
+        return [(r.destination, r.outcome, r.error) for r in runner.run(options)]
+    finally:
+        runner.close()
+
+
+def _outcomes(engine: sa.Engine) -> list[str]:
+    with engine.connect() as conn:
+        return list(conn.scalars(sa.text("SELECT outcome FROM sync_runs ORDER BY id")))
+
+
+def test_baseline_sends_nothing_and_the_next_run_sends_only_later_changes(
+    engine: sa.Engine, config: Config, customers: Customers
+) -> None:
+    customers.add("u1", "u2", "u3")
+    with EverflowServer() as everflow, RefersionServer() as refersion:
+        # Segment Engage created these affiliates: Refersion already holds the members
+        held = {user: refersion.add_affiliate(f"{user}@example.com") for user in ("u1", "u2", "u3")}
+        audience = config.audience("VIP", Customers.QUERY)
+        config.connect(audience, everflow_destination(config, everflow))
+        config.connect(audience, refersion_destination(config, refersion, on_exit="disable"))
+
+        baselined = _run(engine, Options(initial_only=True, baseline=True))
+
+        assert sorted(baselined) == [("Everflow", "baseline", None), ("Refersion", "baseline", None)]
+        assert everflow.requests == [] and refersion.requests == []
+        assert _outcomes(engine) == ["baseline", "baseline"]
+        assert _run(engine, Options(initial_only=True)) == []  # the initial sync is complete
+
+        customers.move("u1", segment="other")
+        customers.add("u4")
+        changed = _run(engine, Options())
+
+    assert sorted(changed) == [("Everflow", "ok", None), ("Refersion", "ok", None)]
+    assert everflow.accepted == {("tid-u4", "7"): 1, ("tid-u1", "8"): 1}  # u4 entered, u1 exited
+    # u1's affiliate id was never learned: found by email the first time its status changes
+    paths = [(r.path.removeprefix("/v2/affiliate/"), r.json.get("email")) for r in refersion.requests]
+    assert sorted(paths, key=str) == sorted(
+        [("new", "u4@example.com"), ("search", None), ("get", None), ("status_change", None)], key=str
+    )
+    assert refersion.affiliates[held["u1"]]["status"] == "DISABLED"
+    assert [refersion.affiliates[held[u]]["status"] for u in ("u2", "u3")] == ["ACTIVE", "ACTIVE"]
+
+
+def test_a_connection_that_has_sent_before_is_not_baselined(
+    engine: sa.Engine, config: Config, customers: Customers
+) -> None:
+    customers.add("u1", "u2")
+    with EverflowServer() as everflow:
+        audience = config.audience("VIP", Customers.QUERY)
+        destination = everflow_destination(config, everflow)
+        config.connect(audience, destination)
+        config.sql(  # an initial sync cut short after u1
+            "INSERT INTO sync_state (audience_id, destination_id, user_id, member, traits, changes, "
+            "accepted_at) VALUES (:a, :d, 'u1', true, '{}', 1, '2026-11-01 00:00:00.000000')",
+            a=audience,
+            d=destination,
+        )
+        [(name, outcome, error)] = _run(engine, Options(initial_only=True, baseline=True))
+
+    assert (name, outcome) == ("Everflow", "failed")
+    assert error == (
+        "not baselined: audience 'VIP' (id 1) has synced to 'Everflow' before; "
+        "finish its initial sync with `audience-sync initial`"
+    )
+    assert everflow.requests == []
+    assert _outcomes(engine) == []  # nothing recorded
