@@ -20,10 +20,11 @@ from sync import leases, metrics, state
 from sync.audiences import Audience, load_audiences, store_key
 from sync.connections import connection_rows, load_connection
 from sync.delivery import INTERRUPTED, Delivery, Sender
-from sync.destinations import Destination, Outcome, rejected
+from sync.destinations.base import Destination
 from sync.diff import Diff
 from sync.errors import ConfigError, SourceError, StateError, first_line
-from sync.messages import Change, Connection, build_message
+from sync.messages import Connection, build_message
+from sync.models import Change, Outcome, Status, rejected
 from sync.settings import Settings
 from sync.staging import MAX_USER_ID_BYTES, SharedReads, dropping_stage, stage_members
 from sync.tables import audiences, destinations
@@ -320,7 +321,7 @@ class Runner:
     ) -> Result:
         """Deliver one connection's pending changes (read through `reads`), recording them with `conn`."""
         counts = dict(base, entered=0, exited=0, rejected=0, skipped=0, failed=0)
-        counts["to_send" if options.dry_run else "accepted"] = 0
+        counts[Status.TO_SEND if options.dry_run else Status.ACCEPTED] = 0
         diff = Diff(reads, audience.id, connection.destination_id, resend=options.resend)
         numbers = diff.counts()
         hold = None
@@ -352,7 +353,7 @@ class Runner:
             nonlocal last_failure
             for outcome in outcomes:
                 counts[outcome.status] = counts.get(outcome.status, 0) + 1
-                if outcome.status == "failed":
+                if outcome.status == Status.FAILED:
                     last_failure = outcome.reason
             if delivery:
                 state.record(conn, audience.id, connection.destination_id, outcomes, self.now())
@@ -375,15 +376,15 @@ class Runner:
         unread = numbers.entries + numbers.exits - counts["entered"] - counts["exited"]
         if delivery:
             account(delivery.held())
-            counts["pending"] = counts["failed"] + unread
-        if stopped == INTERRUPTED and not unread and not counts["failed"]:
+            counts["pending"] = counts[Status.FAILED] + unread
+        if stopped == INTERRUPTED and not unread and not counts[Status.FAILED]:
             stopped = None  # the signal came with the last page: nothing was cut short
         if error is None and stopped:
             pending = counts.get("pending", unread)
             stay = "1 change stays" if pending == 1 else f"{pending} changes stay"
             error = f"{stopped}; {stay} pending for the next run"
-        elif error is None and counts["failed"]:
-            failed = "1 change was" if counts["failed"] == 1 else f"{counts['failed']} changes were"
+        elif error is None and counts[Status.FAILED]:
+            failed = "1 change was" if counts[Status.FAILED] == 1 else f"{counts[Status.FAILED]} changes were"
             error = f"{failed} not accepted and will be sent again on the next run (last: {last_failure})"
         if not error and not options.dry_run:
             state.complete_initial(conn, audience.id, connection.destination_id, self.now())
@@ -426,7 +427,7 @@ class Runner:
                     options.out,
                     destination,
                     messages[outcome.change.user_id],
-                    {outcome.status: outcome.reason} if outcome.status != "accepted" else {},
+                    {outcome.status: outcome.reason} if outcome.status != Status.ACCEPTED else {},
                 )
             for call in calls:
                 for change in call.changes:
@@ -436,8 +437,8 @@ class Runner:
                         messages[change.user_id],
                         {} if destination.transport else {"request": call.describe()},
                     )
-        return [Outcome(o.change, "to_send") if o.status == "accepted" else o for o in outcomes] + [
-            Outcome(c, "to_send") for call in calls for c in call.changes
+        return [Outcome(o.change, Status.TO_SEND) if o.status == Status.ACCEPTED else o for o in outcomes] + [
+            Outcome(c, Status.TO_SEND) for call in calls for c in call.changes
         ]
 
     @staticmethod
