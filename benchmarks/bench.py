@@ -31,9 +31,11 @@ from rich.table import Table
 from sync import database
 from sync.audiences import Audience
 from sync.delivery import Delivery, Sender
-from sync.destinations import Destination, load_destination
+from sync.destinations import load_destination
+from sync.destinations.base import Destination
 from sync.diff import Diff
-from sync.messages import Change, Connection, build_message
+from sync.messages import Connection, build_message
+from sync.models import Change, Status
 from sync.sandbox import EverflowServer, Recorded, Response
 from sync.staging import SharedReads, drop_stage, stage_members
 from sync.tables import UTCDateTime, sync_stage, sync_state
@@ -283,7 +285,7 @@ def send_project(
         messages = {change.user_id: build_message(connection, change, now) for change in batch}
         sendable = [c for c in batch if destination.check(c, messages[c.user_id]) is None]
         done, calls = destination.plan(sendable, messages, connection.event)
-        accepted += sum(o.status == "accepted" for o in done + delivery.send_all(calls))
+        accepted += sum(o.status == Status.ACCEPTED for o in done + delivery.send_all(calls))
         if time.perf_counter() >= deadline:
             break
     return accepted

@@ -15,10 +15,11 @@ import sqlalchemy as sa
 from sync import state
 from sync.audiences import Audience
 from sync.delivery import INTERRUPTED
-from sync.destinations import Destination, Outcome
+from sync.destinations.base import Destination
 from sync.diff import Counts, Diff
 from sync.errors import SourceError
 from sync.messages import Connection
+from sync.models import Outcome, Status
 from sync.runs import Finished, Options, Result, RunLog, RunOutcome
 from sync.sinks import Sink
 from sync.staging import SharedReads
@@ -58,13 +59,13 @@ class _Pages:
     def __init__(self, run: ConnectionRun, conn: sa.Connection, sink: Sink, history: RunLog) -> None:
         self.run, self.conn, self.sink, self.history = run, conn, sink, history
         self.counts = dict(run.staged, entered=0, exited=0, rejected=0, skipped=0, failed=0)
-        self.counts["accepted" if sink.writes else "to_send"] = 0
+        self.counts[Status.ACCEPTED if sink.writes else Status.TO_SEND] = 0
         self.last_failure: str | None = None  # the reason of the last change not accepted
 
     def account(self, outcomes: list[Outcome]) -> None:
         for outcome in outcomes:
             self.counts[outcome.status] = self.counts.get(outcome.status, 0) + 1
-            if outcome.status == "failed":
+            if outcome.status == Status.FAILED:
                 self.last_failure = outcome.reason
         if self.sink.writes:
             ids = (self.run.audience.id, self.run.link.destination_id)
@@ -139,8 +140,8 @@ def sync_connection(
     unread = numbers.entries + numbers.exits - counts["entered"] - counts["exited"]
     if sink.writes:
         pages.account(sink.held())
-        counts["pending"] = counts["failed"] + unread
-    if stopped == INTERRUPTED and not unread and not counts["failed"]:
+        counts["pending"] = counts[Status.FAILED] + unread
+    if stopped == INTERRUPTED and not unread and not counts[Status.FAILED]:
         stopped = None  # the signal came with the last page: nothing was cut short
     error = error or _ending_error(stopped, counts, unread, pages.last_failure)
     if not error and sink.writes:
@@ -164,8 +165,8 @@ def _ending_error(
         pending = counts.get("pending", unread)
         stay = "1 change stays" if pending == 1 else f"{pending} changes stay"
         return f"{stopped}; {stay} pending for the next run"
-    if counts["failed"]:
-        failed = "1 change was" if counts["failed"] == 1 else f"{counts['failed']} changes were"
+    if counts[Status.FAILED]:
+        failed = "1 change was" if counts[Status.FAILED] == 1 else f"{counts[Status.FAILED]} changes were"
         return f"{failed} not accepted and will be sent again on the next run (last: {last_failure})"
     return None
 

@@ -7,7 +7,8 @@ import sqlalchemy as sa
 
 from sync import state
 from sync.audiences import Audience
-from sync.destinations import Destination, json_object, load_destination
+from sync.destinations import json_object, load_destination
+from sync.destinations.base import Destination
 from sync.errors import ConfigError
 from sync.messages import Connection
 from sync.tables import audience_destinations, destination_columns, destinations

@@ -18,8 +18,10 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from sync.destinations import Call, Destination, Outcome, raise_for_retry_or_auth, rejected
+from sync.destinations.base import Destination
+from sync.destinations.http import Call, raise_for_retry_or_auth
 from sync.errors import AuthError, FatalError, RetriableError
+from sync.models import Outcome, Status, failed, rejected
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_CAP = 60.0
@@ -197,11 +199,11 @@ class Sender:
         try:
             return retrying(self._attempt, call)
         except Interrupted:  # not sent, or not accepted yet: pending
-            return [Outcome(change, "failed", INTERRUPTED) for change in call.changes]
+            return [failed(change, INTERRUPTED) for change in call.changes]
         except RetriableError as exc:
             attempts = f"{self.limits.max_attempts} attempt" + ("s" if self.limits.max_attempts > 1 else "")
             reason = self.scrub(f"gave up after {attempts}: {exc.reason}", call)
-            return [Outcome(change, "failed", reason) for change in call.changes]
+            return [failed(change, reason) for change in call.changes]
         except AuthError as exc:
             raise AuthError(self.scrub(exc.reason, call), exc.status) from None
         except FatalError as exc:
@@ -230,7 +232,7 @@ class Delivery:
         if self.sender.stopping.is_set() and not self.stopped:
             self.stopped = INTERRUPTED
         if self.stopped:
-            return [Outcome(c, "failed", self.stopped) for call in calls for c in call.changes]
+            return [failed(c, self.stopped) for call in calls for c in call.changes]
         futures = [(call, self.sender.pool.submit(self.sender.send, call)) for call in calls]
         batch: list[list[Outcome]] = []
         for call, future in futures:
@@ -238,19 +240,19 @@ class Delivery:
                 results = future.result()
             except AuthError as exc:
                 self.stopped = f"stopped: {exc.reason}"
-                results = [Outcome(c, "failed", self.stopped) for c in call.changes]
+                results = [failed(c, self.stopped) for c in call.changes]
             batch.append(results)
-            self.recent.append(all(o.status == "failed" for o in results))
+            self.recent.append(all(o.status == Status.FAILED for o in results))
         outcomes = self._judge(batch)
         # the calls the stop cut short failed because of it, not the destination: not counted as giving up
         if self.sender.stopping.is_set() and not self.stopped:
             self.stopped = INTERRUPTED
-        failed = sum(self.recent)
-        if not self.stopped and len(self.recent) >= 4 and failed * 2 > len(self.recent):
-            last = next((o.reason for o in reversed(outcomes) if o.status == "failed"), None)
+        failures = sum(self.recent)
+        if not self.stopped and len(self.recent) >= 4 and failures * 2 > len(self.recent):
+            last = next((o.reason for o in reversed(outcomes) if o.status == Status.FAILED), None)
             window = len(self.recent)
             self.stopped = (
-                f"gave up for this run: {failed} of the last {window} requests failed (last: {last})"
+                f"gave up for this run: {failures} of the last {window} requests failed (last: {last})"
             )
         return outcomes
 
@@ -259,9 +261,8 @@ class Delivery:
         from a refusal of the destination's settings; they stay pending rather than rejected."""
         held, self.suspects = self.suspects, []
         return [
-            Outcome(
+            failed(
                 o.change,
-                "failed",
                 f"refused ({o.reason}) while nothing was accepted: kept for the next run, as a refusal of "
                 "the destination's settings cannot be told from one about this user",
             )
@@ -275,7 +276,7 @@ class Delivery:
             return outcomes
         refused = [o for o in outcomes if o.refused]
         reasons = {o.reason for o in refused + self.suspects[:1]}
-        if any(o.status == "accepted" for o in outcomes) or len(reasons) > 1:
+        if any(o.status == Status.ACCEPTED for o in outcomes) or len(reasons) > 1:
             self.trusted = True
             suspects, self.suspects = self.suspects, []
             return suspects + outcomes
@@ -290,4 +291,4 @@ class Delivery:
             "(an endpoint path, a network id, an offer?)"
         )
         suspects, self.suspects = self.suspects, []
-        return others + [Outcome(o.change, "failed", self.stopped) for o in suspects]
+        return others + [failed(o.change, self.stopped) for o in suspects]

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import sqlalchemy as sa
 
 from sync.errors import SourceError
-from sync.messages import Change
+from sync.models import Change
 from sync.staging import SharedReads
 from sync.tables import sync_stage, sync_stage_diff
 

@@ -8,7 +8,8 @@ import sqlalchemy as sa
 from sync.delivery import Sender
 from sync.destinations import load_destination
 from sync.errors import AuthError, ConfigError
-from sync.messages import Change, delete_message
+from sync.messages import delete_message
+from sync.models import Change, Status
 from sync.tables import destination_columns, destinations, sync_rejections, sync_state
 
 
@@ -73,7 +74,7 @@ def _forget_at(row: Any, user_id: str, now: datetime) -> dict[str, Any]:
     finally:
         sender.close()
     outcome = outcomes[0]
-    if outcome.status == "accepted":
+    if outcome.status == Status.ACCEPTED:
         what = "delete message" if destination.transport else "affiliate disabled"
         return {"outcome": "sent", "detail": f"{what} accepted"}
     return {"outcome": "failed", "detail": outcome.reason or outcome.status}

@@ -1,47 +1,17 @@
-"""Changes and the Segment messages that carry them (identify by default, track per connection)."""
+"""The Segment messages that carry changes (identify by default, track per connection)."""
 
 import hashlib
 import json
 import math
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from sync import __version__
 from sync.errors import ConfigError
+from sync.models import Change
 
 TYPES = ("identify", "track")
-# SQLite's json_object writes an infinite number as Inf (3.40) or 9.0e+999 (later versions), which Python
-# would read as a float no message can carry; strings are matched so that they are skipped
-SQLITE_INFINITY = re.compile(r'("(?:[^"\\]|\\.)*")|(-?)(?:Inf\b|(?<![\d.])9\.0e\+999\b)')
-DECODER = json.JSONDecoder(parse_constant=str)  # NaN, Infinity and -Infinity tokens become that text
-
-
-@dataclass(slots=True)  # not frozen, and slots: the diff builds millions, frozen ones take 4x as long
-class Change:
-    """One user's membership change on one connection, as the diff found it (not changed after)."""
-
-    user_id: str
-    value: bool  # True: entered, False: exited
-    traits_text: str  # the traits as stored (JSON): a rejected entry is retried once they change
-    changes: int  # how many changes of this user the destination accepted before
-    remote_id: str | None = (
-        None  # the destination's own id for the user (Refersion: the numeric affiliate id)
-    )
-    remote_active: bool = True  # False once we disabled it (Refersion)
-    remote_code: str | None = None  # another id the destination gave it (Refersion: the affiliate code)
-    _traits: dict[str, Any] | None = field(default=None, repr=False, compare=False)
-
-    @property
-    def traits(self) -> dict[str, Any]:
-        """Current traits for an entry; the traits last sent for an exit (decoded when first used)."""
-        if self._traits is None:
-            text = self.traits_text
-            if "Inf" in text or "e+999" in text:  # rare; the substring tests spare the others the regex
-                text = SQLITE_INFINITY.sub(lambda m: m[1] or f'"{m[2]}Infinity"', text)
-            self._traits = DECODER.decode(text)
-        return self._traits
 
 
 @dataclass(frozen=True)
@@ -76,7 +46,8 @@ class Connection:
 
     def message_id(self, change: Change) -> str:
         """Stable for the same change: every re-send carries it, a later re-entry gets a new one."""
-        seed = f"{self.audience_id}:{self.destination_id}:{change.user_id}:{change.value}:{change.changes}"
+        ids = f"{self.audience_id}:{self.destination_id}:{change.user_id}"
+        seed = f"{ids}:{change.value}:{change.settled_before}"
         return "as-" + hashlib.sha256(seed.encode()).hexdigest()[:40]
 
 

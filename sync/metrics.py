@@ -8,6 +8,7 @@ from wsgiref.simple_server import WSGIRequestHandler, make_server
 from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app
 
 from sync.errors import ConfigError
+from sync.models import Status
 
 RUNS = Counter("audience_sync_runs", "Connection runs by outcome", ["audience", "destination", "outcome"])
 CHANGES = Counter("audience_sync_changes", "Changes by outcome", ["audience", "destination", "outcome"])
@@ -35,7 +36,7 @@ def observe_run(
     destination = destination or ""
     RUNS.labels(audience, destination, outcome).inc()
     DURATION.labels(audience).observe(seconds)
-    for status in ("accepted", "rejected", "skipped", "failed"):
+    for status in (Status.ACCEPTED, Status.REJECTED, Status.SKIPPED, Status.FAILED):
         if counts.get(status):
             CHANGES.labels(audience, destination, status).inc(counts[status])
     if outcome == "ok":

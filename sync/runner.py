@@ -18,7 +18,7 @@ from sync import leases, state
 from sync.audiences import Audience, load_audiences, store_key
 from sync.connection_sync import ConnectionRun, sync_connection
 from sync.connections import connection_rows, load_connection
-from sync.destinations import Destination
+from sync.destinations.base import Destination
 from sync.errors import ConfigError, SourceError, first_line
 from sync.messages import Connection
 from sync.runs import Finished, Options, Result, RunLog, RunOutcome, utc_now

@@ -6,7 +6,7 @@ import threading
 import httpx
 
 from sync.delivery import Sender
-from sync.destinations import Destination
+from sync.destinations.base import Destination
 
 
 class Senders:

@@ -10,8 +10,10 @@ from datetime import datetime
 from typing import Any, Protocol, TextIO
 
 from sync.delivery import Delivery, Sender
-from sync.destinations import Call, Destination, Outcome, accepted, rejected
-from sync.messages import Change, Connection, build_message
+from sync.destinations.base import Destination
+from sync.destinations.http import Call
+from sync.messages import Connection, build_message
+from sync.models import Change, Outcome, Status, accepted, rejected
 
 
 class Sink(Protocol):
@@ -78,8 +80,8 @@ class DryRun:
     def send(self, link: Connection, destination: Destination, page: list[Change]) -> list[Outcome]:
         messages, outcomes, calls = planned(link, destination, page, self.now())
         if self.out is not None:
-            lines = [
-                (messages[o.change.user_id], {o.status: o.reason} if o.status != "accepted" else {})
+            lines: list[tuple[dict[str, Any], dict[str, Any]]] = [
+                (messages[o.change.user_id], {} if o.status == Status.ACCEPTED else {str(o.status): o.reason})
                 for o in outcomes
             ] + [
                 (messages[change.user_id], {} if destination.transport else {"request": call.describe()})
@@ -89,8 +91,8 @@ class DryRun:
             for message, extra in lines:
                 line = {"destination": destination.name, "message": message, **extra}
                 self.out.write(json.dumps(line) + "\n")
-        return [Outcome(o.change, "to_send") if o.status == "accepted" else o for o in outcomes] + [
-            Outcome(c, "to_send") for call in calls for c in call.changes
+        return [Outcome(o.change, Status.TO_SEND) if o.status == Status.ACCEPTED else o for o in outcomes] + [
+            Outcome(c, Status.TO_SEND) for call in calls for c in call.changes
         ]
 
     def held(self) -> list[Outcome]:

@@ -9,7 +9,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from sync.destinations import Outcome
+from sync.models import Outcome, Status
 from sync.tables import (
     UTCDateTime,
     audiences,
@@ -43,17 +43,17 @@ def record(
     rejections: list[dict[str, Any]] = []
     for outcome in outcomes:
         change = outcome.change
-        if outcome.status == "failed" or (outcome.status == "rejected" and change.value):
-            if outcome.status == "rejected":
+        if outcome.status == Status.FAILED or (outcome.status == Status.REJECTED and change.value):
+            if outcome.status == Status.REJECTED:
                 rejections.append(_rejection(ids, outcome, now))
             continue
         states.append(
             {
                 **ids,
                 "user_id": change.user_id,
-                "member": change.value and outcome.status != "rejected",
+                "member": change.value and outcome.status != Status.REJECTED,
                 "traits": change.traits_text,
-                "changes": change.changes + 1,
+                "changes": change.settled_before + 1,
                 "remote_id": outcome.remote_id or change.remote_id,
                 "remote_code": outcome.remote_code or change.remote_code,
                 "remote_active": change.remote_active
@@ -62,7 +62,7 @@ def record(
                 "accepted_at": now,
             }
         )
-        if outcome.status == "rejected":
+        if outcome.status == Status.REJECTED:
             rejections.append(_rejection(ids, outcome, now))
     _upsert(
         conn,
@@ -71,7 +71,7 @@ def record(
         ("member", "traits", "changes", "remote_id", "remote_code", "remote_active", "accepted_at"),
     )
     accepted_entries = [
-        o.change.user_id for o in outcomes if o.change.value and o.status in ("accepted", "skipped")
+        o.change.user_id for o in outcomes if o.change.value and o.status in (Status.ACCEPTED, Status.SKIPPED)
     ]
     if accepted_entries:
         conn.execute(

@@ -23,9 +23,12 @@ import httpx
 import pytest
 
 from sync.delivery import Delivery, RateLimiter, Sender
-from sync.destinations import Call, Destination, Outcome, load_destination, rejected
+from sync.destinations import load_destination
+from sync.destinations.base import Destination
+from sync.destinations.http import Call
 from sync.errors import ConfigError
-from sync.messages import Change, Connection, build_message, traits_json
+from sync.messages import Connection, build_message, traits_json
+from sync.models import Change, Outcome, rejected
 from sync.sandbox import EverflowServer, RefersionServer, SegmentServer
 
 NOW = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)

@@ -6,7 +6,8 @@ from datetime import UTC, datetime
 import pytest
 
 from sync.errors import ConfigError
-from sync.messages import Change, Connection, build_message, traits_json
+from sync.messages import Connection, build_message, traits_json
+from sync.models import Change
 
 NOW = datetime(2026, 11, 22, 10, 0, 0, 123456, tzinfo=UTC)
 TRAITS = {"email": "a@example.com", "first_name": "Ada", "transaction_id": "tid-1"}
@@ -23,8 +24,8 @@ def connection(**settings: str) -> Connection:
     )
 
 
-def change(value: bool = True, changes: int = 0) -> Change:
-    return Change("u123", value, json.dumps(TRAITS), changes)
+def change(value: bool = True, settled_before: int = 0) -> Change:
+    return Change("u123", value, json.dumps(TRAITS), settled_before)
 
 
 def test_identify_message_matches_the_spec() -> None:
@@ -59,10 +60,10 @@ def test_track_message_for_an_exit() -> None:
 
 
 def test_message_id_is_stable_for_a_resend_and_new_for_a_reentry() -> None:
-    first = build_message(connection(), change(changes=0), NOW)["messageId"]
-    assert build_message(connection(), change(changes=0), datetime.now(UTC))["messageId"] == first
-    exit_id = build_message(connection(), change(value=False, changes=1), NOW)["messageId"]
-    reentry = build_message(connection(), change(changes=2), NOW)["messageId"]
+    first = build_message(connection(), change(settled_before=0), NOW)["messageId"]
+    assert build_message(connection(), change(settled_before=0), datetime.now(UTC))["messageId"] == first
+    exit_id = build_message(connection(), change(value=False, settled_before=1), NOW)["messageId"]
+    reentry = build_message(connection(), change(settled_before=2), NOW)["messageId"]
     assert len({first, exit_id, reentry}) == 3
 
 

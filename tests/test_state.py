@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from sync import diff as diff_module
 from sync import leases, state
 from sync.audiences import Audience, load_audiences
-from sync.destinations import Outcome, accepted, rejected
 from sync.diff import Diff
-from sync.messages import Change, Connection
+from sync.messages import Connection
+from sync.models import Change, Outcome, Status, accepted, failed, rejected
 from sync.staging import SharedReads, Staged, stage_members
 from sync.tables import sync_leases, sync_rejections, sync_runs, sync_state
 from tests.conftest import Config, Customers
@@ -139,7 +139,7 @@ def test_first_sync_is_only_entries(sync: Sync, customers: Customers) -> None:
     entries = sync.pending(True)
 
     assert ids(entries) == ["u1", "u2", "u3"]
-    assert all(change.value is True and change.changes == 0 for change in entries)
+    assert all(change.value is True and change.settled_before == 0 for change in entries)
     assert by_user(entries)["u2"].traits == traits_of("u2")
     assert sync.pending(False) == []
 
@@ -152,8 +152,8 @@ def test_record_advances_only_accepted_and_skipped(sync: Sync, customers: Custom
     sync.record(
         [
             accepted(entries["u1"]),
-            Outcome(entries["u2"], "skipped", "no event mapping for 'Audience Entered'"),
-            Outcome(entries["u3"], "failed", "HTTP 503"),
+            Outcome(entries["u2"], Status.SKIPPED, "no event mapping for 'Audience Entered'"),
+            failed(entries["u3"], "HTTP 503"),
         ]
     )
 
@@ -229,7 +229,7 @@ def test_a_failed_exit_stays_pending(sync: Sync, customers: Customers) -> None:
     customers.move("u1", segment="other")
     sync.stage()
 
-    sync.record([Outcome(change, "failed", "timed out") for change in sync.pending(False)])
+    sync.record([failed(change, "timed out") for change in sync.pending(False)])
 
     assert ids(sync.pending(False)) == ["u1"]
     assert sync.accepted_members() == {"u1"}
@@ -257,24 +257,24 @@ def test_changes_count_accepted_changes_for_stable_message_ids(sync: Sync, custo
     customers.add("u1")
     sync.stage()
     [entry] = sync.pending(True)
-    assert entry.changes == 0
+    assert entry.settled_before == 0
 
-    sync.record([Outcome(entry, "failed", "HTTP 503")])
+    sync.record([failed(entry, "HTTP 503")])
     [resend] = sync.pending(True)
-    assert resend.changes == 0
+    assert resend.settled_before == 0
     assert connection.message_id(resend) == connection.message_id(entry)  # a re-send keeps its id
 
     sync.record([accepted(resend)])
     customers.move("u1", segment="other")
     sync.stage()
     [exit_] = sync.pending(False)
-    assert exit_.changes == 1
+    assert exit_.settled_before == 1
     sync.record([accepted(exit_)])
     customers.move("u1", segment="vip")
     sync.stage()
 
     [reentry] = sync.pending(True)
-    assert reentry.changes == 2
+    assert reentry.settled_before == 2
     assert reentry.value == entry.value
     assert connection.message_id(reentry) != connection.message_id(entry)  # a re-entry gets a new one
     assert len({connection.message_id(c) for c in (entry, exit_, reentry)}) == 3
@@ -283,13 +283,13 @@ def test_changes_count_accepted_changes_for_stable_message_ids(sync: Sync, custo
 def test_a_skipped_change_counts_as_a_change(sync: Sync, customers: Customers) -> None:
     customers.add("u1")
     sync.stage()
-    sync.record([Outcome(c, "skipped", "no mapping") for c in sync.pending(True)])
+    sync.record([Outcome(c, Status.SKIPPED, "no mapping") for c in sync.pending(True)])
     customers.move("u1", segment="other")
     sync.stage()
 
     [exit_] = sync.pending(False)
 
-    assert exit_.changes == 1
+    assert exit_.settled_before == 1
 
 
 USERS = [f"u{n:02d}" for n in range(23)]
@@ -370,7 +370,7 @@ def test_remote_ids_reach_exits_and_resends(sync: Sync, customers: Customers) ->
         [accepted(first, remote_id="aff-1"), accepted(second, remote_id="aff-2", remote_active=False)]
     )
     resent = by_user(sync.pending(True, diff=sync.diff(resend=True)))
-    assert [(c.remote_id, c.remote_active, c.changes) for c in resent.values()] == [
+    assert [(c.remote_id, c.remote_active, c.settled_before) for c in resent.values()] == [
         ("aff-1", True, 1),
         ("aff-2", False, 1),
     ]
@@ -378,7 +378,7 @@ def test_remote_ids_reach_exits_and_resends(sync: Sync, customers: Customers) ->
     customers.move("u1", "u2", segment="other")
     sync.stage()
     exits = by_user(sync.all_pending(False))
-    assert [(c.remote_id, c.remote_active, c.changes) for c in exits.values()] == [
+    assert [(c.remote_id, c.remote_active, c.settled_before) for c in exits.values()] == [
         ("aff-1", True, 1),
         ("aff-2", False, 1),
     ]

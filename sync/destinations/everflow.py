@@ -9,9 +9,10 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from sync.destinations import Call, Destination, Outcome, base_url, read_accepting
+from sync.destinations.base import Destination
+from sync.destinations.http import Call, base_url, read_accepting
 from sync.errors import ConfigError
-from sync.messages import Change
+from sync.models import Change, Outcome, Status
 
 # The optional postback parameters a member's traits may fill (Everflow's advertiser postback macros)
 PARAMS = frozenset({"amount", "order_id", "coupon_code", "email", *(f"adv{i}" for i in range(1, 6))})
@@ -84,7 +85,7 @@ class Everflow(Destination):
         for change in changes:
             name = event(change.value)
             if name not in self.event_mapping:
-                skipped.append(Outcome(change, "skipped", f"no event_mapping for {name!r}"))
+                skipped.append(Outcome(change, Status.SKIPPED, f"no event_mapping for {name!r}"))
                 continue
             params = {
                 "nid": self.network_id,

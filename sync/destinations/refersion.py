@@ -3,10 +3,10 @@
 An affiliate has two ids: the code /affiliate/new answers with ("a3y7", kept as `remote_code`) and the
 numeric id /affiliate/status_change takes (kept as `remote_id`), which /affiliate/get resolves from the
 code the first time a status change needs it. A person who already is an affiliate (422, email taken) is
-adopted: found with /affiliate/search by email, resolved, and recorded as ours to disable on exit.
+adopted: found with /affiliate/search by email, resolved, and recorded as ours to disable on exit
+(refersion_lookup.py).
 """
 
-import dataclasses
 import functools
 import secrets
 import string
@@ -17,17 +17,14 @@ import httpx
 import pycountry
 import sqlalchemy as sa
 
-from sync.destinations import Call, Destination, Outcome, accepted, base_url, error_text, rejected
+from sync.destinations import refersion_lookup as lookup
+from sync.destinations.base import Destination
+from sync.destinations.http import Call, base_url, error_text
 from sync.errors import ConfigError, FatalError
-from sync.messages import Change
+from sync.models import Change, Outcome, accepted, failed, rejected
 
 STATUS_CHANGE_MAX_IDS = 50
 SYMBOLS = "!#$%&*+-=?@^_~"
-NO_AFFILIATE = "no Refersion affiliate is known for this user (no affiliate code and no email)"
-
-# What a lookup leads to once it found the affiliate: the change, with its ids now known, becomes a call
-# (the status change) or outcomes (an adoption, accepted as it is).
-Then = Callable[[Change], "list[Outcome] | Call"]
 
 
 def generate_password() -> str:
@@ -159,19 +156,19 @@ class Refersion(Destination):
             unresolved = [c for c in batch if numeric_id(c) is None]
             calls += self._status_changes([c for c in batch if numeric_id(c) is not None], status)
             for change in unresolved:
-                lookup = self._find(change, functools.partial(self._after_lookup, status))
-                if isinstance(lookup, Call):
-                    calls.append(lookup)
+                step = lookup.find(self._call, change, functools.partial(self._after_lookup, status))
+                if isinstance(step, Call):
+                    calls.append(step)
                 else:
-                    done += lookup
+                    done += step
         return done, calls
 
     def forget_native(self, change: Change) -> Call | None:
         """Refersion has no delete endpoint: the affiliate is disabled."""
         if numeric_id(change) is not None:
             return self._status_change("DISABLED", change)
-        lookup = self._find(change, functools.partial(self._status_change, "DISABLED"))
-        return lookup if isinstance(lookup, Call) else None
+        step = lookup.find(self._call, change, functools.partial(self._status_change, "DISABLED"))
+        return step if isinstance(step, Call) else None
 
     def _after_lookup(self, status: str, found: Change) -> list[Outcome] | Call:
         """The status change a lookup found the affiliate for; none to disable one already disabled or
@@ -182,16 +179,7 @@ class Refersion(Destination):
             ]
         return self._status_change(status, found)
 
-    def _find(self, change: Change, then: Then) -> list[Outcome] | Call:
-        """The lookup of the change's numeric affiliate id: by its code, else by its email."""
-        if change.remote_code:
-            return self._get(change, change.remote_code, then)
-        email = change.traits.get("email")
-        if email:
-            return self._search(change, str(email), 1, 0, then)
-        return [rejected(change, NO_AFFILIATE)]
-
-    def _call(self, change: Change, path: str, body: dict[str, Any], read: Any, **extra: Any) -> Call:
+    def _call(self, change: Change, path: str, body: dict[str, Any], read: lookup.Read, **extra: Any) -> Call:
         return Call(
             [change],
             "POST",
@@ -238,17 +226,13 @@ class Refersion(Destination):
                 rejected(change, "Refersion answered 204: a field of the affiliate is invalid", refused=True)
             ]
         if response.status_code == 422 and "taken" in response.text:
-            return self._search(change, str(change.traits.get("email")), 1, 0, self._adopted)
+            return lookup.search(self._call, change, str(change.traits.get("email")), self._adopted)
         if not response.is_success:
             raise FatalError(error_text(response), response.status_code)
-        code = _field(response, "id")
+        code = lookup.field(response, "id")
         # without its code the affiliate could never be disabled: not accepted, sent again next run
         if not isinstance(code, str | int) or isinstance(code, bool) or not str(code):
-            return [
-                Outcome(
-                    change, "failed", f"Refersion answered {response.status_code} without an affiliate code"
-                )
-            ]
+            return [failed(change, f"Refersion answered {response.status_code} without an affiliate code")]
         return [accepted(change, remote_code=str(code), remote_active=True)]
 
     @staticmethod
@@ -261,44 +245,6 @@ class Refersion(Destination):
                 remote_active=found.remote_active,
             )
         ]
-
-    def _search(self, change: Change, email: str, page: int, seen: int, then: Then) -> Call:
-        """Page through /affiliate/search for the affiliate whose email is exactly `email` (any case)."""
-
-        def read(call: Call, response: httpx.Response) -> list[Outcome] | Call:
-            if response.status_code == 204 or not response.is_success:  # 204: an invalid field
-                raise FatalError(
-                    f"searching the affiliate by email: {error_text(response)}", response.status_code
-                )
-            results, total = _field(response, "results"), _field(response, "total")
-            total = int(total) if isinstance(total, str) and total.isdigit() else total
-            if not isinstance(results, list):
-                return [Outcome(change, "failed", "Refersion's search answered without results")]
-            for result in results:
-                if isinstance(result, dict) and str(result.get("email", "")).casefold() == email.casefold():
-                    return self._get(change, str(result.get("id")), then)
-            if results and isinstance(total, int) and seen + len(results) < total:
-                return self._search(change, email, page + 1, seen + len(results), then)
-            return [rejected(change, f"no Refersion affiliate has exactly the email {email!r}")]
-
-        return self._call(change, "search", {"keyword": email, "page": str(page)}, read)
-
-    def _get(self, change: Change, code: str, then: Then) -> Call:
-        """/affiliate/get by code: the numeric id, then `then` with the change knowing both."""
-
-        def read(call: Call, response: httpx.Response) -> list[Outcome] | Call:
-            if response.status_code == 204 or not response.is_success:  # 204: an invalid field
-                raise FatalError(f"looking up affiliate {code}: {error_text(response)}", response.status_code)
-            found = _field(response, "id")
-            if isinstance(found, bool) or not str(found).isdigit():  # not the documented answer: try again
-                return [Outcome(change, "failed", f"Refersion's get of affiliate {code} gave no numeric id")]
-            # one DISABLED or DENIED by someone else is not ours to change (adoption): its exit sends nothing
-            active = _field(response, "status") not in ("DISABLED", "DENIED")
-            return then(
-                dataclasses.replace(change, remote_id=str(found), remote_code=code, remote_active=active)
-            )
-
-        return self._call(change, "get", {"affiliate_code": code}, read)
 
     def _status_change(self, status: str, change: Change) -> Call:
         return self._status_changes([change], status)[0]
@@ -322,15 +268,6 @@ class Refersion(Destination):
         return super().secrets() + [v for v in getattr(self, "headers", {}).values()]
 
 
-def _field(response: httpx.Response, name: str) -> Any:
-    """A field of a JSON object answer; None when the answer is not one."""
-    try:
-        body = response.json()
-    except ValueError:
-        return None
-    return body.get(name) if isinstance(body, dict) else None
-
-
 def _read_status_change(call: Call, response: httpx.Response) -> list[Outcome]:
     if response.status_code == 204:  # an invalid field: the same request would be refused again
         return [
@@ -339,12 +276,12 @@ def _read_status_change(call: Call, response: httpx.Response) -> list[Outcome]:
         ]
     if not response.is_success:
         raise FatalError(error_text(response), response.status_code)
-    ids = _field(response, "ids_changed")
+    ids = lookup.field(response, "ids_changed")
     changed = {str(i) for i in ids} if isinstance(ids, list) else set()
     active = call.json["status"] == "ACTIVE"
     return [
         accepted(c, remote_active=active)
         if c.remote_id in changed
-        else Outcome(c, "failed", "Refersion did not change this affiliate's status (ids_not_changed)")
+        else failed(c, "Refersion did not change this affiliate's status (ids_not_changed)")
         for c in call.changes
     ]

@@ -1,0 +1,32 @@
+"""The Segment transport: the Segment message itself, sent as Segment delivers to partner destinations."""
+
+import base64
+import json
+from typing import Any
+
+from sync.destinations.http import Call, base_url, read_accepting
+from sync.errors import ConfigError
+from sync.models import Change
+
+
+class SegmentTransport:
+    """POSTs each message to `settings.endpoint` with the key as Basic auth and the other settings in
+    X-Segment-Settings (REFERENCE.md, Segment Engage: partner destinations)."""
+
+    def __init__(self, where: str, settings: dict[str, Any], api_key: str | None) -> None:
+        self.endpoint = base_url(settings.get("endpoint"), f"{where}: settings.endpoint")
+        if not api_key:
+            raise ConfigError(f"{where}: the Segment transport needs an API key")
+        forwarded = {k: v for k, v in settings.items() if k not in ("transport", "endpoint")}
+        self.token = base64.b64encode(f"{api_key}:".encode()).decode()
+        self.headers = {
+            "Authorization": f"Basic {self.token}",
+            "Content-Type": "application/json",
+            "X-Segment-Settings": base64.b64encode(json.dumps(forwarded).encode()).decode(),
+        }
+
+    def plan(self, changes: list[Change], messages: dict[str, dict[str, Any]]) -> list[Call]:
+        return [
+            Call([c], "POST", self.endpoint, read_accepting, json=messages[c.user_id], headers=self.headers)
+            for c in changes
+        ]
