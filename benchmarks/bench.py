@@ -30,11 +30,12 @@ from rich.table import Table
 
 from sync import database
 from sync.audiences import Audience
+from sync.connections import Link
 from sync.delivery import Delivery, Sender
 from sync.destinations import load_destination
 from sync.destinations.base import Destination
 from sync.diff import Diff
-from sync.messages import Connection, build_message
+from sync.messages import build_message
 from sync.models import Change, Status
 from sync.sandbox import EverflowServer, Recorded, Response
 from sync.staging import SharedReads, drop_stage, stage_members
@@ -276,7 +277,7 @@ def send_project(
     destination: Destination, sender: Sender, work: Iterable[list[Change]], seconds: float
 ) -> int:
     """The runner's delivery of batches: messages, local checks, plan, Delivery.send_all; returns accepted."""
-    connection = Connection(1, "bench", destination.id, destination.name)
+    connection = Link(1, "bench", destination.id, destination.name)
     delivery = Delivery(sender)
     deadline = time.perf_counter() + seconds
     accepted = 0

@@ -14,11 +14,11 @@ import sqlalchemy as sa
 
 from sync import state
 from sync.audiences import Audience
+from sync.connections import Link
 from sync.delivery import INTERRUPTED
 from sync.destinations.base import Destination
 from sync.diff import Counts, Diff
 from sync.errors import SourceError
-from sync.messages import Connection
 from sync.models import Outcome, Status
 from sync.runs import Finished, Options, Result, RunLog, RunOutcome
 from sync.sinks import Sink
@@ -34,7 +34,7 @@ class ConnectionRun:
     """What one connection's run works with."""
 
     audience: Audience
-    link: Connection
+    link: Link
     destination: Destination
     options: Options
     started: datetime

@@ -1,6 +1,9 @@
-"""Connections: the `audience_destinations` rows of an audience, validated with their destinations."""
+"""Connections: the `audience_destinations` rows of an audience, validated with their destinations into
+`Link`s (an audience linked to a destination, with its settings)."""
 
 import dataclasses
+import hashlib
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
@@ -10,8 +13,45 @@ from sync.audiences import Audience
 from sync.destinations import json_object, load_destination
 from sync.destinations.base import Destination
 from sync.errors import ConfigError
-from sync.messages import Connection
+from sync.models import Change
 from sync.tables import audience_destinations, destination_columns, destinations
+
+TYPES = ("identify", "track")
+
+
+@dataclass(frozen=True)
+class Link:
+    """An audience linked to a destination, with its validated `audience_destinations.settings`."""
+
+    audience_id: int
+    audience_key: str
+    destination_id: int
+    destination_name: str
+    type: str = "identify"
+    entered_event: str = "Audience Entered"
+    exited_event: str = "Audience Exited"
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any], where: str, **ids: Any) -> "Link":
+        unknown = set(settings) - {"type", "entered_event", "exited_event"}
+        if unknown:
+            raise ConfigError(f"{where}: settings has unknown field(s) {', '.join(sorted(unknown))}")
+        link = cls(**ids, **settings)
+        if link.type not in TYPES:
+            raise ConfigError(f"{where}: settings.type must be 'identify' or 'track', not {link.type!r}")
+        for name in ("entered_event", "exited_event"):
+            if not isinstance(getattr(link, name), str) or not getattr(link, name):
+                raise ConfigError(f"{where}: settings.{name} must be a non-empty text")
+        return link
+
+    def event(self, value: bool) -> str:
+        return self.entered_event if value else self.exited_event
+
+    def message_id(self, change: Change) -> str:
+        """Stable for the same change: every re-send carries it, a later re-entry gets a new one."""
+        ids = f"{self.audience_id}:{self.destination_id}:{change.user_id}"
+        seed = f"{ids}:{change.value}:{change.settled_before}"
+        return "as-" + hashlib.sha256(seed.encode()).hexdigest()[:40]
 
 
 def connection_rows(conn: sa.Connection, audience_id: int) -> list[sa.Row[Any]]:
@@ -58,13 +98,13 @@ def type_warning(audience: Audience, row: sa.Row[Any], destination: Destination)
 
 def load_connection(
     conn: sa.Connection, audience: Audience, row: sa.Row[Any], allow_new_key: bool = False
-) -> tuple[Connection, Destination]:
+) -> tuple[Link, Destination]:
     """Validate one connection row and its destination; raises ConfigError naming the row and field."""
     if row.id is None:
         raise ConfigError(missing_destination(audience.name, row.destination_id))
     destination = load_destination(row, row.settings_text)
     where = connection_where(audience, row)
-    connection = Connection.from_settings(
+    link = Link.from_settings(
         json_object(row.connection_settings, f"{where}: settings"),
         where,
         audience_id=audience.id,
@@ -73,11 +113,11 @@ def load_connection(
         destination_name=row.name,
     )
     if destination.transport is not None:  # the kind's Segment destination takes one message type
-        connection = dataclasses.replace(connection, type=destination.segment_type)
+        link = dataclasses.replace(link, type=destination.segment_type)
     synced = state.synced_key(conn, audience.id, row.id)
     if synced is not None and synced != audience.key and not allow_new_key:
         raise ConfigError(
             f"{audience}: key changed from {synced!r} to {audience.key!r} after syncing to "
             f"{row.name!r}; set audiences.key back to {synced!r} (a new key orphans the trait)"
         )
-    return connection, destination
+    return link, destination

@@ -17,10 +17,9 @@ import sqlalchemy as sa
 from sync import leases, state
 from sync.audiences import Audience, load_audiences, store_key
 from sync.connection_sync import ConnectionRun, sync_connection
-from sync.connections import connection_rows, load_connection
+from sync.connections import Link, connection_rows, load_connection
 from sync.destinations.base import Destination
 from sync.errors import ConfigError, SourceError, first_line
-from sync.messages import Connection
 from sync.runs import Finished, Options, Result, RunLog, RunOutcome, utc_now
 from sync.senders import Senders
 from sync.settings import Settings
@@ -30,7 +29,7 @@ from sync.tables import audiences, destinations
 
 __all__ = ["Options", "Result", "Runner", "utc_now"]
 log = logging.getLogger(__name__)
-Usable = list[tuple[Connection, Destination]]
+Usable = list[tuple[Link, Destination]]
 
 
 class Runner:
@@ -169,7 +168,7 @@ class Runner:
         return Delivering(self.senders.get(run.destination), self.now)
 
     def _query_failed(
-        self, audience: Audience, link: Connection, started: datetime, error: str, options: Options
+        self, audience: Audience, link: Link, started: datetime, error: str, options: Options
     ) -> Result:
         """Log and (unless dry) record a connection's run that failed with its audience's query."""
         result = Result(audience.name, link.destination_name, RunOutcome.FAILED, {}, error)

@@ -9,17 +9,18 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Protocol, TextIO
 
+from sync.connections import Link
 from sync.delivery import Delivery, Sender
 from sync.destinations.base import Destination
 from sync.destinations.http import Call
-from sync.messages import Connection, build_message
+from sync.messages import build_message
 from sync.models import Change, Outcome, Status, accepted, rejected
 
 
 class Sink(Protocol):
     writes: bool  # its outcomes are recorded in the state database (False: a dry run)
 
-    def send(self, link: Connection, destination: Destination, page: list[Change]) -> list[Outcome]: ...
+    def send(self, link: Link, destination: Destination, page: list[Change]) -> list[Outcome]: ...
 
     def held(self) -> list[Outcome]:
         """Outcomes held back until the end of the connection's run."""
@@ -33,7 +34,7 @@ class Sink(Protocol):
 Planned = tuple[dict[str, dict[str, Any]], list[Outcome], list[Call]]
 
 
-def planned(link: Connection, destination: Destination, page: list[Change], now: datetime) -> Planned:
+def planned(link: Link, destination: Destination, page: list[Change], now: datetime) -> Planned:
     """The page's messages by user id, the outcomes known without a request, and the requests to send."""
     messages = {change.user_id: build_message(link, change, now) for change in page}
     outcomes: list[Outcome] = []
@@ -57,7 +58,7 @@ class Delivering:
         self.delivery = Delivery(sender)
         self.now = now
 
-    def send(self, link: Connection, destination: Destination, page: list[Change]) -> list[Outcome]:
+    def send(self, link: Link, destination: Destination, page: list[Change]) -> list[Outcome]:
         _, outcomes, calls = planned(link, destination, page, self.now())
         return outcomes + self.delivery.send_all(calls)
 
@@ -77,7 +78,7 @@ class DryRun:
         self.out = out
         self.now = now
 
-    def send(self, link: Connection, destination: Destination, page: list[Change]) -> list[Outcome]:
+    def send(self, link: Link, destination: Destination, page: list[Change]) -> list[Outcome]:
         messages, outcomes, calls = planned(link, destination, page, self.now())
         if self.out is not None:
             lines: list[tuple[dict[str, Any], dict[str, Any]]] = [
@@ -108,7 +109,7 @@ class Baseline:
 
     writes = True
 
-    def send(self, link: Connection, destination: Destination, page: list[Change]) -> list[Outcome]:
+    def send(self, link: Link, destination: Destination, page: list[Change]) -> list[Outcome]:
         return [accepted(change) for change in page]
 
     def held(self) -> list[Outcome]:

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from sync.audiences import Audience, escaped, over_query, query_failures, require_user_id, wrapped
 from sync.errors import SourceError
 from sync.guards import one_select, read_only
-from sync.messages import traits_json
+from sync.models import traits_json
 from sync.tables import sync_stage, sync_stage_diff
 
 STAGE_CHUNK = 5000

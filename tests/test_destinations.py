@@ -22,19 +22,18 @@ from typing import Any
 import httpx
 import pytest
 
+from sync.connections import Link
 from sync.delivery import Delivery, RateLimiter, Sender
 from sync.destinations import load_destination
 from sync.destinations.base import Destination
 from sync.destinations.http import Call
 from sync.errors import ConfigError
-from sync.messages import Connection, build_message, traits_json
-from sync.models import Change, Outcome, rejected
+from sync.messages import build_message
+from sync.models import Change, Outcome, rejected, traits_json
 from sync.sandbox import EverflowServer, RefersionServer, SegmentServer
 
 NOW = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
-CONNECTION = Connection(
-    audience_id=7, audience_key="vip_customers", destination_id=1, destination_name="Partner"
-)
+CONNECTION = Link(audience_id=7, audience_key="vip_customers", destination_id=1, destination_name="Partner")
 EVENTS = {"Audience Entered": 11, "Audience Exited": 0}  # id 0 is Everflow's base conversion
 FAST = {"backoff_initial": 0.01, "backoff_max": 0.05, "max_attempts": 3, "timeout": 5, "rate_limit": 1000}
 PASSWORD_RULES = [r"[A-Z]", r"[a-z]", r"[0-9]", r"[^A-Za-z0-9]"]
@@ -92,7 +91,7 @@ def segment(server: SegmentServer, kind: str = "everflow", **settings: Any) -> D
 
 
 def prepare(
-    dest: Destination, changes: list[Change], connection: Connection = CONNECTION
+    dest: Destination, changes: list[Change], connection: Link = CONNECTION
 ) -> tuple[list[Outcome], list[Call], dict[str, dict[str, Any]]]:
     """What the runner does before sending: build the messages, check each change, plan the rest."""
     messages = {c.user_id: build_message(connection, c, NOW) for c in changes}
@@ -115,7 +114,7 @@ def by_user(outcomes: list[Outcome]) -> dict[str, Outcome]:
 
 
 def send(
-    dest: Destination, delivery: Delivery, changes: list[Change], connection: Connection = CONNECTION
+    dest: Destination, delivery: Delivery, changes: list[Change], connection: Link = CONNECTION
 ) -> dict[str, Outcome]:
     done, calls, _ = prepare(dest, changes, connection)
     return by_user(done + deliver(delivery, calls))
@@ -184,7 +183,7 @@ def test_everflow_postbacks(make_delivery: MakeDelivery) -> None:
 def test_everflow_without_token_sends_none_and_uses_connection_event_names(
     make_delivery: MakeDelivery,
 ) -> None:
-    connection = Connection(7, "vip_customers", 1, "Partner", entered_event="Joined VIP")
+    connection = Link(7, "vip_customers", 1, "Partner", entered_event="Joined VIP")
     with EverflowServer() as server:
         dest = everflow(server, event_mapping={"Joined VIP": "5"})
         outcomes = send(dest, make_delivery(dest), [member("u1")], connection)

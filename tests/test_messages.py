@@ -5,16 +5,17 @@ from datetime import UTC, datetime
 
 import pytest
 
+from sync.connections import Link
 from sync.errors import ConfigError
-from sync.messages import Connection, build_message, traits_json
-from sync.models import Change
+from sync.messages import build_message
+from sync.models import Change, traits_json
 
 NOW = datetime(2026, 11, 22, 10, 0, 0, 123456, tzinfo=UTC)
 TRAITS = {"email": "a@example.com", "first_name": "Ada", "transaction_id": "tid-1"}
 
 
-def connection(**settings: str) -> Connection:
-    return Connection.from_settings(
+def connection(**settings: str) -> Link:
+    return Link.from_settings(
         settings,
         "row",
         audience_id=7,

@@ -25,7 +25,7 @@ from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 from sync import database
 from sync.check import find_problems
 from sync.errors import SourceError
-from sync.messages import traits_json
+from sync.models import traits_json
 from sync.sandbox import SegmentServer
 from sync.settings import Settings
 from sync.staging import stage_members

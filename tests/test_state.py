@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from sync import diff as diff_module
 from sync import leases, state
 from sync.audiences import Audience, load_audiences
+from sync.connections import Link
 from sync.diff import Diff
-from sync.messages import Connection
 from sync.models import Change, Outcome, Status, accepted, failed, rejected
 from sync.staging import SharedReads, Staged, stage_members
 from sync.tables import sync_leases, sync_rejections, sync_runs, sync_state
@@ -94,8 +94,8 @@ class Sync:
     def counts(self) -> dict[str, int]:
         return self.diff().counts()._asdict()
 
-    def connection(self) -> Connection:
-        return Connection(self.audience.id, self.audience.key, self.destination_id, "Everflow")
+    def connection(self) -> Link:
+        return Link(self.audience.id, self.audience.key, self.destination_id, "Everflow")
 
 
 @pytest.fixture
