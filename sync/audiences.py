@@ -109,7 +109,8 @@ def is_member(source: sa.Engine, audience: Audience, user_id: str, timeout: floa
 
 @contextmanager
 def query_failures(audience: Audience) -> Iterator[None]:
-    """Turn the database's refusal of an audience query into a SourceError naming the audience."""
+    """Turn the database's refusal of an audience query into a SourceError naming the audience. Not chained:
+    the statement's parameters (a staged chunk) hold members' data, which a traceback would print."""
     try:
         yield
     except sa.exc.StatementError as exc:

@@ -139,9 +139,9 @@ def _interrupting(raw: Any, timeout: float) -> Iterator[None]:
     timer.start()
     try:
         yield
-    except Exception:
+    except Exception as exc:
         if fired:
-            raise Refused("timed out (SYNC_QUERY_TIMEOUT)") from None
+            raise Refused("timed out (SYNC_QUERY_TIMEOUT)") from exc
         raise
     finally:
         with lock:

@@ -125,7 +125,7 @@ class RunLog:
                 with self.engine.begin() as own:
                     state.record_run(own, row)
         except sa.exc.OperationalError as exc:
-            raise StateError(f"cannot record the run of {run.label}: {exc.orig}") from None
+            raise StateError(f"cannot record the run of {run.label}: {exc.orig}") from exc
         return result
 
     def audience_run(self, audience_id: int, outcome: RunOutcome, error: str) -> None:
