@@ -4,8 +4,6 @@ from datetime import timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from rich.console import Console
-from rich.table import Table
 
 from sync.connections import missing_destination
 from sync.settings import Cadence, Settings
@@ -103,40 +101,3 @@ def _cadence(schedule: str | None, settings: Settings) -> Cadence:
         return Cadence.parse(schedule, "schedule") if schedule else settings.interval
     except Exception:
         return settings.interval
-
-
-def render(rows: list[dict[str, Any]]) -> None:
-    table = Table(title="audience-sync connections")
-    for column in (
-        "audience",
-        "destination",
-        "members",
-        "accepted",
-        "rejected",
-        "last run",
-        "next run",
-        "error",
-    ):
-        table.add_column(column)
-    for row in rows:
-        run = row["last_run"]
-        last = (
-            "never"
-            if run is None
-            else (
-                f"{run['started_at']:%Y-%m-%d %H:%M} {run['outcome']} "
-                f"+{run['entered']} -{run['exited']} ok={run['accepted']} "
-                f"rej={run['rejected']} fail={run['failed']}"
-            )
-        )
-        table.add_row(
-            row["audience"] + ("" if row["enabled"] else " (disabled)"),
-            row["destination"],
-            "-" if row["members"] is None else str(row["members"]),
-            str(row["accepted_members"]),
-            str(row["rejected_users"]),
-            last,
-            row["next_run"] or "-",
-            row["last_error"] or "",
-        )
-    Console(markup=False, emoji=False).print(table)  # names and errors are data: no markup, no :emoji:
