@@ -82,7 +82,9 @@ def _sync_commands(commands: "argparse._SubParsersAction[argparse.ArgumentParser
 
 
 def _operator_commands(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    status = commands.add_parser("status", help="every connection's state and last run")
+    status = commands.add_parser(
+        "status", help="every connection's state and last run; exit 1 if one needs attention"
+    )
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=_status)
     commands.add_parser(
@@ -189,7 +191,7 @@ def _sync(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from sync.status import connection_status
+    from sync.status import connection_status, needs_attention
 
     settings, engine = _state()
     with engine.connect() as conn:
@@ -198,7 +200,7 @@ def _status(args: argparse.Namespace) -> int:
         views.show_json(rows)
     else:
         views.status(rows)
-    return 0
+    return 1 if any(needs_attention(row) for row in rows) else 0
 
 
 def _check(_args: argparse.Namespace) -> int:
