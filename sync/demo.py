@@ -10,11 +10,11 @@ from typing import TextIO
 
 import sqlalchemy as sa
 
-from sync import database
+from sync import database, views
 from sync.runner import Options, Result, Runner
 from sync.sandbox import EverflowServer, RefersionServer
 from sync.settings import Cadence, Settings
-from sync.status import connection_status, render
+from sync.status import connection_status
 
 CUSTOMERS = [
     ("c1", "ada@example.com", "Ada", "Lovelace", "United Kingdom", "tx-1", 120.0),
@@ -62,7 +62,7 @@ def run_demo(path: Path, out: TextIO) -> bool:
     finally:
         runner.close()
     with engine.connect() as conn:
-        render(connection_status(conn, settings))
+        views.status(connection_status(conn, settings))
     engine.dispose()
     out.write(f"\nInspect it: SYNC_DATABASE_URL=sqlite:///{path} .venv/bin/audience-sync status\n")
     return good

@@ -28,6 +28,13 @@ def explain_user(
     """One entry per connection: whether it syncs, member now (the audience's query, run for this user),
     what the destination last accepted, any rejection."""
     members = membership(conn, source, user_id, timeout)
+    return [
+        _entry(row, members.get(row.audience_id, "the audience is disabled")) for row in _rows(conn, user_id)
+    ]
+
+
+def _rows(conn: sa.Connection, user_id: str) -> list[sa.Row[Any]]:
+    """Per connection: its names and kind, whether it syncs, the user's accepted state and rejection."""
     ad, s, r = audience_destinations, sync_state, sync_rejections
     rows = conn.execute(
         sa.select(
@@ -61,32 +68,30 @@ def explain_user(
         )
         .order_by(audiences.c.name, destinations.c.name)
     )
-    entries = []
-    for row in rows:
-        member = members.get(row.audience_id, "the audience is disabled")
-        known = isinstance(member, bool)
-        entries.append(
-            {
-                "audience": row.audience,
-                "destination": row.destination,
-                # a postback's 200 says the endpoint received it; Everflow may still reject the conversion
-                "accepted_means": "received" if _postback(row.kind, row.settings_text) else "accepted",
-                "enabled": bool(row.enabled),  # the audience, the connection and the destination
-                "member": member if known else None,
-                "member_unknown": None if known else member,
-                "accepted": None if row.accepted_member is None else bool(row.accepted_member),
-                "accepted_at": row.accepted_at,
-                "accepted_changes": row.changes or 0,
-                "rejection": None
-                if row.rejection_reason is None
-                else {
-                    "value": bool(row.rejected_value),
-                    "reason": row.rejection_reason,
-                    "at": row.rejected_at,
-                },
-            }
-        )
-    return entries
+    return list(rows)
+
+
+def _entry(row: sa.Row[Any], member: bool | str) -> dict[str, Any]:
+    known = isinstance(member, bool)
+    return {
+        "audience": row.audience,
+        "destination": row.destination,
+        # a postback's 200 says the endpoint received it; Everflow may still reject the conversion
+        "accepted_means": "received" if _postback(row.kind, row.settings_text) else "accepted",
+        "enabled": bool(row.enabled),  # the audience, the connection and the destination
+        "member": member if known else None,
+        "member_unknown": None if known else member,
+        "accepted": None if row.accepted_member is None else bool(row.accepted_member),
+        "accepted_at": row.accepted_at,
+        "accepted_changes": row.changes or 0,
+        "rejection": None
+        if row.rejection_reason is None
+        else {
+            "value": bool(row.rejected_value),
+            "reason": row.rejection_reason,
+            "at": row.rejected_at,
+        },
+    }
 
 
 def _postback(kind: str, settings_text: str | None) -> bool:

@@ -67,6 +67,12 @@ def acquire(conn: sa.Connection, audience_id: int, owner: str, ttl: float) -> st
     return holder or "another process"
 
 
+def holders(conn: sa.Connection) -> dict[int, str]:
+    """The live leases: audience id -> the owner running it (`status`)."""
+    live = sa.select(sync_leases).where(sync_leases.c.expires_at > _database_time(conn))
+    return {row.audience_id: row.owner for row in conn.execute(live)}
+
+
 def _take_over(conn: sa.Connection, audience_id: int, owner: str, previous: str, ttl: float) -> bool:
     """Take the lease from `previous` (a process known to be dead); False if someone else got it first."""
     taken = conn.execute(

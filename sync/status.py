@@ -1,12 +1,11 @@
-"""`audience-sync status`: every connection's members, accepted state, last run and next run."""
+"""`audience-sync status`: every connection's state, members, accepted state, last run and next run."""
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from rich.console import Console
-from rich.table import Table
 
+from sync import leases, state
 from sync.connections import missing_destination
 from sync.settings import Cadence, Settings
 from sync.tables import sync_runs
@@ -32,70 +31,87 @@ CONNECTIONS = sa.text("""
 LATEST_RUN_IDS = sa.select(sa.func.max(sync_runs.c.id)).group_by(
     sync_runs.c.audience_id, sync_runs.c.destination_id
 )
+# what `last_run` shows of a run: all but the keys, members (shown per connection) and error (last_error)
+RUN_FIELDS = [
+    c.name for c in sync_runs.c if c.name not in ("id", "audience_id", "destination_id", "members", "error")
+]
+# the last run's outcomes that make `status` exit 1: someone should look
+ATTENTION = ("failed", "held", "invalid", "interrupted")
 
 
 def connection_status(conn: sa.Connection, settings: Settings) -> list[dict[str, Any]]:
-    """One dict per connection (and per audience whose last run had no connection to speak of)."""
+    """One dict per connection: its state, counts, last run (and the audience's later run that failed it as
+    a whole), and the window of its next run on the daemon's cadence."""
     latest = conn.execute(sa.select(sync_runs).where(sync_runs.c.id.in_(LATEST_RUN_IDS)))
     last = {(r.audience_id, r.destination_id): r._asdict() for r in latest}
+    starts = state.last_run_times(conn)
+    running = leases.holders(conn)
     rows = []
     for row in conn.execute(CONNECTIONS):
-        # the connection's own last run, or a later one that failed the whole audience (an invalid row)
-        runs = [
-            r
-            for r in (last.get((row.audience_id, row.destination_id)), last.get((row.audience_id, None)))
-            if r
-        ]
-        run = max(runs, key=lambda r: r["id"]) if runs else None
         own_run = last.get((row.audience_id, row.destination_id))
-        started = run and run["started_at"]
-        next_run = None
-        if started and row.audience_enabled:
-            cadence = _cadence(row.schedule, settings)
-            next_run = f"{started + timedelta(seconds=cadence.low):%Y-%m-%d %H:%M}"
-            if cadence.high != cadence.low:
-                next_run += f" to {started + timedelta(seconds=cadence.high):%H:%M}"
-        rows.append(
-            {
-                "audience": str(row.audience),  # str(): a name of other data (bytes on SQLite) is shown
-                "destination": row.destination or f"id {row.destination_id} (missing)",
-                # a missing destination is not a disabled one: last_error says what it is
-                "enabled": bool(
-                    row.audience_enabled
-                    and row.connection_enabled
-                    and (row.destination is None or row.destination_enabled)
-                ),
-                "members": own_run and own_run["members"],  # as of its last run
-                "accepted_members": row.accepted_members,
-                "rejected_users": row.rejected_users,
-                "initial_sync_completed": row.initial_completed_at is not None,
-                "last_run": None
-                if run is None
-                else {
-                    k: run[k]
-                    for k in (
-                        "started_at",
-                        "finished_at",
-                        "outcome",
-                        "entered",
-                        "exited",
-                        "accepted",
-                        "rejected",
-                        "skipped",
-                        "failed",
-                        "pending",
-                        "null_user_ids",
-                        "duplicate_user_ids",
-                        "long_user_ids",
-                    )
-                },
-                "next_run": next_run,
-                "last_error": (run and run["error"])
-                if row.destination is not None
-                else missing_destination(row.audience, row.destination_id),
-            }
-        )
+        # the connection's own last run, or a later one that failed the whole audience (an invalid row)
+        runs = [r for r in (own_run, last.get((row.audience_id, None))) if r]
+        run = max(runs, key=lambda r: r["id"]) if runs else None
+        entry = _entry(row, run, own_run)
+        entry["running_on"] = running.get(row.audience_id) if entry["enabled"] else None
+        entry["state"] = _state(entry, missing=row.destination is None)
+        earliest, latest_ = _next_run(row, starts.get(row.audience_id), settings)
+        rows.append({**entry, "next_run_earliest": earliest, "next_run_latest": latest_})
     return rows
+
+
+def _entry(row: sa.Row[Any], run: dict[str, Any] | None, own_run: dict[str, Any] | None) -> dict[str, Any]:
+    return {
+        "audience_id": row.audience_id,
+        "audience": str(row.audience),  # str(): a name of other data (bytes on SQLite) is shown
+        "destination_id": row.destination_id,
+        "destination": row.destination or f"id {row.destination_id} (missing)",
+        # a missing destination is not a disabled one: it is invalid, and last_error says why
+        "enabled": bool(
+            row.audience_enabled
+            and row.connection_enabled
+            and (row.destination is None or row.destination_enabled)
+        ),
+        "members": own_run and own_run["members"],  # as of its last run
+        "accepted_members": row.accepted_members,
+        "rejected_users": row.rejected_users,
+        "initial_sync_completed": row.initial_completed_at is not None,
+        "last_run": None if run is None else {k: run[k] for k in RUN_FIELDS},
+        "last_error": (run and run["error"])
+        if row.destination is not None
+        else missing_destination(row.audience, row.destination_id),
+    }
+
+
+def _state(entry: dict[str, Any], missing: bool) -> str:
+    """disabled, running, invalid, held, failed, interrupted, busy, ok, or never run."""
+    run = entry["last_run"]
+    if not entry["enabled"]:
+        return "disabled"
+    if entry["running_on"]:
+        return "running"
+    if missing:
+        return "invalid"
+    return str(run["outcome"]) if run else "never run"
+
+
+def needs_attention(entry: dict[str, Any]) -> bool:
+    """An enabled connection whose last run failed, was held, invalid or interrupted (`status` exits 1)."""
+    if not entry["enabled"]:
+        return False
+    run = entry["last_run"]
+    return entry["state"] == "invalid" or (run is not None and run["outcome"] in ATTENTION)
+
+
+def _next_run(
+    row: sa.Row[Any], last_start: datetime | None, settings: Settings
+) -> tuple[datetime | None, datetime | None]:
+    """When the daemon runs the audience next: its cadence (a range) after the audience's last start.
+    None: at once when a daemon runs (never run), or never (disabled)."""
+    if not row.audience_enabled or last_start is None:
+        return None, None
+    cadence = _cadence(row.schedule, settings)
+    return last_start + timedelta(seconds=cadence.low), last_start + timedelta(seconds=cadence.high)
 
 
 def _cadence(schedule: str | None, settings: Settings) -> Cadence:
@@ -103,40 +119,3 @@ def _cadence(schedule: str | None, settings: Settings) -> Cadence:
         return Cadence.parse(schedule, "schedule") if schedule else settings.interval
     except Exception:
         return settings.interval
-
-
-def render(rows: list[dict[str, Any]]) -> None:
-    table = Table(title="audience-sync connections")
-    for column in (
-        "audience",
-        "destination",
-        "members",
-        "accepted",
-        "rejected",
-        "last run",
-        "next run",
-        "error",
-    ):
-        table.add_column(column)
-    for row in rows:
-        run = row["last_run"]
-        last = (
-            "never"
-            if run is None
-            else (
-                f"{run['started_at']:%Y-%m-%d %H:%M} {run['outcome']} "
-                f"+{run['entered']} -{run['exited']} ok={run['accepted']} "
-                f"rej={run['rejected']} fail={run['failed']}"
-            )
-        )
-        table.add_row(
-            row["audience"] + ("" if row["enabled"] else " (disabled)"),
-            row["destination"],
-            "-" if row["members"] is None else str(row["members"]),
-            str(row["accepted_members"]),
-            str(row["rejected_users"]),
-            last,
-            row["next_run"] or "-",
-            row["last_error"] or "",
-        )
-    Console(markup=False, emoji=False).print(table)  # names and errors are data: no markup, no :emoji:

@@ -1,0 +1,194 @@
+"""What the commands print: tables, JSON, the run summary and the progress bars."""
+
+import json
+import re
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from rich.cells import cell_len
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from sync.check import Findings
+
+CONTROL = re.compile(r"[\x00-\x1f\x7f]+")  # a line break or tab in a name or error would break the line
+
+
+def show_json(value: Any) -> None:
+    """JSON on stdout; times in ISO 8601 (UTC)."""
+    print(json.dumps(value, default=_json_value, indent=2))
+
+
+def _json_value(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, datetime) else str(value)
+
+
+def utc(moment: datetime | None) -> str:
+    """A time for a table whose header says (UTC)."""
+    return "-" if moment is None else f"{moment.astimezone(UTC):%Y-%m-%d %H:%M}"
+
+
+def table(title: str, headers: list[str], rows: list[list[str]]) -> None:
+    """On a terminal a Rich table that wraps other columns before the first two (the names); elsewhere
+    (a pipe, a file) plain space-aligned columns, one line per row, nothing cut, for grep, awk and cut."""
+    if sys.stdout.isatty():
+        console = Console(markup=False, emoji=False)  # names and errors are data, shown as is
+        names = sum(max(cell_len(line[i]) for line in [headers, *rows]) for i in (0, 1))
+        # each column takes 3 more for padding and border; below 4 wide the others cannot shrink further
+        fits = names + 4 * (len(headers) - 2) + 3 * len(headers) + 1 <= console.width
+        console.print(_rich_table(title, headers, rows, wrap_names=not fits))
+        return
+    lines = [[header.upper() for header in headers]] + [
+        [CONTROL.sub(" ", cell) or "-" for cell in row] for row in rows
+    ]
+    widths = [max(cell_len(line[i]) for line in lines) for i in range(len(headers))]
+    for line in lines:
+        cells = (cell + " " * (width - cell_len(cell)) for cell, width in zip(line, widths, strict=True))
+        print("   ".join(cells).rstrip())
+
+
+def _rich_table(title: str, headers: list[str], rows: list[list[str]], wrap_names: bool) -> Table:
+    rich = Table(title=title)
+    for i, header in enumerate(headers):
+        rich.add_column(header, no_wrap=i < 2 and not wrap_names, overflow="fold")
+    for row in rows:
+        rich.add_row(*row)
+    return rich
+
+
+def progress() -> Progress:
+    """Bars per connection with count, elapsed time and ETA (the ETA follows the destination's rate limit)."""
+    return Progress(
+        TextColumn("{task.description}", markup=False),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+    )
+
+
+def bars(progress: Progress) -> Callable[[str, int], Callable[[int], None]]:
+    """A bar per connection: added when its run starts, advanced as its pages are recorded."""
+
+    def start(label: str, total: int) -> Callable[[int], None]:
+        task = progress.add_task(label, total=total)
+        return lambda n: progress.advance(task, n)
+
+    return start
+
+
+def summary(results: list[Any], dry_run: bool) -> None:
+    """One line per connection a run touched, on stderr."""
+    if not results:
+        print("nothing to sync: no enabled audience with an enabled connection matched", file=sys.stderr)
+    for result in results:
+        counts = " ".join(f"{k}={v}" for k, v in result.counts.items())
+        where = result.audience + (f" -> {result.destination}" if result.destination else "")
+        line = f"{'[dry run] ' if dry_run else ''}{where}: {result.outcome} {counts}".rstrip()
+        print(line + (f" ({result.error})" if result.error else ""), file=sys.stderr)
+
+
+def status(rows: list[dict[str, Any]]) -> None:
+    headers = ["audience", "destination", "state", "members", "accepted", "rejected"]
+    headers += ["last run (UTC)", "next run (UTC)", "error"]
+    table("audience-sync connections", headers, [_status_row(row) for row in rows])
+
+
+def _status_row(row: dict[str, Any]) -> list[str]:
+    run = row["last_run"]
+    last = "never"
+    if run is not None:
+        last = (
+            f"{utc(run['started_at'])} {run['outcome']} +{run['entered']} -{run['exited']} "
+            f"ok={run['accepted']} rej={run['rejected']} fail={run['failed']}"
+        )
+    earliest, latest = row["next_run_earliest"], row["next_run_latest"]
+    next_run = utc(earliest)
+    if earliest is not None and latest != earliest:
+        next_run += f" to {utc(latest)[-5:] if latest.date() == earliest.date() else utc(latest)}"
+    return [
+        row["audience"],
+        row["destination"],
+        _state_text(row),
+        "-" if row["members"] is None else str(row["members"]),
+        str(row["accepted_members"]),
+        str(row["rejected_users"]),
+        last,
+        next_run,
+        row["last_error"] or "",
+    ]
+
+
+def _state_text(row: dict[str, Any]) -> str:
+    text = str(row["state"])
+    if row["running_on"]:
+        text += f" on {row['running_on']}"
+    if not row["initial_sync_completed"] and text not in ("disabled", "never run"):
+        text += ", initial sync incomplete"
+    return text
+
+
+def explain(user_id: str, entries: list[dict[str, Any]]) -> None:
+    headers = ["audience", "destination", "member now", "destination accepted (UTC)", "rejection"]
+    rows = []
+    for entry in entries:
+        received = " (received by the postback endpoint)" if entry["accepted_means"] == "received" else ""
+        accepted = "never sent"
+        if entry["accepted"] is not None:
+            accepted = f"{str(entry['accepted']).lower()}{received} at {utc(entry['accepted_at'])}"
+        rejection = entry["rejection"]
+        rows.append(
+            [
+                entry["audience"],
+                f"{entry['destination']}{'' if entry['enabled'] else ' (disabled)'}",
+                entry["member_unknown"] or ("yes" if entry["member"] else "no"),
+                accepted,
+                "" if rejection is None else f"{str(rejection['value']).lower()}: {rejection['reason']}",
+            ]
+        )
+    table(f"user {user_id}", headers, rows)
+
+
+def check(found: Findings) -> None:
+    """Problems and warnings on stdout, each audience's source and the verdict on stderr."""
+    for problem in found.problems:
+        print(problem)
+    for warning in found.warnings:
+        print(f"warning: {warning}")
+    for line in found.sources:
+        print(line, file=sys.stderr)
+    noted = f" and {len(found.warnings)} warning(s)" if found.warnings else ""
+    if found.problems:
+        print(f"{len(found.problems)} problem(s){noted} in {found.checked} rows checked", file=sys.stderr)
+    else:
+        print(
+            f"all {found.checked} rows are valid{noted}; every audience query runs and returns user_id",
+            file=sys.stderr,
+        )
+
+
+def forget(user_id: str, report: list[dict[str, Any]], state_failure: str | None) -> None:
+    """Each destination's outcome on stdout, what became of the state tables on stderr."""
+    for line in report:
+        print(f"{line['destination']}: {line['outcome']} ({line['detail']})")
+    if state_failure:
+        print(
+            f"user {user_id!r} is still in the state tables ({state_failure}): run forget again",
+            file=sys.stderr,
+        )
+        return
+    failed = [line["destination"] for line in report if line["outcome"] == "failed"]
+    kept = f", except at {', '.join(failed)}: run forget again" if failed else ""
+    print(f"user {user_id!r} removed from the state tables{kept}", file=sys.stderr)

@@ -1,0 +1,168 @@
+"""The command line as operators and their scripts use it: status, listings, names, previews, check."""
+
+import json
+import os
+import pty
+import re
+import shlex
+import subprocess
+from datetime import UTC, datetime, timedelta
+
+from sync.sandbox import EverflowServer, RefersionServer
+from sync.tables import sync_leases
+from tests.conftest import COMMAND, Config, Customers, cli_env, run_cli, start_cli
+
+LONG_AUDIENCE = "Order Completed In The Last Thirty Days By Customers Who Spent Over A Thousand"
+LONG_DESTINATION = "Everflow Production Network For The Spring Campaign Of The Year 2027"
+
+
+def piped(state_url: str, command_line: str, env: dict[str, str] | None = None) -> str:
+    """What the real command writes into a shell pipe (not a terminal): `audience-sync status | cat`."""
+    done = subprocess.run(
+        f"{shlex.quote(COMMAND)} {command_line}",
+        shell=True,
+        env=cli_env(state_url, env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+    assert "Traceback" not in done.stderr, done.stderr
+    return done.stdout
+
+
+def on_a_terminal(state_url: str, *args: str, columns: int, stdout: int | None = None) -> tuple[int, str]:
+    """The exit code of the real command and what it shows on a terminal `columns` wide (stderr, and stdout
+    unless it goes to `stdout`)."""
+    leader, follower = pty.openpty()
+    process = start_cli(
+        state_url, *args, env={"COLUMNS": str(columns)}, stdout=stdout or follower, stderr=follower
+    )
+    os.close(follower)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the terminal closed with the process
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(leader)
+    return process.wait(timeout=60), re.sub(r"\x1b\[[0-9;]*m", "", output.decode(errors="replace"))
+
+
+def everflow(config: Config, server: EverflowServer, name: str = "Everflow") -> int:
+    settings = {"tracking_domain": server.url, "network_id": "1", "event_mapping": {"Audience Entered": 7}}
+    return config.destination(name, "everflow", settings)
+
+
+def refused_refersion(config: Config, server: RefersionServer) -> int:
+    """A Refersion destination whose key the server refuses (401)."""
+    settings = {"api_base": server.url + "/v2", "max_attempts": 1}
+    return config.destination("Refersion", "refersion", settings, api_key="pub.wrong")
+
+
+def test_status_in_a_pipe_is_one_full_line_per_connection(
+    state_url: str, config: Config, customers: Customers
+) -> None:
+    customers.add("u1", "u2")
+    with EverflowServer() as server:
+        audience = config.audience(LONG_AUDIENCE, Customers.QUERY)
+        config.connect(audience, everflow(config, server, LONG_DESTINATION))
+        config.connect(config.audience("VIP", Customers.QUERY), everflow(config, server))
+        assert run_cli(state_url, "run").returncode == 0
+
+    lines = piped(state_url, "status | cat", env={"COLUMNS": "80"}).splitlines()
+    assert "│" not in "".join(lines) and "…" not in "".join(lines)
+    assert re.split(r"\s{3,}", lines[0])[:4] == ["AUDIENCE", "DESTINATION", "STATE", "MEMBERS"]
+    assert len(lines) == 3, lines
+    long_row = re.split(r"\s{3,}", lines[1])
+    assert long_row[:6] == [LONG_AUDIENCE, LONG_DESTINATION, "ok", "2", "2", "0"], lines
+    assert "LAST RUN (UTC)" in lines[0] and "NEXT RUN (UTC)" in lines[0]
+    [found] = piped(state_url, f"status | grep {shlex.quote(LONG_AUDIENCE)}").splitlines()
+    assert found == lines[1]
+
+
+def test_status_on_a_terminal_wraps_other_columns_before_names(
+    state_url: str, config: Config, customers: Customers
+) -> None:
+    customers.add("u1")
+    with RefersionServer() as server:
+        config.connect(
+            config.audience("Order Completed Last 30 Days", Customers.QUERY),
+            refused_refersion(config, server),
+        )
+        run_cli(state_url, "run")
+    _, screen = on_a_terminal(state_url, "status", columns=100)
+    assert "│ Order Completed Last 30 Days │ Refersion" in screen, screen
+    assert "…" not in screen  # the other columns wrapped, within the 100 columns
+    assert max(len(line) for line in screen.splitlines() if line.startswith(("┃", "│"))) <= 100
+
+
+def test_status_exits_1_while_an_enabled_connection_failed(
+    state_url: str, config: Config, customers: Customers
+) -> None:
+    customers.add("u1")
+    with EverflowServer() as server, RefersionServer() as refersion:
+        audience = config.audience("VIP", Customers.QUERY)
+        config.connect(audience, everflow(config, server))
+        assert run_cli(state_url, "run").returncode == 0
+        assert run_cli(state_url, "status").returncode == 0
+        config.connect(audience, refused_refersion(config, refersion))
+        assert run_cli(state_url, "run").returncode == 1
+
+    failed = run_cli(state_url, "status")
+    assert failed.returncode == 1, failed.stdout
+    row = next(line for line in failed.stdout.splitlines() if "Refersion" in line)
+    assert "failed, initial sync incomplete" in row and "credentials refused (HTTP 401" in row
+    config.sql("UPDATE destinations SET enabled = false WHERE name = 'Refersion'")
+    disabled = run_cli(state_url, "status")
+    assert disabled.returncode == 0, disabled.stdout
+    assert re.split(r"\s{3,}", disabled.stdout.splitlines()[2])[:3] == ["VIP", "Refersion", "disabled"]
+
+
+def test_status_shows_a_run_in_progress_and_a_held_connection(
+    state_url: str, config: Config, customers: Customers
+) -> None:
+    customers.add("u1")
+    with EverflowServer() as server:
+        audience = config.audience("VIP", Customers.QUERY)
+        config.connect(audience, everflow(config, server))
+        assert run_cli(state_url, "run").returncode == 0
+        config.sql("DELETE FROM customers")  # the query returns nobody while a member is accepted
+        assert run_cli(state_url, "run").returncode == 1
+    held = run_cli(state_url, "status", "--json")
+    assert held.returncode == 1
+    [row] = json.loads(held.stdout)
+    assert row["state"] == "held" and "returned no rows" in row["last_error"], row
+
+    with config.engine.begin() as conn:  # another daemon's live lease on the audience
+        later = datetime.now(UTC) + timedelta(minutes=5)
+        conn.execute(
+            sync_leases.insert().values(audience_id=audience, owner="other-host:4242", expires_at=later)
+        )
+    [row] = json.loads(run_cli(state_url, "status", "--json").stdout)
+    assert (row["state"], row["running_on"]) == ("running", "other-host:4242")
+    assert "running on other-host:4242" in run_cli(state_url, "status").stdout
+
+
+def test_status_json_has_ids_and_iso_8601_times_in_utc(
+    state_url: str, config: Config, customers: Customers
+) -> None:
+    customers.add("u1")
+    with EverflowServer() as server:
+        audience = config.audience("VIP", Customers.QUERY)
+        destination = everflow(config, server)
+        config.connect(audience, destination)
+        assert run_cli(state_url, "run").returncode == 0
+    done = run_cli(state_url, "status", "--json", env={"SYNC_INTERVAL": "2h-3h"})
+    [row] = json.loads(done.stdout)
+    assert (row["audience_id"], row["destination_id"], row["state"]) == (audience, destination, "ok")
+    times = {key: row["last_run"][key] for key in ("started_at", "finished_at")}
+    times |= {key: row[key] for key in ("next_run_earliest", "next_run_latest")}
+    for key, text in times.items():
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?\+00:00", text), (key, text)
+    started = datetime.fromisoformat(times["started_at"])
+    assert datetime.fromisoformat(times["next_run_earliest"]) == started + timedelta(hours=2)
+    assert datetime.fromisoformat(times["next_run_latest"]) == started + timedelta(hours=3)
