@@ -74,9 +74,15 @@ def _sync_commands(commands: "argparse._SubParsersAction[argparse.ArgumentParser
         "initial", help="the initial sync of connections that have not completed one"
     )
     _selection(initial)
-    initial.add_argument(
-        "--resend", action="store_true", help="forget the accepted state and send every member"
+    how = initial.add_mutually_exclusive_group()
+    how.add_argument("--resend", action="store_true", help="forget the accepted state and send every member")
+    how.add_argument(
+        "--baseline",
+        action="store_true",
+        help="record the current members as accepted and send nothing (the destination holds them already: "
+        "a move from Segment Engage); previews the counts first",
     )
+    initial.add_argument("--yes", action="store_true", help="with --baseline: record without asking")
     initial.set_defaults(func=_sync)
     commands.add_parser("daemon", help="run on the schedule until SIGTERM").set_defaults(func=_daemon)
 
@@ -164,6 +170,8 @@ def _sync(args: argparse.Namespace) -> int:
     """`run` and `initial`."""
     from sync.runs import Options
 
+    if getattr(args, "baseline", False):
+        return _baseline(args)
     runner = _runner()
     try:
         received = process.stop_on_signals(runner)
@@ -188,6 +196,41 @@ def _sync(args: argparse.Namespace) -> int:
     if received:
         return 128 + received[0]
     return 0 if all(result.good for result in results) else 1
+
+
+def _baseline(args: argparse.Namespace) -> int:
+    """`initial --baseline`: preview what would be recorded, ask (or take --yes), then record it."""
+    from sync.runs import Options
+
+    runner = _runner()
+    try:
+        options = Options(args.audience, args.destination, initial_only=True, baseline=True, dry_run=True)
+        preview = runner.run(options)
+        views.baseline_preview(preview)
+        if args.dry_run or not any(result.good for result in preview):
+            return 0 if all(result.good for result in preview) else 1
+        if not _confirmed(args.yes, sum(result.counts.get("to_send", 0) for result in preview)):
+            return 2
+        options.dry_run = False
+        results = runner.run(options)
+    finally:
+        runner.close()
+    views.summary(results, dry_run=False)
+    return 0 if all(result.good for result in results) else 1
+
+
+def _confirmed(yes: bool, members: int) -> bool:
+    """--yes, or a `y` typed at the terminal; off a terminal without --yes, nothing is recorded."""
+    if yes:
+        return True
+    if not sys.stdin.isatty():
+        print("audience-sync: nothing recorded: add --yes to baseline without a terminal", file=sys.stderr)
+        return False
+    answer = input(f"Record {members} member(s) as accepted without sending anything? [y/N] ")
+    if answer.strip().lower() in ("y", "yes"):
+        return True
+    print("nothing recorded", file=sys.stderr)
+    return False
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -64,7 +64,7 @@ class Result:
 
     @property
     def good(self) -> bool:
-        return self.outcome == RunOutcome.OK
+        return self.outcome in (RunOutcome.OK, RunOutcome.BASELINE)
 
 
 @dataclass(frozen=True)

@@ -100,6 +100,21 @@ def summary(results: list[Any], dry_run: bool) -> None:
         print(line + (f" ({result.error})" if result.error else ""), file=sys.stderr)
 
 
+def baseline_preview(results: list[Any]) -> None:
+    """What `initial --baseline` would record, one line per connection, on stderr."""
+    if not results:
+        print(
+            "nothing to baseline: every selected connection has completed its initial sync", file=sys.stderr
+        )
+    for result in results:
+        where = result.audience + (f" -> {result.destination}" if result.destination else "")
+        if result.good:
+            members = result.counts.get("to_send", 0)
+            print(f"{where}: {members} member(s) to record as accepted; nothing is sent", file=sys.stderr)
+        else:
+            print(f"{where}: {result.outcome} ({result.error})", file=sys.stderr)
+
+
 def status(rows: list[dict[str, Any]]) -> None:
     headers = ["audience", "destination", "state", "members", "accepted", "rejected"]
     headers += ["last run (UTC)", "next run (UTC)", "error"]

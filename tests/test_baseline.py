@@ -7,7 +7,7 @@ import sqlalchemy as sa
 from sync.runner import Options, Runner
 from sync.sandbox import EverflowServer, RefersionServer
 from sync.settings import Settings
-from tests.conftest import Config, Customers
+from tests.conftest import Config, Customers, run_cli
 from tests.test_e2e import everflow_destination, refersion_destination
 
 
@@ -80,3 +80,29 @@ def test_a_connection_that_has_sent_before_is_not_baselined(
     )
     assert everflow.requests == []
     assert _outcomes(engine) == []  # nothing recorded
+
+
+def test_the_command_previews_asks_for_yes_off_a_terminal_then_records(
+    state_url: str, engine: sa.Engine, config: Config, customers: Customers
+) -> None:
+    customers.add("u1", "u2")
+    with EverflowServer() as everflow:
+        config.connect(config.audience("VIP", Customers.QUERY), everflow_destination(config, everflow))
+
+        unconfirmed = run_cli(state_url, "initial", "--baseline")
+        assert unconfirmed.returncode == 2, unconfirmed.stderr
+        assert "VIP -> Everflow: 2 member(s) to record as accepted; nothing is sent" in unconfirmed.stderr
+        assert "nothing recorded: add --yes to baseline without a terminal" in unconfirmed.stderr
+        assert _outcomes(engine) == []
+
+        done = run_cli(state_url, "initial", "--baseline", "--yes")
+        assert done.returncode == 0, done.stderr
+        assert "VIP -> Everflow: baseline" in done.stderr
+        assert _outcomes(engine) == ["baseline"]
+        assert everflow.requests == []
+
+        customers.add("u3")
+        later = run_cli(state_url, "run")
+        assert later.returncode == 0, later.stderr
+    assert everflow.accepted == {("tid-u3", "7"): 1}
+    assert run_cli(state_url, "initial", "--baseline", "--resend").returncode == 2  # one or the other
