@@ -29,8 +29,9 @@ from sync.destinations.base import Destination
 from sync.destinations.http import Call
 from sync.errors import ConfigError
 from sync.messages import build_message
-from sync.models import Change, Outcome, rejected, traits_json
+from sync.models import Change, Outcome, traits_json
 from sync.sandbox import EverflowServer, RefersionServer, SegmentServer
+from sync.sinks import planned
 
 NOW = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
 CONNECTION = Link(audience_id=7, audience_key="vip_customers", destination_id=1, destination_name="Partner")
@@ -93,18 +94,9 @@ def segment(server: SegmentServer, kind: str = "everflow", **settings: Any) -> D
 def prepare(
     dest: Destination, changes: list[Change], connection: Link = CONNECTION
 ) -> tuple[list[Outcome], list[Call], dict[str, dict[str, Any]]]:
-    """What the runner does before sending: build the messages, check each change, plan the rest."""
-    messages = {c.user_id: build_message(connection, c, NOW) for c in changes}
-    outcomes: list[Outcome] = []
-    sendable: list[Change] = []
-    for c in changes:
-        reason = dest.check(c, messages[c.user_id])
-        if reason:
-            outcomes.append(rejected(c, reason))
-        else:
-            sendable.append(c)
-    done, calls = dest.plan(sendable, messages, connection.event)
-    return outcomes + done, calls, messages
+    """What a run does before sending (`sinks.planned`): outcomes known without a request; requests."""
+    messages, outcomes, calls = planned(connection, dest, changes, NOW)
+    return outcomes, calls, messages
 
 
 def by_user(outcomes: list[Outcome]) -> dict[str, Outcome]:
