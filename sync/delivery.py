@@ -5,8 +5,9 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from enum import Enum
 from urllib.parse import quote, quote_plus
 
 import httpx
@@ -19,9 +20,10 @@ from tenacity import (
 )
 
 from sync.destinations.base import Destination
-from sync.destinations.http import Call, raise_for_retry_or_auth
-from sync.errors import AuthError, FatalError, RetriableError
+from sync.destinations.http import CREDENTIALS_ACCEPTED, Call, raise_for_retry_or_auth
+from sync.errors import AuthError, DestinationError, FatalError, RetriableError
 from sync.models import Outcome, Status, failed, rejected
+from sync.ratelimit import Interrupted, RateLimiter
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_CAP = 60.0
@@ -31,44 +33,6 @@ TOO_LARGE = f"answer of more than {ANSWER_MAX // 1024 // 1024} MiB, not read"
 SAME_REFUSALS = 10  # requests refused alike, none accepted: the destination is misconfigured, not the users
 FRAMING = ("content-encoding", "content-length", "transfer-encoding")  # of the body as it came, not as read
 INTERRUPTED = "interrupted by shutdown"
-
-
-class Interrupted(Exception):
-    """The process is stopping (SIGTERM, SIGINT): a request not sent yet is not sent, a wait ends now."""
-
-
-class RateLimiter:
-    """Spaces requests evenly, 1% under `rate` per second, across every thread sending to one destination.
-
-    The 1% absorbs network jitter: requests spaced exactly 1/rate apart can arrive closer together, and a
-    destination counting strictly would then see more than `rate` in a second.
-    """
-
-    def __init__(
-        self,
-        rate: float,
-        clock: Callable[[], float] = time.monotonic,
-        stopping: threading.Event | None = None,
-    ) -> None:
-        self.interval = 1.0 / (rate * 0.99)
-        self.clock = clock
-        self.stopping = stopping or threading.Event()
-        self.next_slot = 0.0
-        self.lock = threading.Lock()
-
-    def wait(self) -> None:
-        """Wait for this request's slot; raises Interrupted when the process stops meanwhile (or had)."""
-        with self.lock:
-            now = self.clock()
-            slot = max(now, self.next_slot)
-            self.next_slot = slot + self.interval
-        if self.stopping.wait(max(0.0, slot - now)):
-            raise Interrupted
-
-    def pause(self, seconds: float) -> None:
-        """Hold every sender back, as when the destination answered 429 with Retry-After."""
-        with self.lock:
-            self.next_slot = max(self.next_slot, self.clock() + seconds)
 
 
 class Sender:
@@ -188,6 +152,15 @@ class Sender:
                 continue
             return result
 
+    def prove(self, call: Call) -> str:
+        """Send a destination's probe once: "credentials accepted", else raises the error that says why not
+        (AuthError: "credentials refused (...)"), its text scrubbed."""
+        try:
+            self._attempt(call)
+        except DestinationError as exc:
+            raise type(exc)(self.scrub(exc.reason, call), exc.status) from None
+        return CREDENTIALS_ACCEPTED
+
     def _send_one(self, call: Call) -> list[Outcome] | Call:
         retrying = Retrying(
             stop=stop_after_attempt(self.limits.max_attempts),
@@ -210,6 +183,23 @@ class Sender:
             return [rejected(change, self.scrub(exc.reason, call), refused=True) for change in call.changes]
 
 
+class Why(Enum):
+    """Why a delivery stopped before its end."""
+
+    INTERRUPTED = "interrupted"  # the process is stopping
+    REFUSED = "refused"  # the destination refused the credentials, or redirected (AuthError)
+    FAILING = "failing"  # most of the recent requests failed
+    REFUSED_ALIKE = "refused alike"  # the first requests were all refused alike: its settings look wrong
+
+
+@dataclass(frozen=True)
+class Stop:
+    """A delivery's stop: `why` for the code, `reason` for people (every change it cut short carries it)."""
+
+    why: Why
+    reason: str
+
+
 class Delivery:
     """One run's delivery to one connection: stops on refused credentials, when most recent calls fail, or
     when the first requests are all refused alike (a misconfigured destination, not refused users).
@@ -222,7 +212,7 @@ class Delivery:
 
     def __init__(self, sender: Sender) -> None:
         self.sender = sender
-        self.stopped: str | None = None
+        self.stopped: Stop | None = None
         self.recent: deque[bool] = deque(maxlen=max(8, sender.limits.max_in_flight))  # True: the call failed
         self.trusted = False  # a request was accepted, or refusals differed: refusals are about users
         self.suspects: list[Outcome] = []
@@ -230,30 +220,29 @@ class Delivery:
 
     def send_all(self, calls: list[Call]) -> list[Outcome]:
         if self.sender.stopping.is_set() and not self.stopped:
-            self.stopped = INTERRUPTED
+            self.stopped = Stop(Why.INTERRUPTED, INTERRUPTED)
         if self.stopped:
-            return [failed(c, self.stopped) for call in calls for c in call.changes]
+            return [failed(c, self.stopped.reason) for call in calls for c in call.changes]
         futures = [(call, self.sender.pool.submit(self.sender.send, call)) for call in calls]
         batch: list[list[Outcome]] = []
         for call, future in futures:
             try:
                 results = future.result()
             except AuthError as exc:
-                self.stopped = f"stopped: {exc.reason}"
-                results = [failed(c, self.stopped) for c in call.changes]
+                self.stopped = Stop(Why.REFUSED, f"stopped: {exc.reason}")
+                results = [failed(c, self.stopped.reason) for c in call.changes]
             batch.append(results)
             self.recent.append(all(o.status == Status.FAILED for o in results))
         outcomes = self._judge(batch)
         # the calls the stop cut short failed because of it, not the destination: not counted as giving up
         if self.sender.stopping.is_set() and not self.stopped:
-            self.stopped = INTERRUPTED
+            self.stopped = Stop(Why.INTERRUPTED, INTERRUPTED)
         failures = sum(self.recent)
         if not self.stopped and len(self.recent) >= 4 and failures * 2 > len(self.recent):
             last = next((o.reason for o in reversed(outcomes) if o.status == Status.FAILED), None)
             window = len(self.recent)
-            self.stopped = (
-                f"gave up for this run: {failures} of the last {window} requests failed (last: {last})"
-            )
+            reason = f"gave up for this run: {failures} of the last {window} requests failed (last: {last})"
+            self.stopped = Stop(Why.FAILING, reason)
         return outcomes
 
     def held(self) -> list[Outcome]:
@@ -285,10 +274,11 @@ class Delivery:
         others = [o for o in outcomes if not o.refused]
         if self.suspect_calls < SAME_REFUSALS:
             return others
-        self.stopped = (
+        reason = (
             f"stopped: the first {self.suspect_calls} requests were all refused alike "
             f"({self.suspects[0].reason}) and none was accepted: the destination's settings look wrong "
             "(an endpoint path, a network id, an offer?)"
         )
+        self.stopped = Stop(Why.REFUSED_ALIKE, reason)
         suspects, self.suspects = self.suspects, []
-        return others + [failed(o.change, self.stopped) for o in suspects]
+        return others + [failed(o.change, reason) for o in suspects]

@@ -66,7 +66,8 @@ class Delivering:
         return self.delivery.held()
 
     def stop_reason(self) -> str | None:
-        return self.delivery.stopped
+        stopped = self.delivery.stopped
+        return stopped.reason if stopped else None
 
 
 class DryRun:

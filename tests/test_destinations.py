@@ -23,13 +23,14 @@ import httpx
 import pytest
 
 from sync.connections import Link
-from sync.delivery import Delivery, RateLimiter, Sender
+from sync.delivery import Delivery, Sender, Why
 from sync.destinations import load_destination
 from sync.destinations.base import Destination
 from sync.destinations.http import Call
 from sync.errors import ConfigError
 from sync.messages import build_message
 from sync.models import Change, Outcome, traits_json
+from sync.ratelimit import RateLimiter
 from sync.sandbox import EverflowServer, RefersionServer, SegmentServer
 from sync.sinks import planned
 
@@ -730,12 +731,13 @@ def test_refersion_wrong_key_stops_the_delivery(make_delivery: MakeDelivery) -> 
         outcome = send(dest, delivery, [member("u1")])["u1"]
         assert outcome.status == "failed"
         assert delivery.stopped is not None
-        assert "credentials refused" in delivery.stopped
-        assert "401" in delivery.stopped
+        assert delivery.stopped.why is Why.REFUSED
+        assert "credentials refused" in delivery.stopped.reason
+        assert "401" in delivery.stopped.reason
         assert len(server.requests) == 1  # 401 is not retried
         later = send(dest, delivery, [member("u2"), member("u3")])
         assert {o.status for o in later.values()} == {"failed"}
-        assert {o.reason for o in later.values()} == {delivery.stopped}
+        assert {o.reason for o in later.values()} == {delivery.stopped.reason}
         assert len(server.requests) == 1  # nothing more was sent
         assert server.affiliates == {}
 
@@ -797,7 +799,7 @@ def test_segment_transport_wrong_key_stops(make_delivery: MakeDelivery) -> None:
         delivery = make_delivery(dest)
         outcome = send(dest, delivery, [member("u1")])["u1"]
         assert outcome.status == "failed"
-        assert delivery.stopped and "401" in delivery.stopped
+        assert delivery.stopped and "401" in delivery.stopped.reason
         assert server.messages == []
     with pytest.raises(ConfigError, match="API key"):
         destination("everflow", {"transport": "segment", "endpoint": "https://in.example.com"})
@@ -944,10 +946,11 @@ def test_most_calls_failing_gives_up_for_the_run(make_delivery: MakeDelivery) ->
         assert {o.status for o in outcomes.values()} == {"failed"}
         assert len(server.requests) == 12
         assert delivery.stopped is not None
-        assert "gave up" in delivery.stopped
+        assert delivery.stopped.why is Why.FAILING
+        assert "gave up" in delivery.stopped.reason
         later = send(dest, delivery, [member("u7"), member("u8")])
         assert {o.status for o in later.values()} == {"failed"}
-        assert {o.reason for o in later.values()} == {delivery.stopped}
+        assert {o.reason for o in later.values()} == {delivery.stopped.reason}
         assert len(server.requests) == 12
 
 
@@ -977,7 +980,7 @@ def test_failing_pages_give_up_across_send_all_calls(make_delivery: MakeDelivery
         assert delivery.stopped is not None, (
             f"still sending after {len(server.requests)} failed requests to a dead destination"
         )
-        assert "gave up" in delivery.stopped
+        assert "gave up" in delivery.stopped.reason
         assert len(server.requests) < 40
 
 
@@ -1112,8 +1115,8 @@ def test_everflow_token_echoed_by_server_never_reaches_outcomes(make_delivery: M
         delivery = make_delivery(dest)
         stopped = send(dest, delivery, [member("u3")])["u3"]
         assert stopped.status == "failed"
-        assert delivery.stopped and "403" in delivery.stopped
-        shown = reasons([rejected_one, failed_one, stopped]) + (delivery.stopped or "")
+        assert delivery.stopped and "403" in delivery.stopped.reason
+        shown = reasons([rejected_one, failed_one, stopped]) + delivery.stopped.reason
         assert TOKEN not in shown
         assert len(server.requests) == 4
 
@@ -1138,7 +1141,7 @@ def test_refersion_keys_echoed_by_server_never_reach_outcomes(make_delivery: Mak
             "failed",
         )
         assert delivery.stopped is not None
-        shown = reasons(first) + reasons(second) + reasons(third) + delivery.stopped
+        shown = reasons(first) + reasons(second) + reasons(third) + delivery.stopped.reason
         assert "headers were" in shown
         assert public not in shown
         assert secret not in shown
@@ -1249,7 +1252,8 @@ def _judged(answers: list[tuple[int, str]]) -> tuple[list[Outcome], Delivery]:
 def test_ten_requests_refused_alike_are_the_destinations_refusal_not_the_users() -> None:
     outcomes, delivery = _judged([(404, "Not Found")] * 12)
     assert [o.status for o in outcomes] == ["failed"] * 12  # pending: the last two were not even sent
-    assert (delivery.stopped or "").startswith("stopped: the first 10 requests were all refused alike")
+    assert delivery.stopped is not None and delivery.stopped.why is Why.REFUSED_ALIKE
+    assert delivery.stopped.reason.startswith("stopped: the first 10 requests were all refused alike")
 
 
 @pytest.mark.parametrize(

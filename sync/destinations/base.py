@@ -12,7 +12,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from sync.destinations.http import Call
-from sync.destinations.segment import SegmentTransport
+from sync.destinations.segment import UNPROVABLE, SegmentTransport
 from sync.errors import ConfigError
 from sync.models import Change, Outcome
 
@@ -101,6 +101,14 @@ class Destination:
 
     def forget_native(self, change: Change) -> Call | None:
         return None
+
+    def probe(self) -> Call | str:
+        """One harmless authenticated call that proves the credentials (read by `http.read_probe`), or the
+        sentence that says why this destination's cannot be proved."""
+        return UNPROVABLE if self.transport is not None else self.probe_native()
+
+    def probe_native(self) -> Call | str:
+        raise NotImplementedError
 
     def plan_native(
         self, changes: list[Change], messages: dict[str, dict[str, Any]], event: Callable[[bool], str]

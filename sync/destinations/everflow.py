@@ -72,6 +72,14 @@ class Everflow(Destination):
         token = self.settings.get("verification_token")
         return super().secrets() + ([str(token)] if token else [])
 
+    def probe_native(self) -> str:
+        # REFERENCE.md (Everflow): a postback answers 200 even when Everflow rejects the conversion; an
+        # invalid verification token shows only in Everflow's reports
+        return (
+            "Everflow postbacks carry no credential a call could prove: a postback is answered 200 whatever "
+            "its network id and verification token, which Everflow checks only in its own reports"
+        )
+
     def check(self, change: Change, message: dict[str, Any]) -> str | None:
         if change.traits.get("transaction_id") in (None, ""):
             return "Everflow requires a TransactionId (the audience query gives no transaction_id)"

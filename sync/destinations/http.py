@@ -14,6 +14,7 @@ from sync.errors import AuthError, ConfigError, FatalError, RetriableError
 from sync.models import Change, Outcome, accepted
 
 LOOPBACK = {"localhost", "127.0.0.1", "::1"}
+CREDENTIALS_ACCEPTED = "credentials accepted"
 
 
 @dataclass
@@ -53,6 +54,14 @@ def read_accepting(call: Call, response: httpx.Response) -> list[Outcome] | Call
     if response.is_success:
         return [accepted(change) for change in call.changes]
     raise FatalError(error_text(response), response.status_code)
+
+
+def read_probe(call: Call, response: httpx.Response) -> list[Outcome] | Call:
+    """The answer to a probe (`Destination.probe`, a call carrying no change): 2xx proves the credentials
+    (401 and 403 were raised before, as AuthError "credentials refused ..."); anything else proves nothing."""
+    if response.is_success:
+        return []
+    raise FatalError(f"the credentials could not be checked: {error_text(response)}", response.status_code)
 
 
 def error_text(response: httpx.Response) -> str:

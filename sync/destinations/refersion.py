@@ -19,11 +19,14 @@ import sqlalchemy as sa
 
 from sync.destinations import refersion_lookup as lookup
 from sync.destinations.base import Destination
-from sync.destinations.http import Call, base_url, error_text
+from sync.destinations.http import Call, base_url, error_text, read_probe
 from sync.errors import ConfigError, FatalError
 from sync.models import Change, Outcome, accepted, failed, rejected
 
 STATUS_CHANGE_MAX_IDS = 50
+# REFERENCE.md (Refersion, /affiliate/search): the keyword is an exact affiliate code or part of an email;
+# no code nor email holds a space, so this matches no affiliate
+PROBE_KEYWORD = "audience-sync credentials check"
 SYMBOLS = "!#$%&*+-=?@^_~"
 
 
@@ -162,6 +165,12 @@ class Refersion(Destination):
                 else:
                     done += step
         return done, calls
+
+    def probe_native(self) -> Call:
+        """A search that finds nothing: read-only, and answered 401 to a wrong key (REFERENCE.md, Refersion:
+        Errors)."""
+        url = f"{self.api_base}/affiliate/search"
+        return Call([], "POST", url, read_probe, json={"keyword": PROBE_KEYWORD}, headers=self.headers)
 
     def forget_native(self, change: Change) -> Call | None:
         """Refersion has no delete endpoint: the affiliate is disabled."""

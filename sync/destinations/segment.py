@@ -8,6 +8,13 @@ from sync.destinations.http import Call, base_url, read_accepting
 from sync.errors import ConfigError
 from sync.models import Change
 
+# REFERENCE.md (Segment Engage: partner destinations) documents one request, the POST of a message: the
+# endpoint has no call that checks the key alone, and any request to it is data delivered to it
+UNPROVABLE = (
+    "the Segment transport cannot be checked without sending a message: a partner endpoint takes only "
+    "Segment messages, and has no call that checks the API key alone"
+)
+
 
 class SegmentTransport:
     """POSTs each message to `settings.endpoint` with the key as Basic auth and the other settings in

@@ -1,0 +1,43 @@
+"""Pacing the requests to one destination, and the stop that cuts short every wait."""
+
+import threading
+import time
+from collections.abc import Callable
+
+
+class Interrupted(Exception):
+    """The process is stopping (SIGTERM, SIGINT): a request not sent yet is not sent, a wait ends now."""
+
+
+class RateLimiter:
+    """Spaces requests evenly, 1% under `rate` per second, across every thread sending to one destination.
+
+    The 1% absorbs network jitter: requests spaced exactly 1/rate apart can arrive closer together, and a
+    destination counting strictly would then see more than `rate` in a second.
+    """
+
+    def __init__(
+        self,
+        rate: float,
+        clock: Callable[[], float] = time.monotonic,
+        stopping: threading.Event | None = None,
+    ) -> None:
+        self.interval = 1.0 / (rate * 0.99)
+        self.clock = clock
+        self.stopping = stopping or threading.Event()
+        self.next_slot = 0.0
+        self.lock = threading.Lock()
+
+    def wait(self) -> None:
+        """Wait for this request's slot; raises Interrupted when the process stops meanwhile (or had)."""
+        with self.lock:
+            now = self.clock()
+            slot = max(now, self.next_slot)
+            self.next_slot = slot + self.interval
+        if self.stopping.wait(max(0.0, slot - now)):
+            raise Interrupted
+
+    def pause(self, seconds: float) -> None:
+        """Hold every sender back, as when the destination answered 429 with Retry-After."""
+        with self.lock:
+            self.next_slot = max(self.next_slot, self.clock() + seconds)
