@@ -149,7 +149,8 @@ def test_finding_3_what_an_audience_query_sets_does_not_outlive_it(
                     settings = conn.exec_driver_sql(
                         "SELECT current_setting('default_transaction_read_only'), "
                         "current_setting('statement_timeout'), "
-                        "(SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'), current_user"
+                        "(SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND database = "
+                        "(SELECT oid FROM pg_database WHERE datname = current_database())), current_user"
                     ).one()
                     assert tuple(settings) == ("off", "0", 0, "postgres")
             [vip] = runner.run(Options(audiences=["VIP"]))
