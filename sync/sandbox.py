@@ -1,4 +1,5 @@
-"""Loopback HTTP servers that behave like the destination APIs: `audience-sync sandbox`, and the tests'.
+"""Loopback HTTP servers that behave like the destination APIs: `audience-sync sandbox`, and the tests'. The
+same request handling also answers in process, as an `httpx.MockTransport` (`transport(*servers)`).
 
 Each server records every request, counts what it accepted, and can be made to misbehave: canned responses
 (`fault`, its body sent slowly if asked), dropped connections (`reset_connection`), requests accepted but
