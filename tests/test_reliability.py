@@ -261,12 +261,16 @@ def test_a_second_process_says_a_run_is_in_progress(
             ),
         )
         first = start_cli(state_url, "run")
-        wait_for(lambda: segment.messages, 30)
-        second = run_cli(state_url, "run")
+        try:
+            wait_for(lambda: segment.messages, 30)
+            first.send_signal(signal.SIGSTOP)  # held mid-run however slow the second is (a lease lives 120 s)
+            second = run_cli(state_url, "run")
+        finally:
+            first.send_signal(signal.SIGCONT)
+            first.communicate(timeout=60)
         assert second.returncode == 1
         assert "audience 'VIP' (id 1) is being synced by" in second.stderr
         assert "try again when it finishes" in second.stderr
-        first.communicate(timeout=60)
         assert first.returncode == 0
         assert sorted(Counter(m["userId"] for m in segment.messages).values()) == [1] * 30
 
