@@ -1,4 +1,5 @@
-"""Loopback HTTP servers that behave like the destination APIs: `audience-sync sandbox`, and the tests'.
+"""Loopback HTTP servers that behave like the destination APIs: `audience-sync sandbox`, and the tests'. The
+same request handling also answers in process, as an `httpx.MockTransport` (`transport(*servers)`).
 
 Each server records every request, counts what it accepted, and can be made to misbehave: canned responses
 (`fault`, its body sent slowly if asked), dropped connections (`reset_connection`), requests accepted but
@@ -23,10 +24,13 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Self
 from urllib.parse import parse_qsl, urlsplit
+
+import httpx
 
 log = logging.getLogger(__name__)
 Response = tuple[int, bytes, dict[str, str]]
@@ -43,6 +47,13 @@ class Recorded:
     headers: dict[str, str]  # lower-case names
     json: Any  # parsed body, or None when the body is empty or not JSON
     body: bytes
+
+    @classmethod
+    def of(cls, method: str, target: str, headers: Iterable[tuple[str, str]], body: bytes) -> Recorded:
+        """A request as it arrives: `target` is the path with its query string."""
+        url = urlsplit(target)
+        query = dict(parse_qsl(url.query, keep_blank_values=True))
+        return cls(method, url.path, query, {k.lower(): v for k, v in headers}, _parse_json(body), body)
 
     @property
     def settings(self) -> Any:
@@ -92,32 +103,13 @@ class _Handler(BaseHTTPRequestHandler):
     def _serve(self) -> None:
         fake = self.server.fake
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        url = urlsplit(self.path)
-        rec = Recorded(
-            method=self.command,
-            path=url.path,
-            query=dict(parse_qsl(url.query, keep_blank_values=True)),
-            headers={k.lower(): v for k, v in self.headers.items()},
-            json=_parse_json(body),
-            body=body,
-        )
-        action, delay, after, dribble = fake._admit(rec)
-        if action == _RESET:
+        rec = Recorded.of(self.command, self.path, self.headers.items(), body)
+        response, after, dribble = fake._respond(rec)
+        if response is None or after == _RESET:
             self._reset()
             return
-        fake._closing.wait(delay)
-        if action is None:
-            with fake._lock:
-                action = fake._handle(rec)
-            if after == _RESET:
-                self._reset()
-                return
-            fake._closing.wait(float(after))
-        assert not isinstance(action, str)
-        status, data, headers = action
-        log.info(
-            "%s %s %s -> %d", type(fake).__name__, rec.method, rec.path, status, extra={"action": "received"}
-        )
+        fake._closing.wait(float(after))
+        status, data, headers = response
         self.send_response(status)
         for name, value in headers.items():
             self.send_header(name, value)
@@ -267,6 +259,38 @@ class FakeServer:
             self.unanswered += 1
             return None, self.delay, self._after_accepting.popleft(), 0.0
 
+    def _respond(self, rec: Recorded) -> tuple[Response | None, float | str, float]:
+        """The answer to `rec` (None: drop the connection unanswered), after its delay; what follows handling
+        (a reset or the seconds to wait before answering) and the seconds between the body's bytes."""
+        action, delay, after, dribble = self._admit(rec)
+        if action == _RESET:
+            return None, 0.0, 0.0
+        self._closing.wait(delay)
+        if action is None:
+            with self._lock:
+                action = self._handle(rec)
+        assert not isinstance(action, str)
+        name, status = type(self).__name__, action[0]
+        log.info("%s %s %s -> %d", name, rec.method, rec.path, status, extra={"action": "received"})
+        return action, after, dribble
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        """The same emulation in process, as an `httpx.MockTransport` handler (see `transport`).
+
+        A dropped connection raises `httpx.ReadError`, as on the wire; an answer held back (`accept_then` with
+        `answer_after`) or a dribbled body needs a socket and a client timeout: use `url` for those.
+        """
+        target = request.url.raw_path.decode()
+        rec = Recorded.of(request.method, target, request.headers.items(), request.read())
+        response, after, dribble = self._respond(rec)
+        if response is None or after == _RESET:
+            raise httpx.ReadError("[Errno 104] Connection reset by peer", request=request)
+        if after or dribble:
+            raise RuntimeError(f"{type(self).__name__}: a late answer or a dribbled body needs its url")
+        status, data, headers = response
+        # as on the wire: a client reads no body on 204 or 304
+        return httpx.Response(status, headers=headers, content=b"" if status in (204, 304) else data)
+
     def _take_token(self) -> bool:
         if self._rate_limit is None:
             return True
@@ -292,6 +316,20 @@ class FakeServer:
     def _shutdown(conn: socket.socket) -> None:
         with contextlib.suppress(OSError):
             conn.shutdown(socket.SHUT_RDWR)  # wakes a handler waiting for the next kept-alive request
+
+
+def transport(*servers: FakeServer) -> httpx.MockTransport:
+    """These servers in process: each request goes to the server whose `url` it names; any other address is
+    refused (`httpx.ConnectError`), like a port nothing listens on."""
+    by_origin = {server.url: server for server in servers}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        origin = f"{request.url.scheme}://{request.url.host}:{request.url.port}"
+        if origin not in by_origin:
+            raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
+        return by_origin[origin].handle_request(request)
+
+    return httpx.MockTransport(handler)
 
 
 def _is_int(value: Any) -> bool:

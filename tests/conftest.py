@@ -6,15 +6,19 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
-from sync import database
+from sync import database, sandbox
+from sync.runner import Options, Result, Runner
+from sync.settings import Cadence, Settings
 
 POSTGRES_URL = os.environ.get("SYNC_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 MARIADB_URL = os.environ.get("SYNC_TEST_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
@@ -50,6 +54,11 @@ def _drop_postgres_database(url: str) -> None:
     admin.dispose()
 
 
+# A DROP DATABASE waits on the server's checkpoints (up to seconds on a busy server): the next tests need not.
+_dropping = ThreadPoolExecutor(1, thread_name_prefix="drop-database")
+_drops: list[Future[None]] = []
+
+
 @pytest.fixture
 def mariadb() -> Iterator[sa.Engine]:
     """The MariaDB server, for sources; required under CI like Postgres. Tests make their own tables."""
@@ -79,7 +88,7 @@ def empty_url(backend: str, tmp_path: Path) -> Iterator[str]:
         return
     url = _new_postgres_database()
     yield url
-    _drop_postgres_database(url)
+    _drops.append(_dropping.submit(_drop_postgres_database, url))
 
 
 @pytest.fixture
@@ -97,12 +106,14 @@ def state_url(backend: str, tmp_path: Path) -> Iterator[str]:
         _template["postgres"] = template_url
     url = _new_postgres_database(template=sa.make_url(_template["postgres"]).database)
     yield url
-    _drop_postgres_database(url)
+    _drops.append(_dropping.submit(_drop_postgres_database, url))
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _drop_template() -> Iterator[None]:
     yield
+    for drop in _drops:  # every test's database dropped; a failure to drop one is raised here
+        drop.result()
     if "postgres" in _template:
         _drop_postgres_database(_template.pop("postgres"))
 
@@ -226,6 +237,15 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def wait_for(condition: Callable[[], object], timeout: float = 60) -> None:
+    """Poll `condition` until it holds; fail after `timeout` seconds: a bound on a hang, not a measurement."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {timeout}s")
+        time.sleep(0.02)
+
+
 def cli_env(state_url: str, env: dict[str, str] | None = None) -> dict[str, str]:
     """The process environment without the developer's SYNC_* settings, pointed at `state_url`."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("SYNC_")}
@@ -255,3 +275,23 @@ def start_cli(
     return subprocess.Popen(
         [COMMAND, *args], env=cli_env(state_url, env), stdin=subprocess.DEVNULL, text=True, **options
     )
+
+
+def sync_in_process(
+    engine: sa.Engine,
+    *servers: sandbox.FakeServer,
+    source: sa.Engine | None = None,
+    query_timeout: float = 600.0,
+    loopback: bool = False,
+    **options: Any,
+) -> list[Result]:
+    """One `audience-sync run` in this process (`initial` with `initial_only=True`): the runner, its requests
+    answered by the servers' in-process face, or with `loopback` over the wire (faults that need a socket).
+    For the logic; the command itself keeps its subprocess tests."""
+    settings = Settings(str(engine.url), None, Cadence(7200, 10800), 60.0, query_timeout)
+    transport = None if loopback else sandbox.transport(*servers)
+    runner = Runner(engine, source or engine, settings, transport=transport)
+    try:
+        return runner.run(Options(**options))
+    finally:
+        runner.close()

@@ -320,7 +320,8 @@ def test_bad_audience_queries(backend: str, state_url: str, config: Config, cust
 
     clean(result, check)
     assert result.returncode == 1, result.stderr
-    assert elapsed < 4.5, f"the 1s timeout was not enforced: the run took {elapsed:.1f}s"
+    # the slow query runs for minutes when nothing stops it
+    assert elapsed < 60, f"the 1s timeout was not enforced: the run took {elapsed:.1f}s"
     for name, message in expected.items():
         assert message in result.stderr, result.stderr
         assert f"{name} -> Everflow: failed" in result.stderr, name

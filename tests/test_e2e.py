@@ -1,13 +1,16 @@
-"""End to end: the real `audience-sync` command against loopback servers that behave like the destinations."""
+"""End to end: the real `audience-sync` command against loopback servers that behave like the destinations,
+and the runner in process against the same emulation where the command adds nothing."""
 
+import io
 import json
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
+from sync import database
 from sync.sandbox import EverflowServer, RefersionServer, SegmentServer
-from tests.conftest import SLOW_QUERY, Config, Customers, run_cli
+from tests.conftest import SLOW_QUERY, Config, Customers, run_cli, sync_in_process
 
 EVENTS = {"Audience Entered": 7, "Audience Exited": 8}
 
@@ -78,7 +81,7 @@ def test_initial_then_unchanged_then_churn(state_url: str, config: Config, custo
 
 
 def test_destination_failing_mid_run_loses_nothing(
-    state_url: str, config: Config, customers: Customers
+    engine: sa.Engine, config: Config, customers: Customers
 ) -> None:
     users = [f"u{i:02d}" for i in range(30)]
     customers.add(*users)
@@ -86,22 +89,24 @@ def test_destination_failing_mid_run_loses_nothing(
         audience = config.audience("VIP", Customers.QUERY)
         config.connect(audience, everflow_destination(config, everflow, max_attempts=1, max_in_flight=4))
 
-        first = run_cli(state_url, "run")
-        assert first.returncode == 1
-        assert "will be sent again on the next run (last: gave up after 1 attempt: HTTP 503)" in first.stderr
+        [first] = sync_in_process(engine, everflow)
+        assert first.outcome == "failed"
+        assert "will be sent again on the next run (last: gave up after 1 attempt: HTTP 503)" in (
+            str(first.error)
+        )
         partial = set(everflow.accepted)
         assert 0 < len(partial) < len(users)
 
         everflow.fail_ratio = 0
-        second = run_cli(state_url, "run")
-        assert second.returncode == 0, second.stderr
+        [second] = sync_in_process(engine, everflow)
+        assert second.outcome == "ok", second.error
         # every member accepted exactly once across both runs: nothing lost, nothing sent twice
         assert everflow.accepted == {(f"tid-{u}", "7"): 1 for u in users}
 
 
 @pytest.mark.parametrize("breakage", ["a syntax error", "running past the timeout"])
 def test_broken_query_fails_only_its_audience_and_sends_no_exits(
-    state_url: str, config: Config, customers: Customers, backend: str, breakage: str
+    state_url: str, engine: sa.Engine, config: Config, customers: Customers, backend: str, breakage: str
 ) -> None:
     broken_query = {
         "a syntax error": "SELEC user_id FROM customers",
@@ -114,7 +119,7 @@ def test_broken_query_fails_only_its_audience_and_sends_no_exits(
         healthy = config.audience("Healthy", Customers.QUERY.replace("'vip'", "'vip' OR segment = 'new'"))
         config.connect(broken, destination, {"entered_event": "Audience Entered"})
         config.connect(healthy, destination, {"entered_event": "Healthy Entered"})
-        assert run_cli(state_url, "initial").returncode == 0
+        assert [r.outcome for r in sync_in_process(engine, everflow, initial_only=True)] == ["ok", "ok"]
         assert len(everflow.requests) == 2  # "Healthy Entered" is not mapped: skipped on purpose
 
         config.sql("UPDATE audiences SET query = :q WHERE id = :id", q=broken_query, id=broken)
@@ -130,9 +135,10 @@ def test_broken_query_fails_only_its_audience_and_sends_no_exits(
                 }
             ),
         )
-        result = run_cli(state_url, "run", env={"SYNC_QUERY_TIMEOUT": "1s"})
-        assert result.returncode == 1
-        assert "Broken Later" in result.stderr and "the query failed" in result.stderr
+        results = {r.audience: r for r in sync_in_process(engine, everflow, query_timeout=1.0)}
+        assert (results["Broken Later"].outcome, results["Healthy"].outcome) == ("failed", "ok")
+        assert "Broken Later" in str(results["Broken Later"].error)
+        assert "the query failed" in str(results["Broken Later"].error)
         # the healthy audience still synced its new member; the broken one sent nothing, no exits above all
         assert everflow.accepted == {("tid-u1", "7"): 1, ("tid-u2", "7"): 1, ("tid-u3", "9"): 1}
 
@@ -189,27 +195,27 @@ def test_dry_run_prints_changes_and_changes_nothing(
         ) == before
 
 
-def test_mass_exit_is_held_until_allowed(state_url: str, config: Config, customers: Customers) -> None:
+def test_mass_exit_is_held_until_allowed(engine: sa.Engine, config: Config, customers: Customers) -> None:
     users = [f"u{i:03d}" for i in range(150)]
     customers.add(*users)
     with EverflowServer() as everflow:
         audience = config.audience("VIP", Customers.QUERY)
         config.connect(audience, everflow_destination(config, everflow, rate_limit=1000))
-        assert run_cli(state_url, "initial").returncode == 0
+        assert [r.outcome for r in sync_in_process(engine, everflow, initial_only=True)] == ["ok"]
         customers.move(*users[:120], segment="lapsed")
 
-        held = run_cli(state_url, "run")
-        assert held.returncode == 1
-        assert "held: it would send false to 120 of 150 accepted members" in held.stderr
+        [held] = sync_in_process(engine, everflow)
+        assert held.outcome == "held"
+        assert "held: it would send false to 120 of 150 accepted members" in str(held.error)
         assert len(everflow.requests) == 150
 
-        released = run_cli(state_url, "run", "--allow-mass-exit")
-        assert released.returncode == 0, released.stderr
+        [released] = sync_in_process(engine, everflow, allow_mass_exit=True)
+        assert released.outcome == "ok", released.error
         assert sum(1 for tid, event in everflow.accepted if event == "8") == 120
 
 
 def test_invalid_rows_are_named_and_do_not_stop_others(
-    state_url: str, config: Config, customers: Customers
+    engine: sa.Engine, config: Config, customers: Customers
 ) -> None:
     customers.add("u1")
     with EverflowServer() as everflow:
@@ -220,13 +226,14 @@ def test_invalid_rows_are_named_and_do_not_stop_others(
         config.connect(bad_key, good)
         config.connect(ok, good)
         config.connect(ok, missing_key)
-        result = run_cli(state_url, "run")
-        assert result.returncode == 1
+        results = sync_in_process(engine, everflow)
+        assert sorted(r.outcome for r in results) == ["invalid", "invalid", "ok"]
+        errors = "\n".join(str(r.error) for r in results)
         assert (
             "audiences row id=1 ('!!!'): key '' (from name) is not snake_case; set audiences.key by hand"
-            in (result.stderr)
+            in errors
         )
-        assert "api_key_env names 'NOT_SET_ANYWHERE', which is not set or empty" in result.stderr
+        assert "api_key_env names 'NOT_SET_ANYWHERE', which is not set or empty" in errors
         assert everflow.accepted == {("tid-u1", "7"): 1}
 
 
@@ -256,21 +263,20 @@ def test_unmigrated_or_garbage_database_and_bad_settings_exit_2(tmp_path: Path) 
     assert "Traceback" not in bad_interval.stderr + unmigrated.stderr
 
 
-def test_source_in_another_database(state_url: str, config: Config, tmp_path: Path) -> None:
+def test_source_in_another_database(engine: sa.Engine, config: Config, tmp_path: Path) -> None:
     source_url = f"sqlite:///{tmp_path / 'warehouse.db'}"
     source = sa.create_engine(source_url)
     Customers(source).add("w1", "w2")
-    source.dispose()
     with EverflowServer() as everflow:
         # colons and percent signs in the query are SQL, not parameters
         query = Customers.QUERY + " AND email LIKE '%@example.com' AND '10:30' = '10:30'"
         config.connect(config.audience("Warehouse VIPs", query), everflow_destination(config, everflow))
-        result = run_cli(state_url, "run", env={"SYNC_SOURCE_URL": source_url})
-        assert result.returncode == 0, result.stderr
+        [result] = sync_in_process(engine, everflow, source=database.create_engine(source_url, source=True))
+        assert result.outcome == "ok", result.error
         assert everflow.accepted == {("tid-w1", "7"): 1, ("tid-w2", "7"): 1}
 
 
-def test_resend_sends_every_member_again(state_url: str, config: Config, customers: Customers) -> None:
+def test_resend_sends_every_member_again(engine: sa.Engine, config: Config, customers: Customers) -> None:
     customers.add("u1", "u2")
     with SegmentServer(api_key="seg-key") as segment:
         destination = config.destination(
@@ -280,20 +286,25 @@ def test_resend_sends_every_member_again(state_url: str, config: Config, custome
             api_key="seg-key",
         )
         config.connect(config.audience("VIP", Customers.QUERY), destination)
-        assert run_cli(state_url, "initial").returncode == 0
+
+        def initial(**options: object) -> list[str]:
+            return [r.outcome for r in sync_in_process(engine, segment, initial_only=True, **options)]
+
+        assert initial() == ["ok"]
         first_ids = sorted(message["messageId"] for message in segment.messages)
         assert len(first_ids) == 2
         assert segment.requests[0].settings == {"network_id": "9"}
 
-        assert run_cli(state_url, "initial").returncode == 0  # completed: nothing to do
+        assert initial() == []  # completed: nothing to do
         assert len(segment.messages) == 2
-        preview = run_cli(state_url, "initial", "--resend", "--dry-run")  # writes nothing to preview
-        assert preview.returncode == 0 and len(preview.stdout.splitlines()) == 2
-        previewed_ids = {json.loads(line)["message"]["messageId"] for line in preview.stdout.splitlines()}
-        assert run_cli(state_url, "initial").returncode == 0  # the preview forgot nothing: no resend
+        preview = io.StringIO()
+        assert initial(resend=True, dry_run=True, out=preview) == ["ok"]  # writes nothing to preview
+        lines = preview.getvalue().splitlines()
+        assert len(lines) == 2
+        previewed_ids = {json.loads(line)["message"]["messageId"] for line in lines}
+        assert initial() == []  # the preview forgot nothing: no resend
         assert len(segment.messages) == 2
-        resend = run_cli(state_url, "initial", "--resend")
-        assert resend.returncode == 0, resend.stderr
+        assert initial(resend=True) == ["ok"]
         assert len(segment.messages) == 4
         # a resend is a new delivery: new messageIds, so a receiver de-duplicating by id does not drop it
         resent_ids = {message["messageId"] for message in segment.messages[2:]}
@@ -301,25 +312,26 @@ def test_resend_sends_every_member_again(state_url: str, config: Config, custome
         assert resent_ids == previewed_ids
 
 
-def test_key_change_after_sync_is_refused(state_url: str, config: Config, customers: Customers) -> None:
+def test_key_change_after_sync_is_refused(engine: sa.Engine, config: Config, customers: Customers) -> None:
     customers.add("u1")
     with EverflowServer() as everflow:
         audience = config.audience("Order Completed Last 30 Days", Customers.QUERY)
         config.connect(audience, everflow_destination(config, everflow))
-        assert run_cli(state_url, "run").returncode == 0
+        assert [r.outcome for r in sync_in_process(engine, everflow)] == ["ok"]
         stored = config.sql("SELECT key FROM audiences WHERE id = :id", id=audience)[0][0]
         assert stored == "order_completed_last_30_days"
 
         config.sql("UPDATE audiences SET name = 'Renamed' WHERE id = :id", id=audience)
         customers.add("u2")
-        assert run_cli(state_url, "run").returncode == 0  # a rename keeps the stored key
+        # a rename keeps the stored key
+        assert [r.outcome for r in sync_in_process(engine, everflow)] == ["ok"]
         config.sql("UPDATE audiences SET key = 'something_else' WHERE id = :id", id=audience)
         customers.add("u3")
-        refused = run_cli(state_url, "run")
-        assert refused.returncode == 1
+        [refused] = sync_in_process(engine, everflow)
+        assert refused.outcome == "invalid"
         assert (
             "key changed from 'order_completed_last_30_days' to 'something_else' after syncing to 'Everflow'"
-            in refused.stderr
+            in str(refused.error)
         )
         assert set(everflow.accepted) == {("tid-u1", "7"), ("tid-u2", "7")}
 
@@ -357,7 +369,7 @@ def test_refersion_answers_through_the_cli(state_url: str, config: Config, custo
 
 
 def test_audiences_with_many_destinations_at_once_deliver_every_change_once(
-    state_url: str, config: Config, customers: Customers
+    engine: sa.Engine, config: Config, customers: Customers
 ) -> None:
     # 4 audiences run at once; each one's 5 destinations read their diffs through the one connection that
     # holds its members, taking turns, and write with their own: 24 database connections in use together.
@@ -372,8 +384,8 @@ def test_audiences_with_many_destinations_at_once_deliver_every_change_once(
             for destination in destinations:
                 config.connect(audience, destination)
 
-        done = run_cli(state_url, "run", timeout=60)
+        done = sync_in_process(engine, segment)
 
-        assert done.returncode == 0, done.stderr
+        assert [r.outcome for r in done] == ["ok"] * 20, [r.error for r in done]
         message_ids = [m["messageId"] for m in segment.messages]
         assert len(message_ids) == len(set(message_ids)) == 4 * 5 * 6

@@ -1,4 +1,5 @@
-"""The destinations as their published APIs describe them, end to end: the real command, both backends.
+"""The destinations as their published APIs describe them, end to end on both backends: the runner in process
+against the sandbox's emulation, and the real command for check, explain and forget.
 
 Each fact comes from a published reference, named beside the test that relies on it:
 - Refersion REST API v2 reference (OpenAPI, affiliates): /affiliate/new answers the affiliate's code as `id`;
@@ -16,8 +17,9 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from sync.runner import Result
 from sync.sandbox import EverflowServer, RefersionServer, SegmentServer
-from tests.conftest import Config, run_cli
+from tests.conftest import Config, run_cli, sync_in_process
 from tests.test_e2e import EVENTS, everflow_destination, refersion_destination
 
 BUYERS = "SELECT user_id, email, first_name, last_name, country, transaction_id, total, order_id FROM buyers"
@@ -59,8 +61,12 @@ def ok(done: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[st
     return done
 
 
+def synced(results: list[Result]) -> None:
+    assert results and all(r.good for r in results), [(r.outcome, r.error) for r in results]
+
+
 def test_refersion_create_then_exit_disables_the_numeric_id_then_reentry_reactivates(
-    state_url: str, config: Config, engine: sa.Engine
+    config: Config, engine: sa.Engine
 ) -> None:
     buyers = Buyers(engine)
     buyers.add("u0")  # stays: the query never returns no rows (which the mass-exit guard would hold)
@@ -68,12 +74,12 @@ def test_refersion_create_then_exit_disables_the_numeric_id_then_reentry_reactiv
     with RefersionServer() as refersion:
         audience = config.audience("Buyers", BUYERS)
         config.connect(audience, refersion_destination(config, refersion, on_exit="disable", status="ACTIVE"))
-        ok(run_cli(state_url, "initial"))
+        synced(sync_in_process(engine, refersion, initial_only=True))
         affiliate = next(a for a in refersion.affiliates.values() if a["unique_merchant_id"] == "u1")
         buyers.remove("u1")
-        ok(run_cli(state_url, "run"))
+        synced(sync_in_process(engine, refersion))
         buyers.add("u1")
-        ok(run_cli(state_url, "run"))
+        synced(sync_in_process(engine, refersion))
         paths = [(r.path.removeprefix("/v2/affiliate/"), r.json) for r in refersion.requests[2:]]
         assert [p for p, _ in paths] == ["get", "status_change", "status_change"]
         assert paths[0][1] == {"affiliate_code": affiliate["code"]}
@@ -91,9 +97,7 @@ def test_refersion_create_then_exit_disables_the_numeric_id_then_reentry_reactiv
         )
 
 
-def test_refersion_email_taken_is_adopted_and_disabled_on_exit(
-    state_url: str, config: Config, engine: sa.Engine
-) -> None:
+def test_refersion_email_taken_is_adopted_and_disabled_on_exit(config: Config, engine: sa.Engine) -> None:
     buyers = Buyers(engine)
     buyers.add("u1")
     buyers.add("u2")
@@ -101,11 +105,11 @@ def test_refersion_email_taken_is_adopted_and_disabled_on_exit(
         existing = refersion.add_affiliate("u1@example.com")
         audience = config.audience("Buyers", BUYERS)
         config.connect(audience, refersion_destination(config, refersion, on_exit="disable"))
-        ok(run_cli(state_url, "initial"))
+        synced(sync_in_process(engine, refersion, initial_only=True))
         assert len(refersion.affiliates) == 2  # u2 created, u1 adopted
         assert refersion.affiliates[existing]["status"] == "ACTIVE"  # adopted as it is
         buyers.remove("u1")
-        ok(run_cli(state_url, "run"))
+        synced(sync_in_process(engine, refersion))
         assert refersion.affiliates[existing]["status"] == "DISABLED"
         assert refersion.accepted[(existing, "DISABLED")] == 1
         adopting = [
@@ -117,7 +121,7 @@ def test_refersion_email_taken_is_adopted_and_disabled_on_exit(
 
 
 def test_refersion_country_names_become_codes_and_an_unmappable_one_is_rejected_once(
-    state_url: str, config: Config, engine: sa.Engine
+    config: Config, engine: sa.Engine
 ) -> None:
     buyers = Buyers(engine)
     buyers.add("u1", country="United States")
@@ -125,8 +129,9 @@ def test_refersion_country_names_become_codes_and_an_unmappable_one_is_rejected_
     with RefersionServer() as refersion:
         audience = config.audience("Buyers", BUYERS)
         config.connect(audience, refersion_destination(config, refersion))
-        ok(run_cli(state_url, "initial"))
-        ok(run_cli(state_url, "run"))  # the rejected entry is not offered again until its traits change
+        synced(sync_in_process(engine, refersion, initial_only=True))
+        # the rejected entry is not offered again until its traits change
+        synced(sync_in_process(engine, refersion))
         [created] = refersion.affiliates.values()
         assert (created["unique_merchant_id"], created["country"]) == ("u1", "US")
         assert len(refersion.requests) == 1
@@ -136,9 +141,7 @@ def test_refersion_country_names_become_codes_and_an_unmappable_one_is_rejected_
         assert "country column holds 'Narnia'" in reason
 
 
-def test_everflow_postbacks_carry_aid_and_mapped_params(
-    state_url: str, config: Config, engine: sa.Engine
-) -> None:
+def test_everflow_postbacks_carry_aid_and_mapped_params(config: Config, engine: sa.Engine) -> None:
     buyers = Buyers(engine)
     buyers.add("u1", total="19.90", order_id="o-1")
     buyers.add("u2")  # no total, no order: those parameters are left out
@@ -146,7 +149,7 @@ def test_everflow_postbacks_carry_aid_and_mapped_params(
         audience = config.audience("Buyers", BUYERS)
         params = {"amount": "total", "order_id": "order_id"}
         config.connect(audience, everflow_destination(config, everflow, aid="77", params=params))
-        ok(run_cli(state_url, "initial"))
+        synced(sync_in_process(engine, everflow, initial_only=True))
         sent = {r.query["transaction_id"]: r.query for r in everflow.requests}
         assert sent["tid-u1"] == {
             "nid": "1",
@@ -171,9 +174,9 @@ def test_everflow_over_the_segment_transport_sends_track_only(
         destination = config.destination("Everflow", "everflow", settings, api_key="k")
         audience = config.audience("Buyers", BUYERS)
         config.connect(audience, destination, {"type": "identify", "entered_event": "Joined"})
-        ok(run_cli(state_url, "initial"))
+        synced(sync_in_process(engine, segment, initial_only=True))
         buyers.remove("u2")
-        ok(run_cli(state_url, "run"))
+        synced(sync_in_process(engine, segment))
         assert [(m["type"], m["event"], m["userId"]) for m in segment.messages] == [
             ("track", "Joined", "u1"),
             ("track", "Joined", "u2"),
@@ -202,7 +205,7 @@ def test_forget_disables_the_refersion_affiliate_by_numeric_id_and_sends_email_o
             api_key="k",
         )
         config.connect(audience, over_segment, {"type": "track"})
-        ok(run_cli(state_url, "initial"))
+        synced(sync_in_process(engine, refersion, segment, initial_only=True))
         assert [m["type"] for m in segment.messages] == ["identify"]  # `track` is not what it takes
         check = ok(run_cli(state_url, "check")).stdout
         assert "('Buyers', 'Refersion via Segment'): settings.type is 'track'" in check
@@ -236,7 +239,7 @@ def test_explain_says_received_for_everflow_postbacks(
     with EverflowServer() as everflow:
         audience = config.audience("Buyers", BUYERS)
         config.connect(audience, everflow_destination(config, everflow))
-        ok(run_cli(state_url, "initial"))
+        synced(sync_in_process(engine, everflow, initial_only=True))
         [entry] = json.loads(ok(run_cli(state_url, "explain", "u1", "--json")).stdout)
         assert (entry["accepted"], entry["accepted_means"]) == (True, "received")
         table = ok(run_cli(state_url, "explain", "u1", env={"COLUMNS": "200"})).stdout

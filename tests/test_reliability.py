@@ -6,7 +6,6 @@ import json
 import re
 import signal
 import subprocess
-import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +19,7 @@ from sync import database, leases, runner
 from sync.sandbox import EverflowServer, FakeServer, RefersionServer, SegmentServer
 from sync.settings import Settings
 from sync.tables import sync_leases
-from tests.conftest import Config, Customers, free_port, run_cli, start_cli
+from tests.conftest import Config, Customers, free_port, run_cli, start_cli, sync_in_process, wait_for
 from tests.tcp_proxy import TcpProxy
 from tests.test_e2e import EVENTS
 
@@ -36,14 +35,16 @@ def _dump(engine: sa.Engine) -> str:
 
 def _wait_for_metrics(port: int, needle: str) -> str:
     """The daemon's /metrics once they show `needle` (a run finished), within 30 s."""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+    exposed = ""
+
+    def shown() -> bool:
+        nonlocal exposed
         with contextlib.suppress(httpx.TransportError):
             exposed = httpx.get(f"http://127.0.0.1:{port}/metrics").text
-            if needle in exposed:
-                return exposed
-        time.sleep(0.2)
-    raise AssertionError(f"/metrics never showed {needle}")
+        return needle in exposed
+
+    wait_for(shown, 30)
+    return exposed
 
 
 def test_secrets_never_appear_in_output_logs_or_state(
@@ -164,9 +165,7 @@ def test_sigkill_mid_delivery_loses_nothing_and_resends_only_what_was_in_flight(
             command, changed, value = "daemon", users[:45], False  # under the mass-exit guard's half
             customers.move(*changed, segment="churned")
         process = start_cli(state_url, command, env={"SYNC_INTERVAL": "1s"})
-        deadline = time.monotonic() + 30
-        while len(segment.messages) < 20 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_for(lambda: len(segment.messages) >= 20, 30)
         process.send_signal(signal.SIGKILL)
         process.communicate(timeout=10)
         assert 0 < len(segment.messages) < len(changed)
@@ -212,15 +211,15 @@ def test_daemons_and_a_run_share_the_work_without_overlap(
             manual = run_cli(state_url, "run", env=env)
             assert manual.returncode in (0, 1)  # 1: some audiences were busy in a daemon, and it says so
             assert "Traceback" not in manual.stderr
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                done = config.sql("SELECT count(DISTINCT audience_id) FROM sync_runs WHERE outcome = 'ok'")[
-                    0
-                ][0]
-                if done == len(audiences):
-                    break
-                time.sleep(0.5)
-            time.sleep(3)  # a few more cycles: nothing new may be sent
+            wait_for(
+                lambda: (
+                    config.sql("SELECT count(DISTINCT audience_id) FROM sync_runs WHERE outcome = 'ok'")
+                    == [(len(audiences),)]
+                )
+            )
+            # two more cycles of every audience, in which nothing new may be sent
+            [(runs,)] = config.sql("SELECT count(*) FROM sync_runs")
+            wait_for(lambda: config.sql("SELECT count(*) FROM sync_runs")[0][0] >= runs + 2 * len(audiences))
         finally:
             for daemon in daemons:
                 daemon.send_signal(signal.SIGTERM)
@@ -262,14 +261,16 @@ def test_a_second_process_says_a_run_is_in_progress(
             ),
         )
         first = start_cli(state_url, "run")
-        deadline = time.monotonic() + 30
-        while not segment.messages and time.monotonic() < deadline:
-            time.sleep(0.02)
-        second = run_cli(state_url, "run")
+        try:
+            wait_for(lambda: segment.messages, 30)
+            first.send_signal(signal.SIGSTOP)  # held mid-run however slow the second is (a lease lives 120 s)
+            second = run_cli(state_url, "run")
+        finally:
+            first.send_signal(signal.SIGCONT)
+            first.communicate(timeout=60)
         assert second.returncode == 1
         assert "audience 'VIP' (id 1) is being synced by" in second.stderr
         assert "try again when it finishes" in second.stderr
-        first.communicate(timeout=60)
         assert first.returncode == 0
         assert sorted(Counter(m["userId"] for m in segment.messages).values()) == [1] * 30
 
@@ -296,9 +297,7 @@ def test_a_run_that_loses_its_lease_stops_after_the_page_and_the_next_run_resume
         try:
             with ThreadPoolExecutor(1) as pool:
                 first = pool.submit(sync.run, runner.Options())
-                deadline = time.monotonic() + 30
-                while len(segment.messages) < 10 and time.monotonic() < deadline:
-                    time.sleep(0.01)
+                wait_for(lambda: len(segment.messages) >= 10, 30)
                 with engine.begin() as conn:  # typed, as the runner writes it
                     conn.execute(
                         sa.update(sync_leases).values(
@@ -347,9 +346,7 @@ def test_daemons_whose_clocks_differ_by_minutes_cannot_both_hold_an_audience(
         try:
             with ThreadPoolExecutor(1) as pool:
                 first = pool.submit(behind.run, runner.Options())
-                deadline = time.monotonic() + 30
-                while not segment.messages and time.monotonic() < deadline:
-                    time.sleep(0.01)
+                wait_for(lambda: segment.messages, 30)
                 [second] = ahead.run(runner.Options())
                 [done] = first.result(timeout=60)
         finally:
@@ -391,9 +388,7 @@ def test_state_database_lost_at_start_and_mid_run(
 
         proxy.restore()
         process = start_cli(via_proxy, "run")
-        deadline = time.monotonic() + 30
-        while len(segment.messages) < 12 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_for(lambda: len(segment.messages) >= 12, 30)
         proxy.cut()
         assert 0 < len(segment.messages) < len(users)  # cut in the middle of delivery
         _, stderr = process.communicate(timeout=60)
@@ -440,19 +435,16 @@ def test_a_run_after_a_nat_dropped_the_idle_pooled_connections_starts_at_once(
         }
         daemon = start_cli(via_proxy, "daemon", env=env)
         try:
-            deadline = time.monotonic() + 30
-            while not (
-                config.sql("SELECT count(*) FROM sync_runs")[0][0] == 1
-                and config.sql("SELECT count(*) FROM sync_leases")[0][0] == 0
-            ):
-                assert time.monotonic() < deadline, "the first run did not finish"
-                time.sleep(0.1)
+            wait_for(  # the first run finished
+                lambda: (
+                    config.sql("SELECT count(*) FROM sync_runs")[0][0] == 1
+                    and config.sql("SELECT count(*) FROM sync_leases")[0][0] == 0
+                ),
+                30,
+            )
             proxy.stall()  # between two runs: every flow the daemon keeps open is gone, and nothing says so
             customers.add("u2")
-            deadline = time.monotonic() + 30  # the next run is due 4 s after the first
-            while len(segment.messages) < 2:
-                assert time.monotonic() < deadline, "the next run did not get through"
-                time.sleep(0.1)
+            wait_for(lambda: len(segment.messages) >= 2, 30)  # the next run, due 4 s after the first
         finally:
             daemon.send_signal(signal.SIGTERM)
             try:
@@ -491,22 +483,32 @@ STOPPING = {
 AMBIGUOUS = {"accepted, then the connection reset": 3, "accepted, answered after the timeout": 3}
 
 
+# Faults that need a socket and the client's timeouts: the runner sends over loopback for these.
+ON_THE_WIRE = {
+    "connections reset",
+    "slower than the timeout",
+    "connection refused until it comes up",
+    "accepted, then the connection reset",
+    "accepted, answered after the timeout",
+}
+
+
 def _run_through(
-    state_url: str, server: FakeServer, fault: str, fix: Callable[[str], None] = lambda _: None
+    engine: sa.Engine, server: FakeServer, fault: str, fix: Callable[[str], None] = lambda _: None
 ) -> None:
     """`run` until a run succeeds (at most 4), fixing what an operator would fix after a failed one."""
-    exits = []
+    outcomes = []
     for _ in range(4):
-        result = run_cli(state_url, "run")
-        assert "Traceback" not in result.stderr
-        exits.append(result.returncode)
-        if result.returncode == 0:
+        [result] = sync_in_process(engine, server, loopback=fault in ON_THE_WIRE)
+        outcomes.append(result.outcome)
+        if result.outcome == "ok":
             return
+        assert result.outcome == "failed", result.error
         if fault in STOPPING:
-            assert STOPPING[fault] in result.stderr
+            assert STOPPING[fault] in str(result.error)
             server.clear_faults()  # the key or URL was fixed: the destination accepts again
-        fix(result.stderr)
-    raise AssertionError(f"no run succeeded: exit statuses {exits}")
+        fix(str(result.error))
+    raise AssertionError(f"no run succeeded: outcomes {outcomes}")
 
 
 FAST_RETRIES = {
@@ -520,7 +522,7 @@ FAST_RETRIES = {
 
 @pytest.mark.parametrize("fault", FAULTS)
 def test_fault_matrix_every_change_accepted_once(
-    state_url: str, config: Config, customers: Customers, fault: str
+    engine: sa.Engine, config: Config, customers: Customers, fault: str
 ) -> None:
     users = [f"u{i:02d}" for i in range(20)]
     customers.add(*users)
@@ -537,12 +539,12 @@ def test_fault_matrix_every_change_accepted_once(
         config.connect(config.audience("VIP", Customers.QUERY), destination)
         FAULTS[fault](everflow)
 
-        def came_up(stderr: str) -> None:
+        def came_up(error: str) -> None:
             if refused:
-                assert "connection failed (ConnectError)" in stderr
+                assert "connection failed (ConnectError)" in error
                 config.sql("UPDATE destinations SET settings = :s", s=json.dumps(settings))
 
-        _run_through(state_url, everflow, fault, came_up)
+        _run_through(engine, everflow, fault, came_up)
         # server-side: every entry accepted, nothing else; twice only what was accepted but never answered
         assert set(everflow.accepted) == {(f"tid-{u}", "7") for u in users}
         assert sum(everflow.accepted.values()) - len(users) == AMBIGUOUS.get(fault, 0)
@@ -559,7 +561,7 @@ def test_fault_matrix_every_change_accepted_once(
     ],
 )
 def test_refersion_fault_matrix_entries_and_exits_accepted_once(
-    state_url: str, config: Config, customers: Customers, fault: str
+    engine: sa.Engine, config: Config, customers: Customers, fault: str
 ) -> None:
     users = [f"u{i:02d}" for i in range(12)]
     customers.add(*users)
@@ -570,14 +572,14 @@ def test_refersion_fault_matrix_entries_and_exits_accepted_once(
             config.destination("Refersion", "refersion", settings, api_key="pub.sec"),
         )
         FAULTS[fault](refersion)
-        _run_through(state_url, refersion, fault)
+        _run_through(engine, refersion, fault)
         ids = {a["unique_merchant_id"]: affiliate_id for affiliate_id, a in refersion.affiliates.items()}
         assert refersion.accepted == {(u, "new"): 1 for u in users} and sorted(ids) == users
 
         leaving = users[:5]  # under the mass-exit guard's half
         customers.move(*leaving, segment="lapsed")
         FAULTS[fault](refersion)
-        _run_through(state_url, refersion, fault)
+        _run_through(engine, refersion, fault)
         # server-side: each affiliate created once, each leaver disabled once, nobody else touched
         assert refersion.accepted == {
             **{(u, "new"): 1 for u in users},
@@ -599,42 +601,42 @@ def _connect_refersion(config: Config, refersion: RefersionServer, **settings: s
 
 
 def test_refersion_answering_garbage_is_not_taken_for_acceptance(
-    state_url: str, config: Config, customers: Customers
+    engine: sa.Engine, config: Config, customers: Customers
 ) -> None:
     customers.add("u1", "u2", "u3")
     with RefersionServer() as refersion:
         _connect_refersion(config, refersion)
         refersion.fault(200, body="<html><body>502 Bad Gateway</body></html>", times=2)
-        first = run_cli(state_url, "run")
-        assert first.returncode == 1
-        assert "2 changes were not accepted" in first.stderr
-        second = run_cli(state_url, "run")
-        assert second.returncode == 0, second.stderr
+        [first] = sync_in_process(engine, refersion)
+        assert first.outcome == "failed"
+        assert "2 changes were not accepted" in str(first.error)
+        [second] = sync_in_process(engine, refersion)
+        assert second.outcome == "ok", second.error
         created = Counter(a["unique_merchant_id"] for a in refersion.affiliates.values())
         assert created == {"u1": 1, "u2": 1, "u3": 1}
         assert config.sql("SELECT count(*) FROM sync_state WHERE remote_code IS NOT NULL")[0][0] == 3
 
 
 def test_refersion_ids_not_changed_stays_pending_until_refersion_changes_it(
-    state_url: str, config: Config, customers: Customers
+    engine: sa.Engine, config: Config, customers: Customers
 ) -> None:
     customers.add("u1", "u2", "u3")
     with RefersionServer() as refersion:
         _connect_refersion(config, refersion, on_exit="disable")
-        assert run_cli(state_url, "run").returncode == 0
+        assert [r.outcome for r in sync_in_process(engine, refersion)] == ["ok"]
         ids = {a["unique_merchant_id"]: affiliate_id for affiliate_id, a in refersion.affiliates.items()}
         customers.move("u1", "u2", segment="churned")
         refersion.not_changeable.add(ids["u2"])
 
-        stuck = run_cli(state_url, "run")
-        assert stuck.returncode == 1
-        assert "1 change was not accepted" in stuck.stderr and "Traceback" not in stuck.stderr
+        [stuck] = sync_in_process(engine, refersion)
+        assert stuck.outcome == "failed"
+        assert "1 change was not accepted" in str(stuck.error)
         members = dict(config.sql("SELECT user_id, member FROM sync_state"))
         assert members == {"u1": False, "u2": True, "u3": True}  # u2's exit is still to be delivered
 
         refersion.not_changeable.clear()
-        again = run_cli(state_url, "run")
-        assert again.returncode == 0, again.stderr
+        [again] = sync_in_process(engine, refersion)
+        assert again.outcome == "ok", again.error
         assert dict(config.sql("SELECT user_id, member FROM sync_state")) == {
             "u1": False,
             "u2": False,
@@ -649,22 +651,22 @@ def test_refersion_ids_not_changed_stays_pending_until_refersion_changes_it(
 
 
 def test_refersion_create_accepted_but_unanswered_makes_no_second_affiliate(
-    state_url: str, config: Config, customers: Customers
+    engine: sa.Engine, config: Config, customers: Customers
 ) -> None:
     customers.add("u1", "u2")
     with RefersionServer() as refersion:
         _connect_refersion(config, refersion, on_exit="disable")
         refersion.accept_then(times=1)  # the first create is made, but its answer never arrives
-        assert run_cli(state_url, "run").returncode == 1
-        again = run_cli(state_url, "run")
-        assert again.returncode == 0, again.stderr
+        assert [r.outcome for r in sync_in_process(engine, refersion, loopback=True)] == ["failed"]
+        [again] = sync_in_process(engine, refersion, loopback=True)
+        assert again.outcome == "ok", again.error
         assert refersion.accepted == {("u1", "new"): 1, ("u2", "new"): 1}  # the re-sent create got 422
         assert len(refersion.affiliates) == 2
         # the re-sent create's 422 "email taken" adopted the affiliate the first one made: its ids are known
         assert config.sql("SELECT count(*) FROM sync_state WHERE remote_id IS NOT NULL")[0][0] == 1
 
         customers.move("u1", "u2", segment="churned")
-        assert run_cli(state_url, "run", "--allow-mass-exit").returncode == 0
+        assert [r.outcome for r in sync_in_process(engine, refersion, allow_mass_exit=True)] == ["ok"]
         disabled = [n for (_, status), n in refersion.accepted.items() if status == "DISABLED"]
         assert disabled == [1, 1]  # both, the adopted one included
         assert config.sql("SELECT count(*) FROM sync_rejections")[0][0] == 0

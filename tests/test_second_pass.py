@@ -1,7 +1,7 @@
 """Reliability, second pass (issue 13): each test is named after the finding it pins down.
 
-The real `audience-sync` command against loopback servers, on SQLite and Postgres unless a finding is about
-one backend.
+The runner in process against the sandbox's emulation (the real command where its output or another command
+is the point), on SQLite and Postgres unless a finding is about one backend.
 """
 
 import json
@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from sync.runner import Options, Runner
 from sync.sandbox import SegmentServer
 from sync.settings import Settings
-from tests.conftest import Config, Customers, run_cli
+from tests.conftest import Config, Customers, run_cli, sync_in_process
 
 FAST = {"backoff_initial": 0.01, "backoff_max": 0.05, "max_attempts": 2, "rate_limit": 1000}
 
@@ -32,22 +32,23 @@ def accepted_values(segment: SegmentServer) -> Counter[tuple[str, bool]]:
 
 
 def test_finding_1_the_same_refusal_for_every_request_stops_the_destination_and_loses_nothing(
-    state_url: str, config: Config, customers: Customers
+    engine: sa.Engine, config: Config, customers: Customers
 ) -> None:
     customers.add(*[f"u{i:02d}" for i in range(20)])
     with SegmentServer(api_key="k") as segment:
         config.connect(config.audience("VIP", Customers.QUERY), segment_destination(config, segment))
-        assert run_cli(state_url, "initial").returncode == 0
+        [initial] = sync_in_process(engine, segment, initial_only=True)
+        assert initial.outcome == "ok", initial.error
         customers.move(*[f"u{i:02d}" for i in range(10)], segment="lapsed")  # 10 exits
         customers.add(*[f"n{i:02d}" for i in range(10)])  # 10 entries
         # a wrong endpoint path: every request answered 404 (Segment's partner page: 4xx with a message)
         segment.fault(404, '{"message": "Not Found"}', times=10_000)
 
-        refused = run_cli(state_url, "run")
+        [refused] = sync_in_process(engine, segment)
 
-        assert refused.returncode == 1
-        assert "the first 10 requests were all refused alike (HTTP 404: Not Found)" in refused.stderr
-        assert "20 changes stay pending" in refused.stderr
+        assert refused.outcome == "failed"
+        assert "the first 10 requests were all refused alike (HTTP 404: Not Found)" in str(refused.error)
+        assert "20 changes stay pending" in str(refused.error)
         assert config.sql("SELECT count(*) FROM sync_rejections") == [(0,)]
         assert config.sql("SELECT count(*) FROM sync_state WHERE member = true") == [(20,)]
         [(pending, outcome)] = config.sql("SELECT pending, outcome FROM sync_runs ORDER BY id DESC LIMIT 1")
@@ -55,61 +56,61 @@ def test_finding_1_the_same_refusal_for_every_request_stops_the_destination_and_
 
         segment.clear_faults()  # the operator fixed the endpoint
         segment.messages.clear()
-        fixed = run_cli(state_url, "run")
+        [fixed] = sync_in_process(engine, segment)
 
-        assert fixed.returncode == 0, fixed.stderr
+        assert fixed.outcome == "ok", fixed.error
         expected = {(f"u{i:02d}", False): 1 for i in range(10)} | {(f"n{i:02d}", True): 1 for i in range(10)}
         assert accepted_values(segment) == expected
 
 
 def test_finding_1_refusals_alike_with_nothing_accepted_stay_pending_however_few(
-    state_url: str, config: Config, customers: Customers
+    engine: sa.Engine, config: Config, customers: Customers
 ) -> None:
     customers.add("u1", "u2", "u3")
     with SegmentServer(api_key="k") as segment:
         config.connect(config.audience("VIP", Customers.QUERY), segment_destination(config, segment))
-        assert run_cli(state_url, "initial").returncode == 0
+        assert [r.outcome for r in sync_in_process(engine, segment, initial_only=True)] == ["ok"]
         customers.move("u2", "u3", segment="lapsed")
         segment.fault(404, '{"message": "Not Found"}', times=2)  # 2 exits, below the 10 that stop it
-        refused = run_cli(state_url, "run")
-        assert refused.returncode == 1
-        assert "refused (HTTP 404: Not Found) while nothing was accepted" in refused.stderr
+        [refused] = sync_in_process(engine, segment)
+        assert refused.outcome == "failed"
+        assert "refused (HTTP 404: Not Found) while nothing was accepted" in str(refused.error)
         assert config.sql("SELECT count(*) FROM sync_rejections") == [(0,)]
         assert config.sql("SELECT count(*) FROM sync_state WHERE member = true") == [(3,)]
         segment.messages.clear()
-        assert run_cli(state_url, "run").returncode == 0
+        assert [r.outcome for r in sync_in_process(engine, segment)] == ["ok"]
         assert accepted_values(segment) == {("u2", False): 1, ("u3", False): 1}
 
 
 def test_finding_1_refused_users_are_rejected_once_the_destination_accepted_one_in_the_batch(
-    state_url: str, config: Config, customers: Customers
+    engine: sa.Engine, config: Config, customers: Customers
 ) -> None:
     customers.add(*[f"a{i:02d}" for i in range(10)], *[f"b{i:02d}" for i in range(30)])
     with SegmentServer(api_key="k") as segment:
         config.connect(config.audience("VIP", Customers.QUERY), segment_destination(config, segment))
         segment.fault(400, '{"message": "Missing email address"}', times=10)  # 10 alike, about 10 users
-        done = run_cli(state_url, "initial")
-        assert done.returncode == 0, done.stderr
+        [done] = sync_in_process(engine, segment, initial_only=True)
+        assert done.outcome == "ok", done.error
         assert config.sql("SELECT count(*) FROM sync_rejections") == [(10,)]
         assert config.sql("SELECT count(*) FROM sync_state WHERE member = true") == [(30,)]
 
 
 def test_finding_2_initial_resend_delivers_the_exits_still_pending(
-    state_url: str, config: Config, customers: Customers
+    engine: sa.Engine, config: Config, customers: Customers
 ) -> None:
     customers.add("u1", "u2", "u3", "u4", "u5")
     with SegmentServer(api_key="k") as segment:
         config.connect(config.audience("VIP", Customers.QUERY), segment_destination(config, segment))
-        assert run_cli(state_url, "initial").returncode == 0
+        assert [r.outcome for r in sync_in_process(engine, segment, initial_only=True)] == ["ok"]
         customers.move("u4", "u5", segment="lapsed")
         segment.fault(503, times=10_000)  # the destination is down while they leave
-        assert run_cli(state_url, "run").returncode == 1
+        assert [r.outcome for r in sync_in_process(engine, segment)] == ["failed"]
         segment.clear_faults()
         segment.messages.clear()
 
-        resent = run_cli(state_url, "initial", "--resend")
+        [resent] = sync_in_process(engine, segment, initial_only=True, resend=True)
 
-        assert resent.returncode == 0, resent.stderr
+        assert resent.outcome == "ok", resent.error
         assert accepted_values(segment) == {
             ("u1", True): 1,
             ("u2", True): 1,
@@ -149,7 +150,8 @@ def test_finding_3_what_an_audience_query_sets_does_not_outlive_it(
                     settings = conn.exec_driver_sql(
                         "SELECT current_setting('default_transaction_read_only'), "
                         "current_setting('statement_timeout'), "
-                        "(SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'), current_user"
+                        "(SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND database = "
+                        "(SELECT oid FROM pg_database WHERE datname = current_database())), current_user"
                     ).one()
                     assert tuple(settings) == ("off", "0", 0, "postgres")
             [vip] = runner.run(Options(audiences=["VIP"]))
@@ -191,14 +193,14 @@ def test_finding_3_a_run_failing_on_the_state_database_is_recorded_and_shown(
 
 
 def test_finding_4_an_overlong_user_id_is_skipped_and_counted(
-    state_url: str, config: Config, customers: Customers
+    state_url: str, engine: sa.Engine, config: Config, customers: Customers
 ) -> None:
     customers.add("u1", "u" * 3000, "é" * 513)  # 3,000 bytes; 1,026 bytes in UTF-8
     customers.add("x" * 1024)  # exactly the limit: kept
     with SegmentServer(api_key="k") as segment:
         config.connect(config.audience("VIP", Customers.QUERY), segment_destination(config, segment))
-        done = run_cli(state_url, "run")
-        assert done.returncode == 0, done.stderr
+        [done] = sync_in_process(engine, segment)
+        assert done.outcome == "ok", done.error
         assert sorted(m["userId"] for m in segment.messages) == ["u1", "x" * 1024]
     [(members, long)] = config.sql("SELECT members, long_user_ids FROM sync_runs")
     assert (members, long) == (2, 2)
@@ -207,15 +209,15 @@ def test_finding_4_an_overlong_user_id_is_skipped_and_counted(
 
 
 def test_finding_5_an_audience_with_1000_trait_columns_syncs(
-    state_url: str, config: Config, customers: Customers
+    engine: sa.Engine, config: Config, customers: Customers
 ) -> None:
     customers.add("u1")
     columns = ", ".join(f"'v{i}' AS t{i:04d}" for i in range(1000))
     query = f"SELECT user_id, email, first_name, last_name, {columns} FROM customers"
     with SegmentServer(api_key="k") as segment:
         config.connect(config.audience("Wide", query), segment_destination(config, segment))
-        done = run_cli(state_url, "run")
-        assert done.returncode == 0, done.stderr
+        [done] = sync_in_process(engine, segment)
+        assert done.outcome == "ok", done.error
         [message] = segment.messages
     traits = message["traits"]
     assert len(traits) == 1 + 3 + 1000  # the audience key, the names and email, the 1,000 columns
@@ -223,14 +225,14 @@ def test_finding_5_an_audience_with_1000_trait_columns_syncs(
 
 
 def test_finding_5_narrow_traits_are_stored_as_before(
-    state_url: str, backend: str, config: Config, customers: Customers
+    engine: sa.Engine, backend: str, config: Config, customers: Customers
 ) -> None:
     """Stored traits decide what is re-sent: up to 63 columns their text must not change."""
     customers.add("u1")
     query = "SELECT user_id, email, first_name, last_name, NULL AS phone, 3 AS n FROM customers"
     with SegmentServer(api_key="k") as segment:
         config.connect(config.audience("VIP", query), segment_destination(config, segment))
-        assert run_cli(state_url, "run").returncode == 0
+        assert [r.outcome for r in sync_in_process(engine, segment)] == ["ok"]
     [(traits,)] = config.sql("SELECT traits FROM sync_state")
     expected = {
         "sqlite": '{"email":"u1@example.com","first_name":"Ada","last_name":"Lovelace","phone":null,"n":3}',
@@ -270,7 +272,7 @@ def test_finding_6_check_warns_while_the_source_role_can_write_large_objects(
 
 
 def test_finding_11_a_run_that_gives_up_says_exactly_how_many_changes_stay_pending(
-    state_url: str, config: Config, customers: Customers
+    state_url: str, engine: sa.Engine, config: Config, customers: Customers
 ) -> None:
     customers.add(*[f"u{i:03d}" for i in range(200)])
     with SegmentServer(api_key="k") as segment:
@@ -278,9 +280,9 @@ def test_finding_11_a_run_that_gives_up_says_exactly_how_many_changes_stay_pendi
             config.audience("VIP", Customers.QUERY), segment_destination(config, segment, max_in_flight=4)
         )
         segment.fault(503, times=10_000)
-        done = run_cli(state_url, "initial")
-    assert done.returncode == 1
-    assert "200 changes stay pending" in done.stderr
+        [done] = sync_in_process(engine, segment, initial_only=True)
+    assert done.outcome == "failed"
+    assert "200 changes stay pending" in str(done.error)
     assert config.sql("SELECT pending FROM sync_runs") == [(200,)]
     [row] = json.loads(run_cli(state_url, "status", "--json").stdout)
     assert row["last_run"]["pending"] == 200

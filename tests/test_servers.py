@@ -1,4 +1,5 @@
-"""The fake destination servers, driven over real HTTP."""
+"""The fake destination servers, driven over real HTTP and in process (the same emulation as an
+`httpx.MockTransport` handler): the tests taking `client` run both ways."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
+from sync import sandbox
 from sync.sandbox import EverflowServer, RefersionServer, SegmentServer
 
 KEYS = {"Refersion-Public-Key": "pub", "Refersion-Secret-Key": "sec"}
@@ -34,8 +36,20 @@ REFERSION_PATHS = [
 ]
 
 
+@pytest.fixture(params=["loopback", "in process"])
+def client(request: pytest.FixtureRequest) -> Iterator[httpx.Client]:
+    """A client of the servers the test takes as fixtures, over loopback or in process."""
+    transport = None
+    if request.param == "in process":
+        names = [name for name in ("everflow", "refersion", "segment") if name in request.fixturenames]
+        transport = sandbox.transport(*[request.getfixturevalue(name) for name in names])
+    with httpx.Client(timeout=5, transport=transport) as c:
+        yield c
+
+
 @pytest.fixture
-def client() -> Iterator[httpx.Client]:
+def wire() -> Iterator[httpx.Client]:
+    """A client over loopback only: for servers a test starts itself."""
     with httpx.Client(timeout=5) as c:
         yield c
 
@@ -144,17 +158,17 @@ def test_everflow_wrong_network_is_200_and_reported(everflow: EverflowServer, cl
     assert everflow.report == [("t1", "0", "invalid network id")]
 
 
-def test_everflow_verification_token(client: httpx.Client) -> None:
+def test_everflow_verification_token(wire: httpx.Client) -> None:
     with EverflowServer(verification_token="tok") as server:
         for token in (None, "bad"):
             params = {"nid": "1", "transaction_id": "t1", "adv_event_id": "0"}
             if token:
                 params["verification_token"] = token
-            r = postback(client, server, **params)
+            r = postback(wire, server, **params)
             assert (r.status_code, r.text) == (200, "OK")
         assert not server.conversions
         assert server.report == [("t1", "0", "invalid verification token")] * 2
-        r = postback(client, server, nid="1", transaction_id="t1", adv_event_id="0", verification_token="tok")
+        r = postback(wire, server, nid="1", transaction_id="t1", adv_event_id="0", verification_token="tok")
         assert r.status_code == 200
         assert server.accepted == {("t1", "0"): 3}
         assert server.conversions == {("t1", "0"): 1}  # the rejected ones made it no duplicate
@@ -170,10 +184,10 @@ def test_everflow_duplicate_conversion_is_reported(everflow: EverflowServer, cli
     assert everflow.report == [("t1", "3", "duplicate conversion"), ("t1", "", "duplicate conversion")]
 
 
-def test_everflow_allow_duplicates(client: httpx.Client) -> None:
+def test_everflow_allow_duplicates(wire: httpx.Client) -> None:
     with EverflowServer(allow_duplicates=True) as server:
         for _ in range(2):
-            assert postback(client, server, nid="1", transaction_id="t1", adv_event_id="3").status_code == 200
+            assert postback(wire, server, nid="1", transaction_id="t1", adv_event_id="3").status_code == 200
         assert server.conversions == server.accepted == {("t1", "3"): 2}
         assert server.report == []
 
@@ -301,7 +315,7 @@ def test_refersion_invalid_field_is_204(
     refersion: RefersionServer, client: httpx.Client, field: str, value: str
 ) -> None:
     r = new_affiliate(client, refersion, **{field: value})
-    assert r.status_code == 204
+    assert (r.status_code, r.content) == (204, b"")  # a client reads no body on 204
     assert not refersion.affiliates
     # The connection was closed behind the 204, so the same client still works.
     assert new_affiliate(client, refersion).status_code == 200
@@ -591,12 +605,12 @@ def test_segment_rejects_bad_settings(segment: SegmentServer, client: httpx.Clie
     assert not segment.messages
 
 
-def test_segment_everflow_kind_takes_track_with_referrer(client: httpx.Client) -> None:
+def test_segment_everflow_kind_takes_track_with_referrer(wire: httpx.Client) -> None:
     with SegmentServer(api_key="k3y", kind="everflow") as server:
-        r = client.post(server.url + "/", json=MESSAGE, headers=segment_headers())
+        r = wire.post(server.url + "/", json=MESSAGE, headers=segment_headers())
         assert r.status_code == 501
         assert r.json() == {"message": "Unsupported call type identify"}
-        r = client.post(server.url + "/", json=TRACK, headers=segment_headers())
+        r = wire.post(server.url + "/", json=TRACK, headers=segment_headers())
         assert r.status_code == 200
         assert server.messages == [TRACK]
         assert server.accepted == {("u1", "m2"): 1}
@@ -615,26 +629,26 @@ def test_segment_everflow_kind_takes_track_with_referrer(client: httpx.Client) -
         {"referrer": "tid-1"},
     ],
 )
-def test_segment_everflow_kind_requires_referrer(client: httpx.Client, context: Any) -> None:
+def test_segment_everflow_kind_requires_referrer(wire: httpx.Client, context: Any) -> None:
     track = {k: v for k, v in TRACK.items() if k != "context"}
     if context is not None:
         track["context"] = context
     with SegmentServer(api_key="k3y", kind="everflow") as server:
-        r = client.post(server.url + "/", json=track, headers=segment_headers())
+        r = wire.post(server.url + "/", json=track, headers=segment_headers())
         assert r.status_code == 400
         assert r.json() == {"message": "context.referrer.id and context.referrer.type are required"}
         assert not server.messages
 
 
-def test_segment_refersion_kind_takes_identify_and_delete(client: httpx.Client) -> None:
+def test_segment_refersion_kind_takes_identify_and_delete(wire: httpx.Client) -> None:
     # The delete example of Segment's Refersion destination page carries "context": [].
     delete = {"type": "delete", "userId": "5678", "messageId": "d1", "context": [], "integrations": []}
     with SegmentServer(api_key="k3y", kind="refersion") as server:
-        r = client.post(server.url + "/", json=TRACK, headers=segment_headers())
+        r = wire.post(server.url + "/", json=TRACK, headers=segment_headers())
         assert r.status_code == 501
         assert r.json() == {"message": "Unsupported call type track"}
         for message in (MESSAGE, delete):
-            assert client.post(server.url + "/", json=message, headers=segment_headers()).status_code == 200
+            assert wire.post(server.url + "/", json=message, headers=segment_headers()).status_code == 200
         assert server.messages == [MESSAGE, delete]
 
 
@@ -697,23 +711,39 @@ def test_accept_then_reset_or_answer_late(everflow: EverflowServer, client: http
     assert everflow.unanswered == 2
 
 
-def test_rate_limit(client: httpx.Client) -> None:
+def test_in_process_refuses_other_addresses_and_the_faults_that_need_a_socket(
+    everflow: EverflowServer,
+) -> None:
+    with httpx.Client(transport=sandbox.transport(everflow)) as in_process:
+        with pytest.raises(httpx.ConnectError):
+            in_process.get("http://127.0.0.1:9/", params={"nid": "7", "transaction_id": "t1"})
+        everflow.accept_then(times=1, answer_after=0.1)
+        with pytest.raises(RuntimeError, match="EverflowServer: a late answer or a dribbled"):
+            postback(in_process, everflow, nid="7", transaction_id="t2")
+        everflow.fault(200, "slow", dribble=0.01)
+        with pytest.raises(RuntimeError, match="needs its url"):
+            postback(in_process, everflow, nid="7", transaction_id="t3")
+        assert postback(in_process, everflow, nid="7", transaction_id="t4").text == "OK"
+    assert [r.query["transaction_id"] for r in everflow.requests] == ["t2", "t3", "t4"]
+
+
+def test_rate_limit(wire: httpx.Client) -> None:
     with EverflowServer(rate_limit=2) as server:
-        responses = [postback(client, server, nid="1", transaction_id=f"t{i}") for i in range(5)]
+        responses = [postback(wire, server, nid="1", transaction_id=f"t{i}") for i in range(5)]
         assert [r.status_code for r in responses] == [200, 200, 429, 429, 429]  # burst of 2
         assert all(r.headers["retry-after"] == "1" for r in responses[2:])
         assert server.throttled == 3
         assert sum(server.accepted.values()) == 2
         time.sleep(1)  # refills two tokens
-        assert postback(client, server, nid="1", transaction_id="t9").status_code == 200
+        assert postback(wire, server, nid="1", transaction_id="t9").status_code == 200
         server.rate_limit = None
-        assert all(postback(client, server, nid="1", transaction_id="t").is_success for _ in range(5))
+        assert all(postback(wire, server, nid="1", transaction_id="t").is_success for _ in range(5))
 
 
-def test_fail_ratio_is_seeded(client: httpx.Client) -> None:
+def test_fail_ratio_is_seeded(wire: httpx.Client) -> None:
     def statuses(ratio: float) -> list[int]:
         with EverflowServer(fail_ratio=ratio) as server:
-            return [postback(client, server, nid="1", transaction_id=f"t{i}").status_code for i in range(40)]
+            return [postback(wire, server, nid="1", transaction_id=f"t{i}").status_code for i in range(40)]
 
     half = statuses(0.5)
     assert set(half) == {200, 503}

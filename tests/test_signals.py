@@ -9,8 +9,7 @@ import contextlib
 import json
 import signal
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -18,19 +17,11 @@ from typing import Any
 import pytest
 
 from sync.sandbox import EverflowServer
-from tests.conftest import Config, Customers, run_cli, start_cli
+from tests.conftest import Config, Customers, run_cli, start_cli, wait_for
 from tests.test_e2e import everflow_destination
 
 USERS = [f"u{i:02d}" for i in range(40)]
 EVERYONE_ONCE = {(f"tid-{u}", "7"): 1 for u in USERS}
-
-
-def _wait_for(condition: Callable[[], Any], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout}s")
-        time.sleep(0.02)
 
 
 @contextmanager
@@ -86,9 +77,9 @@ def test_a_second_sigterm_exits_the_daemon_at_once_without_a_traceback_and_relea
             config.audience("VIP", Customers.QUERY), everflow_destination(config, everflow, timeout=600)
         )
         with _started(state_url, log, "daemon") as daemon:
-            _wait_for(lambda: len(everflow.requests) == 2 and _leases(config) == 1)
+            wait_for(lambda: len(everflow.requests) == 2 and _leases(config) == 1)
             daemon.send_signal(signal.SIGTERM)
-            _wait_for(
+            wait_for(
                 lambda: "daemon_stopping" in _actions(log)
             )  # the first one was taken: waiting for the page
             daemon.send_signal(signal.SIGTERM)
@@ -124,7 +115,7 @@ def test_one_sigterm_while_the_scheduler_is_starting_due_jobs_stops_the_daemon_c
             config.connect(config.audience(f"Audience {n}", Customers.QUERY), destination)
         daemon = start_cli(state_url, "daemon", env={"SYNC_INTERVAL": "1s"})
         try:
-            _wait_for(lambda: _blocked_logging(daemon.pid), 60)
+            wait_for(lambda: _blocked_logging(daemon.pid), 60)
             daemon.send_signal(signal.SIGTERM)
             _, stderr = daemon.communicate(timeout=60)
         finally:
@@ -148,9 +139,9 @@ def test_sigterm_while_the_destination_answers_429_retry_after_60_exits_within_3
             everflow_destination(config, everflow, rate_limit=10, max_in_flight=4),
         )
         with _started(state_url, log, "daemon", env={"SYNC_INTERVAL": "1h"}) as daemon:
-            _wait_for(lambda: _accepted(everflow) >= 8)
+            wait_for(lambda: _accepted(everflow) >= 8)
             everflow.fault(429, headers={"Retry-After": "60"}, times=10_000)
-            _wait_for(lambda: len(everflow.requests) > _accepted(everflow))  # a 429 was answered
+            wait_for(lambda: len(everflow.requests) > _accepted(everflow))  # a 429 was answered
             daemon.send_signal(signal.SIGTERM)
             daemon.wait(timeout=30)  # the requirement is a time bound: 15 s, asserted generously
         assert daemon.returncode == 0
@@ -184,7 +175,7 @@ def test_a_signal_stops_a_one_shot_command_after_the_page_records_it_and_the_nex
             everflow_destination(config, everflow, rate_limit=10, max_in_flight=4),
         )
         with _started(state_url, log, command) as process:
-            _wait_for(lambda: _accepted(everflow) >= 8)
+            wait_for(lambda: _accepted(everflow) >= 8)
             process.send_signal(signum)
             process.wait(timeout=30)
         text = log.read_text()
@@ -211,11 +202,11 @@ def test_sighup_reloads_the_daemons_configuration_and_it_keeps_running(
         config.connect(config.audience("VIP", Customers.QUERY), destination)
         env = {"SYNC_INTERVAL": "1h", "SYNC_RELOAD_INTERVAL": "1h"}  # only SIGHUP can make it look again
         with _started(state_url, log, "daemon", env=env) as daemon:
-            _wait_for(lambda: config.sql("SELECT count(*) FROM sync_runs")[0][0] == 1)
+            wait_for(lambda: config.sql("SELECT count(*) FROM sync_runs")[0][0] == 1)
             later = config.audience("Later", Customers.QUERY)
             config.connect(later, destination, {"entered_event": "Later Entered"})  # unmapped: skipped
             daemon.send_signal(signal.SIGHUP)
-            _wait_for(
+            wait_for(
                 lambda: config.sql("SELECT count(*) FROM sync_runs WHERE audience_id = :a", a=later)[0][0]
             )
             assert daemon.poll() is None  # still running

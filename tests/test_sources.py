@@ -1,12 +1,14 @@
 """Sources other than the state database: DuckDB (embedded) and MariaDB (the server at 127.0.0.1:3306).
 
-Each runs the same contract through the real `audience-sync` command, on a SQLite and on a Postgres state
-database: members staged (NULL and duplicate user ids counted), values JSON cannot hold stored as text exactly
-as `traits_json` writes them, a write refused, a timeout that fires, and `check` naming the source and reading
-its session back. Then what DuckDB reads from files, a source whose driver is not installed, and the generic
-guard of a dialect with no read-only guard (a Postgres database behind another dialect name).
+Each runs the same contract through the real `audience-sync` command (or the runner in process where the
+command adds nothing), on a SQLite and on a Postgres state database: members staged (NULL and duplicate user
+ids counted), values JSON cannot hold stored as text exactly as `traits_json` writes them, a write refused, a
+timeout that fires, and `check` naming the source and reading its session back. Then what DuckDB reads from
+files, a source whose driver is not installed, and the generic guard of a dialect with no read-only guard (a
+Postgres database behind another dialect name).
 """
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -29,7 +31,7 @@ from sync.models import traits_json
 from sync.sandbox import SegmentServer
 from sync.settings import Settings
 from sync.staging import stage_members
-from tests.conftest import MARIADB_URL, Config, Customers, run_cli
+from tests.conftest import MARIADB_URL, Config, Customers, run_cli, sync_in_process
 from tests.test_audiences import customer_ids, the_audience
 from tests.test_bad_input import clean
 
@@ -58,6 +60,13 @@ class Warehouse:
         self.path = directory / "warehouse.duckdb"
         self.url = f"duckdb:///{self.path}" if kind == "duckdb" else MARIADB_URL
         self.execute(f"CREATE TABLE {self.table} ({COLUMNS[kind]})")
+
+    @contextlib.contextmanager
+    def engine(self) -> Iterator[sa.Engine]:
+        """The source engine a run makes of SYNC_SOURCE_URL (a DuckDB file opened read-only)."""
+        source = database.create_engine(self.url, source=True)
+        yield source
+        source.dispose()
 
     def execute(self, statement: str, rows: list[tuple[Any, ...]] | None = None) -> list[tuple[Any, ...]]:
         """Run one statement (for each of `rows`, with `?` placeholders); closed after, so that the command
@@ -159,15 +168,14 @@ def test_a_source_database_syncs_its_members_counting_null_and_duplicate_user_id
 
 
 def test_values_json_cannot_hold_are_stored_and_sent_as_traits_json_writes_them(
-    state_url: str, config: Config, warehouse: Warehouse
+    engine: sa.Engine, config: Config, warehouse: Warehouse
 ) -> None:
     warehouse.add(customer("u1"))
-    with SegmentServer(api_key="k") as segment:
+    with SegmentServer(api_key="k") as segment, warehouse.engine() as source:
         config.connect(config.audience("VIP", warehouse.query()), segment_destination(config, segment))
-        result = run_cli(state_url, "run", env={"SYNC_SOURCE_URL": warehouse.url})
+        [result] = sync_in_process(engine, segment, source=source)
 
-    clean(result)
-    assert result.returncode == 0, result.stderr
+    assert result.outcome == "ok", result.error
     values = {
         "amount": Decimal("12.50"),
         "email": "u1@example.com",
@@ -217,26 +225,27 @@ def test_an_audience_query_that_writes_is_refused_and_writes_nothing(
 
 
 def test_a_query_past_the_timeout_is_stopped_and_the_next_query_runs(
-    state_url: str, config: Config, warehouse: Warehouse
+    engine: sa.Engine, config: Config, warehouse: Warehouse
 ) -> None:
     warehouse.add(customer("u1"))
-    with SegmentServer(api_key="k") as segment:
+    with SegmentServer(api_key="k") as segment, warehouse.engine() as source:
         destination = segment_destination(config, segment)
         slow = config.audience("Slow", warehouse.slow_query())
         config.connect(slow, destination)
         config.connect(config.audience("Healthy", warehouse.query()), destination)
 
         started = time.monotonic()
-        env = {"SYNC_SOURCE_URL": warehouse.url, "SYNC_QUERY_TIMEOUT": "1s"}
-        result = run_cli(state_url, "run", env=env)
+        results = {r.audience: r for r in sync_in_process(engine, segment, source=source, query_timeout=1)}
         elapsed = time.monotonic() - started
-        again = run_cli(state_url, "run", "--audience", "Healthy", env=env)  # the pooled connection is usable
+        # the same pooled source connection is usable afterwards
+        [again] = sync_in_process(engine, segment, source=source, query_timeout=1, audiences=["Healthy"])
 
-    clean(result, again)
-    assert result.returncode == 1, result.stderr
-    assert f"audience 'Slow' (id {slow}): the query failed: timed out (SYNC_QUERY_TIMEOUT)" in result.stderr
+    assert results["Slow"].outcome == "failed"
+    assert f"audience 'Slow' (id {slow}): the query failed: timed out (SYNC_QUERY_TIMEOUT)" in str(
+        results["Slow"].error
+    )
     assert elapsed < 60, elapsed  # the query runs for minutes when nothing stops it
-    assert again.returncode == 0, again.stderr
+    assert again.outcome == "ok", again.error
     assert [m["userId"] for m in segment.messages] == ["u1"]
 
 
