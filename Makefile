@@ -19,4 +19,4 @@ test: $(BIN)/audience-sync
 	$(BIN)/mypy
 	$(BIN)/lint-imports  # the layers of docs/architecture.md
 	$(BIN)/python benchmarks/bench.py --smoke --backends sqlite  # only checks that it completes
-	$(BIN)/python -m pytest -n 4  # tests wait on subprocesses and sockets: more workers than cores pay
+	$(BIN)/python -m pytest -n 4 --dist worksteal  # tests wait on processes and sockets: more workers than cores

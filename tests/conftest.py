@@ -17,7 +17,8 @@ import pytest
 import sqlalchemy as sa
 
 from sync import database, sandbox
-from sync.runner import Options, Result, Runner
+from sync.runner import Runner
+from sync.runs import Options, Result
 from sync.settings import Cadence, Settings
 
 POSTGRES_URL = os.environ.get("SYNC_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")

@@ -17,7 +17,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from sync.runner import Result
+from sync.runs import Result
 from sync.sandbox import EverflowServer, RefersionServer, SegmentServer
 from tests.conftest import Config, run_cli, sync_in_process
 from tests.test_e2e import EVENTS, everflow_destination, refersion_destination
