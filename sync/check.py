@@ -9,8 +9,10 @@ import sqlalchemy as sa
 from sync.audiences import Audience, load_audiences, row_problems
 from sync.connections import connection_rows, load_connection, type_warning
 from sync.database import describe
+from sync.delivery import Sender
 from sync.destinations import load_destination
-from sync.errors import ConfigError, SourceError
+from sync.destinations.base import Destination
+from sync.errors import ConfigError, DestinationError, SourceError
 from sync.guards import read_back_guard
 from sync.settings import Settings
 from sync.staging import probe_query
@@ -30,11 +32,20 @@ class Findings:
     sources: list[str] = field(default_factory=list)  # per audience: its source and what its session is
     checked: int = 0  # rows
     audiences: list[Audience] = field(default_factory=list)  # the valid ones, whose queries `check` runs
+    destinations: list[Destination] = field(default_factory=list)  # the valid enabled ones
+    credentials: list[str] = field(
+        default_factory=list
+    )  # `--connect`: per destination, what its probe proved
 
     def as_json(self) -> dict[str, Any]:
         findings = [{"severity": "error", "message": p} for p in self.problems]
         findings += [{"severity": "warning", "message": w} for w in self.warnings]
-        return {"checked": self.checked, "findings": findings, "sources": self.sources}
+        return {
+            "checked": self.checked,
+            "findings": findings,
+            "sources": self.sources,
+            "credentials": self.credentials,
+        }
 
 
 def check_rows(conn: sa.Connection, settings: Settings) -> Findings:
@@ -111,11 +122,32 @@ def _check_destinations(conn: sa.Connection, found: Findings) -> set[int]:
     broken = set()
     for row in rows:
         try:
-            found.warnings += load_destination(row, row.settings_text).warnings
+            destination = load_destination(row, row.settings_text)
         except ConfigError as exc:
             found.problems.append(str(exc))
             broken.add(row.id)
+            continue
+        found.warnings += destination.warnings
+        found.destinations.append(destination)
     return broken
+
+
+def prove_credentials(found: Findings) -> None:
+    """`check --connect`: one harmless authenticated call per valid enabled destination, sent as a run sends
+    (`Sender`); a refusal is a problem, and a kind whose credentials no call can prove says why."""
+    for destination in found.destinations:
+        probe = destination.probe()
+        if isinstance(probe, str):
+            found.credentials.append(f"{destination.where}: not proved: {probe}")
+            continue
+        sender = Sender(destination)
+        try:
+            found.credentials.append(f"{destination.where}: {sender.prove(probe)}")
+        except DestinationError as exc:
+            found.problems.append(f"{destination.where}: {exc.reason}")
+            found.credentials.append(f"{destination.where}: {exc.reason}")
+        finally:
+            sender.close()
 
 
 def _check_connections(conn: sa.Connection, audience: Audience, broken: set[int], found: Findings) -> None:

@@ -106,7 +106,10 @@ def _operator_commands(commands: "argparse._SubParsersAction[argparse.ArgumentPa
     status = "every connection's state and last run; exit 1 if one needs attention"
     _command(commands, "status", status, _status, json=True)
     check = "validate every configuration row and audience query; exit 2 on problems"
-    _command(commands, "check", check, _check, json=True)
+    connect = "also prove each destination's credentials with one harmless authenticated call"
+    _command(commands, "check", check, _check, json=True).add_argument(
+        "--connect", action="store_true", help=connect
+    )
     _command(commands, "audiences", "the audiences: key, schedule, connections", _audiences, json=True)
     destinations = "the destinations: kind, transport, where the key comes from"
     _command(commands, "destinations", destinations, _destinations, json=True)
@@ -225,11 +228,13 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from sync.check import find_problems
+    from sync.check import find_problems, prove_credentials
 
     settings, engine = _state()
     with engine.connect() as conn:
         found = find_problems(conn, _source(engine, settings), settings)
+    if args.connect:
+        prove_credentials(found)
     views.show_json(found.as_json()) if args.json else views.check(found)
     return 2 if found.problems else 0
 

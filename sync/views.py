@@ -202,7 +202,7 @@ def check(found: Findings) -> None:
         print(problem)
     for warning in found.warnings:
         print(f"warning: {warning}")
-    for line in found.sources:
+    for line in found.sources + found.credentials:
         print(line, file=sys.stderr)
     noted = f" and {len(found.warnings)} warning(s)" if found.warnings else ""
     if found.problems:

@@ -312,3 +312,29 @@ def test_the_daemon_logs_every_problem_of_the_rows_at_start(state_url: str, conf
         "empty",
     ]
     assert records[-1]["message"].startswith("configuration: 2 rows checked, 3 problem(s)")
+
+
+def test_check_connect_catches_a_refused_key(state_url: str, config: Config, customers: Customers) -> None:
+    with RefersionServer() as refersion, EverflowServer() as server:
+        audience = config.audience("VIP", Customers.QUERY)
+        config.connect(audience, refused_refersion(config, refersion))
+        config.connect(audience, everflow(config, server))
+        offline = run_cli(state_url, "check")
+        assert offline.returncode == 0 and refersion.requests == []  # without --connect: no call, no proof
+
+        refused = run_cli(state_url, "check", "--connect")
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        assert "destinations row id=1 ('Refersion'): credentials refused (HTTP 401" in refused.stdout
+        assert "pub.wrong" not in refused.stdout + refused.stderr
+        assert "destinations row id=2 ('Everflow'): not proved: " in refused.stderr
+        [probe] = refersion.requests
+        assert probe.path == "/v2/affiliate/search"
+
+        config.sql("UPDATE destinations SET api_key = 'pub.sec' WHERE name = 'Refersion'")
+        accepted = run_cli(state_url, "check", "--connect", "--json")
+    assert accepted.returncode == 0, accepted.stdout
+    assert (
+        "destinations row id=1 ('Refersion'): credentials accepted"
+        in json.loads(accepted.stdout)["credentials"]
+    )
+    assert refersion.affiliates == {}  # the probe created nothing
