@@ -35,20 +35,36 @@ class Audience:
         return f"audience {self.name!r} (id {self.id})"
 
 
-def audience_from_row(row: sa.Row[Any]) -> Audience:
-    """Validate one `audiences` row; raises ConfigError naming the row and field."""
+def row_problems(row: sa.Row[Any]) -> list[str]:
+    """Every problem of one `audiences` row, each naming the row and field (`check` lists them all)."""
     where = f"audiences row id={row.id} ({row.name!r})"
-    for field in ("name", "key", "query", "schedule"):
-        value = getattr(row, field)
-        if value is not None and not isinstance(value, str):
-            raise ConfigError(f"{where}: {field} holds {type(value).__name__} data, not text")
+    problems = [
+        f"{where}: {field} holds {type(value).__name__} data, not text"
+        for field in ("name", "key", "query", "schedule")
+        if (value := getattr(row, field)) is not None and not isinstance(value, str)
+    ]
+    if problems:  # the other checks read these fields as text
+        return problems
     key = row.key if row.key is not None else derive_key(row.name)
     if not KEY_PATTERN.match(key):
         field = "key" if row.key is not None else "name"
-        raise ConfigError(f"{where}: key {key!r} (from {field}) is not snake_case; set audiences.key by hand")
+        problems.append(f"{where}: key {key!r} (from {field}) is not snake_case; set audiences.key by hand")
     if not (row.query or "").strip():
-        raise ConfigError(f"{where}: query is empty")
-    cadence = Cadence.parse(row.schedule, f"{where}: schedule") if row.schedule else None
+        problems.append(f"{where}: query is empty")
+    try:
+        Cadence.parse(row.schedule, f"{where}: schedule") if row.schedule else None
+    except ConfigError as exc:
+        problems.append(str(exc))
+    return problems
+
+
+def audience_from_row(row: sa.Row[Any]) -> Audience:
+    """Validate one `audiences` row; raises ConfigError naming the row and each wrong field."""
+    problems = row_problems(row)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    cadence = Cadence.parse(row.schedule, "schedule") if row.schedule else None
+    key = row.key if row.key is not None else derive_key(row.name)
     return Audience(row.id, row.name, key, row.query, cadence, row.key is not None)
 
 

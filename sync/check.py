@@ -1,22 +1,27 @@
 """`audience-sync check`: every configuration problem at once, before anything runs."""
 
+import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import sqlalchemy as sa
 
-from sync.audiences import load_audiences
+from sync.audiences import Audience, load_audiences, row_problems
 from sync.connections import connection_rows, load_connection, type_warning
 from sync.database import describe
+from sync.delivery import Sender
 from sync.destinations import load_destination
-from sync.errors import ConfigError, SourceError
+from sync.destinations.base import Destination
+from sync.errors import ConfigError, DestinationError, SourceError
 from sync.guards import read_back_guard
 from sync.settings import Settings
 from sync.staging import probe_query
-from sync.tables import destination_columns, destinations
+from sync.tables import audiences, destination_columns, destinations, readable_columns
 
 # SQLite keeps whatever a shell writes into a BOOLEAN column; 'yes' or 'true' read as false in SQL
 NOT_BOOLEAN = """SELECT {columns}, enabled FROM {table}
 WHERE typeof(enabled) <> 'integer' OR enabled NOT IN (0, 1)"""
+log = logging.getLogger(__name__)
 KEYS = {"destinations": "id", "audiences": "id", "audience_destinations": "audience_id, destination_id"}
 
 
@@ -26,52 +31,138 @@ class Findings:
     warnings: list[str] = field(default_factory=list)  # what does not
     sources: list[str] = field(default_factory=list)  # per audience: its source and what its session is
     checked: int = 0  # rows
+    audiences: list[Audience] = field(default_factory=list)  # the valid ones, whose queries `check` runs
+    destinations: list[Destination] = field(default_factory=list)  # the valid enabled ones
+    credentials: list[str] = field(
+        default_factory=list
+    )  # `--connect`: per destination, what its probe proved
+
+    def as_json(self) -> dict[str, Any]:
+        findings = [{"severity": "error", "message": p} for p in self.problems]
+        findings += [{"severity": "warning", "message": w} for w in self.warnings]
+        return {
+            "checked": self.checked,
+            "findings": findings,
+            "sources": self.sources,
+            "credentials": self.credentials,
+        }
 
 
-def find_problems(conn: sa.Connection, source: sa.Engine, settings: Settings) -> Findings:  # noqa: C901 - split by the CLI work (issue 14.6)
-    """Every problem of the enabled rows (keys, settings, credentials, URLs, queries, the source's session),
-    the warnings (what does not stop a run), each audience's source, and the number of rows checked."""
-    timeout = settings.query_timeout
+def check_rows(conn: sa.Connection, settings: Settings) -> Findings:
+    """Every problem and warning of the configuration rows, without running a query or calling anyone (the
+    daemon checks this much at start)."""
     valid, problems = load_audiences(conn)
-    found = Findings(problems=list(problems.values()))
+    found = Findings(audiences=valid, checked=len(valid) + len(problems))
+    found.problems += _each_problem(conn, problems)
     cadences = [("SYNC_INTERVAL", settings.interval)] + [(f"{a}", a.cadence) for a in valid if a.cadence]
     found.warnings += [warning for where, cadence in cadences if (warning := cadence.warning(where))]
     if conn.dialect.name == "sqlite":
-        for table, columns in KEYS.items():
-            for *key, enabled in conn.exec_driver_sql(NOT_BOOLEAN.format(table=table, columns=columns)):
-                where = ", ".join(f"{c}={k}" for c, k in zip(columns.split(", "), key, strict=True))
-                found.problems.append(f"{table} row {where}: enabled holds {enabled!r}; set it to 1 or 0")
-    rows = conn.execute(
-        sa.select(*destination_columns()).where(destinations.c.enabled).order_by(destinations.c.id)
-    ).all()
-    broken_destinations = set()
-    for row in rows:
-        try:
-            found.warnings += load_destination(row, row.settings_text).warnings
-        except ConfigError as exc:
-            found.problems.append(str(exc))
-            broken_destinations.add(row.id)
-    found.checked = len(rows) + len(valid) + len(problems)
-    session = _source_session(conn, source, timeout, found) if valid else ""
+        found.problems += _not_boolean(conn)
+    broken = _check_destinations(conn, found)
     for audience in valid:
+        _check_connections(conn, audience, broken, found)
+    return found
+
+
+def log_rows(conn: sa.Connection, settings: Settings) -> None:
+    """At the daemon's start: log each problem and warning of the configuration rows (no query, no call)."""
+    found = check_rows(conn, settings)
+    for problem in found.problems:
+        log.error("%s", problem, extra={"action": "config_problem"})
+    for warning in found.warnings:
+        log.warning("%s", warning, extra={"action": "config_warning"})
+    log.info(
+        "configuration: %d rows checked, %d problem(s), %d warning(s); `audience-sync check` also runs the "
+        "queries",
+        found.checked,
+        len(found.problems),
+        len(found.warnings),
+        extra={"action": "config_checked"},
+    )
+
+
+def find_problems(conn: sa.Connection, source: sa.Engine, settings: Settings) -> Findings:
+    """Every problem of the enabled rows (keys, settings, credentials, URLs, queries, the source's session),
+    the warnings (what does not stop a run), each audience's source, and the number of rows checked."""
+    found = check_rows(conn, settings)
+    timeout = settings.query_timeout
+    session = _source_session(conn, source, timeout, found) if found.audiences else ""
+    for audience in found.audiences:
         found.sources.append(f"{audience}: source {session}")
         try:
             probe_query(conn, source, audience, timeout)
         except SourceError as exc:
             found.problems.append(str(exc))
-        for row in connection_rows(conn, audience.id):
-            found.checked += 1
-            if row.enabled is False or row.id in broken_destinations:  # None: missing, reported below
-                continue
-            try:
-                _, destination = load_connection(conn, audience, row)
-            except ConfigError as exc:
-                found.problems.append(str(exc))
-                continue
-            warning = type_warning(audience, row, destination)
-            if warning:
-                found.warnings.append(warning)
     return found
+
+
+def _each_problem(conn: sa.Connection, problems: dict[int, str]) -> list[str]:
+    """Each problem of the invalid audience rows, one by one (a key shared by two rows is one problem)."""
+    rows = conn.execute(
+        sa.select(*readable_columns(audiences)).where(audiences.c.id.in_(problems)).order_by(audiences.c.id)
+    )
+    return [problem for row in rows for problem in (row_problems(row) or [problems[row.id]])]
+
+
+def _not_boolean(conn: sa.Connection) -> list[str]:
+    found = []
+    for table, columns in KEYS.items():
+        for *key, enabled in conn.exec_driver_sql(NOT_BOOLEAN.format(table=table, columns=columns)):
+            where = ", ".join(f"{c}={k}" for c, k in zip(columns.split(", "), key, strict=True))
+            found.append(f"{table} row {where}: enabled holds {enabled!r}; set it to 1 or 0")
+    return found
+
+
+def _check_destinations(conn: sa.Connection, found: Findings) -> set[int]:
+    """Check the enabled destinations; returns the ids of the broken ones."""
+    rows = conn.execute(
+        sa.select(*destination_columns()).where(destinations.c.enabled).order_by(destinations.c.id)
+    ).all()
+    found.checked += len(rows)
+    broken = set()
+    for row in rows:
+        try:
+            destination = load_destination(row, row.settings_text)
+        except ConfigError as exc:
+            found.problems.append(str(exc))
+            broken.add(row.id)
+            continue
+        found.warnings += destination.warnings
+        found.destinations.append(destination)
+    return broken
+
+
+def prove_credentials(found: Findings) -> None:
+    """`check --connect`: one harmless authenticated call per valid enabled destination, sent as a run sends
+    (`Sender`); a refusal is a problem, and a kind whose credentials no call can prove says why."""
+    for destination in found.destinations:
+        probe = destination.probe()
+        if isinstance(probe, str):
+            found.credentials.append(f"{destination.where}: not proved: {probe}")
+            continue
+        sender = Sender(destination)
+        try:
+            found.credentials.append(f"{destination.where}: {sender.prove(probe)}")
+        except DestinationError as exc:
+            found.problems.append(f"{destination.where}: {exc.reason}")
+            found.credentials.append(f"{destination.where}: {exc.reason}")
+        finally:
+            sender.close()
+
+
+def _check_connections(conn: sa.Connection, audience: Audience, broken: set[int], found: Findings) -> None:
+    for row in connection_rows(conn, audience.id):
+        found.checked += 1
+        if row.enabled is False or row.id in broken:  # None: a missing destination, reported here
+            continue
+        try:
+            _, destination = load_connection(conn, audience, row)
+        except ConfigError as exc:
+            found.problems.append(str(exc))
+            continue
+        warning = type_warning(audience, row, destination)
+        if warning:
+            found.warnings.append(warning)
 
 
 def _source_session(conn: sa.Connection, source: sa.Engine, timeout: float, found: Findings) -> str:

@@ -2,15 +2,14 @@
 
 import argparse
 import logging
-import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 
-from sync import database, logs, process, views
+from sync import __version__, database, logs, names, process, views
 from sync.errors import SyncError
 from sync.settings import Settings, log_format_from_env
 
@@ -18,6 +17,7 @@ if TYPE_CHECKING:
     from sync.runner import Runner
 
 log = logging.getLogger("sync")
+Handler = Callable[[argparse.Namespace], int]
 
 
 def _selection(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="The state database is SYNC_DATABASE_URL (default sqlite:///audience-sync.db); "
         "docs/operator-guide.md covers production.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.set_defaults(log_level=logging.INFO)
     commands = parser.add_subparsers(dest="command", required=True)
     db = commands.add_parser("db", help="state database schema").add_subparsers(
@@ -87,24 +88,46 @@ def _sync_commands(commands: "argparse._SubParsersAction[argparse.ArgumentParser
     commands.add_parser("daemon", help="run on the schedule until SIGTERM").set_defaults(func=_daemon)
 
 
+def _command(
+    commands: "argparse._SubParsersAction[argparse.ArgumentParser]",
+    name: str,
+    help: str,
+    func: Handler,
+    json: bool = False,
+) -> argparse.ArgumentParser:
+    parser = commands.add_parser(name, help=help)
+    if json:
+        parser.add_argument("--json", action="store_true", help="machine-readable output (ISO 8601 times)")
+    parser.set_defaults(func=func)
+    return parser
+
+
 def _operator_commands(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    status = commands.add_parser(
-        "status", help="every connection's state and last run; exit 1 if one needs attention"
+    status = "every connection's state and last run; exit 1 if one needs attention"
+    _command(commands, "status", status, _status, json=True)
+    check = "validate every configuration row and audience query; exit 2 on problems"
+    connect = "also prove each destination's credentials with one harmless authenticated call"
+    _command(commands, "check", check, _check, json=True).add_argument(
+        "--connect", action="store_true", help=connect
     )
-    status.add_argument("--json", action="store_true", help="machine-readable output")
-    status.set_defaults(func=_status)
-    commands.add_parser(
-        "check", help="validate every configuration row and audience query; exit 2 on problems"
-    ).set_defaults(func=_check)
-    explain = commands.add_parser("explain", help="one user's membership and what each destination accepted")
-    explain.add_argument("user_id", metavar="USER_ID")
-    explain.add_argument("--json", action="store_true", help="machine-readable output")
-    explain.set_defaults(func=_explain)
-    forget = commands.add_parser(
-        "forget", help="privacy deletion: tell each destination, then drop the user's state"
-    )
-    forget.add_argument("user_id", metavar="USER_ID")
-    forget.set_defaults(func=_forget)
+    _command(commands, "audiences", "the audiences: key, schedule, connections", _audiences, json=True)
+    destinations = "the destinations: kind, transport, where the key comes from"
+    _command(commands, "destinations", destinations, _destinations, json=True)
+    runs = _command(commands, "runs", "the last runs, newest first", _runs, json=True)
+    runs.add_argument("--audience", metavar="NAME", help="only this audience's runs")
+    runs.add_argument("--limit", type=_positive, default=20, metavar="N", help="how many (default 20)")
+    explain = "one user's membership and what each destination accepted"
+    _command(commands, "explain", explain, _explain, json=True).add_argument("user_id", metavar="USER_ID")
+    forget = "privacy deletion: tell each destination, then drop the user's state"
+    forget_parser = _command(commands, "forget", forget, _forget)
+    forget_parser.add_argument("user_id", metavar="USER_ID")
+    forget_parser.add_argument("--dry-run", action="store_true", help="show what would be sent and removed")
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 1 or more")
+    return int(text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -155,11 +178,14 @@ def _runner() -> "Runner":
 
 
 def _daemon(_args: argparse.Namespace) -> int:
+    from sync.check import log_rows
     from sync.scheduler import Daemon
 
     process.one_malloc_arena()
     runner = _runner()
     try:
+        with runner.engine.connect() as conn:
+            log_rows(conn, runner.settings)
         Daemon(runner).start()
     finally:
         runner.close()
@@ -167,70 +193,28 @@ def _daemon(_args: argparse.Namespace) -> int:
 
 
 def _sync(args: argparse.Namespace) -> int:
-    """`run` and `initial`."""
+    """`run` and `initial` (and `initial --baseline`)."""
     from sync.runs import Options
 
-    if getattr(args, "baseline", False):
-        return _baseline(args)
     runner = _runner()
     try:
-        received = process.stop_on_signals(runner)
+        with runner.engine.connect() as conn:
+            chosen = names.resolve(conn, "audience", args.audience)
+            destinations = names.resolve(conn, "destination", args.destination)
         options = Options(
-            audiences=args.audience,
-            destinations=args.destination,
+            audiences=chosen,
+            destinations=destinations,
             dry_run=args.dry_run,
             allow_mass_exit=getattr(args, "allow_mass_exit", False),
             initial_only=args.command == "initial",
             resend=getattr(args, "resend", False),
-            out=sys.stdout if args.dry_run else None,
+            baseline=getattr(args, "baseline", False),
         )
-        if args.dry_run or not sys.stderr.isatty():
-            results = runner.run(options)
-        else:
-            with views.progress() as bars:
-                options.progress = views.bars(bars)
-                results = runner.run(options)
+        if options.baseline:
+            return process.baseline(runner, options, args.yes)
+        return process.run_once(runner, options)
     finally:
         runner.close()
-    views.summary(results, args.dry_run)
-    if received:
-        return 128 + received[0]
-    return 0 if all(result.good for result in results) else 1
-
-
-def _baseline(args: argparse.Namespace) -> int:
-    """`initial --baseline`: preview what would be recorded, ask (or take --yes), then record it."""
-    from sync.runs import Options
-
-    runner = _runner()
-    try:
-        options = Options(args.audience, args.destination, initial_only=True, baseline=True, dry_run=True)
-        preview = runner.run(options)
-        views.baseline_preview(preview)
-        if args.dry_run or not any(result.good for result in preview):
-            return 0 if all(result.good for result in preview) else 1
-        if not _confirmed(args.yes, sum(result.counts.get("to_send", 0) for result in preview)):
-            return 2
-        options.dry_run = False
-        results = runner.run(options)
-    finally:
-        runner.close()
-    views.summary(results, dry_run=False)
-    return 0 if all(result.good for result in results) else 1
-
-
-def _confirmed(yes: bool, members: int) -> bool:
-    """--yes, or a `y` typed at the terminal; off a terminal without --yes, nothing is recorded."""
-    if yes:
-        return True
-    if not sys.stdin.isatty():
-        print("audience-sync: nothing recorded: add --yes to baseline without a terminal", file=sys.stderr)
-        return False
-    answer = input(f"Record {members} member(s) as accepted without sending anything? [y/N] ")
-    if answer.strip().lower() in ("y", "yes"):
-        return True
-    print("nothing recorded", file=sys.stderr)
-    return False
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -239,21 +223,45 @@ def _status(args: argparse.Namespace) -> int:
     settings, engine = _state()
     with engine.connect() as conn:
         rows = connection_status(conn, settings)
-    if args.json:
-        views.show_json(rows)
-    else:
-        views.status(rows)
+    views.show(rows, args.json, views.status)
     return 1 if any(needs_attention(row) for row in rows) else 0
 
 
-def _check(_args: argparse.Namespace) -> int:
-    from sync.check import find_problems
+def _check(args: argparse.Namespace) -> int:
+    from sync.check import find_problems, prove_credentials
 
     settings, engine = _state()
     with engine.connect() as conn:
         found = find_problems(conn, _source(engine, settings), settings)
-    views.check(found)
+    if args.connect:
+        prove_credentials(found)
+    views.show_json(found.as_json()) if args.json else views.check(found)
     return 2 if found.problems else 0
+
+
+def _audiences(args: argparse.Namespace) -> int:
+    from sync.inventory import audience_rows
+
+    with _state()[1].connect() as conn:
+        views.show(audience_rows(conn), args.json, views.audiences)
+    return 0
+
+
+def _destinations(args: argparse.Namespace) -> int:
+    from sync.inventory import destination_rows
+
+    with _state()[1].connect() as conn:
+        views.show(destination_rows(conn), args.json, views.destinations)
+    return 0
+
+
+def _runs(args: argparse.Namespace) -> int:
+    from sync.inventory import run_rows
+
+    with _state()[1].connect() as conn:
+        [audience] = names.resolve(conn, "audience", [args.audience]) if args.audience else [None]
+        views.show(run_rows(conn, audience, args.limit), args.json, views.runs)
+    return 0
 
 
 def _explain(args: argparse.Namespace) -> int:
@@ -262,10 +270,7 @@ def _explain(args: argparse.Namespace) -> int:
     settings, engine = _state()
     with engine.connect() as conn:
         entries = explain_user(conn, _source(engine, settings), args.user_id, settings.query_timeout)
-    if args.json:
-        views.show_json(entries)
-    else:
-        views.explain(args.user_id, entries)
+    views.show(entries, args.json, lambda rows: views.explain(args.user_id, rows))
     return 0
 
 
@@ -274,35 +279,16 @@ def _forget(args: argparse.Namespace) -> int:
     from sync.runs import utc_now
 
     _, engine = _state()
-    report, state_failure = forget_user(engine, args.user_id, utc_now())
-    views.forget(args.user_id, report, state_failure)
-    return 1 if state_failure or any(line["outcome"] == "failed" for line in report) else 0
+    forgotten = forget_user(engine, args.user_id, utc_now(), dry_run=args.dry_run)
+    views.forget(args.user_id, forgotten, args.dry_run)
+    failed = any(line["outcome"] == "failed" for line in forgotten.report)
+    return 1 if forgotten.state_failure or failed else 0
 
 
 def _sandbox(args: argparse.Namespace) -> int:
-    port = args.port
-    from sync.sandbox import EverflowServer, RefersionServer, SegmentServer
+    from sync.demo import serve_sandbox
 
-    stop = {signal.SIGINT, signal.SIGTERM}
-    signal.pthread_sigmask(signal.SIG_BLOCK, stop)  # before the servers' threads start: they inherit it
-    try:
-        with (
-            EverflowServer(port=port) as everflow,
-            RefersionServer(port=port + 1) as refersion,
-            SegmentServer(port=port + 2) as segment,
-        ):
-            print(f"Everflow postbacks:  tracking_domain {everflow.url}  network_id 1")
-            print(f"Refersion API v2:    api_base {refersion.url}/v2  api key pub.sec")
-            print(f"Segment partner:     endpoint {segment.url}  api key key")
-            print("each request is logged; Ctrl-C stops the sandbox", flush=True)
-            signal.sigwait(stop)
-    except OSError as exc:
-        print(
-            f"audience-sync: cannot listen on 127.0.0.1 ports {port}-{port + 2}: {exc.strerror}",
-            file=sys.stderr,
-        )
-        return 2
-    return 0
+    return serve_sandbox(args.port, sys.stdout, sys.stderr)
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -1,10 +1,12 @@
-"""`audience-sync demo` (`make run`): a first run on a SQLite file of its own, against the sandbox.
+"""`audience-sync demo` (`make run`): a first run on a SQLite file of its own, against the sandbox; and
+`audience-sync sandbox`, the receivers alone.
 
 It seeds a customers table, one audience and one destination of each kind pointing at the sandbox's
 receivers, runs the initial sync, changes a few customers, runs again and shows status and what arrived.
 It never touches the database SYNC_DATABASE_URL names.
 """
 
+import signal
 from pathlib import Path
 from typing import TextIO
 
@@ -12,7 +14,7 @@ import sqlalchemy as sa
 
 from sync import database, views
 from sync.runner import Options, Result, Runner
-from sync.sandbox import EverflowServer, RefersionServer
+from sync.sandbox import EverflowServer, RefersionServer, SegmentServer
 from sync.settings import Cadence, Settings
 from sync.status import connection_status
 
@@ -26,6 +28,29 @@ AUDIENCE = (
     "SELECT user_id, email, first_name, last_name, country, transaction_id, total FROM customers "
     "WHERE total >= 40"
 )
+
+
+def serve_sandbox(port: int, out: TextIO, err: TextIO) -> int:
+    """`audience-sync sandbox`: the receivers on loopback ports `port` to `port + 2` until SIGINT or SIGTERM;
+    the exit code."""
+    stop = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop)  # before the servers' threads start: they inherit it
+    try:
+        with (
+            EverflowServer(port=port) as everflow,
+            RefersionServer(port=port + 1) as refersion,
+            SegmentServer(port=port + 2) as segment,
+        ):
+            out.write(f"Everflow postbacks:  tracking_domain {everflow.url}  network_id 1\n")
+            out.write(f"Refersion API v2:    api_base {refersion.url}/v2  api key pub.sec\n")
+            out.write(f"Segment partner:     endpoint {segment.url}  api key key\n")
+            out.write("each request is logged; Ctrl-C stops the sandbox\n")
+            out.flush()
+            signal.sigwait(stop)
+    except OSError as exc:
+        err.write(f"audience-sync: cannot listen on 127.0.0.1 ports {port}-{port + 2}: {exc.strerror}\n")
+        return 2
+    return 0
 
 
 def run_demo(path: Path, out: TextIO) -> bool:

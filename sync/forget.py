@@ -1,5 +1,6 @@
 """`audience-sync forget USER_ID`: privacy deletion at each destination, then in the state tables."""
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -13,10 +14,19 @@ from sync.models import Change, Status
 from sync.tables import destination_columns, destinations, sync_rejections, sync_state
 
 
-def forget_user(engine: sa.Engine, user_id: str, now: datetime) -> tuple[list[dict[str, Any]], str | None]:
-    """Tell every destination that knows the user what it supports, then remove the user's state.
+@dataclass
+class Forgotten:
+    """What `forget` did (or, in a dry run, would do) at each destination and in the state tables."""
 
-    Returns each destination's outcome, and why the state tables could not be changed (None if they were).
+    report: list[dict[str, Any]]  # per destination: outcome, detail (and in a dry run the request)
+    removed: dict[str, int]  # rows per state table
+    state_failure: str | None = None  # why the state tables could not be changed
+
+
+def forget_user(engine: sa.Engine, user_id: str, now: datetime, dry_run: bool = False) -> Forgotten:
+    """Tell every destination that knows the user what it supports, then remove the user's state; in a dry
+    run, say what would be sent and removed, and do neither.
+
     A destination whose deletion failed keeps the user's state (and affiliate id): run `forget` again.
     """
     with engine.connect() as conn:
@@ -32,26 +42,37 @@ def forget_user(engine: sa.Engine, user_id: str, now: datetime) -> tuple[list[di
             .order_by(destinations.c.name)
         ).all()
     report: list[dict[str, Any]] = []
-    done: set[int] = set()
     failed: set[int] = set()
     for row in rows:
-        if row.id in done | failed:
+        if any(line["destination_id"] == row.id for line in report):  # one per destination
             continue
-        outcome = _forget_at(row, user_id, now)
-        (failed if outcome["outcome"] == "failed" else done).add(row.id)
-        report.append({"destination": row.name, **outcome})
+        outcome = _forget_at(row, user_id, now, dry_run)
+        if outcome["outcome"] == "failed":
+            failed.add(row.id)
+        report.append({"destination": row.name, "destination_id": row.id, **outcome})
     try:
         with engine.begin() as conn:
-            for table in (sync_state, sync_rejections):
-                conn.execute(
-                    sa.delete(table).where(table.c.user_id == user_id, table.c.destination_id.not_in(failed))
-                )
+            removed = _remove(conn, user_id, failed, dry_run)
     except sa.exc.DBAPIError as exc:  # a read-only or locked file, a read-only Postgres, a lost connection
-        return report, f"the state database failed: {exc.orig}"
-    return report, None
+        return Forgotten(report, {}, f"the state database failed: {exc.orig}")
+    return Forgotten(report, removed)
 
 
-def _forget_at(row: Any, user_id: str, now: datetime) -> dict[str, Any]:
+def _remove(conn: sa.Connection, user_id: str, failed: set[int], dry_run: bool) -> dict[str, int]:
+    """Remove (or in a dry run count) the user's rows but at the destinations that failed."""
+    removed = {}
+    for table in (sync_state, sync_rejections):
+        where = (table.c.user_id == user_id, table.c.destination_id.not_in(failed))
+        if dry_run:
+            removed[table.name] = (
+                conn.scalar(sa.select(sa.func.count()).select_from(table).where(*where)) or 0
+            )
+        else:
+            removed[table.name] = conn.execute(sa.delete(table).where(*where)).rowcount
+    return removed
+
+
+def _forget_at(row: Any, user_id: str, now: datetime, dry_run: bool) -> dict[str, Any]:
     try:
         destination = load_destination(row, row.settings_text)
     except ConfigError as exc:
@@ -60,11 +81,19 @@ def _forget_at(row: Any, user_id: str, now: datetime) -> dict[str, Any]:
     # Segment's Refersion destination finds the affiliate of a delete by its email
     email = change.traits.get("email") if destination.kind == "refersion" else None
     call = destination.forget(change, delete_message(user_id, row.name, now, email=email))
+    what = "delete message" if destination.transport else "affiliate disabled"
     if call is None:
         return {
             "outcome": "nothing to send",
             "detail": f"{destination.kind} supports no deletion"
             + ("" if destination.kind != "refersion" else " for a user without a known affiliate or email"),
+        }
+    if dry_run:
+        # the answer to a lookup leads to the request that disables: only the first is known now
+        return {
+            "outcome": "would send",
+            "detail": f"{what}, starting with this request",
+            "request": call.describe(),
         }
     sender = Sender(destination)
     try:
@@ -75,6 +104,5 @@ def _forget_at(row: Any, user_id: str, now: datetime) -> dict[str, Any]:
         sender.close()
     outcome = outcomes[0]
     if outcome.status == Status.ACCEPTED:
-        what = "delete message" if destination.transport else "affiliate disabled"
         return {"outcome": "sent", "detail": f"{what} accepted"}
     return {"outcome": "failed", "detail": outcome.reason or outcome.status}

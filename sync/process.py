@@ -1,14 +1,19 @@
-"""The process around a run: one malloc arena for the daemon, signals for the one-shot commands."""
+"""The process around a run: one malloc arena for the daemon; for the one-shot commands their signals,
+progress bars and summary, and the question `initial --baseline` asks."""
 
 import ctypes
 import logging
 import os
 import queue
 import signal
+import sys
 import threading
 from typing import TYPE_CHECKING
 
 from rich.console import Console
+
+from sync import views
+from sync.runs import Options
 
 if TYPE_CHECKING:
     from sync.runner import Runner
@@ -60,3 +65,35 @@ def stop_on_signals(runner: "Runner") -> list[int]:
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, lambda signum, _frame: signals.put(signum))  # SimpleQueue.put is reentrant
     return received
+
+
+def run_once(runner: "Runner", options: Options) -> int:
+    """`run` or `initial`: one cycle with progress bars on a terminal and a summary; the exit code."""
+    received = stop_on_signals(runner)
+    options.out = sys.stdout if options.dry_run else None
+    if options.dry_run or not sys.stderr.isatty():
+        results = runner.run(options)
+    else:
+        with views.progress() as bars:
+            options.progress = views.bars(bars)
+            results = runner.run(options)
+    views.summary(results, options.dry_run)
+    if received:
+        return 128 + received[0]
+    return 0 if all(result.good for result in results) else 1
+
+
+def baseline(runner: "Runner", options: Options, yes: bool) -> int:
+    """`initial --baseline`: preview what would be recorded, ask (or take --yes), then record it."""
+    asked_dry = options.dry_run
+    options.dry_run = True
+    preview = runner.run(options)
+    views.baseline_preview(preview)
+    if asked_dry or not any(result.good for result in preview):
+        return 0 if all(result.good for result in preview) else 1
+    if not views.confirmed(yes, sum(result.counts.get("to_send", 0) for result in preview)):
+        return 2
+    options.dry_run = False
+    results = runner.run(options)
+    views.summary(results, dry_run=False)
+    return 0 if all(result.good for result in results) else 1

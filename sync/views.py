@@ -20,8 +20,14 @@ from rich.progress import (
 from rich.table import Table
 
 from sync.check import Findings
+from sync.forget import Forgotten
 
 CONTROL = re.compile(r"[\x00-\x1f\x7f]+")  # a line break or tab in a name or error would break the line
+
+
+def show(rows: list[dict[str, Any]], as_json: bool, view: Callable[[list[dict[str, Any]]], None]) -> None:
+    """Rows as JSON, or through their view."""
+    show_json(rows) if as_json else view(rows)
 
 
 def show_json(value: Any) -> None:
@@ -38,15 +44,15 @@ def utc(moment: datetime | None) -> str:
     return "-" if moment is None else f"{moment.astimezone(UTC):%Y-%m-%d %H:%M}"
 
 
-def table(title: str, headers: list[str], rows: list[list[str]]) -> None:
-    """On a terminal a Rich table that wraps other columns before the first two (the names); elsewhere
+def table(title: str, headers: list[str], rows: list[list[str]], names: tuple[int, ...] = (0, 1)) -> None:
+    """On a terminal a Rich table that wraps other columns before the `names` columns; elsewhere
     (a pipe, a file) plain space-aligned columns, one line per row, nothing cut, for grep, awk and cut."""
     if sys.stdout.isatty():
         console = Console(markup=False, emoji=False)  # names and errors are data, shown as is
-        names = sum(max(cell_len(line[i]) for line in [headers, *rows]) for i in (0, 1))
+        named = sum(max(cell_len(line[i]) for line in [headers, *rows]) for i in names)
         # each column takes 3 more for padding and border; below 4 wide the others cannot shrink further
-        fits = names + 4 * (len(headers) - 2) + 3 * len(headers) + 1 <= console.width
-        console.print(_rich_table(title, headers, rows, wrap_names=not fits))
+        fits = named + 4 * (len(headers) - len(names)) + 3 * len(headers) + 1 <= console.width
+        console.print(_rich_table(title, headers, rows, names if fits else ()))
         return
     lines = [[header.upper() for header in headers]] + [
         [CONTROL.sub(" ", cell) or "-" for cell in row] for row in rows
@@ -57,10 +63,10 @@ def table(title: str, headers: list[str], rows: list[list[str]]) -> None:
         print("   ".join(cells).rstrip())
 
 
-def _rich_table(title: str, headers: list[str], rows: list[list[str]], wrap_names: bool) -> Table:
+def _rich_table(title: str, headers: list[str], rows: list[list[str]], unwrapped: tuple[int, ...]) -> Table:
     rich = Table(title=title)
     for i, header in enumerate(headers):
-        rich.add_column(header, no_wrap=i < 2 and not wrap_names, overflow="fold")
+        rich.add_column(header, no_wrap=i in unwrapped, overflow="fold")
     for row in rows:
         rich.add_row(*row)
     return rich
@@ -113,6 +119,20 @@ def baseline_preview(results: list[Any]) -> None:
             print(f"{where}: {members} member(s) to record as accepted; nothing is sent", file=sys.stderr)
         else:
             print(f"{where}: {result.outcome} ({result.error})", file=sys.stderr)
+
+
+def confirmed(yes: bool, members: int) -> bool:
+    """--yes, or a `y` typed at the terminal; off a terminal without --yes, nothing is recorded."""
+    if yes:
+        return True
+    if not sys.stdin.isatty():
+        print("audience-sync: nothing recorded: add --yes to baseline without a terminal", file=sys.stderr)
+        return False
+    answer = input(f"Record {members} member(s) as accepted without sending anything? [y/N] ")
+    if answer.strip().lower() in ("y", "yes"):
+        return True
+    print("nothing recorded", file=sys.stderr)
+    return False
 
 
 def status(rows: list[dict[str, Any]]) -> None:
@@ -182,7 +202,7 @@ def check(found: Findings) -> None:
         print(problem)
     for warning in found.warnings:
         print(f"warning: {warning}")
-    for line in found.sources:
+    for line in found.sources + found.credentials:
         print(line, file=sys.stderr)
     noted = f" and {len(found.warnings)} warning(s)" if found.warnings else ""
     if found.problems:
@@ -194,16 +214,68 @@ def check(found: Findings) -> None:
         )
 
 
-def forget(user_id: str, report: list[dict[str, Any]], state_failure: str | None) -> None:
-    """Each destination's outcome on stdout, what became of the state tables on stderr."""
-    for line in report:
+def forget(user_id: str, forgotten: Forgotten, dry_run: bool) -> None:
+    """Each destination's outcome (and in a dry run the request) on stdout, the state tables on stderr."""
+    for line in forgotten.report:
         print(f"{line['destination']}: {line['outcome']} ({line['detail']})")
-    if state_failure:
+        if "request" in line:
+            print(f"  {json.dumps(line['request'])}")
+    if forgotten.state_failure:
         print(
-            f"user {user_id!r} is still in the state tables ({state_failure}): run forget again",
+            f"user {user_id!r} is still in the state tables ({forgotten.state_failure}): run forget again",
             file=sys.stderr,
         )
         return
-    failed = [line["destination"] for line in report if line["outcome"] == "failed"]
+    rows = ", ".join(f"{count} from {table}" for table, count in forgotten.removed.items())
+    if dry_run:
+        print(f"[dry run] would remove {rows}; nothing was sent or removed", file=sys.stderr)
+        return
+    failed = [line["destination"] for line in forgotten.report if line["outcome"] == "failed"]
     kept = f", except at {', '.join(failed)}: run forget again" if failed else ""
     print(f"user {user_id!r} removed from the state tables{kept}", file=sys.stderr)
+
+
+def audiences(rows: list[dict[str, Any]]) -> None:
+    headers = ["name", "id", "key", "schedule", "enabled", "connections"]
+    cells = [
+        [r["name"], str(r["id"]), f"{r['key']}{'' if r['key_stored'] else ' (from the name)'}"]
+        + [r["schedule"] or "SYNC_INTERVAL", _yes(r["enabled"]), str(r["connections"])]
+        for r in rows
+    ]
+    table("audiences", headers, cells, names=(0,))
+
+
+def destinations(rows: list[dict[str, Any]]) -> None:
+    headers = ["name", "id", "kind", "transport", "api key", "enabled", "connections"]
+    cells = [
+        [r["name"], str(r["id"]), str(r["kind"]), r["transport"], r["api_key"] or "none"]
+        + [_yes(r["enabled"]), str(r["connections"])]
+        for r in rows
+    ]
+    table("destinations", headers, cells, names=(0,))
+
+
+def runs(rows: list[dict[str, Any]]) -> None:
+    headers = ["started (UTC)", "audience", "destination", "outcome", "seconds", "changes", "error"]
+    table("runs, newest first", headers, [_run_row(row) for row in rows], names=(1, 2))
+
+
+def _run_row(row: dict[str, Any]) -> list[str]:
+    counts = (
+        f"members={row['members']} +{row['entered']} -{row['exited']} ok={row['accepted']} "
+        f"rej={row['rejected']} skip={row['skipped']} fail={row['failed']}"
+    )
+    seconds = (row["finished_at"] - row["started_at"]).total_seconds()
+    return [
+        utc(row["started_at"]),
+        row["audience"],
+        row["destination"] or "(the audience)",
+        row["outcome"],
+        f"{seconds:.1f}",
+        counts,
+        row["error"] or "",
+    ]
+
+
+def _yes(value: bool) -> str:
+    return "yes" if value else "no"

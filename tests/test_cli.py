@@ -5,8 +5,10 @@ import os
 import pty
 import re
 import shlex
+import signal
 import subprocess
 from datetime import UTC, datetime, timedelta
+from importlib.metadata import version
 
 from sync.sandbox import EverflowServer, RefersionServer
 from sync.tables import sync_leases
@@ -166,3 +168,173 @@ def test_status_json_has_ids_and_iso_8601_times_in_utc(
     started = datetime.fromisoformat(times["started_at"])
     assert datetime.fromisoformat(times["next_run_earliest"]) == started + timedelta(hours=2)
     assert datetime.fromisoformat(times["next_run_latest"]) == started + timedelta(hours=3)
+
+
+def test_version_comes_from_the_package_metadata() -> None:
+    done = run_cli("sqlite:///unused.db", "--version")
+    assert (done.returncode, done.stdout) == (0, f"audience-sync {version('audience-sync')}\n")
+
+
+def test_names_match_exactly_then_by_case_else_say_what_is_close(
+    state_url: str, config: Config, customers: Customers
+) -> None:
+    customers.add("u1")
+    with EverflowServer() as server:
+        destination = everflow(config, server)
+        for name, key in (("VIP", "vip_upper"), ("Vip", "vip"), ("Recent Buyers", "recent_buyers")):
+            config.connect(config.audience(name, Customers.QUERY, key=key), destination)
+
+        exact = run_cli(state_url, "run", "--audience", "Vip")
+        assert exact.returncode == 0, exact.stderr
+        assert "Vip -> Everflow: ok" in exact.stderr and "VIP -> Everflow" not in exact.stderr
+        by_case = run_cli(state_url, "run", "--audience", "recent buyers", "--destination", "EVERFLOW")
+        assert by_case.returncode == 0, by_case.stderr
+        assert "Recent Buyers -> Everflow: ok" in by_case.stderr
+        ambiguous = run_cli(state_url, "run", "--audience", "vip")
+        assert (ambiguous.returncode, ambiguous.stderr.splitlines()[-1]) == (
+            2,
+            "audience-sync: --audience 'vip' matches 'VIP' or 'Vip' but for case; give one of them exactly",
+        )
+        unknown = run_cli(state_url, "runs", "--audience", "Recnt Buyer")
+        assert (unknown.returncode, unknown.stderr.splitlines()[-1]) == (
+            2,
+            "audience-sync: no audience named 'Recnt Buyer'; did you mean 'Recent Buyers'?",
+        )
+        part = run_cli(state_url, "run", "--destination", "ever")
+        assert part.returncode == 2 and "no destination named 'ever'; did you mean 'Everflow'?" in part.stderr
+    assert len(server.requests) == 2  # u1 in Vip and in Recent Buyers; nothing for the refused names
+
+
+def test_audiences_destinations_and_runs_list_as_tables_and_json(
+    state_url: str, config: Config, customers: Customers
+) -> None:
+    customers.add("u1")
+    with EverflowServer() as server, RefersionServer() as refersion:
+        vip = config.audience("VIP", Customers.QUERY, schedule="30m")
+        config.connect(vip, everflow(config, server))
+        config.connect(vip, refused_refersion(config, refersion))
+        config.audience("Dormant", Customers.QUERY, enabled=False)
+        for _ in range(3):
+            run_cli(state_url, "run")
+
+    lines = run_cli(state_url, "audiences").stdout.splitlines()
+    assert [re.split(r"\s{3,}", line) for line in lines[1:]] == [
+        ["Dormant", "2", "dormant (from the name)", "SYNC_INTERVAL", "no", "0"],
+        ["VIP", str(vip), "vip", "30m", "yes", "2"],
+    ]
+    [dormant, _] = json.loads(run_cli(state_url, "audiences", "--json").stdout)
+    assert dormant["key"] == "dormant" and dormant["key_stored"] is False and dormant["enabled"] is False
+
+    destinations = run_cli(state_url, "destinations").stdout
+    assert "pub.wrong" not in destinations
+    assert re.split(r"\s{3,}", destinations.splitlines()[2])[:5] == [
+        "Refersion",
+        "2",
+        "refersion",
+        "native",
+        "in the row",
+    ]
+    assert {d["name"] for d in json.loads(run_cli(state_url, "destinations", "--json").stdout)} == {
+        "Everflow",
+        "Refersion",
+    }
+
+    runs = run_cli(state_url, "runs", "--audience", "vip", "--limit", "4")
+    assert runs.returncode == 0 and len(runs.stdout.splitlines()) == 5, runs.stdout
+    assert "credentials refused (HTTP 401" in runs.stdout and "STARTED (UTC)" in runs.stdout
+    newest = json.loads(run_cli(state_url, "runs", "--json", "--limit", "1").stdout)
+    assert [(r["destination"], r["outcome"]) for r in newest] == [("Refersion", "failed")]
+    assert datetime.fromisoformat(newest[0]["started_at"]).utcoffset() == timedelta(0)
+    assert run_cli(state_url, "runs", "--limit", "0").returncode == 2
+
+
+def test_forget_dry_run_says_what_it_would_do_and_does_nothing(
+    state_url: str, config: Config, customers: Customers
+) -> None:
+    customers.add("u1")
+    with RefersionServer() as refersion:
+        settings = {"api_base": refersion.url + "/v2", "on_exit": "disable"}
+        config.connect(
+            config.audience("VIP", Customers.QUERY),
+            config.destination("Refersion", "refersion", settings, api_key="pub.sec"),
+        )
+        assert run_cli(state_url, "initial").returncode == 0
+        sent = len(refersion.requests)
+
+        preview = run_cli(state_url, "forget", "u1", "--dry-run")
+        assert preview.returncode == 0, preview.stderr
+        assert len(refersion.requests) == sent
+    assert [a["status"] for a in refersion.affiliates.values()] == ["PENDING"]
+    assert config.sql("SELECT count(*) FROM sync_state WHERE user_id = 'u1'") == [(1,)]
+    first, request = preview.stdout.splitlines()
+    assert first == "Refersion: would send (affiliate disabled, starting with this request)"
+    assert json.loads(request)["url"].endswith("/v2/affiliate/get") and "pub.sec" not in request
+    assert (
+        "would remove 1 from sync_state, 0 from sync_rejections; nothing was sent or removed"
+        in preview.stderr
+    )
+
+
+def test_check_reports_every_problem_of_a_row(state_url: str, config: Config, customers: Customers) -> None:
+    with EverflowServer() as server:
+        config.connect(config.audience("VIP", Customers.QUERY), everflow(config, server))
+        config.audience("Two Wrongs", "  ", schedule="1ms")
+        text = run_cli(state_url, "check")
+        as_json = run_cli(state_url, "check", "--json")
+    assert text.returncode == 2 and as_json.returncode == 2
+    where = "audiences row id=2 ('Two Wrongs')"
+    assert [line for line in text.stdout.splitlines() if not line.startswith("warning: ")] == [
+        f"{where}: query is empty",
+        f"{where}: schedule: '1ms' is shorter than 1s, the shortest cadence",
+    ]
+    findings = json.loads(as_json.stdout)["findings"]
+    assert {"severity": "error", "message": f"{where}: query is empty"} in findings
+    assert [f["severity"] for f in findings if "Two Wrongs" in f["message"]] == ["error", "error"]
+
+
+def test_the_daemon_logs_every_problem_of_the_rows_at_start(state_url: str, config: Config) -> None:
+    config.destination("Keyless", "refersion", {}, api_key_env="UNSET_REFERSION_KEY")
+    config.audience("Two Wrongs", "  ", schedule="1ms")
+    daemon = start_cli(state_url, "daemon", env={"SYNC_LOG_FORMAT": "json"})
+    try:
+        assert daemon.stderr is not None
+        records = []
+        while not records or records[-1].get("action") != "config_checked":
+            records.append(json.loads(daemon.stderr.readline()))
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.communicate(timeout=30)
+    problems = [r["message"] for r in records if r.get("action") == "config_problem"]
+    assert problems == [
+        "audiences row id=1 ('Two Wrongs'): query is empty",
+        "audiences row id=1 ('Two Wrongs'): schedule: '1ms' is shorter than 1s, the shortest cadence",
+        "destinations row id=1 ('Keyless'): api_key_env names 'UNSET_REFERSION_KEY', which is not set or "
+        "empty",
+    ]
+    assert records[-1]["message"].startswith("configuration: 2 rows checked, 3 problem(s)")
+
+
+def test_check_connect_catches_a_refused_key(state_url: str, config: Config, customers: Customers) -> None:
+    with RefersionServer() as refersion, EverflowServer() as server:
+        audience = config.audience("VIP", Customers.QUERY)
+        config.connect(audience, refused_refersion(config, refersion))
+        config.connect(audience, everflow(config, server))
+        offline = run_cli(state_url, "check")
+        assert offline.returncode == 0 and refersion.requests == []  # without --connect: no call, no proof
+
+        refused = run_cli(state_url, "check", "--connect")
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        assert "destinations row id=1 ('Refersion'): credentials refused (HTTP 401" in refused.stdout
+        assert "pub.wrong" not in refused.stdout + refused.stderr
+        assert "destinations row id=2 ('Everflow'): not proved: " in refused.stderr
+        [probe] = refersion.requests
+        assert probe.path == "/v2/affiliate/search"
+
+        config.sql("UPDATE destinations SET api_key = 'pub.sec' WHERE name = 'Refersion'")
+        accepted = run_cli(state_url, "check", "--connect", "--json")
+    assert accepted.returncode == 0, accepted.stdout
+    assert (
+        "destinations row id=1 ('Refersion'): credentials accepted"
+        in json.loads(accepted.stdout)["credentials"]
+    )
+    assert refersion.affiliates == {}  # the probe created nothing
