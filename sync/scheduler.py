@@ -17,6 +17,7 @@ from apscheduler.triggers.base import BaseTrigger
 
 from sync import metrics, state
 from sync.audiences import Audience, load_audiences
+from sync.logs import audience_fields
 from sync.runner import Options, Runner
 from sync.settings import Cadence
 
@@ -58,6 +59,7 @@ class Daemon:
         self.cadences: dict[int, Cadence] = {}
         self.rng = random.Random()
         self.healthy = False  # the last reload could read the state database
+        self.reported: dict[int, str] = {}  # the problem last logged of each invalid audience
         self.jobs_lock = threading.Lock()  # a reload changes the jobs; a stop shuts the scheduler down
         self.signals: queue.SimpleQueue[int] = queue.SimpleQueue()
 
@@ -127,11 +129,26 @@ class Daemon:
                 last_runs = state.last_run_times(conn)
         except sa.exc.OperationalError as exc:
             self.healthy = False
-            log.error("cannot read the configuration: %s", exc.orig, extra={"action": "reload_failed"})
+            log.error(
+                "cannot read the configuration: %s",
+                exc.orig,
+                extra={"action": "reload_failed", "reason": str(exc.orig)},
+            )
             return
         self.healthy = True
-        for problem in problems.values():
-            log.error("%s", problem, extra={"action": "audience_invalid"})
+        for audience_id, problem in problems.items():  # once, and again when the problem changes
+            if self.reported.get(audience_id) != problem:
+                log.error(
+                    "%s",
+                    problem,
+                    extra={
+                        "action": "audience_invalid",
+                        "audience_id": audience_id,
+                        "outcome": "invalid",
+                        "reason": problem,
+                    },
+                )
+        self.reported = problems
         with self.jobs_lock:
             if not self.runner.stopping.is_set():  # the scheduler is shut down, or about to be
                 self._schedule(valid, last_runs)
@@ -141,7 +158,11 @@ class Daemon:
         for audience_id in set(self.cadences) - set(wanted):
             self.scheduler.remove_job(str(audience_id))
             del self.cadences[audience_id]
-            log.info("audience id %s unscheduled", audience_id, extra={"action": "audience_unscheduled"})
+            log.info(
+                "audience id %s unscheduled",
+                audience_id,
+                extra={"action": "audience_unscheduled", "audience_id": audience_id},
+            )
         for audience in valid:
             cadence = audience.cadence or self.runner.settings.interval
             if self.cadences.get(audience.id) == cadence:
@@ -156,9 +177,17 @@ class Daemon:
                 replace_existing=True,
             )
             self.cadences[audience.id] = cadence
-            log.info("%s scheduled (%s)", audience, trigger, extra={"action": "audience_scheduled"})
+            fields = audience_fields(audience)
+            log.info(
+                "%s scheduled (%s)",
+                audience,
+                trigger,
+                extra={"action": "audience_scheduled", **fields, "cadence": str(cadence)},
+            )
             if warning := cadence.warning(str(audience)):
-                log.warning("%s", warning, extra={"action": "cadence_short"})
+                log.warning(
+                    "%s", warning, extra={"action": "cadence_short", **fields, "cadence": str(cadence)}
+                )
 
     def _run(self, audience_id: int) -> None:
         if self.runner.stopping.is_set():
@@ -171,4 +200,6 @@ class Daemon:
         try:
             self.runner.run_audience(audience, Options())
         except Exception:
-            log.exception("run of %s failed", audience, extra={"action": "run_crashed"})
+            log.exception(
+                "run of %s failed", audience, extra={"action": "run_crashed", **audience_fields(audience)}
+            )
