@@ -123,7 +123,7 @@ class RunLog:
         finished = self.now()
         seconds = (finished - run.started).total_seconds()
         metrics.observe_run(
-            result.audience, run.destination, result.outcome, result.counts, seconds, finished.timestamp()
+            run.audience_id, run.destination_id, result.outcome, result.counts, seconds, finished.timestamp()
         )
         row = {
             "audience_id": run.audience_id,

@@ -1,11 +1,14 @@
 """The daemon: one APScheduler job per enabled audience, on its cadence, re-reading the config tables."""
 
+import contextlib
 import logging
 import os
 import queue
 import random
 import signal
 import threading
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from types import FrameType
 
@@ -15,7 +18,7 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.blocking import BlockingScheduler
 from apscheduler.triggers.base import BaseTrigger
 
-from sync import metrics, state
+from sync import history, metrics, state
 from sync.audiences import Audience, load_audiences
 from sync.logs import audience_fields
 from sync.runner import Options, Runner
@@ -48,8 +51,9 @@ class CadenceTrigger(BaseTrigger):  # type: ignore[misc]
 class Daemon:
     """Keeps the scheduler's jobs in step with the `audiences` table."""
 
-    def __init__(self, runner: Runner) -> None:
+    def __init__(self, runner: Runner, clock: Callable[[], float] = time.monotonic) -> None:
         self.runner = runner
+        self.clock = clock
         self.executor = ThreadPoolExecutor(max_workers=4)
         self.scheduler = BlockingScheduler(
             timezone=UTC,
@@ -58,7 +62,7 @@ class Daemon:
         )
         self.cadences: dict[int, Cadence] = {}
         self.rng = random.Random()
-        self.healthy = False  # the last reload could read the state database
+        self.last_reload: float | None = None  # when a reload last read the configuration (`clock`)
         self.reported: dict[int, str] = {}  # the problem last logged of each invalid audience
         self.jobs_lock = threading.Lock()  # a reload changes the jobs; a stop shuts the scheduler down
         self.signals: queue.SimpleQueue[int] = queue.SimpleQueue()
@@ -83,8 +87,9 @@ class Daemon:
         port = self.runner.settings.metrics_port
         if port:
             with self.runner.engine.connect() as conn:  # as the recorded runs left the gauges
-                metrics.seed(state.last_runs(conn))
-        stop_metrics = metrics.serve(port, lambda: self.healthy) if port else None
+                metrics.seed(history.last_runs(conn))
+                metrics.accepted(history.accepted_members(conn))
+        stop_metrics = metrics.serve(port, self.health) if port else None
         log.info("daemon started with %d audiences", len(self.cadences), extra={"action": "daemon_started"})
         try:
             self.scheduler.start()
@@ -127,15 +132,21 @@ class Daemon:
             with self.runner.engine.connect() as conn:
                 valid, problems = load_audiences(conn)
                 last_runs = state.last_run_times(conn)
+                connections = history.connections(conn)
         except sa.exc.OperationalError as exc:
-            self.healthy = False
             log.error(
                 "cannot read the configuration: %s",
                 exc.orig,
                 extra={"action": "reload_failed", "reason": str(exc.orig)},
             )
             return
-        self.healthy = True
+        self.last_reload = self.clock()
+        by_id = {audience.id: audience for audience in valid}
+        metrics.describe(
+            metrics.Described(a.id, a.key, a.name, row.destination_id, row.destination)
+            for row in connections
+            if (a := by_id.get(row.audience_id))
+        )
         for audience_id, problem in problems.items():  # once, and again when the problem changes
             if self.reported.get(audience_id) != problem:
                 log.error(
@@ -169,7 +180,7 @@ class Daemon:
                 continue
             trigger = CadenceTrigger(cadence, last_runs.get(audience.id), self.rng)
             self.scheduler.add_job(
-                self._run,
+                self.run_audience,
                 trigger,
                 args=[audience.id],
                 id=str(audience.id),
@@ -189,7 +200,18 @@ class Daemon:
                     "%s", warning, extra={"action": "cadence_short", **fields, "cadence": str(cadence)}
                 )
 
-    def _run(self, audience_id: int) -> None:
+    def health(self) -> str | None:
+        """Why the daemon is not healthy (for /healthz), or None: the scheduler must be running (it stops on
+        SIGTERM, while the runs in flight finish) and a reload must have read the configuration lately."""
+        if not self.scheduler.running:
+            return "the scheduler is not running"
+        allowed = 3 * self.runner.settings.reload_interval
+        if self.last_reload is None or self.clock() - self.last_reload > allowed:
+            return f"no reload has read the configuration in the last {allowed:g}s"
+        return None
+
+    def run_audience(self, audience_id: int) -> None:
+        """The job of an audience: one run, then its connections' accepted members for the metrics."""
         if self.runner.stopping.is_set():
             return
         with self.runner.engine.connect() as conn:
@@ -203,3 +225,7 @@ class Daemon:
             log.exception(
                 "run of %s failed", audience, extra={"action": "run_crashed", **audience_fields(audience)}
             )
+        if self.runner.settings.metrics_port:
+            # the state database down: the gauges keep their counts, and the run said what failed
+            with contextlib.suppress(sa.exc.DBAPIError), self.runner.engine.connect() as conn:
+                metrics.accepted(history.accepted_members(conn, audience.id), audience.id)

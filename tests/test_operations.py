@@ -1,16 +1,25 @@
 """Operating it: structured logs, per-connection metrics, health, run history retention, deployment files."""
 
+import contextlib
+import dataclasses
 import json
 import logging
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 
+import httpx
 import pytest
 import sqlalchemy as sa
+from prometheus_client import REGISTRY
 
+from sync import metrics
 from sync.runner import Runner
 from sync.sandbox import EverflowServer, RefersionServer
 from sync.scheduler import Daemon
 from sync.settings import Settings
-from tests.conftest import Config, Customers, run_cli
+from tests.conftest import Config, Customers, free_port, run_cli
+from tests.test_daemon import _wait_for
 from tests.test_e2e import everflow_destination, refersion_destination
 
 
@@ -68,3 +77,178 @@ def test_a_row_that_stays_invalid_is_logged_once_per_change_of_its_problem(
     invalid = [r for r in caplog.records if getattr(r, "action", None) == "audience_invalid"]
     assert ["banana" in r.getMessage() for r in invalid] == [True, False]
     assert "apple" in invalid[1].getMessage() and invalid[1].reason == invalid[1].getMessage()
+
+
+def _sample(name: str, **labels: str) -> float | None:
+    return REGISTRY.get_sample_value(name, labels)
+
+
+class Clock:
+    """Time the test moves: the runs' `now` and the daemon's monotonic clock."""
+
+    def __init__(self) -> None:
+        self.at = datetime(2026, 12, 1, 9, tzinfo=UTC)
+
+    def now(self) -> datetime:
+        return self.at
+
+    def monotonic(self) -> float:
+        return self.at.timestamp()
+
+
+@contextlib.contextmanager
+def _daemon(engine: sa.Engine, clock: Clock) -> Iterator[Daemon]:
+    """A daemon in this process, metrics on (not served), its scheduler not started."""
+    settings = dataclasses.replace(Settings.from_env(), metrics_port=free_port())
+    runner = Runner(engine, engine, settings, now=clock.now)
+    try:
+        yield Daemon(runner, clock=clock.monotonic)
+    finally:
+        runner.close()
+
+
+def test_a_destination_that_keeps_failing_has_a_last_success_that_stops_advancing(
+    engine: sa.Engine, config: Config, customers: Customers
+) -> None:
+    customers.add("u1", "u2")
+    clock = Clock()
+    with contextlib.ExitStack() as stack:
+        everflow = stack.enter_context(EverflowServer())
+        refersion = stack.enter_context(RefersionServer())
+        audience = _two_destinations(config, everflow, refersion)
+        daemon = stack.enter_context(_daemon(engine, clock))
+        daemon.reload()
+        ids = dict(config.sql("SELECT name, id FROM destinations"))
+        everflow_labels = {"audience": "vip", "destination_id": str(ids["Everflow"])}
+        refersion_labels = {"audience": "vip", "destination_id": str(ids["Refersion"])}
+        daemon.run_audience(audience)
+        first = clock.monotonic()
+        for labels in (everflow_labels, refersion_labels):
+            assert _sample("audience_sync_last_success_timestamp_seconds", **labels) == first
+            assert _sample("audience_sync_accepted_members", **labels) == 2
+        requests = {
+            status: _sample(
+                "audience_sync_http_requests_total", destination_id=str(ids["Refersion"]), status_class=status
+            )
+            or 0
+            for status in ("2xx", "4xx")
+        }
+        everflow_id = {"destination_id": str(ids["Everflow"])}
+        before_429 = (
+            _sample("audience_sync_http_rate_limited_total", **everflow_id) or 0,
+            _sample("audience_sync_http_retries_total", **everflow_id) or 0,
+        )
+
+        refused = len(refersion.requests)
+        refersion.fault(401, body='{"error": "Invalid API credentials"}', times=100)
+        everflow.fault(429, headers={"Retry-After": "0"})
+        for hours in (1, 2):
+            customers.add(f"new{hours}")
+            clock.at += timedelta(hours=1)
+            daemon.run_audience(audience)
+            assert (
+                _sample("audience_sync_last_success_timestamp_seconds", **everflow_labels)
+                == clock.monotonic()
+            )
+            assert _sample("audience_sync_last_success_timestamp_seconds", **refersion_labels) == first
+            assert (
+                _sample("audience_sync_last_run_timestamp_seconds", **refersion_labels) == clock.monotonic()
+            )
+            assert _sample("audience_sync_last_run_outcome", **refersion_labels, outcome="failed") == 1
+            assert _sample("audience_sync_last_run_outcome", **refersion_labels, outcome="ok") is None
+            assert _sample("audience_sync_pending_changes", **refersion_labels) == hours
+        assert _sample("audience_sync_accepted_members", **everflow_labels) == 4
+        assert _sample("audience_sync_accepted_members", **refersion_labels) == 2
+        assert _sample("audience_sync_members", **refersion_labels) == 4
+        refersion_id = str(ids["Refersion"])
+        assert _sample(
+            "audience_sync_http_requests_total", destination_id=refersion_id, status_class="4xx"
+        ) == (requests["4xx"] + len(refersion.requests) - refused)
+        assert (
+            _sample("audience_sync_http_requests_total", destination_id=refersion_id, status_class="2xx")
+            == (requests["2xx"])
+        )
+        assert (
+            _sample("audience_sync_http_rate_limited_total", **everflow_id),
+            _sample("audience_sync_http_retries_total", **everflow_id),
+        ) == (before_429[0] + 1, before_429[1] + 1)
+
+
+def test_a_renamed_audience_or_destination_changes_only_the_info_series(
+    engine: sa.Engine, config: Config, customers: Customers
+) -> None:
+    customers.add("u1")
+    clock = Clock()
+    with contextlib.ExitStack() as stack:
+        everflow = stack.enter_context(EverflowServer())
+        audience = config.audience("VIP", Customers.QUERY)
+        destination = everflow_destination(config, everflow)
+        config.connect(audience, destination)
+        daemon = stack.enter_context(_daemon(engine, clock))
+        daemon.reload()
+        daemon.run_audience(audience)
+        labels = {"audience": "vip", "destination_id": str(destination)}
+        before = _series(labels)
+        info = dict(labels, audience_name="VIP", destination_name="Everflow")
+        assert before.pop(("audience_sync_connection_info", frozenset(info.items()))) == 1
+        assert ("audience_sync_last_success_timestamp_seconds", frozenset(labels.items())) in before
+
+        config.sql("UPDATE audiences SET name = 'Very Important People'")
+        config.sql("UPDATE destinations SET name = 'Everflow EU'")
+        daemon.reload()
+        after = _series(labels)
+        info = dict(labels, audience_name="Very Important People", destination_name="Everflow EU")
+        assert after.pop(("audience_sync_connection_info", frozenset(info.items()))) == 1
+        assert after == before  # the old info series is gone; every other series is as it was
+
+        config.sql("DELETE FROM audience_destinations")
+        daemon.reload()
+        assert _series(labels) == {}  # a connection gone leaves no series
+
+
+def _series(labels: dict[str, str]) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every exposed series of the connection with these labels, and its value."""
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for metric in REGISTRY.collect()
+        for sample in metric.samples
+        if labels.items() <= sample.labels.items()
+    }
+
+
+def test_healthz_fails_when_the_scheduler_stopped_or_reloads_are_late_and_unknown_paths_are_404(
+    engine: sa.Engine,
+) -> None:
+    clock = Clock()
+    with _daemon(engine, clock) as daemon:
+        port = daemon.runner.settings.metrics_port
+        assert port is not None
+        stop = metrics.serve(port, daemon.health)
+        scheduler = threading.Thread(target=daemon.scheduler.start, daemon=True)
+        try:
+
+            def get(path: str) -> tuple[int, str]:
+                answer = httpx.get(f"http://127.0.0.1:{port}{path}")
+                return answer.status_code, answer.text
+
+            daemon.reload()
+            assert get("/healthz") == (503, "the scheduler is not running\n")
+            scheduler.start()
+            _wait_for(lambda: daemon.scheduler.running, 10)
+            assert get("/healthz") == (200, "ok\n")
+            clock.at += timedelta(seconds=180)  # 3 x SYNC_RELOAD_INTERVAL (60s): still in time
+            assert get("/healthz") == (200, "ok\n")
+            clock.at += timedelta(seconds=1)
+            assert get("/healthz") == (503, "no reload has read the configuration in the last 180s\n")
+            daemon.reload()
+            assert get("/healthz") == (200, "ok\n")
+            daemon.scheduler.shutdown(wait=False)
+            scheduler.join(10)
+            assert get("/healthz") == (503, "the scheduler is not running\n")
+
+            status, exposed = get("/metrics")
+            assert status == 200 and 'audience_sync_build_info{version="' in exposed
+            for path in ("/", "/foo", "/metrics/x", "/healthz/"):
+                assert get(path) == (404, "not found: the daemon serves /metrics and /healthz\n")
+        finally:
+            stop()
