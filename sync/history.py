@@ -1,14 +1,16 @@
 """What the daemon reads for its metrics (connections, the last runs, accepted members) and the pruning of
 old run history (`sync_runs`).
 
-Transactions: each function takes a Connection and never commits; the caller does.
+Transactions: each function takes a Connection and never commits (the caller does), except `prune`, which
+takes the engine and commits each audience's deletions in a transaction of their own.
 """
 
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
 
-from sync.tables import UTCDateTime, audience_destinations, destinations, sync_runs, sync_state
+from sync.tables import UTCDateTime, audience_destinations, audiences, destinations, sync_runs, sync_state
 
 
 def connections(conn: sa.Connection) -> list[sa.Row[Any]]:
@@ -64,3 +66,28 @@ def accepted_members(conn: sa.Connection, audience_id: int | None = None) -> dic
     if audience_id is not None:
         query = query.where(sync_state.c.audience_id == audience_id)
     return {(a, d): n for a, d, n in conn.execute(query)}
+
+
+def prune(engine: sa.Engine, before: datetime) -> int:
+    """Delete the runs started before `before`, audience by audience, keeping each connection's last run
+    and last ok run (and each audience's last audience-level row); returns how many were deleted."""
+    with engine.connect() as conn:
+        audience_ids = list(conn.scalars(sa.select(audiences.c.id)))
+    deleted = 0
+    for (
+        audience_id
+    ) in audience_ids:  # short transactions, each read through the (audience_id, started_at) index
+        with engine.begin() as conn:
+            deleted += _prune_audience(conn, audience_id, before)
+    return deleted
+
+
+def _prune_audience(conn: sa.Connection, audience_id: int, before: datetime) -> int:
+    runs = sync_runs.c
+    mine = runs.audience_id == audience_id
+    last = sa.select(sa.func.max(runs.id)).where(mine).group_by(runs.destination_id)
+    last_ok = sa.select(sa.func.max(runs.id)).where(mine, runs.outcome == "ok").group_by(runs.destination_id)
+    deleted = conn.execute(
+        sa.delete(sync_runs).where(mine, runs.started_at < before, runs.id.not_in(sa.union(last, last_ok)))
+    )
+    return deleted.rowcount

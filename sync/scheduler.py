@@ -20,12 +20,14 @@ from apscheduler.triggers.base import BaseTrigger
 
 from sync import history, metrics, state
 from sync.audiences import Audience, load_audiences
+from sync.errors import first_line
 from sync.logs import audience_fields
 from sync.runner import Options, Runner
 from sync.settings import Cadence
 
 log = logging.getLogger(__name__)
 RELOAD_JOB = "reload"
+PRUNE_EVERY = timedelta(hours=1)
 
 
 class CadenceTrigger(BaseTrigger):  # type: ignore[misc]
@@ -83,6 +85,14 @@ class Daemon:
             seconds=self.runner.settings.reload_interval,
             id=RELOAD_JOB,
             name="reload configuration",
+        )
+        self.scheduler.add_job(
+            self.prune_history,
+            "interval",
+            seconds=PRUNE_EVERY.total_seconds(),
+            next_run_time=self.runner.now(),  # and once at start
+            id="prune",
+            name="prune run history",
         )
         port = self.runner.settings.metrics_port
         if port:
@@ -199,6 +209,26 @@ class Daemon:
                 log.warning(
                     "%s", warning, extra={"action": "cadence_short", **fields, "cadence": str(cadence)}
                 )
+
+    def prune_history(self) -> None:
+        """Delete the runs older than SYNC_HISTORY_RETENTION; each connection's last and last ok run stay."""
+        before = self.runner.now() - timedelta(seconds=self.runner.settings.history_retention)
+        try:
+            deleted = history.prune(self.runner.engine, before)
+        except sa.exc.DBAPIError as exc:
+            reason = first_line(exc)
+            log.error(
+                "cannot prune the run history: %s",
+                reason,
+                extra={"action": "history_prune_failed", "reason": reason},
+            )
+            return
+        log.info(
+            "run history: deleted %d runs started before %s",
+            deleted,
+            before.isoformat(timespec="seconds"),
+            extra={"action": "history_pruned", "deleted": deleted},
+        )
 
     def health(self) -> str | None:
         """Why the daemon is not healthy (for /healthz), or None: the scheduler must be running (it stops on

@@ -18,6 +18,7 @@ from sync.runner import Runner
 from sync.sandbox import EverflowServer, RefersionServer
 from sync.scheduler import Daemon
 from sync.settings import Settings
+from sync.tables import sync_runs
 from tests.conftest import Config, Customers, free_port, run_cli
 from tests.test_daemon import _wait_for
 from tests.test_e2e import everflow_destination, refersion_destination
@@ -252,3 +253,55 @@ def test_healthz_fails_when_the_scheduler_stopped_or_reloads_are_late_and_unknow
                 assert get(path) == (404, "not found: the daemon serves /metrics and /healthz\n")
         finally:
             stop()
+
+
+def test_the_daemon_prunes_old_run_history_but_keeps_each_connections_last_and_last_ok_run(
+    engine: sa.Engine, config: Config
+) -> None:
+    a = config.audience("A", "SELECT 1")
+    b = config.audience("B", "SELECT 1")
+    d1 = config.destination("D1", "everflow", {})
+    d2 = config.destination("D2", "everflow", {})
+    clock = Clock()
+    runs = {  # name: (audience, destination, days before now, outcome)
+        "a1 old ok": (a, d1, 200, "ok"),
+        "a1 last ok": (a, d1, 150, "ok"),
+        "a1 old failed": (a, d1, 120, "failed"),
+        "a1 last": (a, d1, 100, "failed"),
+        "a2 old ok": (a, d2, 100, "ok"),
+        "a2 old failed": (a, d2, 95, "failed"),
+        "a2 recent": (a, d2, 10, "ok"),
+        "a old invalid": (a, None, 300, "invalid"),
+        "a last invalid": (a, None, 200, "invalid"),
+        "b1 old": (b, d1, 91, "ok"),
+        "b1 within retention": (b, d1, 89, "ok"),
+        "b1 last": (b, d1, 1, "held"),
+    }
+    with engine.begin() as conn:
+        for name, (audience, destination, days, outcome) in runs.items():
+            started = clock.now() - timedelta(days=days)
+            row = {"audience_id": audience, "destination_id": destination, "outcome": outcome, "error": name}
+            conn.execute(sa.insert(sync_runs), {**row, "started_at": started, "finished_at": started})
+    with _daemon(engine, clock) as daemon:
+        assert daemon.runner.settings.history_retention == 90 * 86400  # the default
+        last = {"a1 last ok", "a1 last", "a2 recent", "a last invalid", "b1 within retention", "b1 last"}
+        for later in (0, 365):  # a year on, the same rows: each is a last or a last ok run
+            clock.at += timedelta(days=later)
+            daemon.prune_history()
+            assert {row.error for row in config.sql("SELECT error FROM sync_runs")} == last
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("12h", 43200), ("90d", 90 * 86400), ("1d12h", 129600)])
+def test_history_retention_is_a_duration(monkeypatch: pytest.MonkeyPatch, text: str, seconds: float) -> None:
+    monkeypatch.setenv("SYNC_HISTORY_RETENTION", text)
+    assert Settings.from_env().history_retention == seconds
+
+
+def test_a_bad_history_retention_stops_the_daemon_with_one_line(state_url: str) -> None:
+    done = run_cli(state_url, "daemon", env={"SYNC_HISTORY_RETENTION": "forever"})
+    assert done.returncode == 2
+    assert (
+        done.stderr.strip()
+        .splitlines()[-1]
+        .startswith("audience-sync: SYNC_HISTORY_RETENTION: 'forever' is not")
+    )
