@@ -63,6 +63,7 @@ RETRIES = Counter(
     "audience_sync_http_retries", "Requests sent again after a retriable failure", ["destination_id"]
 )
 Info("audience_sync_build", "The running audience-sync").info({"version": __version__})
+HEALTHY = Gauge("audience_sync_healthy", "1 while /healthz answers 200, else 0")
 
 
 @dataclass(frozen=True)
@@ -188,6 +189,7 @@ def serve(port: int, health: Callable[[], str | None]) -> Callable[[], None]:
     """Serve /metrics and /healthz (200, or 503 with `health()`'s reason) on `port` in a thread; returns a
     function that stops it."""
     metrics_app = make_wsgi_app()
+    HEALTHY.set_function(lambda: float(health() is None))
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO")

@@ -4,9 +4,16 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import httpx
 import pytest
@@ -19,9 +26,10 @@ from sync.sandbox import EverflowServer, RefersionServer
 from sync.scheduler import Daemon
 from sync.settings import Settings
 from sync.tables import sync_runs
-from tests.conftest import Config, Customers, free_port, run_cli
+from tests.conftest import Config, Customers, free_port, run_cli, start_cli
 from tests.test_daemon import _wait_for
 from tests.test_e2e import everflow_destination, refersion_destination
+from tests.test_reliability import _wait_for_metrics
 
 
 def _two_destinations(config: Config, everflow: EverflowServer, refersion: RefersionServer) -> int:
@@ -249,6 +257,7 @@ def test_healthz_fails_when_the_scheduler_stopped_or_reloads_are_late_and_unknow
 
             status, exposed = get("/metrics")
             assert status == 200 and 'audience_sync_build_info{version="' in exposed
+            assert "\naudience_sync_healthy 0.0\n" in exposed  # what /healthz says, for the alert rules
             for path in ("/", "/foo", "/metrics/x", "/healthz/"):
                 assert get(path) == (404, "not found: the daemon serves /metrics and /healthz\n")
         finally:
@@ -305,3 +314,112 @@ def test_a_bad_history_retention_stops_the_daemon_with_one_line(state_url: str) 
         .splitlines()[-1]
         .startswith("audience-sync: SYNC_HISTORY_RETENTION: 'forever' is not")
     )
+
+
+DEPLOY = Path(__file__).parent.parent / "deploy"
+METRIC = re.compile(r"\baudience_sync_\w+")
+
+
+def _tool(name: str, *, in_ci: bool = False) -> str:
+    """The path of a checking tool; skips without it, but fails under CI=true when `in_ci` (.ci/run installs
+    it)."""
+    path = shutil.which(name)
+    if path is None:
+        if in_ci and os.environ.get("CI") == "true":
+            pytest.fail(f"{name} is not installed (.ci/run installs it)")
+        pytest.skip(f"{name} is not installed")
+    return path
+
+
+def _compose() -> list[str]:
+    """The docker client's compose plugin, or the standalone docker-compose."""
+    docker = shutil.which("docker")
+    if docker and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0:
+        return [docker, "compose"]
+    return [_tool("docker-compose")]
+
+
+def test_the_alert_rules_pass_promtool_and_their_unit_tests() -> None:
+    promtool = _tool("promtool", in_ci=True)
+    for args in (["check", "rules", "alerts.yml"], ["test", "rules", "alerts.test.yml"]):
+        done = subprocess.run([promtool, *args], cwd=DEPLOY, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_every_metric_the_alert_rules_and_the_dashboard_use_is_exported_by_a_running_daemon(
+    state_url: str, config: Config, customers: Customers
+) -> None:
+    dashboard = json.loads((DEPLOY / "grafana-dashboard.json").read_text())
+    panels = {
+        panel["title"]: {name for target in panel["targets"] for name in METRIC.findall(target["expr"])}
+        for panel in dashboard["panels"]
+    }
+    assert all(panels.values()), panels  # every panel shows at least one of ours
+    rules = set(METRIC.findall((DEPLOY / "alerts.yml").read_text()))
+    customers.add("u1")
+    with EverflowServer() as everflow:
+        config.connect(config.audience("VIP", Customers.QUERY), everflow_destination(config, everflow))
+        everflow.fault(429, headers={"Retry-After": "0"})  # so that the 429 and retry counters have a series
+        port = free_port()
+        env = {"SYNC_INTERVAL": "1h", "SYNC_METRICS_PORT": str(port)}
+        daemon = start_cli(state_url, "daemon", env=env)
+        try:
+            exposed = _wait_for_metrics(port, "audience_sync_runs_total{")
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            daemon.communicate(timeout=30)
+    samples = {line.split("{")[0].split(" ")[0] for line in exposed.splitlines() if not line.startswith("#")}
+    assert rules <= samples, rules - samples
+    for title, names in panels.items():
+        assert names <= samples, (title, names - samples)
+
+
+def test_the_compose_file_parses(tmp_path: Path) -> None:
+    """The docker client parses it (no Docker daemon runs here: the images are never built or started)."""
+    command = _compose()
+    (tmp_path / "deploy").mkdir()
+    compose = tmp_path / "deploy" / "compose.yaml"
+    shutil.copy(DEPLOY / "compose.yaml", compose)
+    shutil.copy(DEPLOY / "audience-sync.env.example", tmp_path / "deploy" / "audience-sync.env")
+    env = {**os.environ, "POSTGRES_PASSWORD": "example"}
+    done = subprocess.run(
+        [*command, "-f", str(compose), "config"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert "command:\n    - db\n    - upgrade" in done.stdout  # the migration is a service of its own
+    assert "condition: service_completed_successfully" in done.stdout  # the daemon waits for it
+    unset = subprocess.run(
+        [*command, "-f", str(compose), "config"], capture_output=True, text=True, timeout=60
+    )
+    assert unset.returncode != 0 and "set POSTGRES_PASSWORD" in unset.stderr
+
+
+def test_the_systemd_unit_verifies(tmp_path: Path) -> None:
+    """`systemd-analyze verify` reads it (systemd does not run here: the unit is never started)."""
+    analyze = _tool("systemd-analyze")
+    unit = tmp_path / "audience-sync.service"
+    command = str(Path(sys.executable).parent / "audience-sync")  # it checks that ExecStart exists
+    unit.write_text(
+        (DEPLOY / "audience-sync.service")
+        .read_text()
+        .replace("/opt/audience-sync/bin/audience-sync", command)
+    )
+    done = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert "EnvironmentFile=/etc/audience-sync/audience-sync.env" in unit.read_text()
+
+
+def test_the_dockerfile_runs_as_a_user_and_copies_what_the_package_needs() -> None:
+    """No Docker daemon here: the image is never built; this reads the Dockerfile."""
+    lines = [
+        line.split() for line in (DEPLOY / "Dockerfile").read_text().splitlines() if line and line[0] != "#"
+    ]
+    users = [words[1] for words in lines if words[0] == "USER"]
+    assert users and users[-1].split(":")[0] not in ("0", "root")
+    copied = {name for words in lines if words[0] == "COPY" for name in words[1:-1]}
+    assert copied == {"pyproject.toml", "README.md", "alembic.ini", "sync", "migrations"}
+    assert all((DEPLOY.parent / name).exists() for name in copied)
+    assert lines[-2:] == [
+        ["ENTRYPOINT", '["audience-sync"]'],
+        ["CMD", '["daemon"]'],
+    ]  # `db upgrade`: its own run
