@@ -26,8 +26,7 @@ from sync.sandbox import EverflowServer, RefersionServer
 from sync.scheduler import Daemon
 from sync.settings import Settings
 from sync.tables import sync_runs
-from tests.conftest import Config, Customers, free_port, run_cli, start_cli
-from tests.test_daemon import _wait_for
+from tests.conftest import Config, Customers, free_port, run_cli, start_cli, wait_for
 from tests.test_e2e import everflow_destination, refersion_destination
 from tests.test_reliability import _wait_for_metrics
 
@@ -243,7 +242,7 @@ def test_healthz_fails_when_the_scheduler_stopped_or_reloads_are_late_and_unknow
             daemon.reload()
             assert get("/healthz") == (503, "the scheduler is not running\n")
             scheduler.start()
-            _wait_for(lambda: daemon.scheduler.running, 10)
+            wait_for(lambda: daemon.scheduler.running, 10)
             assert get("/healthz") == (200, "ok\n")
             clock.at += timedelta(seconds=180)  # 3 x SYNC_RELOAD_INTERVAL (60s): still in time
             assert get("/healthz") == (200, "ok\n")
