@@ -14,7 +14,7 @@ from typing import Any, Protocol
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
 
-def fields(record: logging.LogRecord) -> dict[str, Any]:
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
     """The event's fields: its `action` first, then the other extras that hold a value."""
     extra = {k: v for k, v in vars(record).items() if k not in _STANDARD and v is not None}
     return {"action": extra.pop("action", record.name), **extra}
@@ -47,7 +47,7 @@ class TextFormatter(logging.Formatter):
     """`time LEVEL message key=value ...`, a traceback on the lines after."""
 
     def format(self, record: logging.LogRecord) -> str:
-        pairs = " ".join(f"{k}={_logfmt(v)}" for k, v in fields(record).items())
+        pairs = " ".join(f"{k}={_logfmt(v)}" for k, v in _fields(record).items())
         line = f"{_time(record)} {record.levelname} {record.getMessage()} {pairs}"
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
@@ -63,7 +63,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
-            **fields(record),
+            **_fields(record),
         }
         if record.exc_info:
             entry["traceback"] = self.formatException(record.exc_info)
