@@ -19,6 +19,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from sync import metrics
 from sync.destinations.base import Destination
 from sync.destinations.http import CREDENTIALS_ACCEPTED, Call, raise_for_retry_or_auth
 from sync.errors import AuthError, DestinationError, FatalError, RetriableError
@@ -47,6 +48,7 @@ class Sender:
     ) -> None:
         limits = destination.limits
         self.limits = limits
+        self.destination_id = destination.id
         self.stopping = stopping or threading.Event()  # set on SIGTERM: cuts short every wait
         # as sent in a query string or JSON body, a secret may come back encoded
         self.secrets = sorted(
@@ -89,6 +91,7 @@ class Sender:
 
     def _sleep(self, seconds: float) -> None:
         """A retry's wait (backoff or Retry-After), ended by the process stopping."""
+        metrics.RETRIES.labels(self.destination_id).inc()
         if self.stopping.wait(seconds):
             raise Interrupted
 
@@ -97,8 +100,10 @@ class Sender:
         try:
             response = self._request(call)
         except httpx.TimeoutException:
+            metrics.observe_request(self.destination_id, None)
             raise RetriableError(f"no answer within {self.limits.timeout:g}s") from None
         except httpx.TransportError as exc:
+            metrics.observe_request(self.destination_id, None)
             raise RetriableError(f"connection failed ({type(exc).__name__})") from None
         except httpx.HTTPError as exc:  # e.g. a body that cannot be decoded; its text may hold the URL
             raise RetriableError(f"unreadable answer ({type(exc).__name__})") from None
@@ -133,6 +138,7 @@ class Sender:
                 if time.monotonic() > deadline:
                     unread = f"answer still arriving after {self.limits.timeout:g}s, not read"
                     break
+        metrics.observe_request(self.destination_id, streamed.status_code)
         headers = [(k, v) for k, v in streamed.headers.multi_items() if k.lower() not in FRAMING]
         if unread:
             headers = [(k, v) for k, v in headers if k.lower() != "content-type"]

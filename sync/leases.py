@@ -105,7 +105,7 @@ def _take(engine: sa.Engine, audience_id: int, owner: str, label: str) -> None:
                 "%s: took over the lease of %s, which is no longer running",
                 label,
                 holder,
-                extra={"action": "lease_taken_over"},
+                extra={"action": "lease_taken_over", "audience_id": audience_id},
             )
             holder = None
     if holder:
@@ -130,7 +130,10 @@ def hold(engine: sa.Engine, audience_id: int, owner: str, label: str) -> Iterato
                 holder = f"nobody we can tell (renewing failed: {first_line(exc)})"
             if holder:
                 log.error(
-                    "%s: lease lost to %s; stopping this run", label, holder, extra={"action": "lease_lost"}
+                    "%s: lease lost to %s; stopping this run",
+                    label,
+                    holder,
+                    extra={"action": "lease_lost", "audience_id": audience_id},
                 )
                 lost.set()
                 return

@@ -20,6 +20,7 @@ from sync.connection_sync import ConnectionRun, sync_connection
 from sync.connections import Link, connection_rows, load_connection
 from sync.destinations.base import Destination
 from sync.errors import ConfigError, SourceError, first_line
+from sync.logs import audience_fields
 from sync.runs import Finished, Options, Result, RunLog, RunOutcome, utc_now
 from sync.senders import Senders
 from sync.settings import Settings
@@ -103,18 +104,36 @@ class Runner:
                 return self._run_leased(audience, options, lost)
         except leases.Busy as busy:
             message = f"{audience} is being synced by {busy.holder}; try again when it finishes"
-            log.warning("%s", message, extra={"action": "audience_busy"})
+            log.warning(
+                "%s",
+                message,
+                extra={"action": "audience_busy", **audience_fields(audience), "outcome": RunOutcome.BUSY},
+            )
             return [Result(audience.name, None, RunOutcome.BUSY, error=message)]
         except sa.exc.DBAPIError as exc:  # e.g. lost mid-run, and with it the run's temporary members table
             message = f"{audience}: the state database failed during the run: {first_line(exc)}"
-            log.error("%s", message, extra={"action": "state_failed"})
+            log.error(
+                "%s",
+                message,
+                extra={"action": "state_failed", **audience_fields(audience), "reason": first_line(exc)},
+            )
             if not options.dry_run:
                 self.history.audience_run(audience.id, RunOutcome.FAILED, message)
             return [Result(audience.name, None, RunOutcome.FAILED, error=message)]
 
     def _invalid_audience(self, audience_id: int, name: str, problem: str, options: Options) -> Result:
         """Log and record an audience whose row is invalid (status shows the reason)."""
-        log.error("%s", problem, extra={"action": "audience_invalid"})
+        log.error(
+            "%s",
+            problem,
+            extra={
+                "action": "audience_invalid",
+                "audience": name,
+                "audience_id": audience_id,
+                "outcome": RunOutcome.INVALID,
+                "reason": problem,
+            },
+        )
         if not options.dry_run:
             self.history.audience_run(audience_id, RunOutcome.INVALID, problem)
         return Result(name, None, RunOutcome.INVALID, error=problem)
@@ -131,7 +150,11 @@ class Runner:
                 staged = stage_members(conn, self.source, audience, self.settings.query_timeout)
             except SourceError as exc:
                 conn.rollback()
-                log.error("%s", exc, extra={"action": "query_failed"})
+                log.error(
+                    "%s",
+                    exc,
+                    extra={"action": "query_failed", **audience_fields(audience), "reason": str(exc)},
+                )
                 return results + [
                     self._query_failed(audience, link, started, str(exc), options) for link, _ in connections
                 ]
@@ -191,7 +214,12 @@ class Runner:
                     "%s: destination %r is disabled; skipped",
                     audience,
                     row.name,
-                    extra={"action": "destination_disabled"},
+                    extra={
+                        "action": "destination_disabled",
+                        **audience_fields(audience),
+                        "destination": row.name,
+                        "destination_id": row.destination_id,
+                    },
                 )
                 continue
             try:
@@ -211,7 +239,17 @@ class Runner:
     def _invalid_connection(
         self, audience: Audience, row: sa.Row[object], problem: str, options: Options
     ) -> Result:
-        log.error("%s", problem, extra={"action": "connection_invalid"})
+        log.error(
+            "%s",
+            problem,
+            extra={
+                "action": "connection_invalid",
+                **audience_fields(audience),
+                "destination": row.name,
+                "destination_id": row.destination_id,
+                "reason": problem,
+            },
+        )
         result = Result(audience.name, None, RunOutcome.INVALID, error=problem)
         if row.id is None:  # no destination to record a run for: status shows it by itself
             return result
@@ -221,6 +259,12 @@ class Runner:
 
 
 def _staged_counts(audience: Audience, staged: Staged) -> dict[str, int]:
+    counts = {
+        "members": staged.members,
+        "null_user_ids": staged.null_user_ids,
+        "duplicate_user_ids": staged.duplicate_user_ids,
+        "long_user_ids": staged.long_user_ids,
+    }
     log.info(
         "%s: %d members (%d null user_ids, %d duplicates, %d user_ids over %d bytes)",
         audience,
@@ -229,11 +273,6 @@ def _staged_counts(audience: Audience, staged: Staged) -> dict[str, int]:
         staged.duplicate_user_ids,
         staged.long_user_ids,
         MAX_USER_ID_BYTES,
-        extra={"action": "audience_evaluated"},
+        extra={"action": "audience_evaluated", **audience_fields(audience), **counts},
     )
-    return {
-        "members": staged.members,
-        "null_user_ids": staged.null_user_ids,
-        "duplicate_user_ids": staged.duplicate_user_ids,
-        "long_user_ids": staged.long_user_ids,
-    }
+    return counts

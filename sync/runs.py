@@ -39,6 +39,15 @@ class RunOutcome(StrEnum):
     BASELINE = "baseline"  # `initial --baseline`: the members recorded as accepted, nothing sent
 
 
+# a run that did not end well is logged with its reason at these levels; the others at INFO
+_LEVELS = {
+    RunOutcome.FAILED: logging.ERROR,
+    RunOutcome.INVALID: logging.ERROR,
+    RunOutcome.HELD: logging.WARNING,
+    RunOutcome.INTERRUPTED: logging.WARNING,
+}
+
+
 @dataclass
 class Options:
     audiences: list[str] = field(default_factory=list)  # names; empty means all
@@ -92,21 +101,29 @@ class RunLog:
         """Log the connection's run and, unless dry, record it (committing `conn`, or on a connection of its
         own) and observe it in the metrics."""
         result = run.result
-        counts = " ".join(f"{k}={v}" for k, v in result.counts.items())
-        log.info(
-            "%s -> %s: %s %s",
+        log.log(
+            _LEVELS.get(result.outcome, logging.INFO),
+            "%s -> %s: %s",
             run.label,
             run.destination,
             result.outcome,
-            counts,
-            extra={"action": "run_finished"},
+            extra={
+                "action": "run_finished",
+                "audience": result.audience,
+                "audience_id": run.audience_id,
+                "destination": run.destination,
+                "destination_id": run.destination_id,
+                "outcome": str(result.outcome),
+                **result.counts,
+                "reason": result.error,
+            },
         )
         if dry_run:
             return result
         finished = self.now()
         seconds = (finished - run.started).total_seconds()
         metrics.observe_run(
-            result.audience, run.destination, result.outcome, result.counts, seconds, finished.timestamp()
+            run.audience_id, run.destination_id, result.outcome, result.counts, seconds, finished.timestamp()
         )
         row = {
             "audience_id": run.audience_id,

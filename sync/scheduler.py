@@ -1,11 +1,14 @@
 """The daemon: one APScheduler job per enabled audience, on its cadence, re-reading the config tables."""
 
+import contextlib
 import logging
 import os
 import queue
 import random
 import signal
 import threading
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from types import FrameType
 
@@ -15,13 +18,16 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.blocking import BlockingScheduler
 from apscheduler.triggers.base import BaseTrigger
 
-from sync import metrics, state
+from sync import history, metrics, state
 from sync.audiences import Audience, load_audiences
+from sync.errors import first_line
+from sync.logs import audience_fields
 from sync.runner import Options, Runner
 from sync.settings import Cadence
 
 log = logging.getLogger(__name__)
 RELOAD_JOB = "reload"
+PRUNE_EVERY = timedelta(hours=1)
 
 
 class CadenceTrigger(BaseTrigger):  # type: ignore[misc]
@@ -47,8 +53,9 @@ class CadenceTrigger(BaseTrigger):  # type: ignore[misc]
 class Daemon:
     """Keeps the scheduler's jobs in step with the `audiences` table."""
 
-    def __init__(self, runner: Runner) -> None:
+    def __init__(self, runner: Runner, clock: Callable[[], float] = time.monotonic) -> None:
         self.runner = runner
+        self.clock = clock
         self.executor = ThreadPoolExecutor(max_workers=4)
         self.scheduler = BlockingScheduler(
             timezone=UTC,
@@ -57,7 +64,8 @@ class Daemon:
         )
         self.cadences: dict[int, Cadence] = {}
         self.rng = random.Random()
-        self.healthy = False  # the last reload could read the state database
+        self.last_reload: float | None = None  # when a reload last read the configuration (`clock`)
+        self.reported: dict[int, str] = {}  # the problem last logged of each invalid audience
         self.jobs_lock = threading.Lock()  # a reload changes the jobs; a stop shuts the scheduler down
         self.signals: queue.SimpleQueue[int] = queue.SimpleQueue()
 
@@ -78,11 +86,20 @@ class Daemon:
             id=RELOAD_JOB,
             name="reload configuration",
         )
+        self.scheduler.add_job(
+            self.prune_history,
+            "interval",
+            seconds=PRUNE_EVERY.total_seconds(),
+            next_run_time=self.runner.now(),  # and once at start
+            id="prune",
+            name="prune run history",
+        )
         port = self.runner.settings.metrics_port
         if port:
             with self.runner.engine.connect() as conn:  # as the recorded runs left the gauges
-                metrics.seed(state.last_runs(conn))
-        stop_metrics = metrics.serve(port, lambda: self.healthy) if port else None
+                metrics.seed(history.last_runs(conn))
+                metrics.accepted(history.accepted_members(conn))
+        stop_metrics = metrics.serve(port, self.health) if port else None
         log.info("daemon started with %d audiences", len(self.cadences), extra={"action": "daemon_started"})
         try:
             self.scheduler.start()
@@ -125,13 +142,34 @@ class Daemon:
             with self.runner.engine.connect() as conn:
                 valid, problems = load_audiences(conn)
                 last_runs = state.last_run_times(conn)
+                connections = history.connections(conn)
         except sa.exc.OperationalError as exc:
-            self.healthy = False
-            log.error("cannot read the configuration: %s", exc.orig, extra={"action": "reload_failed"})
+            log.error(
+                "cannot read the configuration: %s",
+                exc.orig,
+                extra={"action": "reload_failed", "reason": str(exc.orig)},
+            )
             return
-        self.healthy = True
-        for problem in problems.values():
-            log.error("%s", problem, extra={"action": "audience_invalid"})
+        self.last_reload = self.clock()
+        by_id = {audience.id: audience for audience in valid}
+        metrics.describe(
+            metrics.Described(a.id, a.key, a.name, row.destination_id, row.destination)
+            for row in connections
+            if (a := by_id.get(row.audience_id))
+        )
+        for audience_id, problem in problems.items():  # once, and again when the problem changes
+            if self.reported.get(audience_id) != problem:
+                log.error(
+                    "%s",
+                    problem,
+                    extra={
+                        "action": "audience_invalid",
+                        "audience_id": audience_id,
+                        "outcome": "invalid",
+                        "reason": problem,
+                    },
+                )
+        self.reported = problems
         with self.jobs_lock:
             if not self.runner.stopping.is_set():  # the scheduler is shut down, or about to be
                 self._schedule(valid, last_runs)
@@ -141,14 +179,18 @@ class Daemon:
         for audience_id in set(self.cadences) - set(wanted):
             self.scheduler.remove_job(str(audience_id))
             del self.cadences[audience_id]
-            log.info("audience id %s unscheduled", audience_id, extra={"action": "audience_unscheduled"})
+            log.info(
+                "audience id %s unscheduled",
+                audience_id,
+                extra={"action": "audience_unscheduled", "audience_id": audience_id},
+            )
         for audience in valid:
             cadence = audience.cadence or self.runner.settings.interval
             if self.cadences.get(audience.id) == cadence:
                 continue
             trigger = CadenceTrigger(cadence, last_runs.get(audience.id), self.rng)
             self.scheduler.add_job(
-                self._run,
+                self.run_audience,
                 trigger,
                 args=[audience.id],
                 id=str(audience.id),
@@ -156,11 +198,50 @@ class Daemon:
                 replace_existing=True,
             )
             self.cadences[audience.id] = cadence
-            log.info("%s scheduled (%s)", audience, trigger, extra={"action": "audience_scheduled"})
+            fields = audience_fields(audience)
+            log.info(
+                "%s scheduled (%s)",
+                audience,
+                trigger,
+                extra={"action": "audience_scheduled", **fields, "cadence": str(cadence)},
+            )
             if warning := cadence.warning(str(audience)):
-                log.warning("%s", warning, extra={"action": "cadence_short"})
+                log.warning(
+                    "%s", warning, extra={"action": "cadence_short", **fields, "cadence": str(cadence)}
+                )
 
-    def _run(self, audience_id: int) -> None:
+    def prune_history(self) -> None:
+        """Delete the runs older than SYNC_HISTORY_RETENTION; each connection's last and last ok run stay."""
+        before = self.runner.now() - timedelta(seconds=self.runner.settings.history_retention)
+        try:
+            deleted = history.prune(self.runner.engine, before)
+        except sa.exc.DBAPIError as exc:
+            reason = first_line(exc)
+            log.error(
+                "cannot prune the run history: %s",
+                reason,
+                extra={"action": "history_prune_failed", "reason": reason},
+            )
+            return
+        log.info(
+            "run history: deleted %d runs started before %s",
+            deleted,
+            before.isoformat(timespec="seconds"),
+            extra={"action": "history_pruned", "deleted": deleted},
+        )
+
+    def health(self) -> str | None:
+        """Why the daemon is not healthy (for /healthz), or None: the scheduler must be running (it stops on
+        SIGTERM, while the runs in flight finish) and a reload must have read the configuration lately."""
+        if not self.scheduler.running:
+            return "the scheduler is not running"
+        allowed = 3 * self.runner.settings.reload_interval
+        if self.last_reload is None or self.clock() - self.last_reload > allowed:
+            return f"no reload has read the configuration in the last {allowed:g}s"
+        return None
+
+    def run_audience(self, audience_id: int) -> None:
+        """The job of an audience: one run, then its connections' accepted members for the metrics."""
         if self.runner.stopping.is_set():
             return
         with self.runner.engine.connect() as conn:
@@ -171,4 +252,10 @@ class Daemon:
         try:
             self.runner.run_audience(audience, Options())
         except Exception:
-            log.exception("run of %s failed", audience, extra={"action": "run_crashed"})
+            log.exception(
+                "run of %s failed", audience, extra={"action": "run_crashed", **audience_fields(audience)}
+            )
+        if self.runner.settings.metrics_port:
+            # the state database down: the gauges keep their counts, and the run said what failed
+            with contextlib.suppress(sa.exc.DBAPIError), self.runner.engine.connect() as conn:
+                metrics.accepted(history.accepted_members(conn, audience.id), audience.id)

@@ -72,6 +72,7 @@ class Settings:
     metrics_port: int | None = None
     log_format: str = "text"
     pool_recycle: float = 180.0
+    history_retention: float = 90 * 86400.0  # seconds of `sync_runs` the daemon keeps
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -85,6 +86,9 @@ class Settings:
             metrics_port=_port(env.get("SYNC_METRICS_PORT")),
             log_format=_choice(env.get("SYNC_LOG_FORMAT") or "text", "SYNC_LOG_FORMAT", ("text", "json")),
             pool_recycle=parse_duration(env.get("SYNC_POOL_RECYCLE") or "3m", "SYNC_POOL_RECYCLE"),
+            history_retention=parse_duration(
+                env.get("SYNC_HISTORY_RETENTION") or "90d", "SYNC_HISTORY_RETENTION"
+            ),
         )
 
 

@@ -11,9 +11,7 @@ import sqlalchemy as sa
 
 from sync.models import Outcome, Status
 from sync.tables import (
-    UTCDateTime,
     audiences,
-    destinations,
     sync_connections,
     sync_rejections,
     sync_runs,
@@ -154,34 +152,6 @@ def forget_connection(conn: sa.Connection, audience_id: int, destination_id: int
 
 def record_run(conn: sa.Connection, run: dict[str, Any]) -> None:
     conn.execute(sa.insert(sync_runs), run)
-
-
-def last_runs(conn: sa.Connection) -> list[sa.Row[Any]]:
-    """Each connection's last run (audience, destination, pending) and its audience's last ok run, by name:
-    what the metrics show after a restart."""
-    latest = sa.select(sa.func.max(sync_runs.c.id)).group_by(
-        sync_runs.c.audience_id, sync_runs.c.destination_id
-    )
-    ok = sync_runs.alias("ok")
-    last_ok = (
-        sa.select(sa.func.max(ok.c.finished_at))
-        .where(ok.c.audience_id == sync_runs.c.audience_id, ok.c.outcome == "ok")
-        .scalar_subquery()
-    )
-    return list(
-        conn.execute(
-            sa.select(
-                audiences.c.name.label("audience"),
-                destinations.c.name.label("destination"),
-                sync_runs.c.pending,
-                sa.type_coerce(last_ok, UTCDateTime).label("last_success"),
-            )
-            .select_from(sync_runs)
-            .join(audiences, audiences.c.id == sync_runs.c.audience_id)
-            .outerjoin(destinations, destinations.c.id == sync_runs.c.destination_id)
-            .where(sync_runs.c.id.in_(latest))
-        )
-    )
 
 
 def last_run_times(conn: sa.Connection) -> dict[int, datetime]:

@@ -63,18 +63,20 @@ def test_daemon_runs_cycles_picks_up_changes_and_stops_on_sigterm(
             health = httpx.get(f"http://127.0.0.1:{port}/healthz")
             assert (health.status_code, health.text) == (200, "ok\n")
             exposed = httpx.get(f"http://127.0.0.1:{port}/metrics").text
-            assert 'audience_sync_runs_total{audience="VIP",destination="Everflow",outcome="ok"}' in exposed
-            assert (
-                'audience_sync_changes_total{audience="VIP",destination="Everflow",outcome="accepted"} 2.0'
-                in (exposed)
-            )
-            assert 'audience_sync_pending_changes{audience="VIP",destination="Everflow"} 0.0' in exposed
+            # labelled by the audience's key and the destination's id, which survive renames
+            vip = 'audience="vip",destination_id="1"'
+            assert f'audience_sync_runs_total{{{vip},outcome="ok"}}' in exposed
+            assert f'audience_sync_changes_total{{{vip},outcome="accepted"}} 2.0' in exposed
+            assert f"audience_sync_pending_changes{{{vip}}} 0.0" in exposed
+            assert f"audience_sync_accepted_members{{{vip}}} 2.0" in exposed
+            names = 'audience_name="VIP",destination_id="1",destination_name="Everflow"'
+            assert f'audience_sync_connection_info{{audience="vip",{names}}} 1.0' in exposed
         finally:
             daemon.send_signal(signal.SIGTERM)
             _, stderr = daemon.communicate(timeout=30)
         assert daemon.returncode == 0, stderr
         records = [json.loads(line) for line in stderr.splitlines()]  # SYNC_LOG_FORMAT=json: every line
-        actions = {record.get("action") for record in records}
+        actions = {record["action"] for record in records}  # APScheduler's lines too
         assert {"daemon_started", "audience_scheduled", "run_finished", "daemon_stopped"} <= actions
         assert everflow.accepted == {("tid-u1", "7"): 1, ("tid-u2", "7"): 1}
 
@@ -252,7 +254,12 @@ def test_a_restarted_daemon_shows_the_pending_changes_the_last_run_left(
         daemon = start_cli(state_url, "daemon", env=env)
         try:
             exposed = _wait_for_metrics(port, "pending_changes{")
-            assert 'audience_sync_pending_changes{audience="VIP",destination="Everflow"} 3.0' in exposed
+            assert 'audience_sync_pending_changes{audience="vip",destination_id="1"} 3.0' in exposed
+            assert (
+                'audience_sync_last_run_outcome{audience="vip",destination_id="1",outcome="failed"} 1.0'
+                in exposed
+            )
+            assert 'audience_sync_last_success_timestamp_seconds{audience="vip"' not in exposed  # never ok
             assert _runs(config, audience) == 1  # seeded from the recorded run, not from a new one
         finally:
             daemon.send_signal(signal.SIGTERM)

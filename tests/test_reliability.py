@@ -3,7 +3,6 @@
 import base64
 import contextlib
 import json
-import re
 import signal
 import subprocess
 from collections import Counter
@@ -236,7 +235,7 @@ def test_daemons_and_a_run_share_the_work_without_overlap(
             assert all(f1 <= s2 for (_, f1), (s2, _) in zip(spans, spans[1:], strict=False))  # no overlap
         accepted_by_process = [
             sum(
-                int(re.search(r"accepted=(\d+)", record["message"])[1])  # type: ignore[index]
+                int(record["accepted"])
                 for record in (json.loads(line) for line in log.splitlines() if line.startswith("{"))
                 if record.get("action") == "run_finished"
             )

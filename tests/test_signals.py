@@ -123,7 +123,7 @@ def test_one_sigterm_while_the_scheduler_is_starting_due_jobs_stops_the_daemon_c
                 daemon.kill()
                 daemon.communicate()
     assert daemon.returncode == 0 and "Traceback" not in stderr, stderr[-3000:]
-    assert stderr.splitlines()[-1].endswith("INFO daemon stopped")
+    assert stderr.splitlines()[-1].endswith("INFO daemon stopped action=daemon_stopped")
     assert _leases(config) == 0
 
 
