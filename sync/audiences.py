@@ -30,6 +30,7 @@ class Audience:
     query: str
     cadence: Cadence | None
     key_stored: bool  # audiences.key already holds the key
+    source: str | None = None  # a `sources` name; None: SYNC_SOURCE_URL, else the state database
 
     def __str__(self) -> str:
         return f"audience {self.name!r} (id {self.id})"
@@ -38,7 +39,7 @@ class Audience:
 def audience_from_row(row: sa.Row[Any]) -> Audience:
     """Validate one `audiences` row; raises ConfigError naming the row and field."""
     where = f"audiences row id={row.id} ({row.name!r})"
-    for field in ("name", "key", "query", "schedule"):
+    for field in ("name", "key", "query", "schedule", "source"):
         value = getattr(row, field)
         if value is not None and not isinstance(value, str):
             raise ConfigError(f"{where}: {field} holds {type(value).__name__} data, not text")
@@ -49,7 +50,7 @@ def audience_from_row(row: sa.Row[Any]) -> Audience:
     if not (row.query or "").strip():
         raise ConfigError(f"{where}: query is empty")
     cadence = Cadence.parse(row.schedule, f"{where}: schedule") if row.schedule else None
-    return Audience(row.id, row.name, key, row.query, cadence, row.key is not None)
+    return Audience(row.id, row.name, key, row.query, cadence, row.key is not None, row.source)
 
 
 def load_audiences(conn: sa.Connection) -> tuple[list[Audience], dict[int, str]]:

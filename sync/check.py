@@ -11,13 +11,19 @@ from sync.destinations import load_destination
 from sync.errors import ConfigError, SourceError
 from sync.guards import read_back_guard
 from sync.settings import Settings
+from sync.sources import Sources
 from sync.staging import probe_query
 from sync.tables import destination_columns, destinations
 
 # SQLite keeps whatever a shell writes into a BOOLEAN column; 'yes' or 'true' read as false in SQL
 NOT_BOOLEAN = """SELECT {columns}, enabled FROM {table}
 WHERE typeof(enabled) <> 'integer' OR enabled NOT IN (0, 1)"""
-KEYS = {"destinations": "id", "audiences": "id", "audience_destinations": "audience_id, destination_id"}
+KEYS = {
+    "destinations": "id",
+    "audiences": "id",
+    "audience_destinations": "audience_id, destination_id",
+    "sources": "id",
+}
 
 
 @dataclass
@@ -28,7 +34,7 @@ class Findings:
     checked: int = 0  # rows
 
 
-def find_problems(conn: sa.Connection, source: sa.Engine, settings: Settings) -> Findings:  # noqa: C901 - split by the CLI work (issue 14.6)
+def find_problems(conn: sa.Connection, sources: Sources, settings: Settings) -> Findings:  # noqa: C901 - split by the CLI work (issue 14.6)
     """Every problem of the enabled rows (keys, settings, credentials, URLs, queries, the source's session),
     the warnings (what does not stop a run), each audience's source, and the number of rows checked."""
     timeout = settings.query_timeout
@@ -52,12 +58,15 @@ def find_problems(conn: sa.Connection, source: sa.Engine, settings: Settings) ->
             found.problems.append(str(exc))
             broken_destinations.add(row.id)
     found.checked = len(rows) + len(valid) + len(problems)
-    session = _source_session(conn, source, timeout, found) if valid else ""
+    sessions: dict[sa.Engine, str] = {}  # per source engine: where it is and its session, read back once
     for audience in valid:
-        found.sources.append(f"{audience}: source {session}")
         try:
+            source = sources.engine(conn, audience)
+            if source not in sessions:
+                sessions[source] = _source_session(conn, source, audience.source, timeout, found)
+            found.sources.append(f"{audience}: source {sessions[source]}")
             probe_query(conn, source, audience, timeout)
-        except SourceError as exc:
+        except (ConfigError, SourceError) as exc:
             found.problems.append(str(exc))
         for row in connection_rows(conn, audience.id):
             found.checked += 1
@@ -74,11 +83,16 @@ def find_problems(conn: sa.Connection, source: sa.Engine, settings: Settings) ->
     return found
 
 
-def _source_session(conn: sa.Connection, source: sa.Engine, timeout: float, found: Findings) -> str:
-    """Where audience queries run (no password) and their session, read back from the source: one that is
-    not read-only or lacks the timeout is a problem, a source with no read-only guard a warning."""
+def _source_session(
+    conn: sa.Connection, source: sa.Engine, name: str | None, timeout: float, found: Findings
+) -> str:
+    """Where audience queries run (the `sources` name, the URL without a password) and their session, read
+    back from the source: one that is not read-only or lacks the timeout is a problem, a source with no
+    read-only guard a warning."""
     where = describe(source.url.render_as_string(hide_password=False))
-    if source is conn.engine:
+    if name is not None:
+        where = f"{name!r} ({where})"
+    elif source is conn.engine:
         where += " (the state database)"
     try:
         guard = read_back_guard(source, timeout)
