@@ -30,6 +30,7 @@ class Audience:
     query: str
     cadence: Cadence | None
     key_stored: bool  # audiences.key already holds the key
+    source: str | None = None  # a `sources` name; None: SYNC_SOURCE_URL, else the state database
 
     def __str__(self) -> str:
         return f"audience {self.name!r} (id {self.id})"
@@ -40,7 +41,7 @@ def row_problems(row: sa.Row[Any]) -> list[str]:
     where = f"audiences row id={row.id} ({row.name!r})"
     problems = [
         f"{where}: {field} holds {type(value).__name__} data, not text"
-        for field in ("name", "key", "query", "schedule")
+        for field in ("name", "key", "query", "schedule", "source")
         if (value := getattr(row, field)) is not None and not isinstance(value, str)
     ]
     if problems:  # the other checks read these fields as text
@@ -65,7 +66,7 @@ def audience_from_row(row: sa.Row[Any]) -> Audience:
         raise ConfigError("; ".join(problems))
     cadence = Cadence.parse(row.schedule, "schedule") if row.schedule else None
     key = row.key if row.key is not None else derive_key(row.name)
-    return Audience(row.id, row.name, key, row.query, cadence, row.key is not None)
+    return Audience(row.id, row.name, key, row.query, cadence, row.key is not None, row.source)
 
 
 def load_audiences(conn: sa.Connection) -> tuple[list[Audience], dict[int, str]]:

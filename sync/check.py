@@ -15,6 +15,7 @@ from sync.destinations.base import Destination
 from sync.errors import ConfigError, DestinationError, SourceError
 from sync.guards import read_back_guard
 from sync.settings import Settings
+from sync.sources import Sources
 from sync.staging import probe_query
 from sync.tables import audiences, destination_columns, destinations, readable_columns
 
@@ -22,7 +23,12 @@ from sync.tables import audiences, destination_columns, destinations, readable_c
 NOT_BOOLEAN = """SELECT {columns}, enabled FROM {table}
 WHERE typeof(enabled) <> 'integer' OR enabled NOT IN (0, 1)"""
 log = logging.getLogger(__name__)
-KEYS = {"destinations": "id", "audiences": "id", "audience_destinations": "audience_id, destination_id"}
+KEYS = {
+    "destinations": "id",
+    "audiences": "id",
+    "audience_destinations": "audience_id, destination_id",
+    "sources": "id",
+}
 
 
 @dataclass
@@ -81,17 +87,20 @@ def log_rows(conn: sa.Connection, settings: Settings) -> None:
     )
 
 
-def find_problems(conn: sa.Connection, source: sa.Engine, settings: Settings) -> Findings:
+def find_problems(conn: sa.Connection, sources: Sources, settings: Settings) -> Findings:
     """Every problem of the enabled rows (keys, settings, credentials, URLs, queries, the source's session),
     the warnings (what does not stop a run), each audience's source, and the number of rows checked."""
     found = check_rows(conn, settings)
     timeout = settings.query_timeout
-    session = _source_session(conn, source, timeout, found) if found.audiences else ""
+    sessions: dict[sa.Engine, str] = {}  # per source engine: where it is and its session, read back once
     for audience in found.audiences:
-        found.sources.append(f"{audience}: source {session}")
         try:
+            source = sources.engine(conn, audience)
+            if source not in sessions:
+                sessions[source] = _source_session(conn, source, audience.source, timeout, found)
+            found.sources.append(f"{audience}: source {sessions[source]}")
             probe_query(conn, source, audience, timeout)
-        except SourceError as exc:
+        except (ConfigError, SourceError) as exc:
             found.problems.append(str(exc))
     return found
 
@@ -165,11 +174,16 @@ def _check_connections(conn: sa.Connection, audience: Audience, broken: set[int]
             found.warnings.append(warning)
 
 
-def _source_session(conn: sa.Connection, source: sa.Engine, timeout: float, found: Findings) -> str:
-    """Where audience queries run (no password) and their session, read back from the source: one that is
-    not read-only or lacks the timeout is a problem, a source with no read-only guard a warning."""
+def _source_session(
+    conn: sa.Connection, source: sa.Engine, name: str | None, timeout: float, found: Findings
+) -> str:
+    """Where audience queries run (the `sources` name, the URL without a password) and their session, read
+    back from the source: one that is not read-only or lacks the timeout is a problem, a source with no
+    read-only guard a warning."""
     where = describe(source.url.render_as_string(hide_password=False))
-    if source is conn.engine:
+    if name is not None:
+        where = f"{name!r} ({where})"
+    elif source is conn.engine:
         where += " (the state database)"
     try:
         guard = read_back_guard(source, timeout)

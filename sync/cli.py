@@ -15,6 +15,7 @@ from sync.settings import Settings, log_format_from_env
 
 if TYPE_CHECKING:
     from sync.runner import Runner
+    from sync.sources import Sources
 
 log = logging.getLogger("sync")
 Handler = Callable[[argparse.Namespace], int]
@@ -162,11 +163,14 @@ def _state() -> tuple[Settings, sa.Engine]:
     return settings, engine
 
 
-def _source(engine: sa.Engine, settings: Settings) -> sa.Engine:
-    """Where audience queries run: SYNC_SOURCE_URL, or the state database."""
-    if not settings.source_url:
-        return engine
-    return database.create_engine(settings.source_url, settings.pool_recycle, source=True)
+def _source(engine: sa.Engine, settings: Settings) -> "Sources":
+    """Where audience queries run: an audience's `sources` row, else SYNC_SOURCE_URL or the state database."""
+    from sync.sources import Sources
+
+    default = engine
+    if settings.source_url:
+        default = database.create_engine(settings.source_url, settings.pool_recycle, source=True)
+    return Sources(default, settings.pool_recycle)
 
 
 def _runner() -> "Runner":

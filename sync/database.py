@@ -35,7 +35,7 @@ def _migrations_dir() -> Path:
     return Path(next(iter(sync.migrations.__path__)))
 
 
-def _parse(url: str) -> sa.URL | None:
+def parse(url: str) -> sa.URL | None:
     """The URL, or None when it does not parse as one unambiguous database URL.
 
     A second `@` (one in a password, unescaped) makes SQLAlchemy take the rest of the password for the host,
@@ -52,7 +52,7 @@ def _parse(url: str) -> sa.URL | None:
 
 def sqlite_file(url: str) -> Path | None:
     """The file of a SQLite URL (`file:` URIs too), None for another database or an in-memory one."""
-    parsed = _parse(url)
+    parsed = parse(url)
     if parsed is None or parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
         return None
     name = parsed.database or ""
@@ -63,7 +63,7 @@ def sqlite_file(url: str) -> Path | None:
 
 def describe(url: str) -> str:
     """Where a database is, for logs and messages: the absolute file for SQLite, no password, no query."""
-    parsed = _parse(url)
+    parsed = parse(url)
     scheme, sep, rest = url.partition("://")
     if not sep:
         return "a URL that is not a SQLAlchemy URL (e.g. sqlite:///audience-sync.db or postgresql://host/db)"
@@ -139,7 +139,7 @@ def create_engine(
 
 def _url(url: str, what: tuple[str, type[SyncError]]) -> sa.URL:
     """The URL parsed, with the drivers installed with audience-sync where it names none."""
-    parsed = _parse(url)
+    parsed = parse(url)
     if parsed is None and "://" not in url:
         raise what[1](f"cannot use {describe(url)}")
     if parsed is None:

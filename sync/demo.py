@@ -16,6 +16,7 @@ from sync import database, views
 from sync.runner import Options, Result, Runner
 from sync.sandbox import EverflowServer, RefersionServer, SegmentServer
 from sync.settings import Cadence, Settings
+from sync.sources import Sources
 from sync.status import connection_status
 
 CUSTOMERS = [
@@ -60,7 +61,7 @@ def run_demo(path: Path, out: TextIO) -> bool:
     database.upgrade(url)
     engine = database.create_engine(url)
     settings = Settings(url, None, Cadence.parse("2h-3h", "interval"), 60.0, 600.0)
-    runner = Runner(engine, engine, settings)
+    runner = Runner(engine, Sources(engine), settings)
     try:
         with EverflowServer() as everflow, RefersionServer() as refersion:
             _seed(engine, everflow.url, refersion.url)

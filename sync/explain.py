@@ -6,28 +6,28 @@ from typing import Any
 import sqlalchemy as sa
 
 from sync.audiences import is_member, load_audiences
-from sync.errors import SourceError
+from sync.errors import ConfigError, SourceError
+from sync.sources import Sources
 from sync.tables import audience_destinations, audiences, destinations, sync_rejections, sync_state
 
 
-def membership(conn: sa.Connection, source: sa.Engine, user_id: str, timeout: float) -> dict[int, bool | str]:
-    """Per audience id: whether its query returns the user now, or why that is not known."""
+def membership(conn: sa.Connection, sources: Sources, user_id: str, timeout: float) -> dict[int, bool | str]:
+    """Per audience id: whether its query (on the audience's source) returns the user now, or why that is
+    not known."""
     valid, problems = load_audiences(conn)
     found: dict[int, bool | str] = dict(problems)
     for audience in valid:
         try:
-            found[audience.id] = is_member(source, audience, user_id, timeout)
-        except SourceError as exc:
+            found[audience.id] = is_member(sources.engine(conn, audience), audience, user_id, timeout)
+        except (ConfigError, SourceError) as exc:
             found[audience.id] = str(exc)
     return found
 
 
-def explain_user(
-    conn: sa.Connection, source: sa.Engine, user_id: str, timeout: float
-) -> list[dict[str, Any]]:
+def explain_user(conn: sa.Connection, sources: Sources, user_id: str, timeout: float) -> list[dict[str, Any]]:
     """One entry per connection: whether it syncs, member now (the audience's query, run for this user),
     what the destination last accepted, any rejection."""
-    members = membership(conn, source, user_id, timeout)
+    members = membership(conn, sources, user_id, timeout)
     return [
         _entry(row, members.get(row.audience_id, "the audience is disabled")) for row in _rows(conn, user_id)
     ]

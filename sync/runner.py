@@ -25,6 +25,7 @@ from sync.runs import Finished, Options, Result, RunLog, RunOutcome, utc_now
 from sync.senders import Senders
 from sync.settings import Settings
 from sync.sinks import Baseline, Delivering, DryRun, Sink
+from sync.sources import Sources
 from sync.staging import MAX_USER_ID_BYTES, SharedReads, Staged, dropping_stage, stage_members
 from sync.tables import audiences, destinations
 
@@ -34,19 +35,20 @@ Usable = list[tuple[Link, Destination]]
 
 
 class Runner:
-    """Runs audiences against the state database; keeps one Sender per destination for the process."""
+    """Runs audiences against the state database; keeps one Sender per destination and one engine per source
+    (`sources`, closed with the runner) for the process."""
 
     def __init__(
         self,
         engine: sa.Engine,
-        source: sa.Engine,
+        sources: Sources,
         settings: Settings,
         now: Callable[[], datetime] = utc_now,
         *,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.engine = engine
-        self.source = source
+        self.sources = sources
         self.settings = settings
         self.owner = leases.this_process()
         # set on a signal: take no new work, cut retry waits short, record the page in flight and stop
@@ -59,6 +61,7 @@ class Runner:
 
     def close(self) -> None:
         self.senders.close()
+        self.sources.close()
 
     def abandon(self, timeout: float = 5.0) -> None:
         """Release this process's leases before it exits at once (a second signal); bounded by `timeout`."""
@@ -143,11 +146,15 @@ class Runner:
         # This connection holds the run's staged members (a temporary table): the connections' threads
         # read their diff through it and write with connections of their own.
         with self.engine.connect() as conn, dropping_stage(conn):
+            try:
+                source = self.sources.engine(conn, audience)
+            except ConfigError as exc:
+                return [self._invalid_audience(audience.id, audience.name, str(exc), options)]
             connections, results = self._connections(conn, audience, options)
             if not connections or self.stopping.is_set():
                 return results
             try:
-                staged = stage_members(conn, self.source, audience, self.settings.query_timeout)
+                staged = stage_members(conn, source, audience, self.settings.query_timeout)
             except SourceError as exc:
                 conn.rollback()
                 log.error(

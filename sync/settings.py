@@ -12,6 +12,7 @@ _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 MAX_DAYS = 365  # longer is a typo; dates and timers past it overflow
 SHORTEST_CADENCE = 1.0  # shorter is a typo (`1ms`), and runs would follow each other without a pause
 SHORT_CADENCE = 60.0  # shorter is for tests and soaks: each run reads the whole audience
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def parse_duration(text: str, name: str) -> float:
@@ -119,6 +120,16 @@ def _choice(text: str, name: str, choices: tuple[str, ...]) -> str:
     return text
 
 
-def secret_from_env(variable: str) -> str | None:
-    """The value of the environment variable a destination row names for its API key."""
-    return os.environ.get(variable) or None
+def secret_from_env(variable: object, where: str, what: str) -> str:
+    """The value of the environment variable that a row's `..._env` column (`where`: the row and the column)
+    names, holding `what` ("the key", "the URL"), without the blanks around it (a newline from a file)."""
+    if not (isinstance(variable, str) and ENV_NAME.fullmatch(variable)):
+        # no part of it is shown: it is often the secret itself, pasted into the wrong column
+        raise ConfigError(
+            f"{where} does not hold an environment variable name; put {what} itself in the environment, not "
+            "in this column"
+        )
+    value = (os.environ.get(variable) or "").strip()
+    if not value:
+        raise ConfigError(f"{where} names {variable!r}, which is not set or empty")
+    return value

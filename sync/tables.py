@@ -80,8 +80,20 @@ audiences = sa.Table(
     sa.Column("key", sa.Text, unique=True),
     sa.Column("query", sa.Text, nullable=False),
     sa.Column("schedule", sa.Text),
+    sa.Column("source", sa.Text),  # a `sources` name; NULL: SYNC_SOURCE_URL, else the state database
     _enabled(),
     sqlite_autoincrement=True,  # SQLite: a new row never takes a deleted one's id (and its leftover rows)
+)
+
+# Where audience queries run: a SQLAlchemy URL, or the environment variable holding one with a password.
+sources = sa.Table(
+    "sources",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("name", sa.Text, nullable=False, unique=True),
+    sa.Column("url", sa.Text),
+    sa.Column("url_env", sa.Text),
+    _enabled(),
 )
 
 audience_destinations = sa.Table(

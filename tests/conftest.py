@@ -20,6 +20,7 @@ from sync import database, sandbox
 from sync.runner import Runner
 from sync.runs import Options, Result
 from sync.settings import Cadence, Settings
+from sync.sources import Sources
 
 POSTGRES_URL = os.environ.get("SYNC_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 MARIADB_URL = os.environ.get("SYNC_TEST_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
@@ -291,7 +292,7 @@ def sync_in_process(
     For the logic; the command itself keeps its subprocess tests."""
     settings = Settings(str(engine.url), None, Cadence(7200, 10800), 60.0, query_timeout)
     transport = None if loopback else sandbox.transport(*servers)
-    runner = Runner(engine, source or engine, settings, transport=transport)
+    runner = Runner(engine, Sources(source or engine), settings, transport=transport)
     try:
         return runner.run(Options(**options))
     finally:

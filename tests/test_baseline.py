@@ -7,12 +7,13 @@ import sqlalchemy as sa
 from sync.runner import Options, Runner
 from sync.sandbox import EverflowServer, RefersionServer
 from sync.settings import Settings
+from sync.sources import Sources
 from tests.conftest import Config, Customers, run_cli
 from tests.test_e2e import everflow_destination, refersion_destination
 
 
 def _run(engine: sa.Engine, options: Options) -> list[tuple[str | None, str, str | None]]:
-    runner = Runner(engine, engine, Settings.from_env())
+    runner = Runner(engine, Sources(engine), Settings.from_env())
     try:
         return [(r.destination, r.outcome, r.error) for r in runner.run(options)]
     finally:

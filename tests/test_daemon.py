@@ -15,6 +15,7 @@ from sync.runner import Options, Runner
 from sync.sandbox import EverflowServer
 from sync.scheduler import CadenceTrigger
 from sync.settings import Cadence, Settings
+from sync.sources import Sources
 from tests.conftest import Config, Customers, free_port, run_cli, start_cli
 from tests.test_e2e import everflow_destination
 from tests.test_reliability import _wait_for_metrics
@@ -229,7 +230,7 @@ def test_runs_reuse_the_state_database_connections(
         destination = everflow_destination(config, everflow)
         for n in range(8):
             config.connect(config.audience(f"Audience {n}", Customers.QUERY), destination)
-        runner = Runner(engine, engine, Settings.from_env())
+        runner = Runner(engine, Sources(engine), Settings.from_env())
         try:
             results = [result for cycle in range(10) for result in runner.run(Options())]
         finally:

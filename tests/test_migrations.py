@@ -83,6 +83,7 @@ def test_insert_naming_only_required_columns_gets_database_defaults(empty_url: s
         with engine.begin() as conn:
             conn.exec_driver_sql("INSERT INTO destinations (name, kind) VALUES ('Everflow', 'everflow')")
             conn.exec_driver_sql("INSERT INTO audiences (name, query) VALUES ('VIP', 'SELECT 1 AS user_id')")
+            conn.exec_driver_sql("INSERT INTO sources (name, url) VALUES ('shop', 'sqlite:///shop.db')")
             conn.exec_driver_sql(
                 "INSERT INTO audience_destinations (audience_id, destination_id) "
                 "SELECT a.id, d.id FROM audiences a, destinations d"
@@ -98,6 +99,7 @@ def test_insert_naming_only_required_columns_gets_database_defaults(empty_url: s
             ).one()
             audience = conn.execute(sa.select(tables.audiences)).one()
             connection = conn.execute(sa.select(tables.audience_destinations)).one()
+            source = conn.execute(sa.select(tables.sources)).one()
             refersion_settings = conn.scalar(
                 sa.select(tables.destinations.c.settings).where(tables.destinations.c.name == "Refersion")
             )
@@ -108,7 +110,8 @@ def test_insert_naming_only_required_columns_gets_database_defaults(empty_url: s
     assert destination.enabled is True
     assert destination.api_key is None and destination.api_key_env is None
     assert audience.enabled is True
-    assert audience.key is None and audience.schedule is None
+    assert audience.key is None and audience.schedule is None and audience.source is None
+    assert source.enabled is True and source.url_env is None
     assert connection.settings == {}
     assert connection.enabled is True
     assert refersion_settings == {"on_exit": "disable"}
@@ -237,8 +240,10 @@ def fill_every_table(url: str) -> None:
         engine.dispose()
 
 
-# Columns added after 0003, which the rows filled at 0002 cannot have (their own migrations test them)
-LATER_COLUMNS = {"remote_code", "long_user_ids", "pending"}
+# Columns and tables added after 0003, which the rows filled at 0002 cannot have (their own migrations test
+# them)
+LATER_COLUMNS = {"remote_code", "long_user_ids", "pending", "source"}
+LATER_TABLES = {"sources"}
 
 
 def every_row(url: str) -> dict[str, list[tuple[Any, ...]]]:
@@ -260,6 +265,7 @@ def every_row(url: str) -> dict[str, list[tuple[Any, ...]]]:
                     )
                 )
                 for name, table in tables.metadata.tables.items()
+                if name not in LATER_TABLES
             }
     finally:
         engine.dispose()
@@ -463,5 +469,36 @@ def test_0005_downgrade_puts_the_codes_back(empty_url: str) -> None:
         )
         alembic(empty_url, "downgrade", "0004")
         assert [tuple(r) for r in config.sql("SELECT user_id, remote_id FROM sync_state")] == [("u1", "ca37")]
+    finally:
+        engine.dispose()
+
+
+# 0007: the sources table and audiences.source.
+
+
+def test_0007_keeps_every_row_both_ways_and_the_audience_ids_autoincrement(empty_url: str) -> None:
+    alembic(empty_url, "upgrade", "0006")
+    fill_every_table(empty_url)
+    before = every_row(empty_url)
+
+    assert run_cli(empty_url, "db", "upgrade").returncode == 0
+
+    assert every_row(empty_url) == before
+    engine = database.create_engine(empty_url)
+    try:
+        config = Config(engine)
+        assert config.sql("SELECT DISTINCT source FROM audiences") == [(None,)]
+        config.sql("INSERT INTO sources (name, url_env) VALUES ('warehouse', 'WAREHOUSE_URL')")
+        config.sql("UPDATE audiences SET source = 'warehouse' WHERE name = 'A1'")
+
+        alembic(empty_url, "downgrade", "0006")
+
+        assert every_row(empty_url) == before  # no cascade emptied the tables referencing audiences
+        assert "sources" not in table_names(empty_url)
+        assert "source" not in {c["name"] for c in sa.inspect(engine).get_columns("audiences")}
+        if empty_url.startswith("sqlite"):
+            assert autoincrement_tables(empty_url) == {"audiences", "destinations"}
+        assert run_cli(empty_url, "db", "upgrade").returncode == 0  # and up again
+        assert every_row(empty_url) == before
     finally:
         engine.dispose()

@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from sync import database, leases, runner
 from sync.sandbox import EverflowServer, FakeServer, RefersionServer, SegmentServer
 from sync.settings import Settings
+from sync.sources import Sources
 from sync.tables import sync_leases
 from tests.conftest import Config, Customers, free_port, run_cli, start_cli, sync_in_process, wait_for
 from tests.tcp_proxy import TcpProxy
@@ -292,7 +293,7 @@ def test_a_run_that_loses_its_lease_stops_after_the_page_and_the_next_run_resume
                 api_key="k",
             ),
         )
-        sync = runner.Runner(engine, engine, Settings.from_env())
+        sync = runner.Runner(engine, Sources(engine), Settings.from_env())
         try:
             with ThreadPoolExecutor(1) as pool:
                 first = pool.submit(sync.run, runner.Options())
@@ -336,10 +337,10 @@ def test_daemons_whose_clocks_differ_by_minutes_cannot_both_hold_an_audience(
             ),
         )
         behind = runner.Runner(
-            engine, engine, Settings.from_env(), now=lambda: datetime.now(UTC) - timedelta(minutes=5)
+            engine, Sources(engine), Settings.from_env(), now=lambda: datetime.now(UTC) - timedelta(minutes=5)
         )
         ahead = runner.Runner(
-            engine, engine, Settings.from_env(), now=lambda: datetime.now(UTC) + timedelta(minutes=5)
+            engine, Sources(engine), Settings.from_env(), now=lambda: datetime.now(UTC) + timedelta(minutes=5)
         )
         ahead.owner = "other-host:1"  # another host: its lease is not taken over as a dead local process
         try:

@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from sync.runner import Options, Runner
 from sync.sandbox import SegmentServer
 from sync.settings import Settings
+from sync.sources import Sources
 from tests.conftest import Config, Customers, run_cli, sync_in_process
 
 FAST = {"backoff_initial": 0.01, "backoff_max": 0.05, "max_attempts": 2, "rate_limit": 1000}
@@ -141,7 +142,7 @@ def test_finding_3_what_an_audience_query_sets_does_not_outlive_it(
         destination = segment_destination(config, segment)
         config.connect(config.audience("Poison", poison), destination)
         config.connect(config.audience("VIP", Customers.QUERY), destination)
-        runner = Runner(engine, engine, Settings.from_env())
+        runner = Runner(engine, Sources(engine), Settings.from_env())
         try:
             [poisoned] = runner.run(Options(audiences=["Poison"]))
             # every pooled connection, taken at once: none kept a setting or a lock of the query

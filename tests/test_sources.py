@@ -30,6 +30,7 @@ from sync.errors import SourceError
 from sync.models import traits_json
 from sync.sandbox import SegmentServer
 from sync.settings import Settings
+from sync.sources import Sources
 from sync.staging import stage_members
 from tests.conftest import MARIADB_URL, Config, Customers, run_cli, sync_in_process
 from tests.test_audiences import customer_ids, the_audience
@@ -412,7 +413,8 @@ def test_a_dialect_without_a_guard_runs_queries_in_a_transaction_rolled_back_and
             with pytest.raises(SourceError, match="'Slow'.*timed out"):
                 stage_members(conn, source, slow, 0.5)
             assert time.monotonic() - started < 60  # pg_sleep(300), cancelled
-            found = find_problems(conn, source, dataclasses.replace(Settings.from_env(), query_timeout=10))
+            settings = dataclasses.replace(Settings.from_env(), query_timeout=10)
+            found = find_problems(conn, Sources(source), settings)
     finally:
         source.dispose()
     assert customer_ids(engine) == ["u1", "u2"]

@@ -8,7 +8,6 @@ refersion.py  Refersion affiliates (refersion_lookup.py: finding one by code or 
 """
 
 import json
-import re
 from typing import Any
 
 import sqlalchemy as sa
@@ -20,7 +19,6 @@ from sync.errors import ConfigError
 from sync.settings import secret_from_env
 
 KINDS: dict[str, type[Destination]] = {"everflow": Everflow, "refersion": Refersion}
-ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def load_destination(row: sa.Row[Any], settings_text: str | None) -> Destination:
@@ -43,16 +41,7 @@ def load_destination(row: sa.Row[Any], settings_text: str | None) -> Destination
 def _api_key(row: sa.Row[Any], where: str) -> str | None:
     """The key, without the blanks around it (a key pasted or read from a file often ends in a newline)."""
     if row.api_key_env:
-        if not (isinstance(row.api_key_env, str) and ENV_NAME.fullmatch(row.api_key_env)):
-            # no part of it is shown: it is often the key itself, pasted into the wrong column
-            raise ConfigError(
-                f"{where}: api_key_env does not hold an environment variable name; put the key itself in the "
-                "environment, not in this column"
-            )
-        value = (secret_from_env(row.api_key_env) or "").strip()
-        if not value:
-            raise ConfigError(f"{where}: api_key_env names {row.api_key_env!r}, which is not set or empty")
-        return value
+        return secret_from_env(row.api_key_env, f"{where}: api_key_env", "the key")
     return (row.api_key or "").strip() or None
 
 
