@@ -177,7 +177,8 @@ def _stage_streamed(state: sa.Connection, source: sa.Connection, audience: Audie
     state.begin()
     built = traits_select(source.dialect, description)
     if built is not None:
-        rows = _copy(state, source, over_query(audience, escaped(built), suffix=limit), None)
+        select = over_query(audience, escaped(f"{built.user_id}, {built.traits}"), suffix=limit)
+        rows = _copy(state, source, select, built.upper_escapes)
         if rows is not None:
             return rows
         state.exec_driver_sql(f"DELETE FROM {sync_stage.name}")  # a row it could not build: in Python
@@ -186,22 +187,32 @@ def _stage_streamed(state: sa.Connection, source: sa.Connection, audience: Audie
 
 
 def _copy(
-    state: sa.Connection, source: sa.Connection, select: sa.TextClause, names: list[str] | None
+    state: sa.Connection, source: sa.Connection, select: sa.TextClause, built: bool | list[str]
 ) -> int | None:
-    """Copy `select`'s rows into the staging table: `(user_id, traits)` built by the source when `names`
-    is None (None returned at the first row whose traits it left NULL), else the query's own columns,
-    called `names`, whose traits are built here."""
+    """Copy `select`'s rows into the staging table. When `built` is a bool, they are `(user_id, traits)`
+    built by the source (True: the traits may hold upper-case escapes), and None is returned at the first
+    chunk holding traits it could not build. Else `built` names the query's own columns, whose traits are
+    built here."""
     one_select(source, select)
     rows = 0
     with _writer(state) as write, closing(_chunks(source, select)) as chunks:
         for chunk in chunks:
-            if names is not None:
-                chunk = [python_traits(names, row) for row in chunk]
-            elif None in map(itemgetter(1), chunk):
+            if isinstance(built, list):
+                chunk = [python_traits(built, row) for row in chunk]
+            elif not _as_traits_json(chunk, built):
                 return None
             write(chunk)
             rows += len(chunk)
     return rows
+
+
+def _as_traits_json(chunk: list[tuple[Any, ...]], upper_escapes: bool) -> bool:
+    """Whether the source built every row's traits as traits_json writes them (in C: one text per chunk)."""
+    try:
+        text = "".join(map(itemgetter(1), chunk))
+    except TypeError:  # a NULL
+        return False
+    return not (upper_escapes and "\\u00" in text)
 
 
 def python_traits(names: list[str], row: tuple[Any, ...]) -> tuple[str | None, str]:

@@ -7,15 +7,17 @@ writes it (a Decimal, a date or a datetime as its str()). Which column types qua
 from the probe's cursor description (type codes; SQLite has none, so there it is decided per value by
 `typeof`). Any other type keeps the whole audience on the Python path. A value of a qualifying type whose
 text would still differ makes its row's traits NULL, and the caller stages again on the Python path: a
-Decimal that str() writes with an exponent, a control character that DuckDB and MariaDB escape in upper case
-(`\\u001F`, json.dumps writes `\\u001f`), a SQLite REAL (repr() and SQLite round differently) or BLOB.
-MySQL proper is not tested here, so it keeps the Python path.
+Decimal that str() writes with an exponent, a SQLite REAL (repr() and SQLite round differently) or BLOB,
+a MariaDB binary string. So does a text holding `\\u00` from DuckDB or MariaDB, which escape control
+characters in upper case (`\\u001F`, json.dumps writes `\\u001f`): the caller looks for it in each chunk,
+which costs less than the source searching the text it built. MySQL proper is not tested here, so it keeps
+the Python path.
 """
 
 import json
 import re
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 
@@ -26,8 +28,16 @@ TINY = "0.000001"
 QUOTE = "'\"'"  # the SQL literal '"'
 
 
-def traits_select(dialect: sa.Dialect, description: Sequence[Any]) -> str | None:
-    """The select list `user_id as text (NULL for none), traits JSON` over `q`, built by the source, or
+class Built(NamedTuple):
+    """The select list of a source building the traits: SQL over `q`."""
+
+    user_id: str  # the user id as text, NULL for none
+    traits: str  # the traits JSON, NULL where the source cannot write traits_json's text
+    upper_escapes: bool  # and neither where the text holds `\u00` (DuckDB, MariaDB)
+
+
+def traits_select(dialect: sa.Dialect, description: Sequence[Any]) -> Built | None:
+    """SQL over `q` of the user id as text (NULL for none) and of the traits JSON, built by the source, or
     None when it cannot build the same text (the dialect, a column's type, a column name repeated)."""
     name = "mariadb" if getattr(dialect, "is_mariadb", False) else dialect.name
     if name not in DIALECTS or len({column[0] for column in description}) < len(description):
@@ -46,7 +56,7 @@ def traits_select(dialect: sa.Dialect, description: Sequence[Any]) -> str | None
     if user is None:
         return None
     traits = concat([*parts, _literal(dialect, "}")]) if parts else _literal(dialect, "{}")
-    return f"{user}, {row_check(traits, dialect)}"
+    return Built(user, row_check(traits), name in ("duckdb", "mariadb"))
 
 
 def _literal(dialect: sa.Dialect, text: str) -> str:
@@ -70,14 +80,8 @@ def _concat(parts: list[str]) -> str:
     return f"CONCAT({', '.join(parts)})"
 
 
-def _trusted(traits: str, _dialect: sa.Dialect) -> str:
+def _trusted(traits: str) -> str:
     return traits
-
-
-def _no_upper_escapes(traits: str, dialect: sa.Dialect) -> str:
-    """NULL where the text holds `\\u00`: DuckDB's and MariaDB's escapes of control characters are upper case
-    (a text holding a backslash and `u00` is sent to the Python path too, which is slower, not wrong)."""
-    return f"CASE WHEN INSTR({traits}, {_literal(dialect, chr(92) + 'u00')}) > 0 THEN NULL ELSE {traits} END"
 
 
 # Postgres, as psycopg loads its types (type codes are OIDs)
@@ -134,7 +138,7 @@ def _sqlite_user_id(column: str, _description: Any) -> str:
     )
 
 
-def _sqlite_row_check(traits: str, _dialect: sa.Dialect) -> str:
+def _sqlite_row_check(traits: str) -> str:
     """NULL where the user id is a REAL or a BLOB, whose text str() writes otherwise."""
     return f"CASE WHEN typeof(q.user_id) IN ('real', 'blob') THEN NULL ELSE {traits} END"
 
@@ -202,13 +206,14 @@ def _mariadb_user_id(column: str, description: Any) -> str | None:
     return f"CAST({column} AS CHAR)" if kind in MARIADB_INTEGER else None
 
 
-def _mariadb_row_check(traits: str, dialect: sa.Dialect) -> str:
-    return _no_upper_escapes(f"CASE WHEN CHARSET(q.user_id) = 'binary' THEN NULL ELSE {traits} END", dialect)
+def _mariadb_row_check(traits: str) -> str:
+    """NULL where the user id is a binary string (PyMySQL returns bytes, whose str() is `b'...'`)."""
+    return f"CASE WHEN CHARSET(q.user_id) = 'binary' THEN NULL ELSE {traits} END"
 
 
-DIALECTS: dict[str, tuple[Value, Value, Callable[[str, sa.Dialect], str], Callable[[list[str]], str]]] = {
+DIALECTS: dict[str, tuple[Value, Value, Callable[[str], str], Callable[[list[str]], str]]] = {
     "postgresql": (_postgres_value, _postgres_user_id, _trusted, _pipes),
     "sqlite": (_sqlite_value, _sqlite_user_id, _sqlite_row_check, _pipes),
-    "duckdb": (_duckdb_value, _duckdb_user_id, _no_upper_escapes, _pipes),
+    "duckdb": (_duckdb_value, _duckdb_user_id, _trusted, _pipes),
     "mariadb": (_mariadb_value, _mariadb_user_id, _mariadb_row_check, _concat),
 }

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from sync.audiences import escaped
 from sync.messages import traits_json
-from sync.staging import STAGE_CHUNK, python_traits, stage_members
+from sync.staging import STAGE_CHUNK, _as_traits_json, python_traits, stage_members
 from sync.tables import sync_stage
 from sync.traits import traits_select
 from tests.conftest import Config, _drop_postgres_database, _new_postgres_database
@@ -143,8 +143,12 @@ class Table:
             built = traits_select(conn.dialect, described)
             assert built is not None
             raw = [tuple(row) for row in conn.exec_driver_sql(query)]
-            select = sa.text(f"SELECT q.user_id, {escaped(built)} FROM ({query}) AS q")
-            by_source = {user_id: (text, traits) for user_id, text, traits in conn.execute(select)}
+            columns = escaped(f"{built.user_id}, {built.traits}")
+            select = sa.text(f"SELECT q.user_id, {columns} FROM ({query}) AS q")
+            by_source = {  # the traits as staging takes them, or None: staged again in Python
+                user_id: (text, traits if _as_traits_json([(text, traits)], built.upper_escapes) else None)
+                for user_id, text, traits in conn.execute(select)
+            }
         names = [column[0] for column in described]
         return [(row, python_traits(names, row), by_source[row[0]]) for row in raw]
 
@@ -175,7 +179,7 @@ def test_a_json_text_from_a_sqlite_function_is_a_text_trait_aspython_traits(tmp_
     with engine.connect() as conn:
         built = traits_select(conn.dialect, conn.exec_driver_sql(query).cursor.description)
         assert built is not None
-        traits = conn.exec_driver_sql(f"SELECT {built} FROM ({query}) AS q").one()[1]
+        traits = conn.exec_driver_sql(f"SELECT {built.traits} FROM ({query}) AS q").scalar()
     engine.dispose()
 
     assert traits == traits_json({"meta": '{"a":1}'}) == '{"meta": "{\\"a\\":1}"}'
