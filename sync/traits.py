@@ -1,4 +1,4 @@
-"""Traits as JSON built by the source database: the text `sync.messages.traits_json` writes, byte for byte.
+"""Traits as JSON built by the source database: the text `sync.models.traits_json` writes, byte for byte.
 
 Staged traits decide what is re-sent (a rejected entry waits until they change), so a source builds them
 only where its text is the one traits_json writes for the values the driver returns: keys in Python's

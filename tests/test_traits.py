@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sync.audiences import escaped
-from sync.messages import traits_json
+from sync.models import traits_json
 from sync.staging import STAGE_CHUNK, _as_traits_json, python_traits, stage_members
 from sync.tables import sync_stage
 from sync.traits import traits_select
