@@ -9,8 +9,8 @@ Targets are reported, not enforced: the exit status is 0 unless something crashe
 import argparse
 import json
 import os
-import resource
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -20,10 +20,14 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import duckdb
 import httpx
+import psycopg
+import pymysql
 import sqlalchemy as sa
 from rich.console import Console
 from rich.table import Table
@@ -42,6 +46,16 @@ from sync.staging import SharedReads, drop_stage, stage_members
 from sync.tables import UTCDateTime, sync_stage, sync_state
 
 POSTGRES_URL = os.environ.get("SYNC_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+MARIADB_URL = os.environ.get("SYNC_BENCH_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
+PAIRS = "postgres:sqlite,sqlite:postgres,duckdb:sqlite,mariadb:sqlite"  # source:state of phase 2
+CHUNK = 5000  # rows per fetchmany in the cross-database floor (the product's chunk)
+# the floor's traits JSON, built by the source with its own function
+FLOOR_JSON = {
+    "postgres": "(to_jsonb(q) - 'user_id')::text",
+    "sqlite": "json_object({pairs})",
+    "duckdb": "CAST(json_object({pairs}) AS VARCHAR)",
+    "mariadb": "JSON_OBJECT({pairs})",
+}
 AUDIENCE_QUERY = (
     "SELECT user_id, email, first_name, last_name, transaction_id FROM bench_users WHERE active = 1"
 )
@@ -66,28 +80,71 @@ FLOOR_DIFF = (
 @contextmanager
 def scratch_database(backend: str) -> Iterator[str]:
     """A new, empty database of its own: a SQLite file in a temporary folder, or a Postgres database."""
-    if backend == "sqlite":
+    if backend in ("sqlite", "duckdb"):
         folder = tempfile.mkdtemp(prefix="as-bench-")
         try:
-            yield f"sqlite:///{folder}/state.db"
+            yield f"{backend}:///{folder}/{backend}.db"
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         return
     name = f"as_bench_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    server = POSTGRES_URL if backend == "postgres" else MARIADB_URL
+    drop = (
+        f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)' if backend == "postgres" else f"DROP DATABASE {name}"
+    )
+    admin = sa.create_engine(server, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+        conn.exec_driver_sql(f"CREATE DATABASE {name}")
     try:
-        yield sa.make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+        yield sa.make_url(server).set(database=name).render_as_string(hide_password=False)
     finally:
         with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            conn.exec_driver_sql(drop)
         admin.dispose()
 
 
+# bench_users per dialect: its text type, and the columns and source of users 1..n (5% inactive: i % 20 = 0)
+PIPES = (
+    "'u' || lpad(CAST(i AS TEXT), 8, '0'), 'user' || i || '@example.com', 'First' || (i % 1000), "
+    "'Last' || (i % 997), md5(CAST(i AS TEXT))"
+)
+USERS = {
+    "postgres": ("TEXT", PIPES, "FROM generate_series(1, {n}) AS i"),
+    "duckdb": ("VARCHAR", PIPES, "FROM range(1, {n} + 1) AS t(i)"),
+    "sqlite": (
+        "TEXT",
+        "printf('u%08d', i), 'user' || i || '@example.com', 'First' || (i % 1000), 'Last' || (i % 997), "
+        "printf('%016x', i * 2654435761)",
+        "FROM s",
+    ),
+    "mariadb": (
+        "VARCHAR(64)",
+        "CONCAT('u', LPAD(i, 8, '0')), CONCAT('user', i, '@example.com'), CONCAT('First', i % 1000), "
+        "CONCAT('Last', i % 997), MD5(i)",
+        "FROM (SELECT seq AS i FROM seq_1_to_{n}) AS s",  # MariaDB's sequence engine
+    ),
+}
+
+
+def fill_users(conn: sa.Connection, kind: str, users: int) -> None:
+    """Create `bench_users` and fill it with `users` rows, inside the database."""
+    text, columns, source = USERS[kind]
+    conn.exec_driver_sql(
+        f"CREATE TABLE bench_users (seq INTEGER NOT NULL, user_id {text} PRIMARY KEY, email {text}, "
+        f"first_name {text}, last_name {text}, transaction_id {text}, active INTEGER NOT NULL)"
+    )
+    insert = (
+        f"INSERT INTO bench_users SELECT i, {columns}, CASE WHEN i % 20 = 0 THEN 0 ELSE 1 END "
+        + source.format(n=users)
+    )
+    if kind == "sqlite":
+        insert = (
+            f"WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < {users}) " + insert
+        )
+    conn.execute(sa.text(insert))
+
+
 SETUP = (
-    "CREATE TABLE bench_users (seq INTEGER NOT NULL, user_id TEXT PRIMARY KEY, email TEXT, first_name TEXT, "
-    "last_name TEXT, transaction_id TEXT, active INTEGER NOT NULL)",
     "CREATE TABLE floor_state (user_id TEXT PRIMARY KEY, member BOOLEAN NOT NULL, traits TEXT NOT NULL)",
     "INSERT INTO audiences (id, name, key, query) VALUES (1, 'Bench', 'bench', :query)",
     "INSERT INTO destinations (id, name, kind, settings) VALUES (1, 'bench', 'everflow', :settings)",
@@ -97,20 +154,11 @@ SETUP = (
 
 def generate(engine: sa.Engine, users: int) -> None:
     """`bench_users` with `users` rows (95% active = in the audience), the audience and a destination."""
-    postgres = engine.dialect.name == "postgresql"
-    user_id = "'u' || lpad(i::text, 8, '0')" if postgres else "printf('u%08d', i)"
-    tid = "md5(i::text)" if postgres else "printf('%016x', i * 2654435761)"
-    insert = (
-        f"INSERT INTO bench_users SELECT i, {user_id}, 'user' || i || '@example.com', 'First' || (i % 1000), "
-        f"'Last' || (i % 997), {tid}, CASE WHEN i % 20 = 0 THEN 0 ELSE 1 END "
-        + ("FROM generate_series(1, :n) AS i" if postgres else "FROM s")
-    )
-    if not postgres:
-        insert = "WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < :n) " + insert
     settings = json.dumps({"tracking_domain": "http://127.0.0.1:9", "network_id": "1"})
     with engine.begin() as conn:
-        for statement in (*SETUP, insert):
-            conn.execute(sa.text(statement), {"n": users, "query": AUDIENCE_QUERY, "settings": settings})
+        fill_users(conn, "postgres" if engine.dialect.name == "postgresql" else "sqlite", users)
+        for statement in SETUP:
+            conn.execute(sa.text(statement), {"query": AUDIENCE_QUERY, "settings": settings})
     analyze(engine, "bench_users", vacuum=True)
     with engine.connect() as conn:  # read it all once: the first reader of fresh rows pays for hint bits
         conn.exec_driver_sql("SELECT count(*), max(email), max(transaction_id) FROM bench_users").all()
@@ -187,6 +235,12 @@ def floor_pass(engine: sa.Engine) -> Result:
         raw.close()
 
 
+def peak_rss_mb() -> float:
+    """This process's peak RSS since it started (VmHWM; ru_maxrss would carry the parent's over exec)."""
+    status = Path("/proc/self/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0]) / 1024  # kB
+
+
 def fastest(passes: Iterable[Result]) -> Result:
     return min(passes, key=lambda result: result["stage"] + result["diff"])
 
@@ -209,7 +263,7 @@ def phase1(backend: str, users: int, floor: bool, repeat: int) -> Result:
                 analyze(engine, "sync_state")
                 churn(engine)
                 result["churn"] = fastest(project_pass(engine, conn, audience) for _ in range(repeat))
-            result["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+            result["rss_mb"] = peak_rss_mb()
             if floor:
                 churn(engine)  # back to the initial data
                 result["floor_initial"] = fastest(floor_pass(engine) for _ in range(repeat))
@@ -223,6 +277,153 @@ def phase1(backend: str, users: int, floor: bool, repeat: int) -> Result:
         finally:
             engine.dispose()
     return result
+
+
+def cross_project(state: sa.Engine, source: sa.Engine, audience: Audience) -> Result:
+    """stage_members from another database, as the runner calls it, and its commit."""
+    with state.connect() as conn:
+        drop_stage(conn)  # untimed, as in phase 1
+        conn.commit()
+        start = time.perf_counter()
+        staged = stage_members(conn, source, audience, 3600.0)
+        conn.commit()
+        return {"stage": time.perf_counter() - start, "members": staged.members}
+
+
+def raw_connection(kind: str, url: str) -> Any:
+    """A DBAPI connection without SQLAlchemy."""
+    parsed = sa.make_url(url)
+    if kind == "postgres":
+        return psycopg.connect(parsed.set(drivername="postgresql").render_as_string(hide_password=False))
+    if kind == "mariadb":
+        return pymysql.connect(
+            host=parsed.host, port=parsed.port or 3306, user=parsed.username, database=parsed.database
+        )
+    if kind == "duckdb":
+        return duckdb.connect(parsed.database, read_only=True)
+    return sqlite3.connect(parsed.database or "")
+
+
+def cross_floor(source_kind: str, source_url: str, state_kind: str, state_url: str) -> Result:
+    """The plain path: traits JSON built by the source, a streaming cursor, fetchmany(CHUNK), the state
+    driver's bulk path (executemany, COPY) into a temporary table, a unique index; no SQLAlchemy."""
+    pairs = ", ".join(f"'{c}', q.{c}" for c in TRAITS)
+    text = "CHAR" if source_kind == "mariadb" else "TEXT"
+    traits = FLOOR_JSON[source_kind].format(pairs=pairs)
+    select = f"SELECT CAST(q.user_id AS {text}), {traits} FROM ({AUDIENCE_QUERY}) AS q"
+    source, state = raw_connection(source_kind, source_url), raw_connection(state_kind, state_url)
+    try:
+        start = time.perf_counter()
+        if source_kind == "postgres":
+            reader = source.cursor(name="floor")
+        elif source_kind == "mariadb":
+            reader = source.cursor(pymysql.cursors.SSCursor)
+        else:
+            reader = source.cursor()
+        reader.execute(select)
+        writer = state.cursor()
+        writer.execute("CREATE TEMPORARY TABLE floor_members (user_id TEXT, traits TEXT)")
+        rows = 0
+        if state_kind == "postgres":
+            with writer.copy("COPY floor_members (user_id, traits) FROM STDIN") as copy:
+                while chunk := reader.fetchmany(CHUNK):
+                    for row in chunk:
+                        copy.write_row(row)
+                    rows += len(chunk)
+        else:
+            while chunk := reader.fetchmany(CHUNK):
+                writer.executemany("INSERT INTO floor_members VALUES (?, ?)", chunk)
+                rows += len(chunk)
+        writer.execute("CREATE UNIQUE INDEX ix_floor_members ON floor_members (user_id)")
+        state.commit()
+        return {"stage": time.perf_counter() - start, "rows": rows}
+    finally:
+        source.close()
+        state.close()
+
+
+def cross(source_kind: str, source_url: str, state_kind: str, users: int, floor: bool, repeat: int) -> Result:
+    """Phase 2 (in a child process): stage_members from `source_url` into a new state database, `repeat`
+    times (peak RSS right after), then the floor as often; the fastest of each counts."""
+    with scratch_database(state_kind) as state_url:
+        database.upgrade(state_url)
+        state = database.create_engine(state_url)
+        source = database.create_engine(source_url, source=True)
+        try:
+            audience = Audience(1, "Bench", "bench", AUDIENCE_QUERY, None, True)
+            projects = [cross_project(state, source, audience) for _ in range(repeat)]
+            result: Result = {"users": users, "project": min(projects, key=lambda r: r["stage"])}
+            result["rss_mb"] = peak_rss_mb()
+        finally:
+            source.dispose()
+            state.dispose()
+        if floor:
+            floors = [cross_floor(source_kind, source_url, state_kind, state_url) for _ in range(repeat)]
+            result["floor"] = min(floors, key=lambda r: r["stage"])
+    return result
+
+
+@contextmanager
+def cross_source(kind: str, users: int) -> Iterator[str]:
+    """A database of `kind` holding `users` bench_users, filled by this process (not the measured one)."""
+    with scratch_database(kind) as url:
+        engine = sa.create_engine(url)
+        with engine.begin() as conn:
+            fill_users(conn, kind, users)
+        engine.dispose()
+        if kind == "postgres":
+            analyze(database.create_engine(url), "bench_users", vacuum=True)
+        yield url
+
+
+def run_cross(pair: str, users: int, floor: bool, repeat: int) -> Result:
+    """Phase 2 for `pair` ("source:state") in a fresh process, its source filled beforehand."""
+    source_kind, state_kind = pair.split(":")
+    with cross_source(source_kind, users) as url:
+        command = [
+            sys.executable,
+            __file__,
+            "--cross-child",
+            pair,
+            "--source-url",
+            url,
+            "--users",
+            str(users),
+        ]
+        command += ["--repeat", str(repeat)] + ([] if floor else ["--no-floor"])
+        done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+    if done.returncode:
+        raise SystemExit(f"phase 2 ({pair}, {users:,} users) crashed with exit status {done.returncode}")
+    result: Result = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def cross_rows(pair: str, result: Result, base: Result) -> list[tuple[str, ...]]:
+    mine, theirs = result["project"]["stage"], result["floor"]["stage"]
+    label = pair.replace(":", " -> ")
+    ok = verdict(mine / theirs <= 1.3)
+    rows = [
+        (
+            f"cross: stage {label}",
+            "",
+            f"{mine:.2f} s",
+            f"{theirs:.2f} s",
+            f"{mine / theirs:.2f}x",
+            "<= 1.3x",
+            ok,
+        )
+    ]
+    rss, base_rss = result["rss_mb"], base["rss_mb"]
+    rows.append((f"cross: peak RSS {label}, {base['users']:,}", "", f"{base_rss:.0f} MB", *[""] * 4))
+    shown = (
+        f"{rss:.0f} MB",
+        f"{base_rss:.0f} MB",
+        f"{rss / base_rss:.2f}x",
+        "<= 1.25x",
+        verdict(rss / base_rss <= 1.25),
+    )
+    rows.append((f"cross: peak RSS {label}, {result['users']:,}", "", *shown))
+    return rows
 
 
 def run_child(backend: str, users: int, floor: bool, repeat: int) -> Result:
@@ -403,7 +604,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="how long phase 4 sends, per limit")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each phase-1 pass; the fastest counts")
     parser.add_argument("--smoke", action="store_true", help="2,000 users, one rate limit (30) for 3 s, once")
+    parser.add_argument(
+        "--pairs", help=f"phase 2, comma-separated source:state (default {PAIRS}; smoke: duckdb:sqlite)"
+    )
     parser.add_argument("--phase1-child", metavar="BACKEND", help=argparse.SUPPRESS)
+    parser.add_argument("--cross-child", metavar="PAIR", help=argparse.SUPPRESS)
+    parser.add_argument("--source-url", help=argparse.SUPPRESS)
     parser.add_argument("--no-floor", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--serve-sink", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -413,8 +619,24 @@ def main() -> None:
     if args.phase1_child:
         print(json.dumps(phase1(args.phase1_child, args.users, not args.no_floor, args.repeat)))
         return
+    if args.cross_child:
+        source_kind, state_kind = args.cross_child.split(":")
+        result = cross(source_kind, args.source_url, state_kind, args.users, not args.no_floor, args.repeat)
+        print(json.dumps(result))
+        return
     if args.smoke:
         args.users, args.rate_limits, args.seconds, args.repeat = 2000, "30", 3.0, 1
+        args.pairs = args.pairs or "duckdb:sqlite"
+    pairs = [p.strip() for p in (args.pairs or PAIRS).split(",") if p.strip()]
+    kinds = {"postgres", "sqlite", "duckdb", "mariadb"}
+    if wrong := [
+        p
+        for p in pairs
+        if len(p.split(":")) != 2
+        or not set(p.split(":")) <= kinds
+        or p.split(":")[1] not in ("sqlite", "postgres")
+    ]:
+        parser.error(f"unknown pair(s): {', '.join(wrong)} (source:state, a state of sqlite or postgres)")
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     if unknown := set(backends) - {"sqlite", "postgres"}:
         parser.error(f"unknown backend(s): {', '.join(sorted(unknown))}")
@@ -435,6 +657,17 @@ def main() -> None:
         for row in phase1_rows(backend, result, base):
             table.add_row(*row)
         notes.append(describe(backend, result))
+        table.add_section()
+    for pair in pairs:
+        console.print(f"phase 2, {pair}: {args.users:,} users, then {base_users:,} for the RSS baseline")
+        result = run_cross(pair, args.users, floor=True, repeat=args.repeat)
+        base = run_cross(pair, base_users, floor=False, repeat=args.repeat)
+        for row in cross_rows(pair, result, base):
+            table.add_row(*row)
+        notes.append(
+            f"{pair}: {result['project']['members']:,} members staged; floor {result['floor']['rows']:,} rows"
+        )
+    if pairs:
         table.add_section()
     console.print(f"phase 3: delivery of {messages:,} messages to a no-op sink")
     (rate, cpu), (floor, floor_cpu) = phase3(messages)

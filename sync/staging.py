@@ -6,9 +6,11 @@ Transactions: `stage_members` owns the staging connection's transactions (it com
 """
 
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Generator, Iterator
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
+from operator import itemgetter
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -17,6 +19,7 @@ from sync.errors import SourceError
 from sync.guards import one_select, read_only
 from sync.models import traits_json
 from sync.tables import sync_stage, sync_stage_diff
+from sync.traits import traits_select
 
 STAGE_CHUNK = 5000
 
@@ -160,29 +163,107 @@ def _sqlite_json_object(columns: list[str]) -> str:
 
 
 def _stage_streamed(state: sa.Connection, source: sa.Connection, audience: Audience, limit: str) -> int:
-    """Stream the query's rows from another database into the staging table in chunks; returns how many."""
-    rows = 0
-    select = wrapped(audience, limit)
+    """Stream the query's rows from another database into the staging table; returns how many.
+
+    Traits are built by the source where it writes the text `traits_json` writes (sync.traits), else in
+    Python from the driver's tuples. Rows move in chunks of STAGE_CHUNK from a streaming cursor to the
+    state driver's bulk path (sqlite3 `executemany`, psycopg `COPY`), without SQLAlchemy in between.
+    """
+    probe_select = wrapped(audience, " LIMIT 0")
+    one_select(source, probe_select)
+    with source.execute(probe_select) as probe:
+        require_user_id(audience, probe)
+        description = probe.cursor.description
+    state.begin()
+    built = traits_select(source.dialect, description)
+    if built is not None:
+        select = over_query(audience, escaped(f"{built.user_id}, {built.traits}"), suffix=limit)
+        rows = _copy(state, source, select, built.upper_escapes)
+        if rows is not None:
+            return rows
+        state.exec_driver_sql(f"DELETE FROM {sync_stage.name}")  # a row it could not build: in Python
+    names = [column[0] for column in description]
+    return _copy(state, source, wrapped(audience, limit), names) or 0
+
+
+def _copy(
+    state: sa.Connection, source: sa.Connection, select: sa.TextClause, built: bool | list[str]
+) -> int | None:
+    """Copy `select`'s rows into the staging table. When `built` is a bool, they are `(user_id, traits)`
+    built by the source (True: the traits may hold upper-case escapes), and None is returned at the first
+    chunk holding traits it could not build. Else `built` names the query's own columns, whose traits are
+    built here."""
     one_select(source, select)
-    result = source.execute(  # a statement's options: the connection's would stay with it
-        select, execution_options={"stream_results": True, "yield_per": STAGE_CHUNK}
-    )
-    with result:
-        require_user_id(audience, result)
-        for chunk in result.partitions():
-            batch = []
-            for row in chunk:
-                traits = dict(row._mapping)
-                user_id = traits.pop("user_id")
-                batch.append(
-                    {
-                        "user_id": str(user_id) if user_id not in (None, "") else None,
-                        "traits": traits_json(traits),
-                    }
-                )
-            state.execute(sa.insert(sync_stage), batch)
-            rows += len(batch)
+    rows = 0
+    with _writer(state) as write, closing(_chunks(source, select)) as chunks:
+        for chunk in chunks:
+            if isinstance(built, list):
+                chunk = [python_traits(built, row) for row in chunk]
+            elif not _as_traits_json(chunk, built):
+                return None
+            write(chunk)
+            rows += len(chunk)
     return rows
+
+
+def _as_traits_json(chunk: list[tuple[Any, ...]], upper_escapes: bool) -> bool:
+    """Whether the source built every row's traits as traits_json writes them (in C: one text per chunk)."""
+    try:
+        text = "".join(map(itemgetter(1), chunk))
+    except TypeError:  # a NULL
+        return False
+    return not (upper_escapes and "\\u00" in text)
+
+
+def python_traits(names: list[str], row: tuple[Any, ...]) -> tuple[str | None, str]:
+    """A row of the query's columns `names` as staged: the user id as text (None for none), the traits."""
+    traits = dict(zip(names, row, strict=True))
+    user_id = traits.pop("user_id")
+    return (str(user_id) if user_id not in (None, "") else None), traits_json(traits)
+
+
+def _chunks(source: sa.Connection, select: sa.TextClause) -> Generator[list[tuple[Any, ...]]]:
+    """`select`'s rows, STAGE_CHUNK at a time, from a cursor that streams them (a Postgres named cursor,
+    PyMySQL's unbuffered one; sqlite3's and DuckDB's stream anyway); the driver's errors as SQLAlchemy's."""
+    compiled = select.compile(dialect=source.dialect)
+    params: Any = compiled.params
+    if compiled.positional:
+        params = [params[name] for name in compiled.positiontup or []]
+    raw: Any = source.connection.dbapi_connection
+    error = source.dialect.loaded_dbapi.Error
+    try:
+        if source.dialect.name == "postgresql":
+            cursor = raw.cursor(name="sync_stage_members")
+        elif source.dialect.driver == "pymysql":
+            cursor = raw.cursor(source.dialect.loaded_dbapi.cursors.SSCursor)
+        else:
+            cursor = raw.cursor()
+        try:
+            cursor.execute(compiled.string, params)
+            while chunk := cursor.fetchmany(STAGE_CHUNK):
+                yield chunk
+        finally:
+            cursor.close()
+    except error as exc:
+        raise sa.exc.DBAPIError.instance(compiled.string, params, exc, error) from exc
+
+
+@contextmanager
+def _writer(state: sa.Connection) -> Iterator[Callable[[list[tuple[Any, ...]]], None]]:
+    """A function writing `(user_id, traits)` rows into the staging table by the state driver's bulk path."""
+    raw: Any = state.connection.dbapi_connection
+    with closing(raw.cursor()) as cursor:
+        if state.dialect.name == "postgresql":
+            with cursor.copy(f"COPY {sync_stage.name} (user_id, traits) FROM STDIN") as copy:
+
+                def write(rows: list[tuple[Any, ...]]) -> None:
+                    for row in rows:
+                        copy.write_row(row)
+
+                yield write
+        else:
+            insert = f"INSERT INTO {sync_stage.name} (user_id, traits) VALUES (?, ?)"
+            yield lambda rows: cursor.executemany(insert, rows)
 
 
 def probe_query(state: sa.Connection, source: sa.Engine, audience: Audience, timeout: float) -> None:
