@@ -25,6 +25,7 @@ from sync.runner import Runner
 from sync.sandbox import EverflowServer, RefersionServer
 from sync.scheduler import Daemon
 from sync.settings import Settings
+from sync.sources import Sources
 from sync.tables import sync_runs
 from tests.conftest import Config, Customers, free_port, run_cli, start_cli, wait_for
 from tests.test_e2e import everflow_destination, refersion_destination
@@ -75,7 +76,7 @@ def test_a_row_that_stays_invalid_is_logged_once_per_change_of_its_problem(
     state_url: str, engine: sa.Engine, config: Config, caplog: pytest.LogCaptureFixture
 ) -> None:
     config.audience("Broken", "SELECT 1", schedule="banana")
-    daemon = Daemon(Runner(engine, engine, Settings.from_env()))
+    daemon = Daemon(Runner(engine, Sources(engine), Settings.from_env()))
     with caplog.at_level(logging.ERROR):
         for _ in range(3):
             daemon.reload()
@@ -108,7 +109,7 @@ class Clock:
 def _daemon(engine: sa.Engine, clock: Clock) -> Iterator[Daemon]:
     """A daemon in this process, metrics on (not served), its scheduler not started."""
     settings = dataclasses.replace(Settings.from_env(), metrics_port=free_port())
-    runner = Runner(engine, engine, settings, now=clock.now)
+    runner = Runner(engine, Sources(engine), settings, now=clock.now)
     try:
         yield Daemon(runner, clock=clock.monotonic)
     finally:
