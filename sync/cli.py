@@ -167,9 +167,8 @@ def _source(engine: sa.Engine, settings: Settings) -> "Sources":
     """Where audience queries run: an audience's `sources` row, else SYNC_SOURCE_URL or the state database."""
     from sync.sources import Sources
 
-    default = engine
-    if settings.source_url:
-        default = database.create_engine(settings.source_url, settings.pool_recycle, source=True)
+    url = settings.source_url
+    default = database.create_engine(url, settings.pool_recycle, source=True) if url else engine
     return Sources(default, settings.pool_recycle)
 
 
