@@ -83,7 +83,7 @@ class _Pages:
                 self.counts["entered" if value else "exited"] += len(page)
                 self.account(self.sink.send(run.link, run.destination, page))
                 if advance is not None:
-                    advance(len(page))
+                    advance(len(page), {"failed": self.counts[Status.FAILED], **self.sink.counted()})
                 stopped = self.stop_reason()
                 if stopped:
                     return stopped

@@ -70,6 +70,8 @@ class Sender:
             ),
         )
         self.limiter = RateLimiter(limits.rate_limit, stopping=self.stopping)
+        self.counted = {"requests": 0, "retried": 0}  # for the progress bars; the metrics count too
+        self.counted_lock = threading.Lock()
         self.pool = ThreadPoolExecutor(limits.max_in_flight, thread_name_prefix=f"send-{destination.id}")
 
     def close(self) -> None:
@@ -92,11 +94,17 @@ class Sender:
     def _sleep(self, seconds: float) -> None:
         """A retry's wait (backoff or Retry-After), ended by the process stopping."""
         metrics.RETRIES.labels(self.destination_id).inc()
+        self._count("retried")
         if self.stopping.wait(seconds):
             raise Interrupted
 
+    def _count(self, what: str) -> None:
+        with self.counted_lock:
+            self.counted[what] += 1
+
     def _attempt(self, call: Call) -> list[Outcome] | Call:
         self.limiter.wait()
+        self._count("requests")
         try:
             response = self._request(call)
         except httpx.TimeoutException:

@@ -8,9 +8,19 @@ import queue
 import signal
 import sys
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from sync import views
 from sync.runs import Options
@@ -74,8 +84,8 @@ def run_once(runner: "Runner", options: Options) -> int:
     if options.dry_run or not sys.stderr.isatty():
         results = runner.run(options)
     else:
-        with views.progress() as bars:
-            options.progress = views.bars(bars)
+        with progress() as shown, logging_above():
+            options.progress = bars(shown)
             results = runner.run(options)
     views.summary(results, options.dry_run)
     if received:
@@ -97,3 +107,56 @@ def baseline(runner: "Runner", options: Options, yes: bool) -> int:
     results = runner.run(options)
     views.summary(results, dry_run=False)
     return 0 if all(result.good for result in results) else 1
+
+
+RATES = "{task.fields[rate]:.1f} req/s  failed {task.fields[failed]}  retried {task.fields[retried]}"
+
+
+def progress() -> Progress:
+    """Bars per connection: count, requests per second, failed and retried, elapsed time and ETA (the ETA
+    follows the destination's rate limit). Requests and retries are the destination's, shared by its
+    connections; failed is the connection's changes not accepted."""
+    return Progress(
+        TextColumn("{task.description}", markup=False),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn(
+            "{task.fields[rate]:.1f} req/s  failed {task.fields[failed]}  retried {task.fields[retried]}"
+        ),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+    )
+
+
+def bars(progress: Progress) -> Callable[[str, int], Callable[[int, dict[str, int]], None]]:
+    """A bar per connection: added when its run starts, advanced as its pages are recorded."""
+
+    def start(label: str, total: int) -> Callable[[int, dict[str, int]], None]:
+        task = progress.add_task(label, total=total, rate=0.0, failed=0, retried=0)
+
+        def advance(done: int, counted: dict[str, int]) -> None:
+            elapsed = progress.tasks[task].elapsed or 0.0
+            rate = counted.get("requests", 0) / elapsed if elapsed > 0 else 0.0
+            failed, retried = counted.get("failed", 0), counted.get("retried", 0)
+            progress.update(task, advance=done, rate=rate, failed=failed, retried=retried)
+
+        return advance
+
+    return start
+
+
+@contextmanager
+def logging_above() -> Iterator[None]:
+    """Log lines printed above the bars, not across them. Inside `progress()` rich has replaced sys.stderr
+    with a proxy that prints above the live display; the log handlers took the real one when they were made,
+    so for the while they write to the proxy."""
+    handlers = [h for h in logging.getLogger().handlers if isinstance(h, logging.StreamHandler)]
+    streams = [h.setStream(sys.stderr) for h in handlers]
+    try:
+        yield
+    finally:
+        for handler, stream in zip(handlers, streams, strict=True):
+            if stream is not None:
+                handler.setStream(stream)

@@ -19,8 +19,9 @@ from sync.errors import StateError, first_line
 
 log = logging.getLogger(__name__)
 
-# `progress(label, total)` at a connection's start returns `advance(n)`, called as pages are recorded
-Progress = Callable[[str, int], Callable[[int], None]]
+# `progress(label, total)` at a connection's start returns `advance(n, counted)`, called as each page is
+# recorded with the connection's failed changes and its destination's requests and retries so far
+Progress = Callable[[str, int], Callable[[int, dict[str, int]], None]]
 
 
 def utc_now() -> datetime:

@@ -30,6 +30,10 @@ class Sink(Protocol):
         """Why the connection's run stops after the page just sent, if it does."""
         ...
 
+    def counted(self) -> dict[str, int]:
+        """Requests sent and retried so far (for the progress bars)."""
+        ...
+
 
 Planned = tuple[dict[str, dict[str, Any]], list[Outcome], list[Call]]
 
@@ -57,6 +61,8 @@ class Delivering:
     def __init__(self, sender: Sender, now: Callable[[], datetime]) -> None:
         self.delivery = Delivery(sender)
         self.now = now
+        self.sender = sender
+        self.before = dict(sender.counted)  # the Sender is the destination's, shared by its connections
 
     def send(self, link: Link, destination: Destination, page: list[Change]) -> list[Outcome]:
         _, outcomes, calls = planned(link, destination, page, self.now())
@@ -68,6 +74,9 @@ class Delivering:
     def stop_reason(self) -> str | None:
         stopped = self.delivery.stopped
         return stopped.reason if stopped else None
+
+    def counted(self) -> dict[str, int]:
+        return {what: n - self.before[what] for what, n in self.sender.counted.items()}
 
 
 class DryRun:
@@ -103,6 +112,9 @@ class DryRun:
     def stop_reason(self) -> str | None:
         return None
 
+    def counted(self) -> dict[str, int]:
+        return {}
+
 
 class Baseline:
     """Records every change as accepted and sends nothing: the destination already holds these members (a
@@ -118,3 +130,6 @@ class Baseline:
 
     def stop_reason(self) -> str | None:
         return None
+
+    def counted(self) -> dict[str, int]:
+        return {}

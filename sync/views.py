@@ -9,14 +9,6 @@ from typing import Any
 
 from rich.cells import cell_len
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
 from sync.check import Findings
@@ -70,29 +62,6 @@ def _rich_table(title: str, headers: list[str], rows: list[list[str]], unwrapped
     for row in rows:
         rich.add_row(*row)
     return rich
-
-
-def progress() -> Progress:
-    """Bars per connection with count, elapsed time and ETA (the ETA follows the destination's rate limit)."""
-    return Progress(
-        TextColumn("{task.description}", markup=False),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-    )
-
-
-def bars(progress: Progress) -> Callable[[str, int], Callable[[int], None]]:
-    """A bar per connection: added when its run starts, advanced as its pages are recorded."""
-
-    def start(label: str, total: int) -> Callable[[int], None]:
-        task = progress.add_task(label, total=total)
-        return lambda n: progress.advance(task, n)
-
-    return start
 
 
 def summary(results: list[Any], dry_run: bool) -> None:

@@ -7,10 +7,11 @@ import re
 import shlex
 import signal
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from importlib.metadata import version
 
-from sync.sandbox import EverflowServer, RefersionServer
+from sync.sandbox import EverflowServer, RefersionServer, SegmentServer
 from sync.tables import sync_leases
 from tests.conftest import COMMAND, Config, Customers, cli_env, run_cli, start_cli
 
@@ -338,3 +339,62 @@ def test_check_connect_catches_a_refused_key(state_url: str, config: Config, cus
         in json.loads(accepted.stdout)["credentials"]
     )
     assert refersion.affiliates == {}  # the probe created nothing
+
+
+def test_progress_bars_show_rates_failed_and_retried_and_logs_print_above_them(
+    state_url: str, config: Config, customers: Customers
+) -> None:
+    """On a terminal (a pty for stderr), each connection's bar shows requests per second, failed and retried
+    counts, and log lines are printed above the bars, never inside a bar's line."""
+    customers.add(*[f"u{i:02d}" for i in range(20)])
+    with SegmentServer(api_key="k", delay=0.02) as segment:
+        segment.fault(503, b'{"message": "busy"}', times=3)  # three retries
+        config.connect(
+            config.audience("VIP", Customers.QUERY),
+            config.destination(
+                "Segment",
+                "everflow",
+                {
+                    "transport": "segment",
+                    "endpoint": segment.url,
+                    "backoff_initial": 0.01,
+                    "max_in_flight": 1,
+                },
+                api_key="k",
+            ),
+        )
+        leader, follower = pty.openpty()
+        with ThreadPoolExecutor(1) as reader:
+            reading = reader.submit(_read_all, leader)  # read as it comes: a full pty would block the command
+            done = subprocess.run(
+                [COMMAND, "run"],
+                env={**cli_env(state_url), "COLUMNS": "200"},
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=follower,
+                timeout=120,
+            )
+            os.close(follower)
+            shown = reading.result(timeout=30)
+        os.close(leader)
+    assert done.returncode == 0, shown
+    lines = [re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", line) for line in shown.replace("\r", "\n").splitlines()]
+    bars = [line for line in lines if "VIP -> Segment" in line and "req/s" in line]
+    assert bars, shown
+    assert re.search(r"20/20 .*\d+\.\d req/s +failed 0 +retried 3", bars[-1]), bars[-1]
+    logged = [line for line in lines if "action=" in line]
+    assert any("action=run_finished" in line for line in logged), shown
+    assert not [line for line in logged if "req/s" in line]  # no log line written across a bar
+
+
+def _read_all(fd: int) -> str:
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # EIO: the other side is closed
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks).decode(errors="replace")
