@@ -79,7 +79,20 @@ class Delivering:
         return {what: n - self.before[what] for what, n in self.sender.counted.items()}
 
 
-class DryRun:
+class _SendsNothing:
+    """A sink that makes no request: nothing held back, no reason to stop, nothing counted."""
+
+    def held(self) -> list[Outcome]:
+        return []
+
+    def stop_reason(self) -> str | None:
+        return None
+
+    def counted(self) -> dict[str, int]:
+        return {}
+
+
+class DryRun(_SendsNothing):
     """Writes what would be sent as JSON lines to `out` (if any); every change would be sent: `to_send`."""
 
     writes = False
@@ -106,17 +119,8 @@ class DryRun:
             Outcome(c, Status.TO_SEND) for call in calls for c in call.changes
         ]
 
-    def held(self) -> list[Outcome]:
-        return []
 
-    def stop_reason(self) -> str | None:
-        return None
-
-    def counted(self) -> dict[str, int]:
-        return {}
-
-
-class Baseline:
+class Baseline(_SendsNothing):
     """Records every change as accepted and sends nothing: the destination already holds these members (a
     move from Segment Engage). The destination's own ids stay unknown until a change needs them."""
 
@@ -124,12 +128,3 @@ class Baseline:
 
     def send(self, link: Link, destination: Destination, page: list[Change]) -> list[Outcome]:
         return [accepted(change) for change in page]
-
-    def held(self) -> list[Outcome]:
-        return []
-
-    def stop_reason(self) -> str | None:
-        return None
-
-    def counted(self) -> dict[str, int]:
-        return {}
