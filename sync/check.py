@@ -16,7 +16,7 @@ from sync.errors import ConfigError, DestinationError, SourceError
 from sync.guards import read_back_guard
 from sync.settings import Settings
 from sync.sources import Sources
-from sync.staging import probe_query
+from sync.staging import dropping_stage, stage_members
 from sync.tables import audiences, destination_columns, destinations, readable_columns
 
 # SQLite keeps whatever a shell writes into a BOOLEAN column; 'yes' or 'true' read as false in SQL
@@ -99,7 +99,8 @@ def find_problems(conn: sa.Connection, sources: Sources, settings: Settings) -> 
             if source not in sessions:
                 sessions[source] = _source_session(conn, source, audience.source, timeout, found)
             found.sources.append(f"{audience}: source {sessions[source]}")
-            probe_query(conn, source, audience, timeout)
+            with dropping_stage(conn):  # staged as a run stages, with LIMIT 0: nothing is kept
+                stage_members(conn, source, audience, timeout, limit=" LIMIT 0")
         except (ConfigError, SourceError) as exc:
             found.problems.append(str(exc))
     return found

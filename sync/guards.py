@@ -41,7 +41,7 @@ def read_only(conn: sa.Connection, timeout: float, stage: bool = False) -> Itera
 def _postgres_read_only(conn: sa.Connection, timeout: float) -> Iterator[None]:
     """A READ ONLY transaction, which may still write temporary tables, with a statement timeout."""
     conn.exec_driver_sql("SET TRANSACTION READ ONLY")
-    conn.exec_driver_sql(f"SET LOCAL statement_timeout = {int(timeout * 1000)}")
+    limit_statements(conn, timeout)
     yield
     # nothing the query set survives it (set_config(..., false), a role, an advisory lock); DISCARD ALL
     # would drop the staged members too, and what failed is rolled back with its transaction
@@ -86,15 +86,23 @@ def _mysql_read_only(conn: sa.Connection, timeout: float) -> Iterator[None]:
     variables, a GET_LOCK), so the connection is closed, not returned to the pool.
     """
     try:
-        if getattr(conn.dialect, "is_mariadb", False):
-            conn.exec_driver_sql(f"SET SESSION max_statement_time = {timeout:.6f}")
-        else:
-            conn.exec_driver_sql(f"SET SESSION max_execution_time = {max(1, round(timeout * 1000))}")
+        limit_statements(conn, timeout)
         conn.exec_driver_sql("SET SESSION TRANSACTION READ ONLY")  # the session says so (check reads it)
         conn.exec_driver_sql("START TRANSACTION READ ONLY")
         yield
     finally:
         conn.invalidate()
+
+
+def limit_statements(conn: sa.Connection, seconds: float) -> None:
+    """Postgres, MySQL and MariaDB time each statement: `read_only` sets the timeout, and a query run a second
+    time inside it gets what is left (at least 1 ms; 0 would mean none). The other guards time the session."""
+    if getattr(conn.dialect, "is_mariadb", False):
+        conn.exec_driver_sql(f"SET SESSION max_statement_time = {max(0.001, seconds):.6f}")
+    elif conn.dialect.name == "mysql":
+        conn.exec_driver_sql(f"SET SESSION max_execution_time = {max(1, round(seconds * 1000))}")
+    elif conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(f"SET LOCAL statement_timeout = {max(1, round(seconds * 1000))}")
 
 
 @contextmanager

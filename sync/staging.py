@@ -6,6 +6,7 @@ Transactions: `stage_members` owns the staging connection's transactions (it com
 """
 
 import threading
+import time
 from collections.abc import Callable, Generator, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import sqlalchemy as sa
 
 from sync.audiences import Audience, escaped, over_query, query_failures, require_user_id, wrapped
 from sync.errors import SourceError
-from sync.guards import one_select, read_only
+from sync.guards import limit_statements, one_select, read_only
 from sync.models import traits_json
 from sync.tables import sync_stage, sync_stage_diff
 from sync.traits import traits_select
@@ -62,8 +63,9 @@ def stage_members(
                 with read_only(state, timeout, stage=True):
                     rows = _stage_in_place(state, audience, limit)
             else:
+                deadline = time.monotonic() + timeout
                 with source.connect() as conn, read_only(conn, timeout):
-                    rows = _stage_streamed(state, conn, audience, limit)
+                    rows = _stage_streamed(state, conn, audience, limit, deadline)
                 state.commit()
     except SourceError:
         state.rollback()
@@ -162,7 +164,9 @@ def _sqlite_json_object(columns: list[str]) -> str:
     return "'{' || " + " || ',' || ".join(inner) + " || '}'"
 
 
-def _stage_streamed(state: sa.Connection, source: sa.Connection, audience: Audience, limit: str) -> int:
+def _stage_streamed(
+    state: sa.Connection, source: sa.Connection, audience: Audience, limit: str, deadline: float
+) -> int:
     """Stream the query's rows from another database into the staging table; returns how many.
 
     Traits are built by the source where it writes the text `traits_json` writes (sync.traits), else in
@@ -182,6 +186,7 @@ def _stage_streamed(state: sa.Connection, source: sa.Connection, audience: Audie
         if rows is not None:
             return rows
         state.exec_driver_sql(f"DELETE FROM {sync_stage.name}")  # a row it could not build: in Python
+        limit_statements(source, deadline - time.monotonic())  # one timeout for both runs of the query
     names = [column[0] for column in description]
     return _copy(state, source, wrapped(audience, limit), names) or 0
 
@@ -264,13 +269,6 @@ def _writer(state: sa.Connection) -> Iterator[Callable[[list[tuple[Any, ...]]], 
         else:
             insert = f"INSERT INTO {sync_stage.name} (user_id, traits) VALUES (?, ?)"
             yield lambda rows: cursor.executemany(insert, rows)
-
-
-def probe_query(state: sa.Connection, source: sa.Engine, audience: Audience, timeout: float) -> None:
-    """Stage the audience query with LIMIT 0 as a run stages it: it must parse, run read-only, return
-    user_id, and build its traits; nothing is kept."""
-    with dropping_stage(state):
-        stage_members(state, source, audience, timeout, limit=" LIMIT 0")
 
 
 class SharedReads:

@@ -32,7 +32,7 @@ from sync.sandbox import SegmentServer
 from sync.settings import Settings
 from sync.sources import Sources
 from sync.staging import stage_members
-from tests.conftest import MARIADB_URL, Config, Customers, run_cli, sync_in_process
+from tests.conftest import MARIADB_URL, POSTGRES_URL, Config, Customers, run_cli, sync_in_process
 from tests.test_audiences import customer_ids, the_audience
 from tests.test_bad_input import clean
 
@@ -425,3 +425,36 @@ def test_a_dialect_without_a_guard_runs_queries_in_a_transaction_rolled_back_and
         for line in found.sources
     )
     assert found.problems == []
+
+
+# One row whose traits the source cannot write as traits_json does (so the query runs again, its traits built
+# in Python), and a pause of 0.6 s in each run: both fit a 1 s timeout alone, not together.
+RUN_TWICE = {
+    "postgres": "SELECT 'u1' AS user_id, 0.0000001::numeric AS tiny, (SELECT 0 FROM pg_sleep(0.6)) AS pause",
+    "mariadb": "SELECT 'u1' AS user_id, CAST('x' AS BINARY) AS raw, SLEEP(0.6) AS pause",
+}
+
+
+@pytest.mark.parametrize("kind", ["postgres", pytest.param("mariadb", marks=pytest.mark.mariadb)])
+def test_a_query_run_again_for_its_traits_has_what_is_left_of_the_timeout(
+    engine: sa.Engine, config: Config, request: pytest.FixtureRequest, kind: str
+) -> None:
+    """Postgres and MariaDB time each statement: the second run got a whole timeout of its own."""
+    url = request.getfixturevalue("mariadb").url if kind == "mariadb" else POSTGRES_URL
+    source = database.create_engine(url, source=True)
+    audience = the_audience(config, "Twice", RUN_TWICE[kind])
+    try:
+        with engine.connect() as conn:
+            assert stage_members(conn, source, audience, 3).members == 1
+            staged = conn.exec_driver_sql("SELECT traits FROM sync_stage_members").scalar()
+            with pytest.raises(SourceError, match="'Twice'.*timed out"):
+                stage_members(conn, source, audience, 1)
+    finally:
+        source.dispose()
+    assert staged == traits_json({k: v for k, v in _only_row(kind).items() if k != "user_id"})
+
+
+def _only_row(kind: str) -> dict[str, Any]:
+    if kind == "postgres":
+        return {"user_id": "u1", "tiny": Decimal("1E-7"), "pause": 0}
+    return {"user_id": "u1", "raw": b"x", "pause": 0}
