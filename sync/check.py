@@ -134,7 +134,7 @@ def _check_destinations(conn: sa.Connection, found: Findings) -> set[int]:
         try:
             destination = load_destination(row, row.settings_text)
         except ConfigError as exc:
-            found.problems.append(str(exc))
+            found.problems += exc.problems
             broken.add(row.id)
             continue
         found.warnings += destination.warnings
@@ -168,7 +168,7 @@ def _check_connections(conn: sa.Connection, audience: Audience, broken: set[int]
         try:
             _, destination = load_connection(conn, audience, row)
         except ConfigError as exc:
-            found.problems.append(str(exc))
+            found.problems += exc.problems
             continue
         warning = type_warning(audience, row, destination)
         if warning:

@@ -12,11 +12,12 @@ from sync import state
 from sync.audiences import Audience
 from sync.destinations import json_object, load_destination
 from sync.destinations.base import Destination
-from sync.errors import ConfigError
+from sync.errors import ConfigError, Problems
 from sync.models import Change
 from sync.tables import audience_destinations, destination_columns, destinations
 
 TYPES = ("identify", "track")
+SETTINGS = {"type", "entered_event", "exited_event"}
 
 
 @dataclass(frozen=True)
@@ -33,15 +34,18 @@ class Link:
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any], where: str, **ids: Any) -> "Link":
-        unknown = set(settings) - {"type", "entered_event", "exited_event"}
+        """Validate `audience_destinations.settings`; raises one ConfigError carrying each wrong field."""
+        problems = Problems()
+        unknown = set(settings) - SETTINGS
         if unknown:
-            raise ConfigError(f"{where}: settings has unknown field(s) {', '.join(sorted(unknown))}")
-        link = cls(**ids, **settings)
+            problems.add(f"{where}: settings has unknown field(s) {', '.join(sorted(unknown))}")
+        link = cls(**ids, **{name: value for name, value in settings.items() if name in SETTINGS})
         if link.type not in TYPES:
-            raise ConfigError(f"{where}: settings.type must be 'identify' or 'track', not {link.type!r}")
+            problems.add(f"{where}: settings.type must be 'identify' or 'track', not {link.type!r}")
         for name in ("entered_event", "exited_event"):
             if not isinstance(getattr(link, name), str) or not getattr(link, name):
-                raise ConfigError(f"{where}: settings.{name} must be a non-empty text")
+                problems.add(f"{where}: settings.{name} must be a non-empty text")
+        problems.raise_any()
         return link
 
     def event(self, value: bool) -> str:
@@ -99,25 +103,30 @@ def type_warning(audience: Audience, row: sa.Row[Any], destination: Destination)
 def load_connection(
     conn: sa.Connection, audience: Audience, row: sa.Row[Any], allow_new_key: bool = False
 ) -> tuple[Link, Destination]:
-    """Validate one connection row and its destination; raises ConfigError naming the row and field."""
+    """Validate one connection row and its destination; raises ConfigError naming the row and field (each
+    independent problem: the destination's, the settings', a changed key)."""
     if row.id is None:
         raise ConfigError(missing_destination(audience.name, row.destination_id))
-    destination = load_destination(row, row.settings_text)
+    problems = Problems()
+    with problems.gather():
+        destination = load_destination(row, row.settings_text)
     where = connection_where(audience, row)
-    link = Link.from_settings(
-        json_object(row.connection_settings, f"{where}: settings"),
-        where,
-        audience_id=audience.id,
-        audience_key=audience.key,
-        destination_id=row.id,
-        destination_name=row.name,
-    )
-    if destination.transport is not None:  # the kind's Segment destination takes one message type
-        link = dataclasses.replace(link, type=destination.segment_type)
+    with problems.gather():
+        link = Link.from_settings(
+            json_object(row.connection_settings, f"{where}: settings"),
+            where,
+            audience_id=audience.id,
+            audience_key=audience.key,
+            destination_id=row.id,
+            destination_name=row.name,
+        )
     synced = state.synced_key(conn, audience.id, row.id)
     if synced is not None and synced != audience.key and not allow_new_key:
-        raise ConfigError(
+        problems.add(
             f"{audience}: key changed from {synced!r} to {audience.key!r} after syncing to "
             f"{row.name!r}; set audiences.key back to {synced!r} (a new key orphans the trait)"
         )
+    problems.raise_any()
+    if destination.transport is not None:  # the kind's Segment destination takes one message type
+        link = dataclasses.replace(link, type=destination.segment_type)
     return link, destination

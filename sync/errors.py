@@ -8,7 +8,13 @@ SyncError                  root: the CLI prints one line for these, no traceback
     ├── RetriableError     408, 429, 5xx but 501, timeouts, connection errors
     └── FatalError         anything else that is not 2xx: the message is rejected
         └── AuthError      401/403 or a redirect: stop the whole destination for this run
+
+A configuration row's independent problems are gathered (`Problems`) into one ConfigError, so `check` can
+list each of them; its text joins them with "; ".
 """
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class SyncError(Exception):
@@ -16,7 +22,34 @@ class SyncError(Exception):
 
 
 class ConfigError(SyncError):
-    """A SYNC_* value or a configuration row is invalid."""
+    """A SYNC_* value or a configuration row is invalid; `problems` holds each of its problems."""
+
+    def __init__(self, *problems: str) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = list(problems)
+
+
+class Problems:
+    """The independent problems of one configuration row, gathered to be raised as one ConfigError."""
+
+    def __init__(self) -> None:
+        self.found: list[str] = []
+
+    def add(self, problem: str) -> None:
+        self.found.append(problem)
+
+    @contextmanager
+    def gather(self) -> Iterator[None]:
+        """Note the ConfigError raised inside and go on with the next independent check."""
+        try:
+            yield
+        except ConfigError as exc:
+            self.found += exc.problems
+
+    def raise_any(self) -> None:
+        """Raise one ConfigError carrying every problem found, when there is one."""
+        if self.found:
+            raise ConfigError(*self.found)
 
 
 class StateError(SyncError):

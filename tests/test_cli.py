@@ -294,6 +294,73 @@ def test_check_reports_every_problem_of_a_row(state_url: str, config: Config, cu
     assert [f["severity"] for f in findings if "Two Wrongs" in f["message"]] == ["error", "error"]
 
 
+def test_check_reports_every_problem_of_a_destination_row(
+    state_url: str, config: Config, customers: Customers
+) -> None:
+    audience = config.audience("VIP", Customers.QUERY)
+    everflow_base = {"tracking_domain": "https://t.example.com", "network_id": "1"}
+    three = {**everflow_base, "tracking_domian": "x", "rate_limit": 0}
+    config.connect(
+        audience, config.destination("Three Wrongs", "everflow", three, api_key_env="UNSET_EF_KEY")
+    )
+    refersion_settings = {"api_base": "http://api.example.com/v2", "on_exit": "delete"}
+    config.destination("Refersion", "refersion", refersion_settings, api_key="PUBxyzSECxyz")
+    config.destination("One Wrong", "everflow", {**everflow_base, "timeout": 0})
+    text = run_cli(state_url, "check")
+    as_json = run_cli(state_url, "check", "--json")
+    run = run_cli(state_url, "run")
+    assert text.returncode == 2 and as_json.returncode == 2
+    three, refersion, one = (
+        f"destinations row id={n}" for n in ("1 ('Three Wrongs')", "2 ('Refersion')", "3 ('One Wrong')")
+    )
+    three_wrongs = [
+        f"{three}: settings has unknown field(s) tracking_domian",
+        f"{three}: api_key_env names 'UNSET_EF_KEY', which is not set or empty",
+        f"{three}: settings.rate_limit must be a number from 0.001 to 1,000,000, not 0",
+    ]
+    expected = [
+        *three_wrongs,
+        f"{refersion}: settings.on_exit must be 'ignore' or 'disable', not 'delete'",
+        f"{refersion}: settings.api_base: 'http://api.example.com/v2' must use https:// (http is allowed "
+        "only for loopback hosts)",
+        f"{refersion}: the Refersion API key must be 'publickey.secretkey' (the key given is not two "
+        "non-empty parts of plain ASCII around a '.')",
+        f"{one}: settings.timeout must be a number from 0.001 to 3,600, not 0",
+    ]
+    assert [line for line in text.stdout.splitlines() if not line.startswith("warning: ")] == expected
+    findings = json.loads(as_json.stdout)["findings"]
+    assert [f["message"] for f in findings if f["severity"] == "error"] == expected
+    assert "PUBxyz" not in text.stdout + as_json.stdout
+    # a run refuses the connection with the same problems, on one line
+    assert "; ".join(three_wrongs) in run.stderr, run.stderr
+
+
+def test_check_reports_every_problem_of_a_connection_row(
+    state_url: str, config: Config, customers: Customers
+) -> None:
+    everflow_settings = {"tracking_domain": "https://t.example.com", "network_id": "1"}
+    destination = config.destination("Everflow", "everflow", everflow_settings)
+    config.connect(
+        config.audience("VIP", Customers.QUERY),
+        destination,
+        {"type": "page", "exited_event": "", "entred_event": "In"},
+    )
+    config.connect(config.audience("Loyal", Customers.QUERY), destination, {"type": "group"})
+    text = run_cli(state_url, "check")
+    as_json = run_cli(state_url, "check", "--json")
+    assert text.returncode == 2 and as_json.returncode == 2
+    vip, loyal = (f"audience_destinations row ({name!r}, 'Everflow')" for name in ("VIP", "Loyal"))
+    expected = [
+        f"{vip}: settings has unknown field(s) entred_event",
+        f"{vip}: settings.type must be 'identify' or 'track', not 'page'",
+        f"{vip}: settings.exited_event must be a non-empty text",
+        f"{loyal}: settings.type must be 'identify' or 'track', not 'group'",
+    ]
+    assert [line for line in text.stdout.splitlines() if not line.startswith("warning: ")] == expected
+    findings = json.loads(as_json.stdout)["findings"]
+    assert [f["message"] for f in findings if f["severity"] == "error"] == expected
+
+
 def test_the_daemon_logs_every_problem_of_the_rows_at_start(state_url: str, config: Config) -> None:
     config.destination("Keyless", "refersion", {}, api_key_env="UNSET_REFERSION_KEY")
     config.audience("Two Wrongs", "  ", schedule="1ms")

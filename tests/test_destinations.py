@@ -316,6 +316,45 @@ def test_unknown_settings_and_bad_numbers_name_the_field() -> None:
         destination("impact", base)
 
 
+def test_every_independent_problem_of_a_destination_is_raised_together(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("TEST_UNSET_KEY", raising=False)
+    where = "destinations row id=1 ('Partner')"
+    with pytest.raises(ConfigError) as everflow_error:
+        destination(
+            "everflow",
+            {"tracking_domain": "http://t.example.com", "params": ["amount"], "verification_token": 1},
+            api_key_env="TEST_UNSET_KEY",
+        )
+    assert everflow_error.value.problems == [
+        f"{where}: api_key_env names 'TEST_UNSET_KEY', which is not set or empty",
+        f"{where}: settings.tracking_domain: 'http://t.example.com' must use https:// (http is allowed only "
+        "for loopback hosts)",
+        f"{where}: settings.network_id is required",
+        f"{where}: settings.params must map postback parameters to trait names, e.g. "
+        '{"amount": "order_total"}',
+        f"{where}: settings.verification_token must be text",
+    ]
+    assert str(everflow_error.value) == "; ".join(everflow_error.value.problems)
+    with pytest.raises(ConfigError) as segment_error:
+        destination("refersion", {"transport": "segment", "endpoint": "", "max_attempts": 0})
+    assert segment_error.value.problems == [
+        f"{where}: settings.max_attempts must be a whole number from 1 to 100, not 0",
+        f"{where}: the Segment transport needs an API key",
+        f"{where}: settings.endpoint is required: a base URL such as https://example.com",
+    ]
+    # a key that api_key_env cannot give is one problem, not also a missing key
+    with pytest.raises(ConfigError) as refersion_error:
+        destination(
+            "refersion", {"transport": "segment", "endpoint": "https://in.example.com"}, api_key_env="1x"
+        )
+    assert refersion_error.value.problems == [
+        f"{where}: api_key_env does not hold an environment variable name; put the key itself in the "
+        "environment, not in this column"
+    ]
+
+
 def test_everflow_describe_masks_verification_token() -> None:
     dest = destination(
         "everflow",

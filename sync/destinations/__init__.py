@@ -12,37 +12,25 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from sync.destinations.base import COMMON_SETTINGS, Destination
+from sync.destinations.base import Destination
 from sync.destinations.everflow import Everflow
 from sync.destinations.refersion import Refersion
 from sync.errors import ConfigError
-from sync.settings import secret_from_env
 
 KINDS: dict[str, type[Destination]] = {"everflow": Everflow, "refersion": Refersion}
 
 
 def load_destination(row: sa.Row[Any], settings_text: str | None) -> Destination:
-    """Validate a `destinations` row and build its destination; raises ConfigError naming the field."""
+    """Validate a `destinations` row and build its destination; raises ConfigError naming the field (each
+    independent problem of the row, once its kind, transport and settings JSON are known to be right)."""
     where = f"destinations row id={row.id} ({row.name!r})"
     settings = json_object(settings_text, f"{where}: settings")
     if row.kind not in KINDS:
         raise ConfigError(f"{where}: kind {row.kind!r} is unknown (use {' or '.join(map(repr, KINDS))})")
-    cls = KINDS[row.kind]
     transport = settings.get("transport", "native")
-    if transport not in ("native", "segment"):
+    if transport not in ("native", "segment"):  # it says which settings the row may hold
         raise ConfigError(f"{where}: settings.transport must be 'segment' or left out, not {transport!r}")
-    if transport == "native":
-        unknown = set(settings) - COMMON_SETTINGS - cls.settings_fields - {"transport"}
-        if unknown:
-            raise ConfigError(f"{where}: settings has unknown field(s) {', '.join(sorted(unknown))}")
-    return cls(row, settings, _api_key(row, where))
-
-
-def _api_key(row: sa.Row[Any], where: str) -> str | None:
-    """The key, without the blanks around it (a key pasted or read from a file often ends in a newline)."""
-    if row.api_key_env:
-        return secret_from_env(row.api_key_env, f"{where}: api_key_env", "the key")
-    return (row.api_key or "").strip() or None
+    return KINDS[row.kind](row, settings)
 
 
 def json_object(text: str | None, where: str) -> dict[str, Any]:

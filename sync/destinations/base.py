@@ -13,8 +13,9 @@ import sqlalchemy as sa
 
 from sync.destinations.http import Call
 from sync.destinations.segment import UNPROVABLE, SegmentTransport
-from sync.errors import ConfigError
+from sync.errors import Problems
 from sync.models import Change, Outcome
+from sync.settings import secret_from_env
 
 COMMON_SETTINGS = {"rate_limit", "max_in_flight", "timeout", "max_attempts", "backoff_initial", "backoff_max"}
 
@@ -39,42 +40,90 @@ class Destination:
     settings_fields: frozenset[str] = frozenset()
     default_rate_limit = 10.0
 
-    def __init__(self, row: sa.Row[Any], settings: dict[str, Any], api_key: str | None) -> None:
+    def __init__(self, row: sa.Row[Any], settings: dict[str, Any]) -> None:
+        """Validate the row's key and settings (`load_destination` checked its kind, JSON and transport);
+        raises one ConfigError carrying each independent problem, the kind's own settings' too."""
         self.id: int = row.id
         self.name: str = row.name
         self.where = f"destinations row id={row.id} ({row.name!r})"
         self.settings = settings
-        self.api_key = api_key
         self.warnings: list[str] = []  # what `check` reports without stopping a run
+        problems = Problems()
+        native = settings.get("transport") != "segment"
+        unknown = set(settings) - COMMON_SETTINGS - self.settings_fields - {"transport"}
+        if native and unknown:
+            problems.add(f"{self.where}: settings has unknown field(s) {', '.join(sorted(unknown))}")
+        self.key_from_env = bool(row.api_key_env)  # not the column: it may hold a key pasted there
+        self.api_key = self._api_key(row, problems)
         self.limits = Limits(
-            rate_limit=self._number("rate_limit", self.default_rate_limit, 1_000_000),
-            max_in_flight=self._count("max_in_flight", 32, 1_000),
-            timeout=self._number("timeout", 10, 3_600),
-            max_attempts=self._count("max_attempts", 5, 100),
-            backoff_initial=self._number("backoff_initial", 0.5, 3_600),
-            backoff_max=self._number("backoff_max", 30, 3_600),
+            rate_limit=self._number(problems, "rate_limit", self.default_rate_limit, 1_000_000),
+            max_in_flight=self._count(problems, "max_in_flight", 32, 1_000),
+            timeout=self._number(problems, "timeout", 10, 3_600),
+            max_attempts=self._count(problems, "max_attempts", 5, 100),
+            backoff_initial=self._number(problems, "backoff_initial", 0.5, 3_600),
+            backoff_max=self._number(problems, "backoff_max", 30, 3_600),
         )
-        segment = settings.get("transport") == "segment"
-        self.transport = SegmentTransport(self.where, settings, api_key) if segment else None
+        self.transport = None if native else self._segment_transport(problems)
+        self.read_settings(problems, native)
+        problems.raise_any()
 
-    def _number(self, name: str, default: float, most: int) -> float:
+    def read_settings(self, problems: Problems, native: bool) -> None:
+        """The kind's own settings (those of its native API only when `native`), each wrong one noted."""
+
+    def _api_key(self, row: sa.Row[Any], problems: Problems) -> str | None:
+        """The key, without the blanks around it (a key pasted or read from a file often ends in a newline);
+        None when none is set or api_key_env names no usable variable (a problem noted here)."""
+        if row.api_key_env:
+            with problems.gather():
+                return secret_from_env(row.api_key_env, f"{self.where}: api_key_env", "the key")
+            return None
+        return (row.api_key or "").strip() or None
+
+    def needed_key(self, problems: Problems, missing: str) -> str:
+        """The key, for what cannot work without one; `missing` is noted when none is set (not when
+        api_key_env names no usable variable: that is noted already)."""
+        if self.api_key is None and not self.key_from_env:
+            problems.add(f"{self.where}: {missing}")
+        return self.api_key or ""
+
+    def _segment_transport(self, problems: Problems) -> SegmentTransport | None:
+        key = self.needed_key(problems, "the Segment transport needs an API key")
+        with problems.gather():
+            return SegmentTransport(self.where, self.settings, key)
+        return None
+
+    def _number(self, problems: Problems, name: str, default: float, most: int) -> float:
+        """A number setting; a wrong one is noted and its default stands in."""
         value = self.settings.get(name, default)
         # a range test, which also refuses NaN, infinities and integers too large for a float
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0.001 <= value <= most:
-            raise ConfigError(
+            problems.add(
                 f"{self.where}: settings.{name} must be a number from 0.001 to {most:,}, "
                 f"not {reprlib.repr(value)}"
             )
+            return default
         return float(value)
 
-    def _count(self, name: str, default: int, most: int) -> int:
+    def _count(self, problems: Problems, name: str, default: int, most: int) -> int:
+        """A whole number setting; a wrong one is noted and its default stands in."""
         value = self.settings.get(name, default)
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
-            raise ConfigError(
+            problems.add(
                 f"{self.where}: settings.{name} must be a whole number from 1 to {most}, "
                 f"not {reprlib.repr(value)}"
             )
+            return default
         return value
+
+    def _choice(self, problems: Problems, name: str, allowed: tuple[str, ...]) -> str:
+        """A setting with a closed set of values; the first is the default, and stands in for a wrong one."""
+        value = self.settings.get(name, allowed[0])
+        if value not in allowed:
+            problems.add(
+                f"{self.where}: settings.{name} must be {' or '.join(map(repr, allowed))}, not {value!r}"
+            )
+            return allowed[0]
+        return str(value)
 
     def secrets(self) -> list[str]:
         """Values that must never be shown (scrubbed from any error text)."""

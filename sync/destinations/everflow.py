@@ -7,11 +7,9 @@ transaction id, an event not in the offer, a duplicate) and says so only in its 
 from collections.abc import Callable
 from typing import Any
 
-import sqlalchemy as sa
-
 from sync.destinations.base import Destination
 from sync.destinations.http import Call, base_url, read_accepting
-from sync.errors import ConfigError
+from sync.errors import ConfigError, Problems
 from sync.models import Change, Outcome, Status
 
 # The optional postback parameters a member's traits may fill (Everflow's advertiser postback macros)
@@ -26,47 +24,58 @@ class Everflow(Destination):
     )
     default_rate_limit = 20.0
 
-    def __init__(self, row: sa.Row[Any], settings: dict[str, Any], api_key: str | None) -> None:
-        super().__init__(row, settings, api_key)
-        self.event_mapping: dict[str, Any] = settings.get("event_mapping") or {}
+    def read_settings(self, problems: Problems, native: bool) -> None:
+        self.event_mapping: dict[str, Any] = self.settings.get("event_mapping") or {}
         if not isinstance(self.event_mapping, dict) or not all(
             isinstance(v, int | str) and not isinstance(v, bool) for v in self.event_mapping.values()
         ):
-            raise ConfigError(
-                f"{self.where}: settings.event_mapping must map event names to advertiser event ids"
-            )
-        if self.transport is None:
-            self.tracking_domain = base_url(
-                settings.get("tracking_domain"), f"{self.where}: settings.tracking_domain"
-            )
-            network_id = settings.get("network_id")
-            if network_id in (None, ""):
-                raise ConfigError(f"{self.where}: settings.network_id is required")
-            self.network_id = self._id_setting("network_id")
-            self.aid = self._id_setting("aid") if settings.get("aid") not in (None, "") else None
-            self.params: dict[str, str] = settings.get("params") or {}
-            if not isinstance(self.params, dict) or not all(
-                isinstance(v, str) and v for v in self.params.values()
-            ):
-                raise ConfigError(
-                    f"{self.where}: settings.params must map postback parameters to trait names, "
-                    'e.g. {"amount": "order_total"}'
-                )
-            unknown = sorted(set(self.params) - PARAMS)
-            if unknown:
-                raise ConfigError(
-                    f"{self.where}: settings.params names unknown postback parameter(s) {', '.join(unknown)} "
-                    "(Everflow takes amount, order_id, coupon_code, email and adv1 to adv5)"
-                )
-            self.verification_token = settings.get("verification_token")
-            if not isinstance(self.verification_token, str | None):
-                raise ConfigError(f"{self.where}: settings.verification_token must be text")
+            problems.add(f"{self.where}: settings.event_mapping must map event names to advertiser event ids")
+        if native:
+            self._postback_settings(problems)
 
-    def _id_setting(self, name: str) -> str:
+    def _postback_settings(self, problems: Problems) -> None:
+        """Where postbacks go, and what each one carries."""
+        with problems.gather():
+            self.tracking_domain = base_url(
+                self.settings.get("tracking_domain"), f"{self.where}: settings.tracking_domain"
+            )
+        with problems.gather():
+            network_id = self._id_setting("network_id")
+            if network_id is None:
+                raise ConfigError(f"{self.where}: settings.network_id is required")
+            self.network_id = network_id
+        with problems.gather():
+            self.aid = self._id_setting("aid")
+        with problems.gather():
+            self.params = self._params()
+        self.verification_token = self.settings.get("verification_token")
+        if not isinstance(self.verification_token, str | None):
+            problems.add(f"{self.where}: settings.verification_token must be text")
+
+    def _id_setting(self, name: str) -> str | None:
+        """A whole number or text; None when left out."""
         value = self.settings.get(name)
+        if value in (None, ""):
+            return None
         if isinstance(value, bool) or not isinstance(value, int | str):
             raise ConfigError(f"{self.where}: settings.{name} must be a whole number or text, not {value!r}")
         return str(value)
+
+    def _params(self) -> dict[str, str]:
+        """The optional postback parameters, each with the trait that fills it."""
+        params = self.settings.get("params") or {}
+        if not isinstance(params, dict) or not all(isinstance(v, str) and v for v in params.values()):
+            raise ConfigError(
+                f"{self.where}: settings.params must map postback parameters to trait names, "
+                'e.g. {"amount": "order_total"}'
+            )
+        unknown = sorted(set(params) - PARAMS)
+        if unknown:
+            raise ConfigError(
+                f"{self.where}: settings.params names unknown postback parameter(s) {', '.join(unknown)} "
+                "(Everflow takes amount, order_id, coupon_code, email and adv1 to adv5)"
+            )
+        return params
 
     def secrets(self) -> list[str]:
         token = self.settings.get("verification_token")

@@ -15,12 +15,11 @@ from typing import Any
 
 import httpx
 import pycountry
-import sqlalchemy as sa
 
 from sync.destinations import refersion_lookup as lookup
 from sync.destinations.base import Destination
 from sync.destinations.http import Call, base_url, error_text, read_probe
-from sync.errors import ConfigError, FatalError
+from sync.errors import FatalError, Problems
 from sync.models import Change, Outcome, accepted, failed, rejected
 
 STATUS_CHANGE_MAX_IDS = 50
@@ -28,6 +27,7 @@ STATUS_CHANGE_MAX_IDS = 50
 # no code nor email holds a space, so this matches no affiliate
 PROBE_KEYWORD = "audience-sync credentials check"
 SYMBOLS = "!#$%&*+-=?@^_~"
+KEY_FORM = "the Refersion API key must be 'publickey.secretkey'"
 
 
 def generate_password() -> str:
@@ -74,42 +74,32 @@ class Refersion(Destination):
     settings_fields = frozenset({"api_base", "status", "offer", "send_welcome", "on_exit", "on_reentry"})
     default_rate_limit = 5.0
 
-    def __init__(self, row: sa.Row[Any], settings: dict[str, Any], api_key: str | None) -> None:
-        super().__init__(row, settings, api_key)
-        self.on_exit = self._choice("on_exit", ("ignore", "disable"))
-        self.on_reentry = self._choice("on_reentry", ("ignore", "activate"))
-        self.status = self._choice("status", ("PENDING", "ACTIVE"))
-        offer = settings.get("offer")
+    def read_settings(self, problems: Problems, native: bool) -> None:
+        self.on_exit = self._choice(problems, "on_exit", ("ignore", "disable"))
+        self.on_reentry = self._choice(problems, "on_reentry", ("ignore", "activate"))
+        self.status = self._choice(problems, "status", ("PENDING", "ACTIVE"))
+        offer = self.settings.get("offer")
         if offer is not None and not (isinstance(offer, int | str) and str(offer).isdigit()):
             self.warnings.append(
                 f"{self.where}: settings.offer is {offer!r}; Refersion takes an offer id such as "
                 "'12345' and refuses every create with anything else"
             )
-        if self.transport is not None:
+        if not native:
             return
-        self.api_base = base_url(
-            settings.get("api_base", "https://api.refersion.com/v2"), f"{self.where}: settings.api_base"
-        )
-        public, _, secret = (api_key or "").partition(".")
-        if not public or not secret or not (public + secret).isascii() or not (public + secret).isprintable():
-            raise ConfigError(
-                f"{self.where}: the Refersion API key must be 'publickey.secretkey' "
-                + (
-                    "(none is set: fill api_key or api_key_env)"
-                    if not api_key
-                    else "(the key given is not two non-empty parts of plain ASCII around a '.')"
-                )
+        with problems.gather():
+            self.api_base = base_url(
+                self.settings.get("api_base", "https://api.refersion.com/v2"),
+                f"{self.where}: settings.api_base",
+            )
+        key = self.needed_key(problems, f"{KEY_FORM} (none is set: fill api_key or api_key_env)")
+        public, _, secret = key.partition(".")
+        parts = public + secret
+        if key and not (public and secret and parts.isascii() and parts.isprintable()):
+            problems.add(
+                f"{self.where}: {KEY_FORM} (the key given is not two non-empty parts of plain ASCII around "
+                "a '.')"
             )
         self.headers = {"Refersion-Public-Key": public, "Refersion-Secret-Key": secret}
-
-    def _choice(self, name: str, allowed: tuple[str, ...]) -> str:
-        """A setting with a closed set of values; the first is the default."""
-        value = self.settings.get(name, allowed[0])
-        if value not in allowed:
-            raise ConfigError(
-                f"{self.where}: settings.{name} must be {' or '.join(map(repr, allowed))}, not {value!r}"
-            )
-        return str(value)
 
     def check(self, change: Change, message: dict[str, Any]) -> str | None:
         if not change.value or change.remote_id or change.remote_code:

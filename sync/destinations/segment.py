@@ -5,7 +5,6 @@ import json
 from typing import Any
 
 from sync.destinations.http import Call, base_url, read_accepting
-from sync.errors import ConfigError
 from sync.models import Change
 
 # REFERENCE.md (Segment Engage: partner destinations) documents one request, the POST of a message: the
@@ -20,10 +19,8 @@ class SegmentTransport:
     """POSTs each message to `settings.endpoint` with the key as Basic auth and the other settings in
     X-Segment-Settings (REFERENCE.md, Segment Engage: partner destinations)."""
 
-    def __init__(self, where: str, settings: dict[str, Any], api_key: str | None) -> None:
+    def __init__(self, where: str, settings: dict[str, Any], api_key: str) -> None:
         self.endpoint = base_url(settings.get("endpoint"), f"{where}: settings.endpoint")
-        if not api_key:
-            raise ConfigError(f"{where}: the Segment transport needs an API key")
         forwarded = {k: v for k, v in settings.items() if k not in ("transport", "endpoint")}
         self.token = base64.b64encode(f"{api_key}:".encode()).decode()
         self.headers = {
