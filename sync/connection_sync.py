@@ -5,7 +5,6 @@ Transactions: `sync_connection` commits on the state connection it is given, aft
 (a dry run's sink writes nothing, and nothing is recorded).
 """
 
-import logging
 import threading
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,13 +18,11 @@ from sync.delivery import INTERRUPTED
 from sync.destinations.base import Destination
 from sync.diff import Counts, Diff
 from sync.errors import SourceError
-from sync.logs import audience_fields
 from sync.models import Outcome, Status
 from sync.runs import Finished, Options, Result, RunLog, RunOutcome
 from sync.sinks import Sink
 from sync.staging import SharedReads
 
-log = logging.getLogger(__name__)
 MASS_EXIT_MIN = 100
 LEASE_LOST = "stopped: the audience's lease was lost"
 
@@ -123,13 +120,6 @@ def sync_connection(
     hold = mass_exit_hold(numbers)
     if hold and not run.options.allow_mass_exit:
         held = f"held: {hold}; run `audience-sync run --allow-mass-exit` if that is right"
-        log.warning(
-            "%s -> %s %s",
-            run.audience,
-            run.destination.name,
-            held,
-            extra={"action": "connection_held", **_fields(run), "outcome": RunOutcome.HELD, "reason": held},
-        )
         if sink.writes:
             pages.counts["pending"] = numbers.entries + numbers.exits
         return pages.finish(RunOutcome.HELD, held)
@@ -176,15 +166,6 @@ def _ending_error(
     return None
 
 
-def _fields(run: ConnectionRun) -> dict[str, object]:
-    """The fields naming the connection in an event."""
-    return {
-        **audience_fields(run.audience),
-        "destination": run.destination.name,
-        "destination_id": run.link.destination_id,
-    }
-
-
 def _not_baselined(run: ConnectionRun, history: RunLog) -> Result:
     """A connection that has sent before (an initial sync cut short) is not baselined: only a run can tell
     the destination about the members who left since. Nothing is recorded."""
@@ -192,7 +173,6 @@ def _not_baselined(run: ConnectionRun, history: RunLog) -> Result:
         f"not baselined: {run.audience} has synced to {run.destination.name!r} before; "
         "finish its initial sync with `audience-sync initial`"
     )
-    log.warning("%s", error, extra={"action": "baseline_refused", **_fields(run), "reason": error})
     result = Result(run.audience.name, run.destination.name, RunOutcome.FAILED, {}, error)
     ended = Finished(
         run.audience.id, str(run.audience), run.link.destination_id, run.destination.name, run.started, result

@@ -246,19 +246,19 @@ class Runner:
     def _invalid_connection(
         self, audience: Audience, row: sa.Row[object], problem: str, options: Options
     ) -> Result:
-        log.error(
-            "%s",
-            problem,
-            extra={
-                "action": "connection_invalid",
-                **audience_fields(audience),
-                "destination": row.name,
-                "destination_id": row.destination_id,
-                "reason": problem,
-            },
-        )
         result = Result(audience.name, None, RunOutcome.INVALID, error=problem)
-        if row.id is None:  # no destination to record a run for: status shows it by itself
+        if row.id is None:  # no destination to record a run for (status shows it by itself): only logged
+            log.error(
+                "%s",
+                problem,
+                extra={
+                    "action": "connection_invalid",
+                    **audience_fields(audience),
+                    "destination_id": row.destination_id,
+                    "outcome": RunOutcome.INVALID,
+                    "reason": problem,
+                },
+            )
             return result
         result.destination = row.name
         ended = Finished(audience.id, str(audience), row.id, row.name, self.now(), result)

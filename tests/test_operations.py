@@ -72,6 +72,30 @@ def test_a_failed_run_logs_its_fields_and_reason_as_json_and_as_key_value_text(
         assert ' reason="stopped: credentials refused (HTTP 401' in line and " members=3 " in line
 
 
+def test_a_held_and_an_invalid_connection_are_each_one_event_with_its_reason(
+    state_url: str, config: Config, customers: Customers
+) -> None:
+    customers.add("u1")
+    with EverflowServer() as everflow, RefersionServer() as refersion:
+        audience = config.audience("VIP", Customers.QUERY)
+        config.connect(audience, everflow_destination(config, everflow))
+        config.connect(audience, refersion_destination(config, refersion), {"type": "banana"})
+        assert run_cli(state_url, "run").returncode == 1
+        config.sql("DELETE FROM customers")  # the query returns nobody: the Everflow connection is held
+        done = run_cli(state_url, "run", env={"SYNC_LOG_FORMAT": "json"})
+    records = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    about = [
+        (r["action"], r["level"], r.get("outcome"), r.get("destination")) for r in records if r.get("reason")
+    ]
+    assert about == [
+        ("run_finished", "ERROR", "invalid", "Refersion"),
+        ("run_finished", "WARNING", "held", "Everflow"),
+    ], records
+    [invalid, held] = [r["reason"] for r in records if r.get("reason")]
+    assert "settings.type must be 'identify' or 'track', not 'banana'" in invalid
+    assert held.startswith("held: the query returned no rows while 1 members are accepted")
+
+
 def test_a_row_that_stays_invalid_is_logged_once_per_change_of_its_problem(
     state_url: str, engine: sa.Engine, config: Config, caplog: pytest.LogCaptureFixture
 ) -> None:
