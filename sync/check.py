@@ -15,7 +15,7 @@ from sync.destinations.base import Destination
 from sync.errors import ConfigError, DestinationError, SourceError
 from sync.guards import read_back_guard
 from sync.settings import Settings
-from sync.sources import Sources
+from sync.sources import Sources, unused_problems
 from sync.staging import dropping_stage, stage_members
 from sync.tables import audiences, destination_columns, destinations, readable_columns
 
@@ -64,6 +64,7 @@ def check_rows(conn: sa.Connection, settings: Settings) -> Findings:
     found.warnings += [warning for where, cadence in cadences if (warning := cadence.warning(where))]
     if conn.dialect.name == "sqlite":
         found.problems += _not_boolean(conn)
+    found.warnings += unused_problems(conn)
     broken = _check_destinations(conn, found)
     for audience in valid:
         _check_connections(conn, audience, broken, found)

@@ -19,7 +19,7 @@ from sync import database
 from sync.audiences import Audience
 from sync.errors import ConfigError
 from sync.settings import secret_from_env
-from sync.tables import readable_columns, sources
+from sync.tables import audiences, readable_columns, sources
 
 
 class Sources:
@@ -50,10 +50,7 @@ class Sources:
             known = self.engines.get(row.name)
             if known and known[0] == url:
                 return known[1]
-            try:
-                engine = database.create_engine(url, self.pool_recycle, source=True)
-            except ConfigError as exc:  # no dialect or driver for it, or a URL that does not parse
-                raise ConfigError(f"{where}: {exc}") from None
+            engine = _engine(url, where, self.pool_recycle)
             self.engines[row.name] = (url, engine)
         if known:  # a run still reading from the old one keeps its connection until it returns it
             known[1].dispose()
@@ -66,6 +63,32 @@ class Sources:
             self.engines.clear()
         for engine in made:
             engine.dispose()
+
+
+def unused_problems(conn: sa.Connection) -> list[str]:
+    """What would stop each enabled `sources` row no audience names (for `check`, as warnings: no run uses
+    it yet)."""
+    named = sa.select(audiences.c.source).where(audiences.c.source.is_not(None))
+    rows = conn.execute(
+        sa.select(*readable_columns(sources))
+        .where(sources.c.enabled, sources.c.name.not_in(named))
+        .order_by(sources.c.id)
+    )
+    found = []
+    for row in rows:
+        where = f"sources row id={row.id} ({row.name!r}), which no audience names yet"
+        try:
+            _engine(_url(row, where), where).dispose()
+        except ConfigError as exc:
+            found.append(str(exc))
+    return found
+
+
+def _engine(url: str, where: str, pool_recycle: float = 180.0) -> sa.Engine:
+    try:
+        return database.create_engine(url, pool_recycle, source=True)
+    except ConfigError as exc:  # no dialect or driver for it, or a URL that does not parse
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def _url(row: sa.Row[Any], where: str) -> str:

@@ -214,6 +214,30 @@ def test_an_unusable_source_makes_only_its_audience_invalid_with_a_message_namin
     assert last_errors == {"Members": None, **{f"On {name}": message for name, message in expected.items()}}
 
 
+def test_check_warns_about_an_enabled_source_no_audience_names_yet_that_could_not_be_used(
+    state_url: str, config: Config, tmp_path: Path
+) -> None:
+    lake = f"duckdb:///{tmp_path / 'lake.duckdb'}"
+    spare = add_source(config, "spare", url=lake, url_env="LAKE_URL")
+    snow = add_source(config, "snow", url_env="SNOW_URL")
+    add_source(config, "off", url_env="AS_TEST_UNSET_URL", enabled=False)
+    add_source(config, "fine", url=lake)
+    add_source(config, "used", url_env="AS_TEST_UNSET_URL")
+    config.audience("On used", "SELECT 1 AS user_id", source="used")  # reported as the audience's problem
+    snowflake = "snowflake://reader:hunter2@acme-xy12345/shop/public"
+    checked = run_cli(state_url, "check", env={"SNOW_URL": snowflake})
+    assert "hunter2" not in checked.stdout + checked.stderr
+    warnings = [line for line in checked.stdout.splitlines() if line.startswith("warning: sources row")]
+    assert warnings == [
+        f"warning: sources row id={spare} ('spare'), which no audience names yet: url and url_env are both "
+        "set; keep one (url_env for a URL with a password)",
+        f"warning: sources row id={snow} ('snow'), which no audience names yet: cannot use source URL "
+        "snowflake://reader:***@acme-xy12345/shop/public: no SQLAlchemy dialect 'snowflake' is installed; "
+        "pip install snowflake-sqlalchemy",
+    ]
+    assert checked.returncode == 2 and "'On used'" in checked.stdout  # the used row stops its audience
+
+
 def test_each_source_has_one_engine_rebuilt_when_its_url_changes_and_disposed_on_close(
     engine: sa.Engine, config: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
