@@ -360,7 +360,7 @@ def _compose() -> list[str]:
     docker = shutil.which("docker")
     if docker and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0:
         return [docker, "compose"]
-    return [_tool("docker-compose")]
+    return [_tool("docker-compose", in_ci=True)]
 
 
 def test_the_alert_rules_pass_promtool_and_their_unit_tests() -> None:
