@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 RETRY_AFTER_CAP = 60.0
 REASON_MAX = 300
 ANSWER_MAX = 1024 * 1024  # bytes of an answer read; the documented APIs answer with small JSON bodies
-TOO_LARGE = f"answer of more than {ANSWER_MAX // 1024 // 1024} MiB, not read"
+UNREAD = ", not read"  # ends the note that stands for a body not read: it tells nothing about the refusal
+TOO_LARGE = f"answer of more than {ANSWER_MAX // 1024 // 1024} MiB{UNREAD}"
 SAME_REFUSALS = 10  # requests refused alike, none accepted: the destination is misconfigured, not the users
 FRAMING = ("content-encoding", "content-length", "transfer-encoding")  # of the body as it came, not as read
 INTERRUPTED = "interrupted by shutdown"
@@ -144,7 +145,7 @@ class Sender:
                     unread = TOO_LARGE
                     break
                 if time.monotonic() > deadline:
-                    unread = f"answer still arriving after {self.limits.timeout:g}s, not read"
+                    unread = f"answer still arriving after {self.limits.timeout:g}s{UNREAD}"
                     break
         metrics.observe_request(self.destination_id, streamed.status_code)
         headers = [(k, v) for k, v in streamed.headers.multi_items() if k.lower() not in FRAMING]
@@ -278,7 +279,8 @@ class Delivery:
         if self.trusted:
             return outcomes
         refused = [o for o in outcomes if o.refused]
-        reasons = {o.reason for o in refused + self.suspects[:1]}
+        # an answer whose body was not read is no sign that the destination refused differently
+        reasons = {o.reason for o in refused + self.suspects[:1] if UNREAD not in (o.reason or "")}
         if any(o.status == Status.ACCEPTED for o in outcomes) or len(reasons) > 1:
             self.trusted = True
             suspects, self.suspects = self.suspects, []

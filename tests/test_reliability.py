@@ -468,6 +468,10 @@ FAULTS = {
     "401 for everything": lambda s: s.fault(401, body='{"error": "Invalid API key"}', times=10_000),
     "308 for everything": lambda s: s.fault(308, headers={"Location": "https://moved.example/"}, times=9999),
     "404 for everything": lambda s: s.fault(404, body='{"error": "Not Found"}', times=10_000),
+    "404 for everything, two bodies cut off": lambda s: (
+        s.fault(404, body='{"error": "Not Found"}', dribble=0.3, times=2),
+        s.fault(404, body='{"error": "Not Found"}', times=10_000),
+    ),
     "empty 500 bodies": lambda s: s.fault(500, body=b"", times=4),
     "connection refused until it comes up": lambda s: None,  # the first run points at a closed port
     "accepted, then the connection reset": lambda s: s.accept_then(times=3),
@@ -478,6 +482,7 @@ STOPPING = {
     "401 for everything": "credentials refused (HTTP 401: Invalid API key)",
     "308 for everything": "answered 308, a redirect to https://moved.example/: fix the URL in settings",
     "404 for everything": "were all refused alike (HTTP 404: Not Found)",
+    "404 for everything, two bodies cut off": "were all refused alike (HTTP 404: ",
 }
 # Requests the destination took without the client learning it: the only ones that may be accepted twice.
 AMBIGUOUS = {"accepted, then the connection reset": 3, "accepted, answered after the timeout": 3}
@@ -490,6 +495,7 @@ ON_THE_WIRE = {
     "connection refused until it comes up",
     "accepted, then the connection reset",
     "accepted, answered after the timeout",
+    "404 for everything, two bodies cut off",
 }
 
 
