@@ -95,7 +95,8 @@ def _blocked_logging(pid: int) -> bool:
     logging lock of another thread that is (what each thread waits for: /proc, Linux)."""
     waits = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
+        # a thread that ended meanwhile: its directory is gone, or its files answer ESRCH
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
             waits[task.name] = (task / "wchan").read_text()
     writing = [task for task, wait in waits.items() if "pipe_write" in wait]  # pipe_write, anon_pipe_write
     return str(pid) in writing or (waits.get(str(pid)) == "futex_do_wait" and bool(writing))
