@@ -2,8 +2,11 @@
 
     .venv/bin/python benchmarks/soak.py --seconds 120 [--audiences 50] [--backend sqlite|postgres]
 
-Faults: 5% of requests answer 503, and about one second in three queues one of: a dropped connection, a 429
-with Retry-After, or a request accepted whose answer never arrives (the daemon cannot know it was accepted).
+Faults: 5% of requests answer 503, and about two seconds in five queue one of: a dropped connection, a 429
+with Retry-After, a request accepted whose answer never arrives (the daemon cannot know it was accepted), or
+such a request followed by 503s for the next requests, its retries among them (an entry left in doubt). A
+user whose entry was accepted unanswered then leaves the audience, before the next run when the daemon is
+not faster: the exit must still be sent.
 Reports cycles run, overlapping runs of one audience (must be 0), changes lost (must be 0), duplicate
 deliveries (same messageId accepted twice: must not exceed the requests accepted but never answered), the
 daemon's peak RSS (VmHWM) after start-up and at the end, and its RSS every 30 s.
@@ -13,6 +16,7 @@ Exits 1 when a "must" fails. Every request goes to loopback servers this script 
 """
 
 import argparse
+import json
 import random
 import signal
 import statistics
@@ -23,6 +27,7 @@ import time
 import uuid
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -84,7 +89,17 @@ def soak(
                 "INSERT INTO destinations (name, kind, api_key, settings) VALUES "
                 "('Sink', 'everflow', 'soak', :s)"
             ),
-            {"s": f'{{"transport": "segment", "endpoint": "{server.url}", "backoff_initial": 0.05}}'},
+            # 3 attempts: an entry accepted unanswered has its retries refused by the 503s queued after it
+            {
+                "s": json.dumps(
+                    {
+                        "transport": "segment",
+                        "endpoint": server.url,
+                        "backoff_initial": 0.05,
+                        "max_attempts": 3,
+                    }
+                )
+            },
         )
         for n in range(args.audiences):
             conn.execute(
@@ -118,6 +133,7 @@ def soak(
     peak_start = rss_kib(daemon.pid, "VmHWM")
     samples: list[int] = []  # the daemon's RSS every 30 s: warm-up or steady growth
     deadline = time.monotonic() + args.seconds
+    left = 0  # unanswered requests looked at
     while time.monotonic() < deadline and daemon.poll() is None:  # churn and faults, every second
         fault = rng.randrange(10)
         if fault == 0:
@@ -126,10 +142,14 @@ def soak(
             server.fault(429, headers={"Retry-After": "1"})
         elif fault == 2:
             server.accept_then()
+        elif fault == 3:  # the destination took it, the daemon cannot know, and then refuses the retries
+            server.accept_then()
+            server.fault(503, times=4)
         if len(samples) * 30 <= args.seconds - (deadline - time.monotonic()):
             samples.append(rss_kib(daemon.pid))
             print(f"{len(samples) / 2 - 0.5:6.1f} min  RSS {samples[-1] / 1024:.1f} MiB", flush=True)
         with engine.begin() as conn:
+            left += leave_after_unanswered_entries(conn, server, left)
             for _ in range(5):
                 n, user = rng.randrange(args.audiences), f"u{rng.randrange(args.users)}"
                 gone = conn.execute(
@@ -168,15 +188,20 @@ def soak(
     overlaps = sum(1 for a, b in zip(runs, runs[1:], strict=False) if a[0] == b[0] and b[1] < a[2])
     final: dict[tuple[str, str], bool] = {}
     for message in server.messages:  # the destination's view, in the order it accepted them
-        key = message["context"]["personas"]["computation_key"]
-        final[(key, message["userId"])] = message["properties"][key]  # Everflow over Segment: track calls
-    members_there = {k for k, value in final.items() if value}
+        final[(message["context"]["personas"]["computation_key"], message["userId"])] = value(message)
+    members_there = {k for k, entered in final.items() if entered}
     lost = len(wanted ^ members_there)
-    duplicates = sum(n - 1 for n in Counter(m["messageId"] for m in server.messages).values())
+    accepted = Counter(m["messageId"] for m in server.messages)
+    duplicates = sum(n - 1 for n in accepted.values())
     print(f"audiences {len(keys)}  cycles (connection runs) {len(runs)}  messages {len(server.messages)}")
     print(f"overlaps {overlaps} (must be 0)  lost {lost} (must be 0)")
-    unanswered = server.unanswered  # each of these requests may have been accepted twice
+    unanswered = len(server.unanswered)  # each of these requests may have been accepted twice
     print(f"duplicates {duplicates} (must be at most the {unanswered} requests accepted but never answered)")
+    entries = [r.json for r in server.unanswered if value(r.json)]
+    in_doubt = sum(1 for m in entries if accepted[m["messageId"]] == 1)
+    print(
+        f"entries accepted unanswered {len(entries)}, {in_doubt} of them never accepted again (left in doubt)"
+    )
     print(
         f"daemon peak RSS (VmHWM) after start-up {peak_start / 1024:.1f} MiB, at the end "
         f"{peak_end / 1024:.1f} MiB; exit {daemon.returncode}"
@@ -184,6 +209,25 @@ def soak(
     rss_grew = rss_growth(samples)
     musts = (overlaps == 0, lost == 0, duplicates <= unanswered, not rss_grew, daemon.returncode == 0)
     return 0 if all(musts) else 1
+
+
+def value(message: dict[str, Any]) -> bool:
+    """The membership a message carries (Everflow over Segment: a track call's property)."""
+    return bool(message["properties"][message["context"]["personas"]["computation_key"]])
+
+
+def leave_after_unanswered_entries(conn: sa.Connection, server: SegmentServer, seen: int) -> int:
+    """Each user whose entry was accepted unanswered since the `seen` first such requests leaves its
+    audience; how many requests were looked at."""
+    requests = server.unanswered[seen:]
+    for request in requests:
+        if value(request.json):  # an entry
+            key = request.json["context"]["personas"]["computation_key"]
+            conn.execute(
+                sa.text("DELETE FROM memberships WHERE audience_no = :a AND user_id = :u"),
+                {"a": int(key.removeprefix("soak_")), "u": request.json["userId"]},
+            )
+    return len(requests)
 
 
 def rss_growth(samples: list[int]) -> bool:

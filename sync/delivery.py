@@ -35,6 +35,10 @@ TOO_LARGE = f"answer of more than {ANSWER_MAX // 1024 // 1024} MiB{UNREAD}"
 SAME_REFUSALS = 10  # requests refused alike, none accepted: the destination is misconfigured, not the users
 FRAMING = ("content-encoding", "content-length", "transfer-encoding")  # of the body as it came, not as read
 INTERRUPTED = "interrupted by shutdown"
+# Failures after the request was written: the connection dropped, or no answer came in time. Connecting
+# (ConnectError, ConnectTimeout, PoolTimeout) and writing (WriteError, WriteTimeout) fail before the
+# destination has the whole request.
+UNANSWERED = (httpx.ReadError, httpx.ReadTimeout, httpx.RemoteProtocolError)
 
 
 class Sender:
@@ -108,11 +112,13 @@ class Sender:
         self._count("requests")
         try:
             response = self._request(call)
-        except httpx.TimeoutException:
-            metrics.observe_request(self.destination_id, None)
-            raise RetriableError(f"no answer within {self.limits.timeout:g}s") from None
         except httpx.TransportError as exc:
             metrics.observe_request(self.destination_id, None)
+            if isinstance(exc, UNANSWERED):  # the request went out: the destination may have taken it
+                for change in call.changes:
+                    change.in_doubt = True
+            if isinstance(exc, httpx.TimeoutException):
+                raise RetriableError(f"no answer within {self.limits.timeout:g}s") from None
             raise RetriableError(f"connection failed ({type(exc).__name__})") from None
         except httpx.HTTPError as exc:  # e.g. a body that cannot be decoded; its text may hold the URL
             raise RetriableError(f"unreadable answer ({type(exc).__name__})") from None

@@ -23,7 +23,7 @@ _ENTRIES = f"""
     FROM {sync_stage.name} m
     LEFT JOIN sync_state s
       ON s.audience_id = :audience_id AND s.destination_id = :destination_id AND s.user_id = m.user_id
-    WHERE (s.user_id IS NULL OR s.member = false)
+    WHERE (s.user_id IS NULL OR s.member = false OR s.in_doubt_since IS NOT NULL)
       AND NOT EXISTS (
         SELECT 1 FROM sync_rejections r
         WHERE r.audience_id = :audience_id AND r.destination_id = :destination_id
@@ -33,12 +33,18 @@ _ENTRIES = f"""
 
 _EXITS = f"""
     FROM sync_state s
-    WHERE s.audience_id = :audience_id AND s.destination_id = :destination_id AND s.member = true
+    WHERE s.audience_id = :audience_id AND s.destination_id = :destination_id
+      AND (s.member = true OR s.in_doubt_since IS NOT NULL)
       AND NOT EXISTS (SELECT 1 FROM {sync_stage.name} m WHERE m.user_id = s.user_id)
 """
 
 
 _REMOTE = "s.changes, s.remote_id, s.remote_active, s.remote_code"  # what a change carries of the state
+# An entry after an exit in doubt: the exit (a Refersion affiliate disabled) may have taken effect.
+_ENTRY_REMOTE = _REMOTE.replace(
+    "s.remote_active",
+    "CASE WHEN s.member = true AND s.in_doubt_since IS NOT NULL THEN false ELSE s.remote_active END",
+)
 
 
 PAGE = 2_000  # rows per page: each page is a keyset range of one indexed table; small pages are cheaper
@@ -51,7 +57,7 @@ _DIFF_EXITS = f" UNION ALL SELECT :destination_id, false, s.user_id, s.traits, {
 
 DIFF = sa.text(
     f"INSERT INTO {sync_stage_diff.name}"
-    f" SELECT :destination_id, true, m.user_id, m.traits, {_REMOTE}" + _ENTRIES + _DIFF_EXITS
+    f" SELECT :destination_id, true, m.user_id, m.traits, {_ENTRY_REMOTE}" + _ENTRIES + _DIFF_EXITS
 )
 
 
@@ -59,7 +65,7 @@ DIFF = sa.text(
 # and accepted members who left are exits as in any run.
 DIFF_RESEND = sa.text(
     f"INSERT INTO {sync_stage_diff.name}"
-    f" SELECT :destination_id, true, m.user_id, m.traits, {_REMOTE} FROM {sync_stage.name} m"
+    f" SELECT :destination_id, true, m.user_id, m.traits, {_ENTRY_REMOTE} FROM {sync_stage.name} m"
     "  LEFT JOIN sync_state s"
     "    ON s.audience_id = :audience_id AND s.destination_id = :destination_id AND s.user_id = m.user_id"
     + _DIFF_EXITS
@@ -77,7 +83,7 @@ ENTRIES_PAGE = sa.text(
 EXITS_PAGE = sa.text(
     f"SELECT s.user_id, s.traits, {_REMOTE} FROM {sync_stage_diff.name} d"
     " JOIN sync_state s ON s.audience_id = :audience_id AND s.destination_id = :destination_id"
-    "   AND s.user_id = d.user_id AND s.member = true"
+    "   AND s.user_id = d.user_id AND (s.member = true OR s.in_doubt_since IS NOT NULL)"
     " WHERE d.destination_id = :destination_id AND d.value = false AND d.user_id > :after"
     " ORDER BY d.user_id LIMIT :limit"
 )

@@ -46,6 +46,7 @@ def _rows(conn: sa.Connection, user_id: str) -> list[sa.Row[Any]]:
             sa.and_(*(t.c.enabled == sa.true() for t in (audiences, ad, destinations))).label("enabled"),
             s.c.member.label("accepted_member"),
             s.c.accepted_at,
+            s.c.in_doubt_since,
             s.c.changes,
             r.c.value.label("rejected_value"),
             r.c.reason.label("rejection_reason"),
@@ -81,8 +82,10 @@ def _entry(row: sa.Row[Any], member: bool | str) -> dict[str, Any]:
         "enabled": bool(row.enabled),  # the audience, the connection and the destination
         "member": member if known else None,
         "member_unknown": None if known else member,
-        "accepted": None if row.accepted_member is None else bool(row.accepted_member),
+        "accepted": None if row.accepted_at is None else bool(row.accepted_member),
         "accepted_at": row.accepted_at,
+        # a change sent without an answer: the destination may hold the other value
+        "in_doubt_since": row.in_doubt_since,
         "accepted_changes": row.changes or 0,
         "rejection": None
         if row.rejection_reason is None

@@ -36,6 +36,8 @@ class Change:
     remote_id: str | None = None  # the destination's id for the user (Refersion: the numeric affiliate id)
     remote_active: bool = True  # False once we disabled it (Refersion)
     remote_code: str | None = None  # another id the destination gave it (Refersion: the affiliate code)
+    # set by the sender when a request carrying the change went out and got no answer: it may have arrived
+    in_doubt: bool = False
     _traits: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     @property

@@ -9,7 +9,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from sync.models import Outcome, Status
+from sync.models import Change, Outcome, Status
 from sync.tables import (
     audiences,
     sync_connections,
@@ -21,29 +21,40 @@ from sync.tables import (
 )
 
 
-def _upsert(conn: sa.Connection, table: sa.Table, rows: list[dict[str, Any]], update: Iterable[str]) -> None:
+def _upsert(
+    conn: sa.Connection,
+    table: sa.Table,
+    rows: list[dict[str, Any]],
+    update: Iterable[str],
+    keep: Iterable[str] = (),
+) -> None:
+    """Insert `rows`; a row already there takes their `update` columns, and their `keep` columns where it
+    holds NULL."""
     if not rows:
         return
     statement = upsertable_insert(conn, table)
     keys = [c.name for c in table.primary_key.columns]
-    conn.execute(
-        statement.on_conflict_do_update(index_elements=keys, set_={c: statement.excluded[c] for c in update}),
-        rows,
-    )
+    set_ = {c: statement.excluded[c] for c in update}
+    set_ |= {c: sa.func.coalesce(table.c[c], statement.excluded[c]) for c in keep}
+    conn.execute(statement.on_conflict_do_update(index_elements=keys, set_=set_), rows)
 
 
 def record(
     conn: sa.Connection, audience_id: int, destination_id: int, outcomes: list[Outcome], now: datetime
 ) -> None:
-    """Advance the state for accepted and skipped changes, and log rejections; failed ones stay pending."""
+    """Advance the state for accepted and skipped changes, and log rejections; failed ones stay pending,
+    marked in doubt when a request carrying them went unanswered."""
     ids = {"audience_id": audience_id, "destination_id": destination_id}
     states: list[dict[str, Any]] = []
     rejections: list[dict[str, Any]] = []
+    doubts: list[dict[str, Any]] = []
     for outcome in outcomes:
         change = outcome.change
         if outcome.status == Status.FAILED or (outcome.status == Status.REJECTED and change.value):
             if outcome.status == Status.REJECTED:
                 rejections.append(_rejection(ids, outcome, now))
+            if change.in_doubt:
+                doubts.append(_doubt(ids, change, now))
             continue
         states.append(
             {
@@ -58,6 +69,7 @@ def record(
                 if outcome.remote_active is None
                 else outcome.remote_active,
                 "accepted_at": now,
+                "in_doubt_since": None,
             }
         )
         if outcome.status == Status.REJECTED:
@@ -66,8 +78,19 @@ def record(
         conn,
         sync_state,
         states,
-        ("member", "traits", "changes", "remote_id", "remote_code", "remote_active", "accepted_at"),
+        (
+            "member",
+            "traits",
+            "changes",
+            "remote_id",
+            "remote_code",
+            "remote_active",
+            "accepted_at",
+            "in_doubt_since",
+        ),
     )
+    # a row there keeps what was accepted, and the time its doubt began
+    _upsert(conn, sync_state, doubts, ("traits",), keep=("in_doubt_since",))
     accepted_entries = [
         o.change.user_id for o in outcomes if o.change.value and o.status in (Status.ACCEPTED, Status.SKIPPED)
     ]
@@ -80,6 +103,23 @@ def record(
             )
         )
     _upsert(conn, sync_rejections, rejections, ("value", "traits", "reason", "rejected_at"))
+
+
+def _doubt(ids: dict[str, int], change: Change, now: datetime) -> dict[str, Any]:
+    """A state row for a change that may have arrived: membership as last accepted (none for a first entry),
+    the traits it carried (an exit needs them), the same change count (its re-send keeps its messageId)."""
+    return {
+        **ids,
+        "user_id": change.user_id,
+        "member": not change.value,
+        "traits": change.traits_text,
+        "changes": change.settled_before,
+        "remote_id": change.remote_id,
+        "remote_code": change.remote_code,
+        "remote_active": change.remote_active,
+        "accepted_at": None,
+        "in_doubt_since": now,
+    }
 
 
 def _rejection(ids: dict[str, int], outcome: Outcome, now: datetime) -> dict[str, Any]:

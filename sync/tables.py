@@ -1,5 +1,7 @@
 """The state database's tables: configuration (edited by operators) and internal sync state."""
 
+import contextlib
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -118,7 +120,10 @@ sync_state = sa.Table(
     sa.Column("remote_id", sa.Text),
     sa.Column("remote_active", sa.Boolean, nullable=False, server_default=sa.true()),
     sa.Column("remote_code", sa.Text),
-    sa.Column("accepted_at", UTCDateTime, nullable=False),
+    sa.Column("accepted_at", UTCDateTime),  # NULL: nothing accepted yet, only a change in doubt
+    # since when a change of the user's may have reached the destination unanswered (sent, no answer): the
+    # destination may hold the opposite of `member`, so the diff sends whichever change membership calls for
+    sa.Column("in_doubt_since", UTCDateTime),
 )
 
 # Per connection: the key it was synced under and whether its initial sync completed.
@@ -237,3 +242,41 @@ def upsertable_insert(conn: sa.Connection, table: sa.Table) -> Any:
     from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
     return sqlite_insert(table)
+
+
+@contextlib.contextmanager
+def sqlite_foreign_keys_off(bind: sa.Connection, tables: str) -> Iterator[None]:
+    """For a migration: SQLite's foreign keys off while `tables` are recreated, as
+    https://sqlite.org/lang_altertable.html prescribes.
+
+    With them on, the DROP TABLE of a batch recreate deletes every row first, and ON DELETE CASCADE empties
+    every table that references it; and rows an operator's shell left orphaned cannot be copied. SQLite
+    ignores the pragma inside a transaction, so the one in progress is committed first (as Alembic's
+    autocommit_block would, which env.py's transaction does not support).
+    """
+    driver = bind.connection.driver_connection
+    assert driver is not None
+    if driver.in_transaction:
+        driver.commit()
+    was_on = bind.exec_driver_sql("PRAGMA foreign_keys").scalar_one()
+    bind.exec_driver_sql("PRAGMA foreign_keys = OFF")
+    if bind.exec_driver_sql("PRAGMA foreign_keys").scalar_one():
+        raise RuntimeError("SQLite foreign keys are still on; recreating the tables would cascade deletes")
+    orphans_before = _foreign_key_violations(bind)
+    bind.exec_driver_sql("BEGIN")
+    try:
+        yield
+        added = _foreign_key_violations(bind) - orphans_before
+        if added:
+            raise RuntimeError(f"recreating {tables} broke foreign keys: {sorted(added)[:5]}")
+        driver.commit()
+    except BaseException:
+        driver.rollback()
+        raise
+    finally:
+        if was_on:
+            bind.exec_driver_sql("PRAGMA foreign_keys = ON")
+
+
+def _foreign_key_violations(bind: sa.Connection) -> set[tuple[object, ...]]:
+    return {tuple(row) for row in bind.exec_driver_sql("PRAGMA foreign_key_check")}

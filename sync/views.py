@@ -152,6 +152,9 @@ def explain(user_id: str, entries: list[dict[str, Any]]) -> None:
         accepted = "never sent"
         if entry["accepted"] is not None:
             accepted = f"{str(entry['accepted']).lower()}{received} at {utc(entry['accepted_at'])}"
+        if entry["in_doubt_since"] is not None:
+            doubt = f"in doubt since {utc(entry['in_doubt_since'])} (sent, no answer)"
+            accepted = doubt if entry["accepted"] is None else f"{accepted}; {doubt}"
         rejection = entry["rejection"]
         rows.append(
             [

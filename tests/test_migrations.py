@@ -242,7 +242,7 @@ def fill_every_table(url: str) -> None:
 
 # Columns and tables added after 0003, which the rows filled at 0002 cannot have (their own migrations test
 # them)
-LATER_COLUMNS = {"remote_code", "long_user_ids", "pending", "source"}
+LATER_COLUMNS = {"remote_code", "long_user_ids", "pending", "source", "in_doubt_since"}
 LATER_TABLES = {"sources"}
 
 

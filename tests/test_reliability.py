@@ -600,6 +600,78 @@ def test_refersion_fault_matrix_entries_and_exits_accepted_once(
         }
 
 
+# What refuses the retries of an entry whose first request was taken and its answer lost: an error that
+# leaves the entry pending (given up on), or one that rejects it.
+REFUSED_RETRIES = {
+    "given up on": lambda s: s.fault(503, times=2),
+    "rejected": lambda s: s.fault(400, body='{"error": "Bad Request"}'),
+}
+
+
+@pytest.mark.parametrize("refusal", REFUSED_RETRIES)
+@pytest.mark.parametrize("kind", ["everflow", "refersion"])
+def test_an_entry_in_doubt_gets_an_exit_when_the_user_leaves(
+    state_url: str, engine: sa.Engine, config: Config, customers: Customers, kind: str, refusal: str
+) -> None:
+    customers.add("u1", "u2")
+    server: FakeServer = EverflowServer() if kind == "everflow" else RefersionServer()
+    with server:
+        retries = {**FAST_RETRIES, "max_in_flight": 1, "max_attempts": 3}  # u1 first, then u2
+        if kind == "everflow":
+            settings = {"tracking_domain": server.url, "network_id": "1", "event_mapping": EVENTS, **retries}
+            destination = config.destination("Everflow", "everflow", settings)
+        else:
+            settings = {"api_base": server.url + "/v2", "on_exit": "disable", **retries}
+            destination = config.destination("Refersion", "refersion", settings, api_key="pub.sec")
+        config.connect(config.audience("VIP", Customers.QUERY), destination)
+        server.accept_then(times=1)  # u1's entry arrives, its answer does not
+        REFUSED_RETRIES[refusal](server)  # and its retries are refused
+        [first] = sync_in_process(engine, server)
+        assert first.outcome == ("failed" if refusal == "given up on" else "ok"), first.error
+        [(member, doubt)] = config.sql("SELECT member, in_doubt_since FROM sync_state WHERE user_id = 'u1'")
+        assert not member and doubt is not None
+        shown = run_cli(state_url, "explain", "u1")
+        assert shown.returncode == 0 and "in doubt since" in shown.stdout, shown.stdout + shown.stderr
+
+        customers.move("u1", segment="lapsed")  # u1 leaves before the next run
+        [second] = sync_in_process(engine, server)
+        assert second.outcome == "ok", second.error
+        # server-side: u1's entry (taken once, unanswered) is followed by its exit; u2 entered once
+        if kind == "everflow":
+            assert server.accepted == {("tid-u1", "7"): 1, ("tid-u2", "7"): 1, ("tid-u1", "8"): 1}
+        else:
+            ids = {a["unique_merchant_id"]: number for number, a in server.affiliates.items()}
+            assert server.accepted == {("u1", "new"): 1, ("u2", "new"): 1, (ids["u1"], "DISABLED"): 1}
+    rows = config.sql("SELECT user_id, member, in_doubt_since FROM sync_state ORDER BY user_id")
+    assert [tuple(r) for r in rows] == [("u1", False, None), ("u2", True, None)]
+
+
+def test_an_exit_in_doubt_gets_an_entry_when_the_user_comes_back(
+    engine: sa.Engine, config: Config, customers: Customers
+) -> None:
+    customers.add("u1", "u2", "u3")
+    with EverflowServer() as everflow:
+        settings = {"tracking_domain": everflow.url, "network_id": "1", "event_mapping": EVENTS}
+        retries = {**FAST_RETRIES, "max_in_flight": 1, "max_attempts": 3}
+        config.connect(
+            config.audience("VIP", Customers.QUERY), config.destination("E", "everflow", settings | retries)
+        )
+        assert [r.outcome for r in sync_in_process(engine, everflow)] == ["ok"]
+        customers.move("u1", segment="lapsed")
+        everflow.accept_then(times=1)  # u1's exit arrives, its answer does not
+        everflow.fault(503, times=2)
+        assert [r.outcome for r in sync_in_process(engine, everflow)] == ["failed"]
+        customers.move("u1", segment="vip")  # back before the next run: the destination may hold the exit
+        assert [r.outcome for r in sync_in_process(engine, everflow)] == ["ok"]
+        assert everflow.accepted == {
+            ("tid-u1", "7"): 2,
+            ("tid-u1", "8"): 1,
+            ("tid-u2", "7"): 1,
+            ("tid-u3", "7"): 1,
+        }
+    assert config.sql("SELECT member, in_doubt_since FROM sync_state WHERE user_id = 'u1'") == [(True, None)]
+
+
 def _connect_refersion(config: Config, refersion: RefersionServer, **settings: str) -> None:
     """The VIP audience to a Refersion destination that tries each request once."""
     config.connect(

@@ -8,11 +8,12 @@ Revision ID: 0003
 Revises: 0002
 """
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
+
+from sync.tables import sqlite_foreign_keys_off
 
 revision: str = "0003"
 down_revision: str | None = "0002"
@@ -34,7 +35,7 @@ def _recreate(autoincrement: bool) -> None:
     bind = op.get_bind()
     if bind.dialect.name != "sqlite":
         return
-    with _foreign_keys_off(bind):
+    with sqlite_foreign_keys_off(bind, ", ".join(TABLES)):
         for table in TABLES:
             with op.batch_alter_table(
                 table, recreate="always", table_kwargs={"sqlite_autoincrement": autoincrement}
@@ -59,39 +60,3 @@ def _start_sequence_past_every_reference(bind: sa.Connection, table: str) -> Non
     bind.exec_driver_sql("DELETE FROM sqlite_sequence WHERE name = ?", (table,))
     if highest:
         bind.exec_driver_sql("INSERT INTO sqlite_sequence (name, seq) VALUES (?, ?)", (table, highest))
-
-
-@contextlib.contextmanager
-def _foreign_keys_off(bind: sa.Connection) -> Iterator[None]:
-    """Foreign keys off while the tables are recreated, as https://sqlite.org/lang_altertable.html prescribes.
-
-    With them on, the DROP TABLE of the batch recreate deletes every row first, and ON DELETE CASCADE empties
-    every table that references it. SQLite ignores the pragma inside a transaction, so the one in progress is
-    committed first (as Alembic's autocommit_block would, which this env.py's transaction does not support).
-    """
-    driver = bind.connection.driver_connection
-    assert driver is not None
-    if driver.in_transaction:
-        driver.commit()
-    was_on = bind.exec_driver_sql("PRAGMA foreign_keys").scalar_one()
-    bind.exec_driver_sql("PRAGMA foreign_keys = OFF")
-    if bind.exec_driver_sql("PRAGMA foreign_keys").scalar_one():
-        raise RuntimeError("SQLite foreign keys are still on; recreating the tables would cascade deletes")
-    orphans_before = _foreign_key_violations(bind)
-    bind.exec_driver_sql("BEGIN")
-    try:
-        yield
-        added = _foreign_key_violations(bind) - orphans_before
-        if added:
-            raise RuntimeError(f"recreating {', '.join(TABLES)} broke foreign keys: {sorted(added)[:5]}")
-        driver.commit()
-    except BaseException:
-        driver.rollback()
-        raise
-    finally:
-        if was_on:
-            bind.exec_driver_sql("PRAGMA foreign_keys = ON")
-
-
-def _foreign_key_violations(bind: sa.Connection) -> set[tuple[object, ...]]:
-    return {tuple(row) for row in bind.exec_driver_sql("PRAGMA foreign_key_check")}

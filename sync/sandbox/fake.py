@@ -30,10 +30,12 @@ class FakeServer:
         self._lock = threading.Lock()
         self._closing = threading.Event()
         self._random = random.Random(0)
-        self._faults: collections.deque[tuple[Response, float, float]] = collections.deque()
+        # canned answers (None: handled, then what follows) in the order they were queued
+        self._faults: collections.deque[tuple[Response | None, float, float, float | str]] = (
+            collections.deque()
+        )
         self._resets = 0
-        self._after_accepting: collections.deque[float | str] = collections.deque()
-        self.unanswered = 0  # requests accepted whose answer was then dropped or delayed (accept_then)
+        self.unanswered: list[Recorded] = []  # requests accepted, their answer then dropped or delayed
         self._connections: dict[socket.socket, threading.Thread] = {}  # open connections and their handlers
         self.rate_limit = rate_limit
         self._httpd = _HTTPServer(self, port)
@@ -72,7 +74,7 @@ class FakeServer:
         if data and not any(name.lower() == "content-type" for name in headers):
             headers["Content-Type"] = "application/json" if _parse_json(data) is not None else "text/plain"
         with self._lock:
-            self._faults.extend([((status, data, headers), delay, dribble)] * times)
+            self._faults.extend([((status, data, headers), delay, dribble, 0.0)] * times)
 
     def reset_connection(self, times: int = 1) -> None:
         """Drop the connection of the next `times` requests without answering."""
@@ -81,16 +83,16 @@ class FakeServer:
 
     def accept_then(self, times: int = 1, *, answer_after: float | None = None) -> None:
         """Handle the next `times` requests (what they carry is accepted), then drop the connection without
-        answering, or answer only after `answer_after` seconds: the client cannot know they were accepted."""
+        answering, or answer only after `answer_after` seconds: the client cannot know they were accepted.
+        Queued with `fault`'s answers: those queued after these answer the requests after them."""
         with self._lock:
-            self._after_accepting.extend([_RESET if answer_after is None else answer_after] * times)
+            self._faults.extend([(None, 0.0, 0.0, _RESET if answer_after is None else answer_after)] * times)
 
     def clear_faults(self) -> None:
         """Forget queued faults and resets: the destination behaves again."""
         with self._lock:
             self._faults.clear()
             self._resets = 0
-            self._after_accepting.clear()
 
     def close(self) -> None:
         """Stop serving, end open connections and join every thread."""
@@ -127,17 +129,16 @@ class FakeServer:
                 self._resets -= 1
                 return _RESET, 0.0, 0.0, 0.0
             if self._faults:
-                response, delay, dribble = self._faults.popleft()
-                return response, delay + self.delay, 0.0, dribble
+                response, delay, dribble, after = self._faults.popleft()
+                if response is None:
+                    self.unanswered.append(rec)
+                return response, delay + self.delay, after, dribble
             if not self._take_token():
                 self.throttled += 1
                 return (429, b"", {"Retry-After": "1"}), self.delay, 0.0, 0.0
             if self.fail_ratio and self._random.random() < self.fail_ratio:
                 return (503, b"", {}), self.delay, 0.0, 0.0
-            if not self._after_accepting:
-                return None, self.delay, 0.0, 0.0
-            self.unanswered += 1
-            return None, self.delay, self._after_accepting.popleft(), 0.0
+            return None, self.delay, 0.0, 0.0
 
     def _respond(self, rec: Recorded) -> tuple[Response | None, float | str, float]:
         """The answer to `rec` (None: drop the connection unanswered), after its delay; what follows handling
