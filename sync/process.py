@@ -101,7 +101,7 @@ def baseline(runner: "Runner", options: Options, yes: bool) -> int:
     views.baseline_preview(preview)
     if asked_dry or not any(result.good for result in preview):
         return 0 if all(result.good for result in preview) else 1
-    if not views.confirmed(yes, sum(result.counts.get("to_send", 0) for result in preview)):
+    if not views.confirmed(yes, sum(result.counts.get("entered", 0) for result in preview)):
         return 2
     options.dry_run = False
     results = runner.run(options)

@@ -102,23 +102,24 @@ class RunLog:
         """Log the connection's run and, unless dry, record it (committing `conn`, or on a connection of its
         own) and observe it in the metrics."""
         result = run.result
-        log.log(
-            _LEVELS.get(result.outcome, logging.INFO),
-            "%s -> %s: %s",
-            run.label,
-            run.destination,
-            result.outcome,
-            extra={
-                "action": "run_finished",
-                "audience": result.audience,
-                "audience_id": run.audience_id,
-                "destination": run.destination,
-                "destination_id": run.destination_id,
-                "outcome": str(result.outcome),
-                **result.counts,
-                "reason": result.error,
-            },
-        )
+        if not (dry_run and result.outcome == RunOutcome.BASELINE):  # a preview: the recorded run logs it
+            log.log(
+                _LEVELS.get(result.outcome, logging.INFO),
+                "%s -> %s: %s",
+                run.label,
+                run.destination,
+                result.outcome,
+                extra={
+                    "action": "run_finished",
+                    "audience": result.audience,
+                    "audience_id": run.audience_id,
+                    "destination": run.destination,
+                    "destination_id": run.destination_id,
+                    "outcome": str(result.outcome),
+                    **result.counts,
+                    "reason": result.error,
+                },
+            )
         if dry_run:
             return result
         finished = self.now()

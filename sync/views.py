@@ -84,7 +84,7 @@ def baseline_preview(results: list[Any]) -> None:
     for result in results:
         where = result.audience + (f" -> {result.destination}" if result.destination else "")
         if result.good:
-            members = result.counts.get("to_send", 0)
+            members = result.counts.get("entered", 0)  # skipped ones too (no event mapping): all recorded
             print(f"{where}: {members} member(s) to record as accepted; nothing is sent", file=sys.stderr)
         else:
             print(f"{where}: {result.outcome} ({result.error})", file=sys.stderr)
@@ -97,7 +97,11 @@ def confirmed(yes: bool, members: int) -> bool:
     if not sys.stdin.isatty():
         print("audience-sync: nothing recorded: add --yes to baseline without a terminal", file=sys.stderr)
         return False
-    answer = input(f"Record {members} member(s) as accepted without sending anything? [y/N] ")
+    try:
+        answer = input(f"Record {members} member(s) as accepted without sending anything? [y/N] ")
+    except (KeyboardInterrupt, EOFError):  # Ctrl-C, Ctrl-D
+        print("\naborted: nothing recorded", file=sys.stderr)
+        return False
     if answer.strip().lower() in ("y", "yes"):
         return True
     print("nothing recorded", file=sys.stderr)

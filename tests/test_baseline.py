@@ -2,13 +2,21 @@
 members as accepted without sending anything; later runs send only what changed since. Both backends, the
 sandbox's Everflow and Refersion over loopback."""
 
+import contextlib
+import os
+import pty
+import signal
+import subprocess
+import time
+
+import pytest
 import sqlalchemy as sa
 
 from sync.runner import Options, Runner
 from sync.sandbox import EverflowServer, RefersionServer
 from sync.settings import Settings
 from sync.sources import Sources
-from tests.conftest import Config, Customers, run_cli
+from tests.conftest import COMMAND, Config, Customers, cli_env, run_cli
 from tests.test_e2e import everflow_destination, refersion_destination
 
 
@@ -107,3 +115,65 @@ def test_the_command_previews_asks_for_yes_off_a_terminal_then_records(
         assert later.returncode == 0, later.stderr
     assert everflow.accepted == {("tid-u3", "7"): 1}
     assert run_cli(state_url, "initial", "--baseline", "--resend").returncode == 2  # one or the other
+
+
+@pytest.mark.parametrize("key", ["ctrl-c", "ctrl-d"])
+def test_the_prompt_aborts_on_ctrl_c_or_ctrl_d_and_the_preview_logs_no_run(
+    state_url: str, engine: sa.Engine, config: Config, customers: Customers, key: str
+) -> None:
+    customers.add("u1", "u2")
+    with EverflowServer() as everflow:
+        config.connect(config.audience("VIP", Customers.QUERY), everflow_destination(config, everflow))
+        leader, follower = pty.openpty()  # the prompt is asked on a terminal only
+        process = subprocess.Popen(
+            [COMMAND, "initial", "--baseline"],
+            env=cli_env(state_url),
+            stdin=follower,
+            stdout=follower,
+            stderr=follower,
+            # a shell's Ctrl-C: SIGINT as Python takes it by default (a test runner's worker may ignore it)
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler),
+        )
+        os.close(follower)
+        shown = b""
+        while b"[y/N]" not in shown:
+            shown += os.read(leader, 4096)
+        if key == "ctrl-c":
+            # a person reads the prompt first: a signal between the prompt and the read waits for the next one
+            time.sleep(0.5)
+            process.send_signal(signal.SIGINT)
+            if not _exited(process, after=10):  # it came before the read: once more
+                process.send_signal(signal.SIGINT)
+        else:
+            os.write(leader, b"\x04")  # end of input on an empty line
+        code = process.wait(timeout=30)
+        with contextlib.suppress(OSError):  # the terminal closed with the process
+            while chunk := os.read(leader, 4096):
+                shown += chunk
+        os.close(leader)
+    text = shown.decode(errors="replace")
+    assert code == 2 and "aborted: nothing recorded" in text and "Traceback" not in text, text
+    assert "VIP -> Everflow: 2 member(s) to record as accepted" in text
+    assert "run_finished" not in text  # the preview records nothing, so it logs no run
+    assert _outcomes(engine) == [] and everflow.requests == []
+
+
+def _exited(process: subprocess.Popen[bytes], after: float) -> bool:
+    try:
+        process.wait(timeout=after)
+    except subprocess.TimeoutExpired:
+        return False
+    return True
+
+
+def test_a_recorded_baseline_logs_one_run_and_counts_skipped_members(
+    state_url: str, config: Config, customers: Customers
+) -> None:
+    customers.add("u1", "u2")
+    with EverflowServer() as everflow:
+        unmapped = {"tracking_domain": everflow.url, "network_id": "1"}  # no event mapping: entries skipped
+        config.connect(config.audience("VIP", Customers.QUERY), config.destination("E", "everflow", unmapped))
+        done = run_cli(state_url, "initial", "--baseline", "--yes")
+    assert done.returncode == 0, done.stderr
+    assert "VIP -> E: 2 member(s) to record as accepted" in done.stderr  # not 0: skipped ones are recorded
+    assert done.stderr.count("action=run_finished") == 1, done.stderr
