@@ -187,6 +187,7 @@ def _daemon(_args: argparse.Namespace) -> int:
     process.one_malloc_arena()
     runner = _runner()
     try:
+        process.only_daemon_on_sqlite(runner.settings.database_url)
         with runner.engine.connect() as conn:
             log_rows(conn, runner.settings)
         Daemon(runner).start()

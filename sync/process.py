@@ -1,7 +1,8 @@
-"""The process around a run: one malloc arena for the daemon; for the one-shot commands their signals,
-progress bars and summary, and the question `initial --baseline` asks."""
+"""The process around a run: one malloc arena and one daemon per SQLite file for the daemon; for the
+one-shot commands their signals, progress bars and summary, and the question `initial --baseline` asks."""
 
 import ctypes
+import fcntl
 import logging
 import os
 import queue
@@ -12,6 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
+import sqlalchemy as sa
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -23,6 +25,7 @@ from rich.progress import (
 )
 
 from sync import views
+from sync.errors import StateError
 from sync.runs import Options
 
 if TYPE_CHECKING:
@@ -46,6 +49,28 @@ def one_malloc_arena() -> None:
     if glibc:
         m_arena_max = -8  # malloc.h
         ctypes.CDLL(None).mallopt(m_arena_max, 1)
+
+
+def only_daemon_on_sqlite(url: str) -> None:
+    """On a SQLite state file, hold `<file>.daemon` locked (and holding this pid) for the life of the
+    process (its descriptor is never closed), or refuse: a second daemon would find every audience busy in
+    the first one, every cycle. Several daemons share a Postgres state database (leases spread the work)."""
+    parsed = sa.make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return
+    path = f"{parsed.database}.daemon"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise StateError(
+            f"another daemon (pid {other}) already runs on sqlite file {os.path.abspath(parsed.database)}; "
+            "one daemon per SQLite file (several daemons can share a Postgres state database)"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
 
 
 def stop_on_signals(runner: "Runner") -> list[int]:

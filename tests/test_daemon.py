@@ -265,3 +265,40 @@ def test_a_restarted_daemon_shows_the_pending_changes_the_last_run_left(
         finally:
             daemon.send_signal(signal.SIGTERM)
             daemon.communicate(timeout=30)
+
+
+def test_a_second_daemon_on_one_sqlite_file_refuses_to_start_and_on_postgres_shares_the_work(
+    state_url: str, config: Config, customers: Customers, backend: str
+) -> None:
+    customers.add("u1")
+    with EverflowServer() as everflow:
+        vip = config.audience("VIP", Customers.QUERY)
+        config.connect(vip, everflow_destination(config, everflow))
+        first = start_cli(state_url, "daemon", env={"SYNC_INTERVAL": "1s"})
+        try:
+            _wait_for(lambda: _runs(config, vip) >= 1, 30)  # the first one runs
+            second = run_cli(state_url, "daemon", timeout=60) if backend == "sqlite" else None
+            if second is not None:
+                database = sa.make_url(state_url).database
+                assert second.returncode == 2, second.stderr
+                refusal = f"another daemon (pid {first.pid}) already runs on sqlite file {database}; "
+                assert second.stderr.endswith(
+                    f"audience-sync: {refusal}"
+                    "one daemon per SQLite file (several daemons can share a Postgres state database)\n"
+                ), second.stderr
+            else:
+                port = free_port()
+                other = start_cli(
+                    state_url, "daemon", env={"SYNC_INTERVAL": "1s", "SYNC_METRICS_PORT": str(port)}
+                )
+                _wait_for_metrics(port, "audience_sync_")  # started: it serves its metrics
+                runs = _runs(config, vip)
+                _wait_for(lambda: _runs(config, vip) >= runs + 3, 30)
+                assert other.poll() is None  # still running beside the first
+                other.send_signal(signal.SIGTERM)
+                _, other_stderr = other.communicate(timeout=30)
+                assert other.returncode == 0, other_stderr
+        finally:
+            first.send_signal(signal.SIGTERM)
+            _, stderr = first.communicate(timeout=30)
+    assert first.returncode == 0, stderr
