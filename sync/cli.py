@@ -48,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_parser("upgrade", help="create or migrate the tables (Alembic upgrade head)").set_defaults(
         func=_upgrade
     )
+    db.add_parser("current", help="the state database's schema revision (Alembic current)").set_defaults(
+        func=_current
+    )
+    db.add_parser("history", help="every migration, newest first (Alembic history)").set_defaults(
+        func=_history
+    )
     _sync_commands(commands)
     _operator_commands(commands)
     sandbox = commands.add_parser(
@@ -152,13 +158,36 @@ def _upgrade(_args: argparse.Namespace) -> int:
     return 0
 
 
-def _state() -> tuple[Settings, sa.Engine]:
-    """The settings and the migrated state database, for the commands that use it."""
+def _current(_args: argparse.Namespace) -> int:
+    url = Settings.from_env().database_url
+    engine = database.create_engine(url)
+    try:
+        current, head = database.revisions(engine, url)
+    finally:
+        engine.dispose()
+    if current is None:
+        print(f"none: {database.describe(url)} is not migrated (run: audience-sync db upgrade)")
+        return 1
+    print(f"{current}{' (head)' if current == head else f' (head is {head}: run audience-sync db upgrade)'}")
+    return 0
+
+
+def _history(_args: argparse.Namespace) -> int:
+    from alembic import command
+
+    command.history(database.alembic_config(Settings.from_env().database_url))
+    return 0
+
+
+def _state(writes: bool = False) -> tuple[Settings, sa.Engine]:
+    """The settings and the migrated state database, for the commands that use it; the commands that
+    write to it say which it is (read-only ones keep stderr for what they show)."""
     settings = Settings.from_env()
     engine = database.create_engine(settings.database_url, settings.pool_recycle)
-    log.info(
-        "state database: %s", database.describe(settings.database_url), extra={"action": "state_database"}
-    )
+    if writes:
+        log.info(
+            "state database: %s", database.describe(settings.database_url), extra={"action": "state_database"}
+        )
     database.check_migrated(engine, settings.database_url)
     return settings, engine
 
@@ -175,7 +204,7 @@ def _source(engine: sa.Engine, settings: Settings) -> "Sources":
 def _runner() -> "Runner":
     from sync.runner import Runner
 
-    settings, engine = _state()
+    settings, engine = _state(writes=True)
     database.check_writable(engine, settings.database_url)
     return Runner(engine, _source(engine, settings), settings)
 
@@ -282,7 +311,7 @@ def _forget(args: argparse.Namespace) -> int:
     from sync.forget import forget_user
     from sync.runs import utc_now
 
-    _, engine = _state()
+    _, engine = _state(writes=True)
     forgotten = forget_user(engine, args.user_id, utc_now(), dry_run=args.dry_run)
     views.forget(args.user_id, forgotten, args.dry_run)
     failed = any(line["outcome"] == "failed" for line in forgotten.report)

@@ -251,14 +251,20 @@ def upgrade(url: str) -> None:
         command.upgrade(alembic_config(url), "head")
 
 
-def check_migrated(engine: sa.Engine, url: str) -> None:
-    """Fail clearly when the state database is missing, unreachable, newer than the code or behind it."""
+def revisions(engine: sa.Engine, url: str) -> tuple[str | None, str | None]:
+    """The state database's schema revision (None: not migrated) and the newest this program knows; fails
+    clearly when the database is missing, unreachable or newer than the code."""
     path = sqlite_file(url)
     if path is not None and not path.exists():
         raise StateError(f"no state database at {path}: run `audience-sync db upgrade`")
-    head = ScriptDirectory.from_config(alembic_config(url)).get_current_head()
     with _reaching(url), engine.connect() as conn:
         current = _revision(conn, url)
+    return current, ScriptDirectory.from_config(alembic_config(url)).get_current_head()
+
+
+def check_migrated(engine: sa.Engine, url: str) -> None:
+    """Fail clearly when the state database is missing, unreachable, newer than the code or behind it."""
+    current, head = revisions(engine, url)
     if current != head:
         state = "is not migrated" if current is None else f"is at revision {current}, not {head}"
         raise StateError(f"the state database ({describe(url)}) {state}: run `audience-sync db upgrade`")

@@ -1,5 +1,6 @@
 """The state database's tables: configuration (edited by operators) and internal sync state."""
 
+import collections
 import contextlib
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -268,7 +269,7 @@ def sqlite_foreign_keys_off(bind: sa.Connection, tables: str) -> Iterator[None]:
         yield
         added = _foreign_key_violations(bind) - orphans_before
         if added:
-            raise RuntimeError(f"recreating {tables} broke foreign keys: {sorted(added)[:5]}")
+            raise RuntimeError(f"recreating {tables} broke foreign keys: {sorted(added.items())[:5]}")
         driver.commit()
     except BaseException:
         driver.rollback()
@@ -278,5 +279,8 @@ def sqlite_foreign_keys_off(bind: sa.Connection, tables: str) -> Iterator[None]:
             bind.exec_driver_sql("PRAGMA foreign_keys = ON")
 
 
-def _foreign_key_violations(bind: sa.Connection) -> set[tuple[object, ...]]:
-    return {tuple(row) for row in bind.exec_driver_sql("PRAGMA foreign_key_check")}
+def _foreign_key_violations(bind: sa.Connection) -> collections.Counter[tuple[str, str]]:
+    """Rows naming a missing parent, per (table, parent table): not by rowid or foreign key number, which
+    a recreated table renumbers."""
+    rows = bind.exec_driver_sql("PRAGMA foreign_key_check")
+    return collections.Counter((table, parent) for table, _rowid, parent, _key in rows)
