@@ -1,6 +1,7 @@
 """`audience-sync check`: every configuration problem at once, before anything runs."""
 
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -8,7 +9,7 @@ import sqlalchemy as sa
 
 from sync.audiences import Audience, load_audiences, row_problems
 from sync.connections import connection_rows, load_connection, type_warning
-from sync.database import describe
+from sync.database import describe, sqlite_file
 from sync.delivery import Sender
 from sync.destinations import load_destination
 from sync.destinations.base import Destination
@@ -17,6 +18,7 @@ from sync.guards import read_back_guard
 from sync.settings import Settings
 from sync.sources import Sources, unused_problems
 from sync.staging import dropping_stage, stage_members
+from sync.statefile import readable_by_others
 from sync.tables import audiences, destination_columns, destinations, readable_columns
 
 # SQLite keeps whatever a shell writes into a BOOLEAN column; 'yes' or 'true' read as false in SQL
@@ -65,6 +67,7 @@ def check_rows(conn: sa.Connection, settings: Settings) -> Findings:
     if conn.dialect.name == "sqlite":
         found.problems += _not_boolean(conn)
     found.warnings += unused_problems(conn)
+    found.warnings += readable_by_others(sqlite_file(settings.database_url))
     broken = _check_destinations(conn, found)
     for audience in valid:
         _check_connections(conn, audience, broken, found)
@@ -194,6 +197,8 @@ def _source_session(
         return f"{where}: cannot be reached"
     if source.dialect.name == "postgresql":
         found.warnings += _postgres_writes_left(source)
+    elif source.dialect.name in ("mysql", "mariadb"):
+        found.warnings += _mysql_grants_left(source)
     if guard.problem:
         found.problems.append(f"source {where}: {guard.problem}")
     if guard.warning:
@@ -232,3 +237,41 @@ def _postgres_writes_left(source: sa.Engine) -> list[str]:
         f"the source role {role!r} may execute {', '.join(writes)}: audience queries can write large objects "
         "despite the READ ONLY transaction; REVOKE EXECUTE on them FROM PUBLIC (operator guide)"
     ]
+
+
+# What a MariaDB or MySQL privilege lets an audience query read (and send as traits) despite the READ ONLY
+# transaction; SELECT counts on every schema or on `mysql`, which holds the password hashes.
+GRANT_RISKS = {
+    "FILE": "read server files into traits (LOAD_FILE)",
+    "SUPER": "change server settings and bypass read_only",
+    "SELECT": "read password hashes into traits (the mysql schema)",
+}
+# A line of SHOW GRANTS on every schema or on the `mysql` schema (what follows the grantee, such as a password
+# hash, is not matched)
+GRANT_LINE = re.compile(r"GRANT (?P<privileges>.+?) ON (?P<level>\*\.\*|`mysql`\.\S+) TO (?P<grantee>\S+)")
+
+
+def _mysql_grants_left(source: sa.Engine) -> list[str]:
+    """Each grant of the source user (or its role) that lets audience queries read more than tables."""
+    with source.connect() as conn:
+        lines = conn.exec_driver_sql("SHOW GRANTS").scalars().all()
+    warnings = []
+    for match in filter(None, map(GRANT_LINE.match, lines)):
+        level, grantee = match["level"], match["grantee"]
+        # FILE and SUPER are global privileges: on `mysql` only SELECT matters
+        risks = GRANT_RISKS if level == "*.*" else {"SELECT": GRANT_RISKS["SELECT"]}
+        # each privilege as written, a column list kept whole: SELECT (`Priv`, `User`)
+        held = {p.split(" (")[0]: p for p in re.split(r",\s*(?![^()]*\))", match["privileges"])}
+        if "ALL PRIVILEGES" in held:
+            named, remove = ["ALL PRIVILEGES"], "use a SELECT-only user"
+            allows = list(risks.values())
+        else:
+            named = [held[name] for name in risks if name in held]
+            remove = f"REVOKE {', '.join(named)} ON {level} FROM {grantee}"
+            allows = [risk for name, risk in risks.items() if name in held]
+        if named:
+            warnings.append(
+                f"the source user {grantee} holds {', '.join(named)} ON {level}: audience queries can "
+                f"{'; '.join(allows)}; {remove} (operator guide)"
+            )
+    return warnings

@@ -315,7 +315,7 @@ def _forget(args: argparse.Namespace) -> int:
     forgotten = forget_user(engine, args.user_id, utc_now(), dry_run=args.dry_run)
     views.forget(args.user_id, forgotten, args.dry_run)
     failed = any(line["outcome"] == "failed" for line in forgotten.report)
-    return 1 if forgotten.state_failure or failed else 0
+    return 1 if forgotten.state_failure or failed or forgotten.unknown is not None else 0
 
 
 def _sandbox(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
+from sync import statefile
 from sync.errors import ConfigError, StateError, SyncError
 from sync.tables import sync_leases
 
@@ -107,8 +108,8 @@ def create_engine(
     url: str, pool_recycle: float = 180.0, create: bool = False, source: bool = False
 ) -> sa.Engine:
     """An engine for `url`. SQLite gets foreign keys, a busy timeout and WAL, and a file that must exist
-    unless `create`; other databases get connections replaced after `pool_recycle` seconds (below the idle
-    timeouts of NAT gateways) and, on Postgres, TCP keepalives.
+    unless `create` (which makes it readable by its owner only); other databases get connections replaced
+    after `pool_recycle` seconds (below the idle timeouts of NAT gateways) and, on Postgres, TCP keepalives.
 
     A `source` engine (SYNC_SOURCE_URL) for DuckDB opens the database file read-only and limits file access to
     its directory; one the source guard cannot make read-only is logged.
@@ -119,7 +120,9 @@ def create_engine(
     in_memory = backend in ("sqlite", "duckdb") and parsed.database in (None, "", ":memory:")
     options: dict[str, Any] = {} if in_memory else {"pool_size": POOL_SIZE, "max_overflow": -1}
     connect_args: dict[str, Any] = {}
-    if backend == "sqlite" and not in_memory and not create and parsed.query.get("uri") != "true":
+    if backend == "sqlite" and create:
+        statefile.create_private(sqlite_file(url))
+    elif backend == "sqlite" and not in_memory and parsed.query.get("uri") != "true":
         uri = {**parsed.query, "mode": "rw", "uri": "true"}  # mode=rw: open the file, never create it
         parsed = parsed.set(database=f"file:{quote(parsed.database or '')}", query=uri)
     elif backend not in ("sqlite", "duckdb"):
@@ -241,6 +244,7 @@ def _revision(conn: sa.Connection, url: str) -> str | None:
 
 def upgrade(url: str) -> None:
     """Bring the state database to the newest schema."""
+    statefile.check_writable(sqlite_file(url))
     engine = create_engine(url, create=True)
     try:
         with _reaching(url), engine.connect() as conn:
@@ -257,6 +261,7 @@ def revisions(engine: sa.Engine, url: str) -> tuple[str | None, str | None]:
     path = sqlite_file(url)
     if path is not None and not path.exists():
         raise StateError(f"no state database at {path}: run `audience-sync db upgrade`")
+    statefile.check_writable(path)
     with _reaching(url), engine.connect() as conn:
         current = _revision(conn, url)
     return current, ScriptDirectory.from_config(alembic_config(url)).get_current_head()

@@ -13,6 +13,8 @@ from sync.messages import delete_message
 from sync.models import Change, Status
 from sync.tables import destination_columns, destinations, sync_rejections, sync_state
 
+NEAR_MATCHES = 5  # ids named when none matches exactly
+
 
 @dataclass
 class Forgotten:
@@ -21,13 +23,15 @@ class Forgotten:
     report: list[dict[str, Any]]  # per destination: outcome, detail (and in a dry run the request)
     removed: dict[str, int]  # rows per state table
     state_failure: str | None = None  # why the state tables could not be changed
+    unknown: list[str] | None = None  # no state row holds the user: the ids that differ only in case
 
 
 def forget_user(engine: sa.Engine, user_id: str, now: datetime, dry_run: bool = False) -> Forgotten:
     """Tell every destination that knows the user what it supports, then remove the user's state; in a dry
     run, say what would be sent and removed, and do neither.
 
-    A destination whose deletion failed keeps the user's state (and affiliate id): run `forget` again.
+    A destination whose deletion failed keeps the user's state (and affiliate id): run `forget` again. A user
+    no state row holds is `unknown`: nothing is sent.
     """
     with engine.connect() as conn:
         rows = conn.execute(
@@ -41,6 +45,8 @@ def forget_user(engine: sa.Engine, user_id: str, now: datetime, dry_run: bool = 
             .where(sync_state.c.user_id == user_id)
             .order_by(destinations.c.name)
         ).all()
+        if not rows and not _rejected(conn, user_id):  # a typo must not look like a deletion done
+            return Forgotten([], {}, unknown=_near(conn, user_id))
     report: list[dict[str, Any]] = []
     failed: set[int] = set()
     for row in rows:
@@ -56,6 +62,24 @@ def forget_user(engine: sa.Engine, user_id: str, now: datetime, dry_run: bool = 
     except sa.exc.DBAPIError as exc:  # a read-only or locked file, a read-only Postgres, a lost connection
         return Forgotten(report, {}, f"the state database failed: {exc.orig}")
     return Forgotten(report, removed)
+
+
+def _rejected(conn: sa.Connection, user_id: str) -> bool:
+    return (
+        conn.scalar(sa.select(sync_rejections.c.user_id).where(sync_rejections.c.user_id == user_id).limit(1))
+        is not None
+    )
+
+
+def _near(conn: sa.Connection, user_id: str) -> list[str]:
+    """The user ids in the state tables that differ from `user_id` only in case."""
+    held = sa.union(
+        *(
+            sa.select(t.c.user_id).where(sa.func.lower(t.c.user_id) == user_id.lower())
+            for t in (sync_state, sync_rejections)
+        )
+    )
+    return sorted(conn.scalars(held.limit(NEAR_MATCHES)))
 
 
 def _remove(conn: sa.Connection, user_id: str, failed: set[int], dry_run: bool) -> dict[str, int]:

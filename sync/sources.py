@@ -21,6 +21,10 @@ from sync.errors import ConfigError
 from sync.settings import secret_from_env
 from sync.tables import audiences, readable_columns, sources
 
+# Query parameters of a URL that hold a password, as drivers name them (psycopg's `password`, ODBC's `pwd`,
+# libpq's `sslpassword`, a warehouse's `token`)
+SECRET_PARAMETERS = {"password", "pwd", "passwd", "sslpassword", "token"}
+
 
 class Sources:
     """The engines audience queries run on, kept for the process by source name; one is rebuilt when its
@@ -106,7 +110,7 @@ def _url(row: sa.Row[Any], where: str) -> str:
     if not isinstance(row.url, str):
         raise ConfigError(f"{where}: url holds {type(row.url).__name__} data, not text")
     parsed = database.parse(row.url)
-    if parsed is not None and parsed.password:
+    if parsed is not None and (parsed.password or SECRET_PARAMETERS & {k.lower() for k in parsed.query}):
         raise ConfigError(
             f"{where}: url holds a password; put the URL in an environment variable and its name in url_env"
         )

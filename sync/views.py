@@ -192,6 +192,11 @@ def check(found: Findings) -> None:
 
 def forget(user_id: str, forgotten: Forgotten, dry_run: bool) -> None:
     """Each destination's outcome (and in a dry run the request) on stdout, the state tables on stderr."""
+    if forgotten.unknown is not None:
+        near = ", ".join(map(repr, forgotten.unknown))
+        held = f" (user ids are case-sensitive; the state holds {near})" if near else ""
+        print(f"no connection holds user {user_id!r}: nothing was sent or removed{held}", file=sys.stderr)
+        return
     for line in forgotten.report:
         print(f"{line['destination']}: {line['outcome']} ({line['detail']})")
         if "request" in line:
