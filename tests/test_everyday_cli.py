@@ -1,11 +1,17 @@
 """Everyday commands (issue 23 item 13): `db current` and `db history`, and read-only commands that keep
 stderr for what they show."""
 
+import contextlib
+import json
+import re
+import sqlite3
+from pathlib import Path
+
 import pytest
 from alembic.script import ScriptDirectory
 
 from sync import database
-from sync.sandbox import EverflowServer
+from sync.sandbox import EverflowServer, RefersionServer
 from tests.conftest import Config, Customers, run_cli
 from tests.test_e2e import everflow_destination
 from tests.test_migrations import alembic
@@ -62,3 +68,34 @@ def test_read_only_commands_print_no_log_line_and_a_run_names_the_state_database
     for command in (["status"], ["audiences"], ["destinations"], ["runs"], ["explain", "u1"]):
         shown = run_cli(state_url, *command)
         assert shown.returncode == 0 and shown.stderr == "", (command, shown.stderr)
+
+
+def test_the_readme_worked_example_runs_as_written_against_the_sandbox(tmp_path: Path) -> None:
+    """The README's SQL and key, with only the sandbox's ports moved to free ones (tests run side by side)."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    example = readme[readme.index("## Worked example") : readme.index("## Commands")]
+    sql = example.split("```sql\n", 1)[1].split("```", 1)[0]
+    [key] = re.findall(r"export REFERSION_API_KEY='([^']*)'", example)
+    assert "http://127.0.0.1:8870" in sql and "http://127.0.0.1:8871/v2" in sql  # `audience-sync sandbox`'s
+    url = f"sqlite:///{tmp_path / 'audience-sync.db'}"
+    database.upgrade(url)
+    with EverflowServer() as everflow, RefersionServer() as refersion:
+        moved = sql.replace("http://127.0.0.1:8870", everflow.url).replace(
+            "http://127.0.0.1:8871", refersion.url
+        )
+        with contextlib.closing(sqlite3.connect(tmp_path / "audience-sync.db")) as shell:
+            shell.executescript(moved)
+        env = {"REFERSION_API_KEY": key}
+        dry = run_cli(url, "initial", "--dry-run", env=env)
+        assert dry.returncode == 0, dry.stderr
+        shown = [json.loads(line) for line in dry.stdout.splitlines()]
+        assert sorted((m["destination"], m["message"]["userId"]) for m in shown) == [
+            ("Everflow", "c1"),
+            ("Everflow", "c2"),
+            ("Refersion", "c1"),
+            ("Refersion", "c2"),
+        ]
+        done = run_cli(url, "initial", env=env)
+        assert done.returncode == 0, done.stderr
+    assert everflow.accepted == {("tx-1", "5"): 1, ("tx-2", "5"): 1}
+    assert sorted(a["unique_merchant_id"] for a in refersion.affiliates.values()) == ["c1", "c2"]
