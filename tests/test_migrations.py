@@ -242,7 +242,7 @@ def fill_every_table(url: str) -> None:
 
 # Columns and tables added after 0003, which the rows filled at 0002 cannot have (their own migrations test
 # them)
-LATER_COLUMNS = {"remote_code", "long_user_ids", "pending", "source"}
+LATER_COLUMNS = {"remote_code", "long_user_ids", "pending", "source", "countries_left_out"}
 LATER_TABLES = {"sources"}
 
 
@@ -499,6 +499,28 @@ def test_0007_keeps_every_row_both_ways_and_the_audience_ids_autoincrement(empty
         if empty_url.startswith("sqlite"):
             assert autoincrement_tables(empty_url) == {"audiences", "destinations"}
         assert run_cli(empty_url, "db", "upgrade").returncode == 0  # and up again
+        assert every_row(empty_url) == before
+    finally:
+        engine.dispose()
+
+
+# 0009: sync_runs.countries_left_out (down_revision 0007 until the lead rebases it onto 0008).
+
+
+def test_0009_counts_no_country_left_out_in_earlier_runs_and_goes_back(empty_url: str) -> None:
+    alembic(empty_url, "upgrade", "0007")
+    fill_every_table(empty_url)
+    before = every_row(empty_url)
+
+    database.upgrade(empty_url)
+
+    assert every_row(empty_url) == before
+    engine = database.create_engine(empty_url)
+    try:
+        counts = Config(engine).sql("SELECT DISTINCT countries_left_out FROM sync_runs")
+        assert counts == [(0,)]
+        alembic(empty_url, "downgrade", "0007")
+        assert "countries_left_out" not in {c["name"] for c in sa.inspect(engine).get_columns("sync_runs")}
         assert every_row(empty_url) == before
     finally:
         engine.dispose()
