@@ -40,8 +40,9 @@ from sync.destinations import load_destination
 from sync.destinations.base import Destination
 from sync.diff import Diff
 from sync.messages import build_message
-from sync.models import Change, Status
-from sync.sandbox import EverflowServer, Recorded, Response
+from sync.models import Change, Outcome, Status
+from sync.sandbox import EverflowServer, Recorded, RefersionServer, Response
+from sync.sinks import planned
 from sync.staging import SharedReads, drop_stage, stage_members
 from sync.tables import UTCDateTime, sync_stage, sync_state
 
@@ -556,6 +557,45 @@ def phase4(limit: float, seconds: float) -> tuple[float, int]:
         return (len(stamps) - 1) / (stamps[-1] - stamps[0]), server.throttled
 
 
+def refersion_pages(destination: Destination, sender: Sender, changes: list[Change]) -> list[Outcome]:
+    """The runner's delivery of one kind of change (all entries or all exits): pages of the destination's
+    page size, planned (`sinks.planned`) and sent; every outcome."""
+    connection = Link(1, "bench", destination.id, destination.name)
+    delivery = Delivery(sender)
+    size = destination.page_size(changes[0].value)
+    outcomes: list[Outcome] = []
+    for start in range(0, len(changes), size):
+        _, done, calls = planned(connection, destination, changes[start : start + size], datetime.now(UTC))
+        outcomes += done + delivery.send_all(calls)
+    return outcomes
+
+
+def phase6(exits: int) -> float:
+    """Refersion requests per exit, for affiliates this product created (`on_exit: disable`)."""
+    with RefersionServer() as server:
+        row = SimpleNamespace(id=2, name="bench", kind="refersion", api_key="pub.sec", api_key_env=None)
+        settings = {"api_base": server.url + "/v2", "on_exit": "disable", "rate_limit": 100000}
+        destination = load_destination(row, json.dumps(settings))  # type: ignore[arg-type]
+        sender = Sender(destination)
+        try:
+            traits = '{{"email": "u{0}@example.com", "first_name": "Ada", "last_name": "Lovelace"}}'
+            entries = [Change(f"u{i}", True, traits.format(i), 0) for i in range(exits)]
+            created = refersion_pages(destination, sender, entries)
+            if sum(o.status == Status.ACCEPTED for o in created) != exits:
+                raise SystemExit("refersion: not every affiliate was created")
+            before = len(server.requests)
+            leaving = [
+                Change(o.change.user_id, False, o.change.traits_text, 1, o.remote_id, True, o.remote_code)
+                for o in created
+            ]
+            disabled = refersion_pages(destination, sender, leaving)
+        finally:
+            sender.close()
+        if sum(o.status == Status.ACCEPTED for o in disabled) != exits:
+            raise SystemExit("refersion: not every affiliate was disabled")
+        return (len(server.requests) - before) / exits
+
+
 def serve_sink() -> None:
     with EverflowServer() as server:
         print(server.url, flush=True)
@@ -682,6 +722,12 @@ def main() -> None:
         ok = verdict(0.9 <= ratio <= 1.0 and throttled == 0)
         label, shown = f"rate limit L={limit:g}/s (req/s; 429s)", f"{achieved:.2f}; {throttled} x 429"
         table.add_row(label, "", shown, f"{limit:g}", f"{ratio:.3f}", "0.9-1.0 of L, no 429", ok)
+    exits = 200 if args.smoke else 5000
+    console.print(f"phase 6: exits of {exits:,} Refersion affiliates this product created")
+    per_exit = phase6(exits)
+    table.add_row(
+        "Refersion requests per exit", "", f"{per_exit:.3f}", "", "", "<= 0.03", verdict(per_exit <= 0.03)
+    )
     console.print(table)
     for note in notes:
         console.print(note)

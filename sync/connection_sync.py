@@ -5,6 +5,7 @@ Transactions: `sync_connection` commits on the state connection it is given, aft
 (a dry run's sink writes nothing, and nothing is recorded).
 """
 
+import logging
 import threading
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,6 +24,7 @@ from sync.runs import Finished, Options, Result, RunLog, RunOutcome
 from sync.sinks import Sink
 from sync.staging import SharedReads
 
+log = logging.getLogger(__name__)
 MASS_EXIT_MIN = 100
 LEASE_LOST = "stopped: the audience's lease was lost"
 
@@ -62,7 +64,8 @@ class _Pages:
 
     def account(self, outcomes: list[Outcome]) -> None:
         for outcome in outcomes:
-            self.counts[outcome.status] = self.counts.get(outcome.status, 0) + 1
+            for name in (outcome.status, *outcome.noted):
+                self.counts[name] = self.counts.get(name, 0) + 1
             if outcome.status == Status.FAILED:
                 self.last_failure = outcome.reason
         if self.sink.writes:
@@ -76,7 +79,7 @@ class _Pages:
         progress = run.options.progress
         advance = progress(f"{run.audience.name} -> {run.destination.name}", total) if progress else None
         for value in (True, False):
-            for page in diff.batches(value, run.destination.limits.max_in_flight):
+            for page in diff.batches(value, run.destination.page_size(value)):
                 self.counts["entered" if value else "exited"] += len(page)
                 self.account(self.sink.send(run.link, run.destination, page))
                 if advance is not None:
@@ -89,6 +92,7 @@ class _Pages:
     def finish(self, outcome: RunOutcome, error: str | None) -> Result:
         """Log and (unless dry) record how the connection's run ended."""
         run = self.run
+        _log_notes(run, self.counts)
         result = Result(run.audience.name, run.destination.name, outcome, self.counts, error)
         ended = Finished(
             run.audience.id,
@@ -106,6 +110,19 @@ class _Pages:
         if self.run.stopping.is_set():
             return INTERRUPTED
         return LEASE_LOST if self.run.lost.is_set() else None
+
+
+def _log_notes(run: ConnectionRun, counts: dict[str, int]) -> None:
+    """One line per run for each count the destination notes (`Destination.count_notes`) that is not 0."""
+    for name, note in run.destination.count_notes.items():
+        if counts.get(name):
+            log.warning(
+                "%s -> %s: %s",
+                run.audience,
+                run.destination.name,
+                note % counts[name],
+                extra={"action": name, "audience_id": run.audience.id, "destination_id": run.destination.id},
+            )
 
 
 def sync_connection(

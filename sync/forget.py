@@ -107,11 +107,7 @@ def _forget_at(row: Any, user_id: str, now: datetime, dry_run: bool) -> dict[str
     call = destination.forget(change, delete_message(user_id, row.name, now, email=email))
     what = "delete message" if destination.transport else "affiliate disabled"
     if call is None:
-        return {
-            "outcome": "nothing to send",
-            "detail": f"{destination.kind} supports no deletion"
-            + ("" if destination.kind != "refersion" else " for a user without a known affiliate or email"),
-        }
+        return {"outcome": "nothing to send", "detail": destination.no_deletion}
     if dry_run:
         # the answer to a lookup leads to the request that disables: only the first is known now
         return {
@@ -129,4 +125,6 @@ def _forget_at(row: Any, user_id: str, now: datetime, dry_run: bool) -> dict[str
     outcome = outcomes[0]
     if outcome.status == Status.ACCEPTED:
         return {"outcome": "sent", "detail": f"{what} accepted"}
+    if outcome.status == Status.REJECTED and not outcome.refused:  # a lookup that found no affiliate
+        return {"outcome": "nothing to send", "detail": outcome.reason}
     return {"outcome": "failed", "detail": outcome.reason or outcome.status}

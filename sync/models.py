@@ -63,6 +63,7 @@ class Outcome:
     remote_code: str | None = None
     # a rejection by the destination's answer to the request, which may be about its settings, not the user
     refused: bool = False
+    noted: tuple[str, ...] = ()  # run counts (`Destination.count_notes`) this outcome adds one to
 
 
 def accepted(change: Change, **extra: Any) -> Outcome:

@@ -40,7 +40,7 @@ Planned = tuple[dict[str, dict[str, Any]], list[Outcome], list[Call]]
 
 def planned(link: Link, destination: Destination, page: list[Change], now: datetime) -> Planned:
     """The page's messages by user id, the outcomes known without a request, and the requests to send."""
-    messages = {change.user_id: build_message(link, change, now) for change in page}
+    messages = {c.user_id: destination.message(c, build_message(link, c, now)) for c in page}
     outcomes: list[Outcome] = []
     sendable = []
     for change in page:

@@ -159,6 +159,7 @@ sync_runs = sa.Table(
             "null_user_ids",
             "duplicate_user_ids",
             "long_user_ids",  # longer than MAX_USER_ID_BYTES: skipped like NULL ones
+            "countries_left_out",  # Refersion affiliates created without a country it does not list
         )
     ),
     # changes left for the next run: not accepted, rejected or skipped; NULL when not known (a failed query)

@@ -270,7 +270,8 @@ def test_forget_dry_run_says_what_it_would_do_and_does_nothing(
     assert config.sql("SELECT count(*) FROM sync_state WHERE user_id = 'u1'") == [(1,)]
     first, request = preview.stdout.splitlines()
     assert first == "Refersion: would send (affiliate disabled, starting with this request)"
-    assert json.loads(request)["url"].endswith("/v2/affiliate/get") and "pub.sec" not in request
+    # the numeric id was kept from the create's answer: the disabling request itself, no lookup first
+    assert json.loads(request)["url"].endswith("/v2/affiliate/status_change") and "pub.sec" not in request
     assert (
         "would remove 1 from sync_state, 0 from sync_rejections; nothing was sent or removed"
         in preview.stderr

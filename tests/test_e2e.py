@@ -293,7 +293,8 @@ def test_resend_sends_every_member_again(engine: sa.Engine, config: Config, cust
         assert initial() == ["ok"]
         first_ids = sorted(message["messageId"] for message in segment.messages)
         assert len(first_ids) == 2
-        assert segment.requests[0].settings == {"network_id": "9"}
+        # Segment's catalog names only: the row's network_id is no setting of Everflow's Segment destination
+        assert segment.requests[0].settings == {"apiKey": "seg-key", "eventMapping": {}}
 
         assert initial() == []  # completed: nothing to do
         assert len(segment.messages) == 2

@@ -81,10 +81,10 @@ def test_refersion_create_then_exit_disables_the_numeric_id_then_reentry_reactiv
         buyers.add("u1")
         synced(sync_in_process(engine, refersion))
         paths = [(r.path.removeprefix("/v2/affiliate/"), r.json) for r in refersion.requests[2:]]
-        assert [p for p, _ in paths] == ["get", "status_change", "status_change"]
-        assert paths[0][1] == {"affiliate_code": affiliate["code"]}
-        assert paths[1][1] == {"ids": [affiliate["id"]], "status": "DISABLED"}
-        assert paths[2][1] == {"ids": [affiliate["id"]], "status": "ACTIVE"}  # no second lookup: it is kept
+        # the numeric id came with the create's answer: no lookup
+        assert [p for p, _ in paths] == ["status_change", "status_change"]
+        assert paths[0][1] == {"ids": [affiliate["id"]], "status": "DISABLED"}
+        assert paths[1][1] == {"ids": [affiliate["id"]], "status": "ACTIVE"}
         assert affiliate["status"] == "ACTIVE"
         with engine.connect() as conn:
             state = conn.execute(

@@ -243,7 +243,7 @@ def fill_every_table(url: str) -> None:
 
 # Columns and tables added after 0003, which the rows filled at 0002 cannot have (their own migrations test
 # them)
-LATER_COLUMNS = {"remote_code", "long_user_ids", "pending", "source", "in_doubt_since"}
+LATER_COLUMNS = {"remote_code", "long_user_ids", "pending", "source", "in_doubt_since", "countries_left_out"}
 LATER_TABLES = {"sources"}
 
 
@@ -500,6 +500,54 @@ def test_0007_keeps_every_row_both_ways_and_the_audience_ids_autoincrement(empty
         if empty_url.startswith("sqlite"):
             assert autoincrement_tables(empty_url) == {"audiences", "destinations"}
         assert run_cli(empty_url, "db", "upgrade").returncode == 0  # and up again
+        assert every_row(empty_url) == before
+    finally:
+        engine.dispose()
+
+
+# 0008: sync_state.in_doubt_since, accepted_at nullable.
+
+
+def test_0008_keeps_every_row_and_going_back_drops_the_rows_holding_only_a_doubt(empty_url: str) -> None:
+    alembic(empty_url, "upgrade", "0007")
+    fill_every_table(empty_url)
+    before = every_row(empty_url)
+    alembic(empty_url, "upgrade", "0008")
+    assert every_row(empty_url) == before
+    engine = database.create_engine(empty_url)
+    try:
+        config = Config(engine)
+        assert config.sql("SELECT DISTINCT in_doubt_since FROM sync_state") == [(None,)]
+        [(audience, destination)] = config.sql("SELECT audience_id, destination_id FROM sync_state LIMIT 1")
+        config.sql(  # a first entry in doubt: nothing accepted yet
+            "INSERT INTO sync_state (audience_id, destination_id, user_id, member, traits, changes, "
+            "in_doubt_since) VALUES (:a, :d, 'doubtful', false, '{}', 0, '2026-12-01 00:00:00.000000')",
+            a=audience,
+            d=destination,
+        )
+        alembic(empty_url, "downgrade", "0007")
+        assert every_row(empty_url) == before  # the doubt's row went, not an accepted one
+    finally:
+        engine.dispose()
+
+
+# 0009: sync_runs.countries_left_out.
+
+
+def test_0009_counts_no_country_left_out_in_earlier_runs_and_goes_back(empty_url: str) -> None:
+    alembic(empty_url, "upgrade", "0008")
+    fill_every_table(empty_url)
+    before = every_row(empty_url)
+
+    database.upgrade(empty_url)
+
+    assert every_row(empty_url) == before
+    engine = database.create_engine(empty_url)
+    try:
+        counts = Config(engine).sql("SELECT DISTINCT countries_left_out FROM sync_runs")
+        assert counts == [(0,)]
+        alembic(empty_url, "downgrade", "0008")
+        assert "countries_left_out" not in {c["name"] for c in sa.inspect(engine).get_columns("sync_runs")}
         assert every_row(empty_url) == before
     finally:
         engine.dispose()

@@ -29,8 +29,12 @@ def test_refersion_probe_with_the_right_key_says_credentials_accepted_and_change
         assert server.affiliates == before
         # the keyword matches no affiliate: a search, not a look at anyone's data
         keys = {"Refersion-Public-Key": "pub", "Refersion-Secret-Key": "sec"}
-        found = httpx.post(server.url + request.path, json=request.json, headers=keys).json()
-        assert found == {"total": 0, "results": []}
+        found = httpx.post(server.url + request.path, json=request.json, headers=keys)
+        # the reference's answer to a search that finds nothing (/affiliate/search 422 example)
+        assert (found.status_code, found.json()) == (
+            422,
+            {"errors": ["Could not find affiliates with this keyword."]},
+        )
 
 
 @pytest.mark.parametrize("api_key", ["pub.wrong", "wrong.sec"])

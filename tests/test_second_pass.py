@@ -221,7 +221,8 @@ def test_finding_5_an_audience_with_1000_trait_columns_syncs(
         assert done.outcome == "ok", done.error
         [message] = segment.messages
     traits = message["traits"]
-    assert len(traits) == 1 + 3 + 1000  # the audience key, the names and email, the 1,000 columns
+    # the audience key, the names and email, the 1,000 columns, and the address Refersion's page requires
+    assert len(traits) == 1 + 3 + 1000 + 1
     assert (traits["t0000"], traits["t0999"], traits["wide"]) == ("v0", "v999", True)
 
 

@@ -37,8 +37,12 @@ class Destination:
 
     kind = ""
     segment_type = ""  # the only message type the kind's Segment destination takes
+    segment_deletes = True  # its Segment destination takes `delete`
+    no_deletion = ""  # what `forget` says when it has nothing to send
     settings_fields: frozenset[str] = frozenset()
     default_rate_limit = 10.0
+    # run counts the kind's outcomes add to (`Outcome.noted`), each with its log line (one `%d`)
+    count_notes: dict[str, str] = {}
 
     def __init__(self, row: sa.Row[Any], settings: dict[str, Any]) -> None:
         """Validate the row's key and settings (`load_destination` checked its kind, JSON and transport);
@@ -63,8 +67,8 @@ class Destination:
             backoff_initial=self._number(problems, "backoff_initial", 0.5, 3_600),
             backoff_max=self._number(problems, "backoff_max", 30, 3_600),
         )
-        self.transport = None if native else self._segment_transport(problems)
         self.read_settings(problems, native)
+        self.transport = None if native else self._segment_transport(problems)
         problems.raise_any()
 
     def read_settings(self, problems: Problems, native: bool) -> None:
@@ -89,8 +93,25 @@ class Destination:
     def _segment_transport(self, problems: Problems) -> SegmentTransport | None:
         key = self.needed_key(problems, "the Segment transport needs an API key")
         with problems.gather():
-            return SegmentTransport(self.where, self.settings, key)
+            return SegmentTransport(self.where, self.settings, key, self.catalog_settings(key))
         return None
+
+    def catalog_settings(self, api_key: str) -> dict[str, Any]:
+        """The settings a partner endpoint reads from X-Segment-Settings, named as Segment's catalog names
+        the kind's (segment-docs src/_data/catalog/destinations.yml): `apiKey`, and the kind's own."""
+        return {"apiKey": api_key}
+
+    def message(self, change: Change, message: dict[str, Any]) -> dict[str, Any]:
+        """The Segment message as this destination sends it: over the Segment transport, shaped as the
+        kind's Segment destination page asks (`segment_message`); natively, as built."""
+        return message if self.transport is None else self.segment_message(change, message)
+
+    def segment_message(self, change: Change, message: dict[str, Any]) -> dict[str, Any]:
+        return message
+
+    def page_size(self, value: bool) -> int:
+        """How many entries (`value` True) or exits are planned, sent and recorded at a time."""
+        return self.limits.max_in_flight
 
     def _number(self, problems: Problems, name: str, default: float, most: int) -> float:
         """A number setting; a wrong one is noted and its default stands in."""
@@ -143,10 +164,13 @@ class Destination:
         return self.plan_native(changes, messages, event)
 
     def forget(self, change: Change, message: dict[str, Any]) -> Call | None:
-        """The call that deletes (or disables) a user at the destination; None when it supports neither."""
-        if self.transport is not None:
-            return self.transport.plan([change], {change.user_id: message})[0]
-        return self.forget_native(change)
+        """The call that deletes (or disables) a user at the destination; None when it supports neither
+        (`no_deletion` says why)."""
+        if self.transport is None:
+            return self.forget_native(change)
+        if not self.segment_deletes:
+            return None
+        return self.transport.plan([change], {change.user_id: message})[0]
 
     def forget_native(self, change: Change) -> Call | None:
         return None

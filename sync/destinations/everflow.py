@@ -4,6 +4,7 @@ A postback's 200 means the endpoint received it: Everflow may still reject the c
 transaction id, an event not in the offer, a duplicate) and says so only in its own reports.
 """
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -14,11 +15,26 @@ from sync.models import Change, Outcome, Status
 
 # The optional postback parameters a member's traits may fill (Everflow's advertiser postback macros)
 PARAMS = frozenset({"amount", "order_id", "coupon_code", "email", *(f"adv{i}" for i in range(1, 6))})
+# The track properties Everflow's Segment destination maps to those parameters (segment-docs, Everflow
+# destination: adv1..adv5, `total`, `orderId`; Segment's spec names the coupon `coupon`); custom properties
+# are not supported, and the member's email already travels in context.traits
+SEGMENT_PROPERTIES = {
+    "amount": "total",
+    "order_id": "orderId",
+    "coupon_code": "coupon",
+    **{f"adv{i}": f"adv{i}" for i in range(1, 6)},
+}
+# An event mapped to this id is the base conversion, whose postback carries no adv_event_id (Everflow's
+# advertiser postback docs; "Base Conversion" in Segment's Everflow event mapping)
+BASE_CONVERSION = "0"
 
 
 class Everflow(Destination):
     kind = "everflow"
     segment_type = "track"  # Segment's Everflow destination takes Track calls only
+    # segment-docs catalog: Everflow's methods are track only: no delete reaches it
+    segment_deletes = False
+    no_deletion = "Everflow keeps no profile to delete: it records conversions only"
     settings_fields = frozenset(
         {"tracking_domain", "network_id", "verification_token", "event_mapping", "aid", "params"}
     )
@@ -30,8 +46,29 @@ class Everflow(Destination):
             isinstance(v, int | str) and not isinstance(v, bool) for v in self.event_mapping.values()
         ):
             problems.add(f"{self.where}: settings.event_mapping must map event names to advertiser event ids")
+        with problems.gather():
+            self.params = self._params()
         if native:
             self._postback_settings(problems)
+
+    def catalog_settings(self, api_key: str) -> dict[str, Any]:
+        # segment-docs src/_data/catalog/destinations.yml, Everflow: apiKey (string) and eventMapping (a
+        # text-map: event name -> advertiser event id, text)
+        mapping = self.event_mapping if isinstance(self.event_mapping, dict) else {}
+        return {"apiKey": api_key, "eventMapping": {name: str(id_) for name, id_ in mapping.items()}}
+
+    def segment_message(self, change: Change, message: dict[str, Any]) -> dict[str, Any]:
+        """The track message with `settings.params` as the properties Everflow's Segment destination maps."""
+        values = self._param_values(change)
+        mapped = {SEGMENT_PROPERTIES[p]: v for p, v in values.items() if p in SEGMENT_PROPERTIES}
+        if "total" in mapped:  # a number in Segment's spec; property types must match Everflow's
+            mapped["total"] = _number(mapped["total"])
+        return {**message, "properties": {**message.get("properties", {}), **mapped}}
+
+    def _param_values(self, change: Change) -> dict[str, Any]:
+        """The optional postback parameters the change's traits fill (a NULL or empty trait fills none)."""
+        found = {param: change.traits.get(trait) for param, trait in self.params.items()}
+        return {param: value for param, value in found.items() if value not in (None, "")}
 
     def _postback_settings(self, problems: Problems) -> None:
         """Where postbacks go, and what each one carries."""
@@ -46,8 +83,6 @@ class Everflow(Destination):
             self.network_id = network_id
         with problems.gather():
             self.aid = self._id_setting("aid")
-        with problems.gather():
-            self.params = self._params()
         self.verification_token = self.settings.get("verification_token")
         if not isinstance(self.verification_token, str | None):
             problems.add(f"{self.where}: settings.verification_token must be text")
@@ -104,19 +139,15 @@ class Everflow(Destination):
             if name not in self.event_mapping:
                 skipped.append(Outcome(change, Status.SKIPPED, f"no event_mapping for {name!r}"))
                 continue
-            params = {
-                "nid": self.network_id,
-                "transaction_id": str(change.traits["transaction_id"]),
-                "adv_event_id": str(self.event_mapping[name]),
-            }
+            params = {"nid": self.network_id, "transaction_id": str(change.traits["transaction_id"])}
+            event_id = str(self.event_mapping[name]).strip()
+            if event_id != BASE_CONVERSION:
+                params["adv_event_id"] = event_id
             if self.verification_token:
                 params["verification_token"] = str(self.verification_token)
             if self.aid:
                 params["aid"] = self.aid
-            for param, trait in self.params.items():
-                value = change.traits.get(trait)
-                if value not in (None, ""):
-                    params[param] = str(value)
+            params.update({param: str(value) for param, value in self._param_values(change).items()})
             calls.append(
                 Call(
                     [change],
@@ -128,3 +159,12 @@ class Everflow(Destination):
                 )
             )
         return skipped, calls
+
+
+def _number(value: Any) -> Any:
+    """A number given as text ("19.90") as a number; anything else as it is."""
+    try:
+        number = float(value) if isinstance(value, str) else None
+    except ValueError:
+        number = None
+    return number if number is not None and math.isfinite(number) else value

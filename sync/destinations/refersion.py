@@ -8,6 +8,7 @@ adopted: found with /affiliate/search by email, resolved, and recorded as ours t
 """
 
 import functools
+import re
 import secrets
 import string
 from collections.abc import Callable
@@ -22,7 +23,27 @@ from sync.destinations.http import Call, base_url, error_text, read_probe
 from sync.errors import FatalError, Problems
 from sync.models import Change, Outcome, accepted, failed, rejected
 
+# Refersion REST API v2 reference (OpenAPI, /affiliate/status_change): "Limit of 50 IDs per call"
 STATUS_CHANGE_MAX_IDS = 50
+# Refersion REST API v2 reference (OpenAPI, /affiliate/new, country): "must match one of" these 90 codes;
+# another is refused (422 "X is not a allowed value for field Y") with the whole create
+COUNTRIES = frozenset(
+    "US AE AR AS AT AU BA BD BE BG BR CA CH CL CN CO CR CZ DE DK DZ EE ES FI FM FO FR GB GH GR GU HK "
+    "HN HR HU ID IE IL IM IN IS IT JM JP KR KW LT LU LV MA MH MK MP MT MX MY NG NL NO NZ OM PE PH PK "
+    "PL PR PT PW QA RO RS RU SA SE SG SI SK SV TH TN TR TW TZ UA UY VG VI VN WS ZA".split()
+)
+# Refersion REST API v2 reference (OpenAPI, /affiliate/new 200 example): "The affiliate 37569297 has been
+# created with the status of ACTIVE." The numeric id is only there.
+CREATED = re.compile(r"\baffiliate (\d+) has been created\b")
+# segment-docs, Refersion destination: an identify's `address` object, optionally with street, city, state,
+# postalCode or postal_code and country; each filled from the first of its columns that has a value
+ADDRESS = {
+    "street": ("street", "address1"),
+    "city": ("city",),
+    "state": ("state",),
+    "postal_code": ("postal_code", "postalCode", "zip"),
+    "country": ("country",),
+}
 # REFERENCE.md (Refersion, /affiliate/search): the keyword is an exact affiliate code or part of an email;
 # no code nor email holds a space, so this matches no affiliate
 PROBE_KEYWORD = "audience-sync credentials check"
@@ -43,13 +64,24 @@ def generate_password() -> str:
 
 
 def split_name(traits: dict[str, Any]) -> tuple[str, str]:
-    """First and last name (snake or camel case), or `name` split on its last space."""
+    """First and last name (snake or camel case), or `name` split at its first space."""
     first = traits.get("first_name") or traits.get("firstName") or ""
     last = traits.get("last_name") or traits.get("lastName") or ""
     if not (first and last) and traits.get("name"):
-        head, _, tail = str(traits["name"]).strip().rpartition(" ")
+        head, _, tail = str(traits["name"]).strip().partition(" ")
         first, last = first or head, last or tail
     return str(first).strip(), str(last).strip()
+
+
+def refersion_country(traits: dict[str, Any]) -> str | None:
+    """The country code /affiliate/new takes for the member, None when it has none Refersion lists."""
+    code = country_code(str(traits.get("country") or ""))
+    return code if code in COUNTRIES else None
+
+
+def country_left_out(traits: dict[str, Any]) -> bool:
+    """A known country that is not one of Refersion's 90: the affiliate is created without it."""
+    return country_code(str(traits.get("country") or "")) not in (None, *COUNTRIES)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -71,6 +103,11 @@ def numeric_id(change: Change) -> int | None:
 class Refersion(Destination):
     kind = "refersion"
     segment_type = "identify"  # Segment's Refersion destination takes Identify (and delete)
+    no_deletion = "no Refersion affiliate is known for this user (no affiliate code and no email)"
+    count_notes = {
+        "countries_left_out": "created %d affiliate(s) without their country: it is not one of the 90 that "
+        "Refersion's API takes, which refuses the whole create for another"
+    }
     settings_fields = frozenset({"api_base", "status", "offer", "send_welcome", "on_exit", "on_reentry"})
     default_rate_limit = 5.0
 
@@ -104,11 +141,24 @@ class Refersion(Destination):
     def check(self, change: Change, message: dict[str, Any]) -> str | None:
         if not change.value or change.remote_id or change.remote_code:
             return None
-        first, last = split_name(change.traits)
+        traits = change.traits
+        first, last = split_name(traits)
+        if self.transport is not None:
+            # segment-docs, Refersion destination: an identify must contain `email` and `name` or first and
+            # last name; it "can also only contain the name"
+            if traits.get("email") and (traits.get("name") or (first and last)):
+                return None
+            return "Refersion's Segment destination needs email and a name (name, or first and last name)"
+        name = str(traits.get("name") or "").strip()
+        if not last and name and " " not in name:
+            return (
+                f"the name column holds one word ({name[:60]!r}): Refersion needs a first "
+                "and a last name; return first_name and last_name, or a name with a space"
+            )
         missing = [
             name
             for name, value in (
-                ("email", change.traits.get("email")),
+                ("email", traits.get("email")),
                 ("first_name", first),
                 ("last_name", last),
             )
@@ -116,8 +166,8 @@ class Refersion(Destination):
         ]
         if missing:
             return f"Refersion needs {', '.join(missing)} to create an affiliate"
-        country = change.traits.get("country")
-        if self.transport is None and country not in (None, "") and not country_code(str(country)):
+        country = traits.get("country")
+        if country not in (None, "") and not country_code(str(country)):
             return (
                 f"the country column holds {str(country)[:60]!r}, which is not a country Refersion takes: "
                 "return an ISO 3166-1 code (e.g. 'US') or the ISO name ('United States')"
@@ -160,7 +210,28 @@ class Refersion(Destination):
         """A search that finds nothing: read-only, and answered 401 to a wrong key (REFERENCE.md, Refersion:
         Errors)."""
         url = f"{self.api_base}/affiliate/search"
-        return Call([], "POST", url, read_probe, json={"keyword": PROBE_KEYWORD}, headers=self.headers)
+        return Call([], "POST", url, _read_probe, json={"keyword": PROBE_KEYWORD}, headers=self.headers)
+
+    def page_size(self, value: bool) -> int:
+        if value or self.transport is not None or self.on_exit != "disable":
+            return super().page_size(value)
+        # one status_change disables up to 50 affiliates: exits are planned, sent and recorded 50 at a time
+        return max(self.limits.max_in_flight, STATUS_CHANGE_MAX_IDS)
+
+    def segment_message(self, change: Change, message: dict[str, Any]) -> dict[str, Any]:
+        """The identify with the member's address columns as the `address` object Refersion's Segment
+        destination requires, in the case style of its names (segment-docs, Refersion destination)."""
+        if message.get("type") != "identify":
+            return message
+        traits = dict(message.get("traits") or {})
+        camel = "firstName" in traits or "lastName" in traits
+        address = {}
+        for name, columns in ADDRESS.items():
+            values = [traits.pop(column) for column in columns if column in traits]
+            value = next((v for v in values if v not in (None, "")), None)
+            if value is not None:
+                address["postalCode" if camel and name == "postal_code" else name] = value
+        return {**message, "traits": {**traits, "address": address}}
 
     def forget_native(self, change: Change) -> Call | None:
         """Refersion has no delete endpoint: the affiliate is disabled."""
@@ -210,7 +281,7 @@ class Refersion(Destination):
             "city": traits.get("city"),
             "state": traits.get("state"),
             "zip": traits.get("postal_code") or traits.get("zip"),
-            "country": country_code(str(traits.get("country") or "")),
+            "country": refersion_country(traits),
             "phone": traits.get("phone"),
         }
         body.update({k: str(v) for k, v in address.items() if v not in (None, "")})
@@ -232,7 +303,18 @@ class Refersion(Destination):
         # without its code the affiliate could never be disabled: not accepted, sent again next run
         if not isinstance(code, str | int) or isinstance(code, bool) or not str(code):
             return [failed(change, f"Refersion answered {response.status_code} without an affiliate code")]
-        return [accepted(change, remote_code=str(code), remote_active=True)]
+        # the numeric id status_change takes, kept now; when the message does not give it, /affiliate/get
+        # resolves it from the code the first time a status change needs it
+        created = CREATED.search(str(lookup.field(response, "message") or ""))
+        return [
+            accepted(
+                change,
+                remote_code=str(code),
+                remote_id=created[1] if created else None,
+                remote_active=True,
+                noted=("countries_left_out",) if country_left_out(change.traits) else (),
+            )
+        ]
 
     @staticmethod
     def _adopted(found: Change) -> list[Outcome]:
@@ -265,6 +347,12 @@ class Refersion(Destination):
 
     def secrets(self) -> list[str]:
         return super().secrets() + [v for v in getattr(self, "headers", {}).values()]
+
+
+def _read_probe(call: Call, response: httpx.Response) -> list[Outcome] | Call:
+    # REFERENCE.md (Refersion, /affiliate/search): a search that finds nothing answers 422 "Could not find
+    # affiliates with this keyword.": the key was accepted (a refused one answers 401)
+    return [] if lookup.no_match(response) else read_probe(call, response)
 
 
 def _read_status_change(call: Call, response: httpx.Response) -> list[Outcome]:

@@ -34,7 +34,13 @@ def find(post: Post, change: Change, then: Then) -> list[Outcome] | Call:
 def search(post: Post, change: Change, email: str, then: Then, page: int = 1, seen: int = 0) -> Call:
     """Page through /affiliate/search for the affiliate whose email is exactly `email` (any case)."""
 
+    # an exit whose user has no affiliate is done: there is nothing to disable (noted as its rejection)
+    absent = f"no Refersion affiliate has exactly the email {email!r}"
+    absent += "" if change.value else ": nothing to disable"
+
     def read(call: Call, response: httpx.Response) -> list[Outcome] | Call:
+        if no_match(response):
+            return [rejected(change, absent)]
         if response.status_code == 204 or not response.is_success:  # 204: an invalid field
             raise FatalError(
                 f"searching the affiliate by email: {error_text(response)}", response.status_code
@@ -48,7 +54,7 @@ def search(post: Post, change: Change, email: str, then: Then, page: int = 1, se
                 return get(post, change, str(result.get("id")), then)
         if results and isinstance(total, int) and seen + len(results) < total:
             return search(post, change, email, then, page + 1, seen + len(results))
-        return [rejected(change, f"no Refersion affiliate has exactly the email {email!r}")]
+        return [rejected(change, absent)]
 
     return post(change, "search", {"keyword": email, "page": str(page)}, read)
 
@@ -67,6 +73,12 @@ def get(post: Post, change: Change, code: str, then: Then) -> Call:
         return then(dataclasses.replace(change, remote_id=str(found), remote_code=code, remote_active=active))
 
     return post(change, "get", {"affiliate_code": code}, read)
+
+
+def no_match(response: httpx.Response) -> bool:
+    """Whether this is Refersion's answer to a search that found nothing: 422 "Could not find affiliates
+    with this keyword." (Refersion REST API v2 reference, OpenAPI, /affiliate/search 422 example)."""
+    return response.status_code == 422 and "could not find affiliates" in response.text.casefold()
 
 
 def field(response: httpx.Response, name: str) -> Any:

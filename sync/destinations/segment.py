@@ -16,17 +16,18 @@ UNPROVABLE = (
 
 
 class SegmentTransport:
-    """POSTs each message to `settings.endpoint` with the key as Basic auth and the other settings in
-    X-Segment-Settings (REFERENCE.md, Segment Engage: partner destinations)."""
+    """POSTs each message to `settings.endpoint` with the key as Basic auth and the kind's catalog settings
+    in X-Segment-Settings (REFERENCE.md, Segment Engage: partner destinations)."""
 
-    def __init__(self, where: str, settings: dict[str, Any], api_key: str) -> None:
+    def __init__(self, where: str, settings: dict[str, Any], api_key: str, catalog: dict[str, Any]) -> None:
         self.endpoint = base_url(settings.get("endpoint"), f"{where}: settings.endpoint")
-        forwarded = {k: v for k, v in settings.items() if k not in ("transport", "endpoint")}
+        # a partner endpoint reads the catalog's names only (segment-docs src/_data/catalog/destinations.yml):
+        # the row's own names (event_mapping, rate_limit, ...) would reach it as settings it does not know
         self.token = base64.b64encode(f"{api_key}:".encode()).decode()
         self.headers = {
             "Authorization": f"Basic {self.token}",
             "Content-Type": "application/json",
-            "X-Segment-Settings": base64.b64encode(json.dumps(forwarded).encode()).decode(),
+            "X-Segment-Settings": base64.b64encode(json.dumps(catalog).encode()).decode(),
         }
 
     def plan(self, changes: list[Change], messages: dict[str, dict[str, Any]]) -> list[Call]:

@@ -10,6 +10,16 @@ from sync.sandbox.everflow import _is_int
 from sync.sandbox.fake import FakeServer
 from sync.sandbox.http import Recorded, Response, _json
 
+# Refersion REST API v2 reference (OpenAPI, affiliate/new, country): "Country Code (two letter abbreviation)
+# must match one of" these 90. Kept apart from the product's copy: the emulation holds to the reference
+# whatever the product believes.
+COUNTRIES = frozenset(
+    "US, AE, AR, AS, AT, AU, BA, BD, BE, BG, BR, CA, CH, CL, CN, CO, CR, CZ, DE, DK, DZ, EE, ES, FI, "
+    "FM, FO, FR, GB, GH, GR, GU, HK, HN, HR, HU, ID, IE, IL, IM, IN, IS, IT, JM, JP, KR, KW, LT, LU, "
+    "LV, MA, MH, MK, MP, MT, MX, MY, NG, NL, NO, NZ, OM, PE, PH, PK, PL, PR, PT, PW, QA, RO, RS, RU, "
+    "SA, SE, SG, SI, SK, SV, TH, TN, TR, TW, TZ, UA, UY, VG, VI, VN, WS, ZA".split(", ")
+)
+
 
 class RefersionServer(FakeServer):
     """Refersion REST API v2: `/v2/affiliate/new`, `/get`, `/search` and `/status_change`.
@@ -106,10 +116,10 @@ class RefersionServer(FakeServer):
         # a 204 with a body means an invalid field, on every operation.
         if data["status"] not in ("ACTIVE", "PENDING"):
             return _json(204, {"errors": ["Invalid status"]})
-        # Refersion REST API v2 reference (OpenAPI, affiliate/new): country, two-letter ISO code, minLength 2,
-        # maxLength 2; invalid field -> 204 with a body (REFERENCE.md).
-        if "country" in data and not re.fullmatch(r"[A-Za-z]{2}", str(data["country"])):
-            return _json(204, {"errors": ["Invalid country"]})
+        # Refersion REST API v2 reference (OpenAPI, affiliate/new): country (pattern ^[A-Z]+, length 2) "must
+        # match one of" 90 codes (COUNTRIES); 422 example "X is not a allowed value for field Y".
+        if "country" in data and data["country"] not in COUNTRIES:
+            return _json(422, {"errors": [f"{data['country']} is not a allowed value for field country"]})
         # Refersion REST API v2 reference (OpenAPI, 422_Error) / REFERENCE.md: the taken-email message.
         # Compared case-insensitively: chosen here (email addresses are matched that way in practice).
         if any(str(a.get("email", "")).casefold() == email.casefold() for a in self.affiliates.values()):
@@ -182,6 +192,10 @@ class RefersionServer(FakeServer):
             if self.affiliates[n]["code"] == keyword
             or keyword.casefold() in str(self.affiliates[n].get("email", "")).casefold()
         ]
+        # Refersion REST API v2 reference (OpenAPI, affiliate/search 422 example): "Could not find affiliates
+        # with this keyword." when nothing matches.
+        if not matches:
+            return _json(422, {"errors": ["Could not find affiliates with this keyword."]})
         start = (page - 1) * self.search_page_size
         # Refersion REST API v2 reference (OpenAPI, affiliate/search 200): total and results (id = code,
         # offer_id, status, first_name, last_name, email, custom_fields).
@@ -215,20 +229,19 @@ class RefersionServer(FakeServer):
             return _json(400, {"error": "A maximum of 50 ids is allowed"})
         if status is None or status == "":
             return _json(400, {"error": "Missing required field status"})
+        # Refersion REST API v2 reference (OpenAPI, affiliate/status_change): ids is an array of integers; an
+        # invalid field -> 204 with a body (REFERENCE.md). A code or a string of digits is such a field.
+        if not all(_is_int(i) for i in ids):
+            return _json(204, {"errors": ["Invalid field ids"]})
         # Refersion REST API v2 reference (OpenAPI, affiliate/status_change): status enum ACTIVE, DENIED,
         # DISABLED (PENDING cannot be set); an invalid field -> 204 with a body (REFERENCE.md).
         if status not in ("ACTIVE", "DENIED", "DISABLED"):
             return _json(204, {"errors": ["Invalid status"]})
         # Refersion REST API v2 reference (OpenAPI, affiliate/status_change 200): ids_changed /
-        # ids_not_changed, answered 200 even when some were not changed. Only integer ids name an affiliate;
-        # anything else (a code, a string of digits) is not changed and is echoed as given: chosen here.
+        # ids_not_changed, answered 200 even when some were not changed.
         changed, not_changed = [], []
         for affiliate_id in ids:
-            if (
-                _is_int(affiliate_id)
-                and affiliate_id in self.affiliates
-                and affiliate_id not in self.not_changeable
-            ):
+            if affiliate_id in self.affiliates and affiliate_id not in self.not_changeable:
                 self.affiliates[affiliate_id]["status"] = status
                 self.accepted[(affiliate_id, status)] += 1
                 changed.append(affiliate_id)
