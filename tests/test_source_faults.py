@@ -6,6 +6,7 @@ ends its run as `failed` within SYNC_QUERY_TIMEOUT + 15 s, and the first SIGTERM
 there within 15 s as `interrupted`, its lease released. A MariaDB connection killed while rows stream fails
 its run with one line, and the other audiences sync. A DuckDB source file is not held between the daemon's
 runs: another process takes its write lock, and a file replaced by a rename is the one the next run reads.
+And a driver's failure that is no DBAPI error fails only its audience, with a row in the run history.
 """
 
 import os
@@ -14,13 +15,25 @@ import subprocess
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pytest
 import sqlalchemy as sa
 
+from sync import runner
+from sync.audiences import Audience
 from sync.sandbox import SegmentServer
-from tests.conftest import MARIADB_URL, POSTGRES_URL, Config, Customers, run_cli, start_cli, wait_for
+from tests.conftest import (
+    MARIADB_URL,
+    POSTGRES_URL,
+    Config,
+    Customers,
+    run_cli,
+    start_cli,
+    sync_in_process,
+    wait_for,
+)
 from tests.tcp_proxy import TcpProxy
 from tests.test_source_table import add_source
 from tests.test_sources import segment_destination
@@ -217,3 +230,34 @@ def _written(path: Path, user_id: str) -> bool:
         time.sleep(0.2)
         return False
     return True
+
+
+def test_a_driver_failure_that_is_no_dbapi_error_fails_only_its_audience_with_a_recorded_row(
+    engine: sa.Engine, config: Config, customers: Customers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What PyMySQL raised before its lost connection was handled: AttributeError out of the staging."""
+    customers.add("u1")
+    real = runner.stage_members
+
+    def staging(
+        state: sa.Connection, source: sa.Engine, audience: Audience, *args: Any, **kwargs: Any
+    ) -> Any:
+        if audience.name == "Broken":
+            raise AttributeError("'NoneType' object has no attribute 'read'")
+        return real(state, source, audience, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "stage_members", staging)
+    with SegmentServer(api_key="k") as segment:
+        destination = segment_destination(config, segment)
+        broken = config.audience("Broken", Customers.QUERY)
+        config.connect(broken, destination)
+        config.connect(config.audience("Healthy", Customers.QUERY), destination)
+        results = {r.audience: r for r in sync_in_process(engine, segment)}
+
+    error = f"audience 'Broken' (id {broken}): the run failed: "
+    error += "AttributeError: 'NoneType' object has no attribute 'read'"
+    assert (results["Broken"].outcome, results["Broken"].error) == ("failed", error)
+    assert results["Healthy"].outcome == "ok"
+    runs = config.sql("SELECT destination_id, outcome, error FROM sync_runs WHERE audience_id = :a", a=broken)
+    assert [tuple(run) for run in runs] == [(None, "failed", error)]
+    assert [m["userId"] for m in segment.messages] == ["u1"]
