@@ -9,10 +9,11 @@ from typing import Any
 import inflection
 import sqlalchemy as sa
 
-from sync.errors import ConfigError, SourceError, first_line
-from sync.guards import Refused, one_select, read_only
+from sync.errors import ConfigError, SourceError, SourceInterrupted, first_line
+from sync.guards import one_select, read_only
 from sync.settings import Cadence
 from sync.tables import audiences, readable_columns
+from sync.watchdog import Interrupted, Refused
 
 KEY_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -132,6 +133,8 @@ def query_failures(audience: Audience) -> Iterator[None]:
         yield
     except sa.exc.StatementError as exc:
         raise SourceError(f"{audience}: the query failed: {_reason(exc.orig)}") from None
+    except Interrupted as exc:
+        raise SourceInterrupted(f"{audience}: the query was {exc}") from None
     except Refused as exc:
         raise SourceError(f"{audience}: the query failed: {exc}") from None
 

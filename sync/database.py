@@ -25,6 +25,9 @@ POOL_SIZE = 16
 # TCP keepalives (libpq's) on pooled Postgres connections: a NAT or firewall that drops idle flows keeps them,
 # and a peer that vanished is noticed in about two minutes instead of TCP's retransmission timeout.
 KEEPALIVES = {"keepalives": 1, "keepalives_idle": 60, "keepalives_interval": 10, "keepalives_count": 6}
+# A Postgres server that does not answer: a connection attempt gives up after 10 s, and data it does not
+# acknowledge for 30 s drops the connection (a pooled one checked before use, a query sent)
+TCP_TIMEOUTS = {"connect_timeout": 10, "tcp_user_timeout": 30_000}
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
 
@@ -112,13 +115,17 @@ def create_engine(
     after `pool_recycle` seconds (below the idle timeouts of NAT gateways) and, on Postgres, TCP keepalives.
 
     A `source` engine (SYNC_SOURCE_URL) for DuckDB opens the database file read-only and limits file access to
-    its directory; one the source guard cannot make read-only is logged.
+    its directory; one the source guard cannot make read-only is logged. A source that is a file (DuckDB,
+    SQLite) is opened for each use and closed after it, not pooled: between runs nothing holds it, so another
+    process can take its write lock, and a file replaced by a rename is the one the next run reads.
     """
     what = ("source URL", ConfigError) if source else ("database URL", StateError)
     parsed = _url(url, what)
     backend = parsed.get_backend_name()
     in_memory = backend in ("sqlite", "duckdb") and parsed.database in (None, "", ":memory:")
     options: dict[str, Any] = {} if in_memory else {"pool_size": POOL_SIZE, "max_overflow": -1}
+    if source and not in_memory and backend in ("sqlite", "duckdb"):
+        options = {"poolclass": sa.pool.NullPool}
     connect_args: dict[str, Any] = {}
     if backend == "sqlite" and create:
         statefile.create_private(sqlite_file(url))
@@ -128,7 +135,7 @@ def create_engine(
     elif backend not in ("sqlite", "duckdb"):
         options["pool_recycle"] = pool_recycle
         if parsed.drivername in ("postgresql+psycopg", "postgresql+psycopg2"):  # get_driver_name() loads it
-            connect_args = {k: v for k, v in KEEPALIVES.items() if k not in parsed.query}
+            connect_args = {k: v for k, v in (KEEPALIVES | TCP_TIMEOUTS).items() if k not in parsed.query}
     if source and backend == "duckdb" and not in_memory:
         connect_args["read_only"] = True
     # No pool limit to time out on: the runner's threads bound the connections in use.

@@ -4,6 +4,7 @@ SyncError                  root: the CLI prints one line for these, no traceback
 ├── ConfigError            a bad SYNC_* value or a bad row in a configuration table
 ├── StateError             the state database is unreachable or not migrated
 ├── SourceError            an audience query failed, timed out or broke its contract
+│   └── SourceInterrupted  stopped because the process is stopping
 └── DestinationError       a destination did not accept a request (status, scrubbed text)
     ├── RetriableError     408, 429, 5xx but 501, timeouts, connection errors
     └── FatalError         anything else that is not 2xx: the message is rejected
@@ -58,6 +59,10 @@ class StateError(SyncError):
 
 class SourceError(SyncError):
     """An audience query failed; its run must not change anything."""
+
+
+class SourceInterrupted(SourceError):
+    """An audience query stopped because the process is stopping (a signal): the run is interrupted."""
 
 
 class DestinationError(SyncError):

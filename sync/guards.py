@@ -15,11 +15,15 @@ from typing import Any
 import sqlalchemy as sa
 
 from sync.tables import sync_stage
+from sync.watchdog import Refused, watched
 
 
 @contextmanager
-def read_only(conn: sa.Connection, timeout: float, stage: bool = False) -> Iterator[sa.Connection]:
-    """`conn` refusing writes (but to the staging table when `stage`), stopping a query after `timeout` s.
+def read_only(
+    conn: sa.Connection, timeout: float, stage: bool = False, stopping: threading.Event | None = None
+) -> Iterator[sa.Connection]:
+    """`conn` refusing writes (but to the staging table when `stage`), stopping a query after `timeout` s,
+    or when `stopping` is set (raising Interrupted), under a watchdog for a source that stops answering.
 
     One guard per dialect (README, "Sources"); a dialect with none known runs the query in a transaction that
     is always rolled back. Commits on success; the caller rolls back on failure.
@@ -32,9 +36,14 @@ def read_only(conn: sa.Connection, timeout: float, stage: bool = False) -> Itera
     elif name in ("mysql", "mariadb"):
         guard = _mysql_read_only(conn, timeout)
     else:  # DuckDB, whose source engine opens the file read-only (sync.database), and any other dialect
-        guard = _rolled_back(conn, timeout)
-    with guard:
+        guard = _rolled_back(conn)
+    with watched(conn, timeout, stopping, own_timer=name not in TIMED_BY_THE_DATABASE), guard:
         yield conn
+
+
+# Dialects whose guard has the database (or for SQLite a progress handler) stop a query at its timeout; the
+# watchdog stops the others' at it, where their driver has a way
+TIMED_BY_THE_DATABASE = ("postgresql", "sqlite", "mysql", "mariadb")
 
 
 @contextmanager
@@ -106,55 +115,17 @@ def limit_statements(conn: sa.Connection, seconds: float) -> None:
 
 
 @contextmanager
-def _rolled_back(conn: sa.Connection, timeout: float) -> Iterator[None]:
-    """A transaction that is always rolled back, cancelled after `timeout` s where the driver can.
+def _rolled_back(conn: sa.Connection) -> Iterator[None]:
+    """A transaction that is always rolled back; the watchdog cancels it at the timeout where the driver can.
 
     The generic guard. It undoes writes only where the driver runs statements in a transaction: one in
     autocommit mode, or a database without transactions, keeps what a query wrote (use a role that can only
     read). For DuckDB it comes on top of the file opened read-only.
     """
     try:
-        with _interrupting(conn.connection.dbapi_connection, timeout):
-            yield
+        yield
     finally:
         conn.rollback()
-
-
-class Refused(Exception):
-    """An audience query stopped by audience-sync itself, not by its database: the reason."""
-
-
-@contextmanager
-def _interrupting(raw: Any, timeout: float) -> Iterator[None]:
-    """Stop what the DBAPI connection `raw` runs once `timeout` s have passed, from a timer thread, where it
-    has a way (`interrupt()`: DuckDB, sqlite3; `cancel()`: psycopg, psycopg2); raises Refused then."""
-    stop = getattr(raw, "interrupt", None) or getattr(raw, "cancel", None)
-    if stop is None:
-        yield
-        return
-    lock = threading.Lock()
-    running, fired = True, False
-
-    def fire() -> None:
-        nonlocal fired
-        with lock:  # never once the query is over: the connection may run something else by then
-            if running:
-                fired = True
-                stop()
-
-    timer = threading.Timer(timeout, fire)
-    timer.daemon = True
-    timer.start()
-    try:
-        yield
-    except Exception as exc:
-        if fired:
-            raise Refused("timed out (SYNC_QUERY_TIMEOUT)") from exc
-        raise
-    finally:
-        with lock:
-            running = False
-        timer.cancel()
 
 
 def one_select(conn: sa.Connection, select: sa.TextClause) -> None:

@@ -19,14 +19,14 @@ from sync.audiences import Audience, load_audiences, store_key
 from sync.connection_sync import ConnectionRun, sync_connection
 from sync.connections import Link, connection_rows, load_connection
 from sync.destinations.base import Destination
-from sync.errors import ConfigError, SourceError, first_line
+from sync.errors import ConfigError, SourceError, SourceInterrupted, SyncError, first_line
 from sync.logs import audience_fields
 from sync.runs import Finished, Options, Result, RunLog, RunOutcome, utc_now
 from sync.senders import Senders
 from sync.settings import Settings
 from sync.sinks import Baseline, Delivering, DryRun, Sink
 from sync.sources import Sources
-from sync.staging import MAX_USER_ID_BYTES, SharedReads, Staged, dropping_stage, stage_members
+from sync.staging import SharedReads, dropping_stage, stage_members, staged_counts
 from sync.tables import audiences, destinations
 
 __all__ = ["Options", "Result", "Runner", "utc_now"]
@@ -114,15 +114,28 @@ class Runner:
             )
             return [Result(audience.name, None, RunOutcome.BUSY, error=message)]
         except sa.exc.DBAPIError as exc:  # e.g. lost mid-run, and with it the run's temporary members table
-            message = f"{audience}: the state database failed during the run: {first_line(exc)}"
-            log.error(
-                "%s",
-                message,
-                extra={"action": "state_failed", **audience_fields(audience), "reason": first_line(exc)},
-            )
-            if not options.dry_run:
-                self.history.audience_run(audience.id, RunOutcome.FAILED, message)
-            return [Result(audience.name, None, RunOutcome.FAILED, error=message)]
+            reason = f"the state database failed during the run: {first_line(exc)}"
+            return [self._audience_failed(audience, options, reason, "state_failed")]
+        except SyncError:
+            raise
+        except Exception as exc:  # a driver's failure that is no DBAPI error, or a defect: the others go on
+            reason = f"the run failed: {type(exc).__name__}: {first_line(exc)}"
+            return [self._audience_failed(audience, options, reason, "run_crashed", exc)]
+
+    def _audience_failed(
+        self, audience: Audience, options: Options, reason: str, action: str, crash: Exception | None = None
+    ) -> Result:
+        """Log (a `crash` with its traceback) and record a run that failed the audience as a whole."""
+        message = f"{audience}: {reason}"
+        log.error(
+            "%s",
+            message,
+            exc_info=crash,
+            extra={"action": action, **audience_fields(audience), "reason": reason},
+        )
+        if not options.dry_run:
+            self.history.audience_run(audience.id, RunOutcome.FAILED, message)
+        return Result(audience.name, None, RunOutcome.FAILED, error=message)
 
     def _invalid_audience(self, audience_id: int, name: str, problem: str, options: Options) -> Result:
         """Log and record an audience whose row is invalid (status shows the reason)."""
@@ -154,23 +167,18 @@ class Runner:
             if not connections or self.stopping.is_set():
                 return results
             try:
-                staged = stage_members(conn, source, audience, self.settings.query_timeout)
+                timeout = self.settings.query_timeout
+                staged = stage_members(conn, source, audience, timeout, stopping=self.stopping)
             except SourceError as exc:
                 conn.rollback()
-                log.error(
-                    "%s",
-                    exc,
-                    extra={"action": "query_failed", **audience_fields(audience), "reason": str(exc)},
-                )
-                return results + [
-                    self._query_failed(audience, link, started, str(exc), options) for link, _ in connections
-                ]
+                links = [link for link, _ in connections]
+                return results + self._query_failed(audience, links, started, exc, options)
             if not options.dry_run:  # a dry run writes nothing (a SQLite write lock would block others)
                 if options.resend:
                     for link, _ in connections:
                         state.forget_connection(conn, audience.id, link.destination_id)
                 store_key(conn, audience)
-            base = _staged_counts(audience, staged)
+            base = staged_counts(audience, staged)
             runs = [
                 ConnectionRun(audience, link, destination, options, started, base, lost, self.stopping)
                 for link, destination in connections
@@ -198,14 +206,27 @@ class Runner:
         return Delivering(self.senders.get(run.destination), self.now)
 
     def _query_failed(
-        self, audience: Audience, link: Link, started: datetime, error: str, options: Options
-    ) -> Result:
-        """Log and (unless dry) record a connection's run that failed with its audience's query."""
-        result = Result(audience.name, link.destination_name, RunOutcome.FAILED, {}, error)
-        ended = Finished(
-            audience.id, str(audience), link.destination_id, link.destination_name, started, result
+        self, audience: Audience, links: list[Link], started: datetime, error: SourceError, options: Options
+    ) -> list[Result]:
+        """Log, and (unless dry) record for each connection, a run that its audience's query failed, or that a
+        signal interrupted."""
+        stopped = isinstance(error, SourceInterrupted)  # nothing went wrong
+        fields = {"action": "query_interrupted" if stopped else "query_failed", "reason": str(error)}
+        log.log(
+            logging.WARNING if stopped else logging.ERROR,
+            "%s",
+            error,
+            extra=fields | audience_fields(audience),
         )
-        return self.history.finish(ended, dry_run=options.dry_run)
+        outcome = RunOutcome.INTERRUPTED if stopped else RunOutcome.FAILED
+        recorded = []
+        for link in links:
+            result = Result(audience.name, link.destination_name, outcome, {}, str(error))
+            ended = Finished(
+                audience.id, str(audience), link.destination_id, link.destination_name, started, result
+            )
+            recorded.append(self.history.finish(ended, dry_run=options.dry_run))
+        return recorded
 
     def _connections(
         self, conn: sa.Connection, audience: Audience, options: Options
@@ -263,23 +284,3 @@ class Runner:
         result.destination = row.name
         ended = Finished(audience.id, str(audience), row.id, row.name, self.now(), result)
         return self.history.finish(ended, dry_run=options.dry_run)
-
-
-def _staged_counts(audience: Audience, staged: Staged) -> dict[str, int]:
-    counts = {
-        "members": staged.members,
-        "null_user_ids": staged.null_user_ids,
-        "duplicate_user_ids": staged.duplicate_user_ids,
-        "long_user_ids": staged.long_user_ids,
-    }
-    log.info(
-        "%s: %d members (%d null user_ids, %d duplicates, %d user_ids over %d bytes)",
-        audience,
-        staged.members,
-        staged.null_user_ids,
-        staged.duplicate_user_ids,
-        staged.long_user_ids,
-        MAX_USER_ID_BYTES,
-        extra={"action": "audience_evaluated", **audience_fields(audience), **counts},
-    )
-    return counts

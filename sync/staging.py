@@ -5,9 +5,10 @@ Transactions: `stage_members` owns the staging connection's transactions (it com
 `SharedReads` ends each turn's transaction, so no snapshot outlives a page.
 """
 
+import logging
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from operator import itemgetter
@@ -16,12 +17,15 @@ from typing import Any
 import sqlalchemy as sa
 
 from sync.audiences import Audience, escaped, over_query, query_failures, require_user_id, wrapped
+from sync.cursors import bulk_writer, chunks
 from sync.errors import SourceError
 from sync.guards import limit_statements, one_select, read_only
+from sync.logs import audience_fields
 from sync.models import traits_json
 from sync.tables import sync_stage, sync_stage_diff
 from sync.traits import traits_select
 
+log = logging.getLogger(__name__)
 STAGE_CHUNK = 5000
 
 
@@ -43,15 +47,21 @@ class Staged:
 
 
 def stage_members(
-    state: sa.Connection, source: sa.Engine, audience: Audience, timeout: float, limit: str = ""
+    state: sa.Connection,
+    source: sa.Engine,
+    audience: Audience,
+    timeout: float,
+    limit: str = "",
+    stopping: threading.Event | None = None,
 ) -> Staged:
     """Evaluate the audience's query into `sync_stage_members`, this connection's temporary table.
 
     The table holds the members for this run: one row per user id (the first of duplicates), indexed for
     the diff. The query runs read-only, so the state database is not write-locked while it runs: with
     `INSERT ... SELECT` when the source is the state database, streamed in chunks otherwise. Commits;
-    any failure raises SourceError, so a broken query never looks like an empty audience. `limit`
-    (" LIMIT 0") bounds the query: `check` stages nothing the way a run stages everything.
+    any failure raises SourceError, so a broken query never looks like an empty audience (SourceInterrupted
+    when `stopping` is set meanwhile). `limit` (" LIMIT 0") bounds the query: `check` stages nothing the way
+    a run stages everything.
     """
     state.commit()
     drop_stage(state)
@@ -60,11 +70,11 @@ def stage_members(
     try:
         with query_failures(audience):
             if source is state.engine:
-                with read_only(state, timeout, stage=True):
+                with read_only(state, timeout, stage=True, stopping=stopping):
                     rows = _stage_in_place(state, audience, limit)
             else:
                 deadline = time.monotonic() + timeout
-                with source.connect() as conn, read_only(conn, timeout):
+                with source.connect() as conn, read_only(conn, timeout, stopping=stopping):
                     rows = _stage_streamed(state, conn, audience, limit, deadline)
                 state.commit()
     except SourceError:
@@ -200,8 +210,8 @@ def _copy(
     built here."""
     one_select(source, select)
     rows = 0
-    with _writer(state) as write, closing(_chunks(source, select)) as chunks:
-        for chunk in chunks:
+    with bulk_writer(state) as write, closing(chunks(source, select, STAGE_CHUNK)) as read:
+        for chunk in read:
             if isinstance(built, list):
                 chunk = [python_traits(built, row) for row in chunk]
             elif not _as_traits_json(chunk, built):
@@ -227,50 +237,6 @@ def python_traits(names: list[str], row: tuple[Any, ...]) -> tuple[str | None, s
     return (str(user_id) if user_id not in (None, "") else None), traits_json(traits)
 
 
-def _chunks(source: sa.Connection, select: sa.TextClause) -> Generator[list[tuple[Any, ...]]]:
-    """`select`'s rows, STAGE_CHUNK at a time, from a cursor that streams them (a Postgres named cursor,
-    PyMySQL's unbuffered one; sqlite3's and DuckDB's stream anyway); the driver's errors as SQLAlchemy's."""
-    compiled = select.compile(dialect=source.dialect)
-    params: Any = compiled.params
-    if compiled.positional:
-        params = [params[name] for name in compiled.positiontup or []]
-    raw: Any = source.connection.dbapi_connection
-    error = source.dialect.loaded_dbapi.Error
-    try:
-        if source.dialect.name == "postgresql":
-            cursor = raw.cursor(name="sync_stage_members")
-        elif source.dialect.driver == "pymysql":
-            cursor = raw.cursor(source.dialect.loaded_dbapi.cursors.SSCursor)
-        else:
-            cursor = raw.cursor()
-        try:
-            cursor.execute(compiled.string, params)
-            while chunk := cursor.fetchmany(STAGE_CHUNK):
-                yield chunk
-        finally:
-            cursor.close()
-    except error as exc:
-        raise sa.exc.DBAPIError.instance(compiled.string, params, exc, error) from exc
-
-
-@contextmanager
-def _writer(state: sa.Connection) -> Iterator[Callable[[list[tuple[Any, ...]]], None]]:
-    """A function writing `(user_id, traits)` rows into the staging table by the state driver's bulk path."""
-    raw: Any = state.connection.dbapi_connection
-    with closing(raw.cursor()) as cursor:
-        if state.dialect.name == "postgresql":
-            with cursor.copy(f"COPY {sync_stage.name} (user_id, traits) FROM STDIN") as copy:
-
-                def write(rows: list[tuple[Any, ...]]) -> None:
-                    for row in rows:
-                        copy.write_row(row)
-
-                yield write
-        else:
-            insert = f"INSERT INTO {sync_stage.name} (user_id, traits) VALUES (?, ?)"
-            yield lambda rows: cursor.executemany(insert, rows)
-
-
 class SharedReads:
     """A connection several threads take turns reading from: the one holding the run's staged members.
 
@@ -294,3 +260,24 @@ class SharedReads:
             finally:
                 if not self.keep_transaction:
                     self.conn.rollback()
+
+
+def staged_counts(audience: Audience, staged: Staged) -> dict[str, int]:
+    """The staged counts as a run records them, logged."""
+    counts = {
+        "members": staged.members,
+        "null_user_ids": staged.null_user_ids,
+        "duplicate_user_ids": staged.duplicate_user_ids,
+        "long_user_ids": staged.long_user_ids,
+    }
+    log.info(
+        "%s: %d members (%d null user_ids, %d duplicates, %d user_ids over %d bytes)",
+        audience,
+        staged.members,
+        staged.null_user_ids,
+        staged.duplicate_user_ids,
+        staged.long_user_ids,
+        MAX_USER_ID_BYTES,
+        extra={"action": "audience_evaluated", **audience_fields(audience), **counts},
+    )
+    return counts
