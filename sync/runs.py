@@ -150,6 +150,7 @@ class RunLog:
         """Record a run of the audience as a whole (no destination); if the state database cannot take it
         now, at the next chance: with the next run's records."""
         now = self.now()
+        metrics.observe_audience_run(audience_id, outcome, now.timestamp())
         row = {"audience_id": audience_id, "destination_id": None, "started_at": now, "finished_at": now}
         with self.lock:
             self.unrecorded.append({**row, "outcome": str(outcome), "error": error})
