@@ -53,6 +53,7 @@ def last_runs(conn: sa.Connection) -> list[sa.Row[Any]]:
                 sync_runs.c.finished_at,
                 sync_runs.c.members,
                 sync_runs.c.pending,
+                sync_runs.c.rejected,
                 sa.type_coerce(last_ok, UTCDateTime).label("last_success"),
             ).where(sync_runs.c.id.in_(latest))
         )

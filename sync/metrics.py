@@ -47,9 +47,25 @@ DURATION = Gauge(
 PENDING = Gauge(
     "audience_sync_pending_changes", "Changes left pending by the connection's last run", CONNECTION
 )
+REJECTED = Gauge(
+    "audience_sync_rejected_changes",
+    "Changes the destination rejected in the connection's last run",
+    CONNECTION,
+)
 MEMBERS = Gauge("audience_sync_members", "Members of the audience at the connection's last run", CONNECTION)
 ACCEPTED = Gauge("audience_sync_accepted_members", "Members the destination has accepted", CONNECTION)
-PER_CONNECTION = (RUNS, CHANGES, LAST_OUTCOME, LAST_RUN, LAST_SUCCESS, DURATION, PENDING, MEMBERS, ACCEPTED)
+PER_CONNECTION = (
+    RUNS,
+    CHANGES,
+    LAST_OUTCOME,
+    LAST_RUN,
+    LAST_SUCCESS,
+    DURATION,
+    PENDING,
+    REJECTED,
+    MEMBERS,
+    ACCEPTED,
+)
 
 REQUESTS = Counter(
     "audience_sync_http_requests",
@@ -142,6 +158,8 @@ def observe_run(
         PENDING.labels(*labels).set(counts["pending"])
     if "members" in counts:
         MEMBERS.labels(*labels).set(counts["members"])
+    if Status.REJECTED in counts:
+        REJECTED.labels(*labels).set(counts[Status.REJECTED])
 
 
 def observe_audience_run(audience_id: int, outcome: str, finished: float) -> None:
@@ -187,6 +205,7 @@ def seed(last_runs: Iterable[Any]) -> None:
         if run.pending is not None:
             PENDING.labels(*labels).set(run.pending)
         MEMBERS.labels(*labels).set(run.members)
+        REJECTED.labels(*labels).set(run.rejected)
         if run.last_success is not None:
             LAST_SUCCESS.labels(*labels).set(run.last_success.timestamp())
 

@@ -37,7 +37,7 @@ RUN_FIELDS = [
     c.name for c in sync_runs.c if c.name not in ("id", "audience_id", "destination_id", "members", "error")
 ]
 # the last run's outcomes that make `status` exit 1: someone should look
-ATTENTION = ("failed", "held", "invalid", "interrupted")
+ATTENTION = ("failed", "held", "invalid", "interrupted", "rejected")
 
 
 def connection_status(conn: sa.Connection, settings: Settings) -> list[dict[str, Any]]:
@@ -101,7 +101,8 @@ def _state(entry: dict[str, Any], invalid: bool) -> str:
 
 
 def needs_attention(entry: dict[str, Any]) -> bool:
-    """An enabled connection whose last run failed, was held, invalid or interrupted (`status` exits 1)."""
+    """An enabled connection whose last run failed, was held, invalid, interrupted or rejected most of its
+    changes (`status` exits 1)."""
     if not entry["enabled"]:
         return False
     run = entry["last_run"]

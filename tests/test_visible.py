@@ -90,3 +90,41 @@ def test_a_disabled_source_makes_the_series_say_invalid_while_running_and_after_
         code, (row,) = status_of(state_url)
         assert (code, row["state"]) == (1, "invalid")
         assert "sources row id=1 ('shop') is disabled" in str(row["last_error"])
+
+
+def test_a_run_rejecting_over_the_share_of_at_least_10_changes_is_rejected_in_status_runs_and_metrics(
+    state_url: str, config: Config, customers: Customers
+) -> None:
+    customers.add(*(f"u{i}" for i in range(12)))
+    customers.add(*(f"f{i}" for i in range(9)), segment="few")  # under 10 changes: too few to tell
+    without_transaction_id = "SELECT user_id, email FROM customers WHERE segment = '{}'"
+    with EverflowServer() as everflow:
+        destination = everflow_destination(config, everflow)
+        vip = config.audience("VIP", without_transaction_id.format("vip"))
+        few = config.audience("Few", without_transaction_id.format("few"))
+        config.connect(vip, destination)
+        config.connect(few, destination)
+        run = run_cli(state_url, "run")
+        assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+        outcomes = config.sql("SELECT audience_id, outcome, rejected, error FROM sync_runs ORDER BY 1")
+        assert [tuple(row[:3]) for row in outcomes] == [(vip, "rejected", 12), (few, "ok", 9)]
+        assert outcomes[0].error == (
+            "12 of 12 changes were rejected, more than SYNC_REJECTED_SHARE (50%); they are not sent again "
+            "until the users' traits change (last: Everflow requires a TransactionId (the audience query "
+            "gives no transaction_id))"
+        )
+        code, rows = status_of(state_url)
+        assert code == 1
+        assert {row["audience"]: row["state"] for row in rows} == {"VIP": "rejected", "Few": "ok"}
+
+        with daemon_metrics(state_url, "1h", "audience_sync_rejected_changes{") as exposed:
+            assert last_outcomes(exposed) == ['outcome="rejected"} 1.0']
+            assert f"audience_sync_rejected_changes{{{VIP}}} 12.0" in exposed
+
+        customers.add(*(f"v{i}" for i in range(12)))
+        assert run_cli(state_url, "run", env={"SYNC_REJECTED_SHARE": "100%"}).returncode == 0
+        bad = run_cli(state_url, "run", env={"SYNC_REJECTED_SHARE": "50"})
+        assert bad.returncode == 2
+        assert bad.stderr.endswith(
+            "audience-sync: SYNC_REJECTED_SHARE: '50' is not a percentage from 0% to 100% (e.g. 50%)\n"
+        )
