@@ -6,12 +6,13 @@ import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from sync.sandbox import EverflowServer
+from sync.sandbox import EverflowServer, RefersionServer, SegmentServer
 from tests.conftest import Config, Customers, free_port, run_cli, start_cli
 from tests.test_daemon import _runs
-from tests.test_e2e import everflow_destination
+from tests.test_e2e import everflow_destination, refersion_destination
 from tests.test_reliability import _wait_for_metrics
 from tests.test_source_table import add_source
+from tests.test_sources import segment_destination
 
 VIP = 'audience="vip",destination_id="1"'
 
@@ -128,3 +129,37 @@ def test_a_run_rejecting_over_the_share_of_at_least_10_changes_is_rejected_in_st
         assert bad.stderr.endswith(
             "audience-sync: SYNC_REJECTED_SHARE: '50' is not a percentage from 0% to 100% (e.g. 50%)\n"
         )
+
+
+def test_check_names_the_column_each_destination_needs_that_the_query_lacks(
+    state_url: str, config: Config, customers: Customers
+) -> None:
+    with EverflowServer() as everflow, SegmentServer(api_key="k") as segment, RefersionServer() as refersion:
+        destinations = [
+            everflow_destination(config, everflow),
+            segment_destination(config, segment),  # Everflow over the Segment transport
+            refersion_destination(config, refersion),
+        ]
+        lacking = config.audience("Lacking", "SELECT user_id, first_name FROM customers")
+        # a `name` in one column serves Refersion as well as first_name and last_name
+        named = config.audience(
+            "Named",
+            "SELECT user_id, email, first_name || ' ' || last_name AS name, transaction_id FROM customers",
+        )
+        for audience in (lacking, named):
+            for destination in destinations:
+                config.connect(audience, destination)
+        done = run_cli(state_url, "check", "--json")
+    assert done.returncode == 2, done.stderr
+    findings = json.loads(done.stdout)["findings"]
+    everflow_lacks = (
+        "the query returns no transaction_id column (Everflow requires a TransactionId for every "
+        "conversion): every change would be rejected"
+    )
+    where = f"audience 'Lacking' (id {lacking}) -> destinations row"
+    assert [f["message"] for f in findings if f["severity"] == "error"] == [
+        f"{where} id=1 ('Everflow'): {everflow_lacks}",
+        f"{where} id=3 ('Refersion'): the query returns no email or last_name column (Refersion needs email, "
+        "first_name and last_name, or name, to create an affiliate): every entry would be rejected",
+        f"{where} id=2 ('Segment'): {everflow_lacks}",
+    ]
