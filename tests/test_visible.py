@@ -3,11 +3,15 @@ one line, through the real `audience-sync` command on a SQLite and on a Postgres
 
 import json
 import signal
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import pytest
+import sqlalchemy as sa
+
 from sync.sandbox import EverflowServer, RefersionServer, SegmentServer
-from tests.conftest import Config, Customers, free_port, run_cli, start_cli
+from tests.conftest import MARIADB_URL, Config, Customers, free_port, run_cli, start_cli
 from tests.test_daemon import _runs
 from tests.test_e2e import everflow_destination, refersion_destination
 from tests.test_reliability import _wait_for_metrics
@@ -163,3 +167,75 @@ def test_check_names_the_column_each_destination_needs_that_the_query_lacks(
         "first_name and last_name, or name, to create an affiliate): every entry would be rejected",
         f"{where} id=2 ('Segment'): {everflow_lacks}",
     ]
+
+
+@pytest.mark.parametrize("backend", [pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_a_postgres_url_without_a_driver_uses_psycopg_for_the_state_database_and_a_source(
+    state_url: str, config: Config, customers: Customers
+) -> None:
+    libpq = state_url.replace("postgresql+psycopg://", "postgres://")
+    assert libpq.startswith("postgres://")
+    customers.add("u1")
+    with EverflowServer() as everflow:
+        audience = config.audience("VIP", Customers.QUERY, source="shop")
+        config.connect(audience, everflow_destination(config, everflow))
+        add_source(config, "shop", url=libpq.replace("postgres://", "postgresql://"))
+        done = run_cli(libpq, "run")
+        assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+        config.sql("UPDATE sources SET url = :url", url=libpq)
+        customers.add("u2")
+        done = run_cli(libpq, "run")
+        assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+        assert len(everflow.accepted) == 2
+
+
+def test_a_source_whose_dialect_is_not_installed_is_a_problem_of_its_audience(
+    state_url: str, config: Config, customers: Customers
+) -> None:
+    customers.add("u1")
+    with EverflowServer() as everflow:
+        destination = everflow_destination(config, everflow)
+        lake = config.audience("Lake", Customers.QUERY, source="lake")
+        vip = config.audience("VIP", Customers.QUERY)
+        for audience in (lake, vip):
+            config.connect(audience, destination)
+        add_source(config, "lake", url="cockroachdb://reader@lake.internal/shop")
+        check = run_cli(state_url, "check")
+        run = run_cli(state_url, "run")
+    problem = (
+        f"audience 'Lake' (id {lake}): sources row id=1 ('lake'): cannot use source URL "
+        "cockroachdb://reader@lake.internal/shop: no SQLAlchemy dialect 'cockroachdb' is installed; install "
+        "its SQLAlchemy dialect package"
+    )
+    assert check.returncode == 2 and "Traceback" not in check.stderr, check.stderr
+    assert problem in check.stdout
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    outcomes = config.sql("SELECT audience_id, outcome, error FROM sync_runs ORDER BY audience_id")
+    assert [tuple(row) for row in outcomes] == [(lake, "invalid", problem), (vip, "ok", None)]
+
+
+@pytest.mark.mariadb
+def test_a_state_database_other_than_sqlite_or_postgres_is_refused_before_anything_is_created(
+    mariadb: sa.Engine,
+) -> None:
+    name = f"as_visible_{uuid.uuid4().hex[:8]}"
+    with mariadb.begin() as conn:
+        conn.exec_driver_sql(f"CREATE DATABASE {name}")
+    url = sa.make_url(MARIADB_URL).set(drivername="mysql", database=name).render_as_string(False)
+    try:
+        for command in (["db", "upgrade"], ["status"], ["run"]):
+            done = run_cli(url, *command)
+            assert (done.returncode, done.stdout) == (2, ""), done.stderr
+            assert done.stderr == (
+                f"audience-sync: cannot use database URL {url}: the state database must be SQLite or "
+                "Postgres, not mysql (other databases can be sources of audience queries: see Sources in the "
+                "README)\n"
+            )
+        with mariadb.connect() as conn:
+            tables = conn.execute(
+                sa.text("SELECT count(*) FROM information_schema.tables WHERE table_schema = :s"), {"s": name}
+            )
+            assert tables.scalar() == 0
+    finally:
+        with mariadb.begin() as conn:
+            conn.exec_driver_sql(f"DROP DATABASE {name}")
