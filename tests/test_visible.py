@@ -239,3 +239,25 @@ def test_a_state_database_other_than_sqlite_or_postgres_is_refused_before_anythi
     finally:
         with mariadb.begin() as conn:
             conn.exec_driver_sql(f"DROP DATABASE {name}")
+
+
+def test_a_refused_connection_names_the_host_and_port_and_no_secret(
+    state_url: str, config: Config, customers: Customers
+) -> None:
+    customers.add("u1")
+    port = free_port()  # nothing listens there
+    settings = {
+        "tracking_domain": f"http://127.0.0.1:{port}",
+        "network_id": "1",
+        "verification_token": "tok-s3cret",
+        "event_mapping": {"Audience Entered": 1, "Audience Exited": 2},
+        "max_attempts": 1,
+    }
+    destination = config.destination("Everflow", "everflow", settings)
+    config.connect(config.audience("VIP", Customers.QUERY), destination)
+    done = run_cli(state_url, "run")
+    assert done.returncode == 1, done.stderr
+    [(error,)] = config.sql("SELECT error FROM sync_runs")
+    assert error.endswith(f"(last: gave up after 1 attempt: connection refused by 127.0.0.1:{port})")
+    assert f"connection refused by 127.0.0.1:{port}" in done.stderr
+    assert "tok-s3cret" not in done.stderr + error
