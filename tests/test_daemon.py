@@ -216,7 +216,10 @@ def test_schedule_under_a_second_is_refused_and_under_a_minute_is_warned(
             _, stderr = daemon.communicate(timeout=30)
     assert daemon.returncode == 0 and "Traceback" not in stderr, stderr
     assert refused in stderr and warned in stderr
-    assert _runs(config, busy) == 0
+    # never run: only the invalid row the daemon recorded, which `status` shows
+    assert config.sql("SELECT outcome, destination_id FROM sync_runs WHERE audience_id = :a", a=busy) == [
+        ("invalid", None)
+    ]
 
 
 def test_runs_reuse_the_state_database_connections(
