@@ -104,10 +104,24 @@ def find_problems(conn: sa.Connection, sources: Sources, settings: Settings) -> 
                 sessions[source] = _source_session(conn, source, audience.source, timeout, found)
             found.sources.append(f"{audience}: source {sessions[source]}")
             with dropping_stage(conn):  # staged as a run stages, with LIMIT 0: nothing is kept
-                stage_members(conn, source, audience, timeout, limit=" LIMIT 0")
+                staged = stage_members(conn, source, audience, timeout, limit=" LIMIT 0")
         except (ConfigError, SourceError) as exc:
             found.problems.append(str(exc))
+            continue
+        found.problems += _missing_columns(conn, audience, staged.columns, found.destinations)
     return found
+
+
+def _missing_columns(
+    conn: sa.Connection, audience: Audience, columns: tuple[str, ...], valid: list[Destination]
+) -> list[str]:
+    """The columns the audience's query lacks that a destination it is connected to needs for every member."""
+    by_id = {destination.id: destination for destination in valid}
+    return [
+        f"{audience} -> {destination.where}: {lacks}"
+        for row in connection_rows(conn, audience.id)
+        if (destination := by_id.get(row.destination_id)) and (lacks := destination.missing_columns(columns))
+    ]
 
 
 def _each_problem(conn: sa.Connection, problems: dict[int, str]) -> list[str]:

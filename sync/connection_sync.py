@@ -26,6 +26,7 @@ from sync.staging import SharedReads
 
 log = logging.getLogger(__name__)
 MASS_EXIT_MIN = 100
+REJECTED_MIN = 10  # fewer changes in a run are too few to tell a broken configuration from a few bad rows
 LEASE_LOST = "stopped: the audience's lease was lost"
 
 
@@ -41,6 +42,7 @@ class ConnectionRun:
     staged: dict[str, int]  # the audience's staging counts: members, null/duplicate/long user ids
     lost: threading.Event  # set when the audience's lease was lost
     stopping: threading.Event  # set on a signal: stop after the page in flight
+    rejected_share: float  # SYNC_REJECTED_SHARE
 
 
 def mass_exit_hold(counts: Counts) -> str | None:
@@ -61,6 +63,7 @@ class _Pages:
         self.counts = dict(run.staged, entered=0, exited=0, rejected=0, skipped=0, failed=0)
         self.counts[Status.ACCEPTED if sink.writes else Status.TO_SEND] = 0
         self.last_failure: str | None = None  # the reason of the last change not accepted
+        self.last_rejection: str | None = None
 
     def account(self, outcomes: list[Outcome]) -> None:
         for outcome in outcomes:
@@ -68,6 +71,8 @@ class _Pages:
                 self.counts[name] = self.counts.get(name, 0) + 1
             if outcome.status == Status.FAILED:
                 self.last_failure = outcome.reason
+            elif outcome.status == Status.REJECTED:
+                self.last_rejection = outcome.reason
         if self.sink.writes:
             ids = (self.run.audience.id, self.run.link.destination_id)
             state.record(self.conn, *ids, outcomes, self.history.now())
@@ -158,15 +163,30 @@ def sync_connection(
     error = error or _ending_error(stopped, counts, unread, pages.last_failure)
     if not error and sink.writes:
         state.complete_initial(conn, run.audience.id, run.link.destination_id, history.now())
-    return pages.finish(_outcome(stopped, error, run.options.baseline), error)
+    rejections = None if error else _too_many_rejections(counts, run.rejected_share, pages.last_rejection)
+    return pages.finish(_outcome(stopped, error, run.options.baseline, rejections), error or rejections)
 
 
-def _outcome(stopped: str | None, error: str | None, baseline: bool) -> RunOutcome:
+def _outcome(stopped: str | None, error: str | None, baseline: bool, rejections: str | None) -> RunOutcome:
     if stopped == INTERRUPTED:
         return RunOutcome.INTERRUPTED
     if error:
         return RunOutcome.FAILED
+    if rejections:
+        return RunOutcome.REJECTED
     return RunOutcome.BASELINE if baseline else RunOutcome.OK
+
+
+def _too_many_rejections(counts: dict[str, int], share: float, last_rejection: str | None) -> str | None:
+    """Why a run that sent everything is not ok: the destination rejected more than `share` of at least
+    REJECTED_MIN changes (a column it needs missing from the query, as a rule); None when it did not."""
+    changes, rejected = counts["entered"] + counts["exited"], counts[Status.REJECTED]
+    if changes < REJECTED_MIN or rejected <= share * changes:
+        return None
+    return (
+        f"{rejected} of {changes} changes were rejected, more than SYNC_REJECTED_SHARE ({share:.0%}); "
+        f"they are not sent again until the users' traits change (last: {last_rejection})"
+    )
 
 
 def _ending_error(

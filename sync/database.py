@@ -90,6 +90,8 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+# The state database's: its SQL (the diff, leases, staging) is written for these two
+STATE_BACKENDS = ("sqlite", "postgresql")
 # Dialects whose audience queries the source guard (sync.audiences) can make read-only; any other runs its
 # queries in a transaction that is always rolled back.
 READ_ONLY_DIALECTS = ("postgresql", "sqlite", "mysql", "mariadb", "duckdb")
@@ -122,6 +124,11 @@ def create_engine(
     what = ("source URL", ConfigError) if source else ("database URL", StateError)
     parsed = _url(url, what)
     backend = parsed.get_backend_name()
+    if not source and backend not in STATE_BACKENDS:
+        raise StateError(
+            f"cannot use database URL {describe(url)}: the state database must be SQLite or Postgres, not "
+            f"{backend} (other databases can be sources of audience queries: see Sources in the README)"
+        )
     in_memory = backend in ("sqlite", "duckdb") and parsed.database in (None, "", ":memory:")
     options: dict[str, Any] = {} if in_memory else {"pool_size": POOL_SIZE, "max_overflow": -1}
     if source and not in_memory and backend in ("sqlite", "duckdb"):
@@ -158,6 +165,9 @@ def _url(url: str, what: tuple[str, type[SyncError]]) -> sa.URL:
             "write an `@` in a user name or password as %40)"
         )
     backend = parsed.get_backend_name()
+    if backend == "postgres":  # libpq's own scheme, which SQLAlchemy does not take
+        parsed = parsed.set(drivername=parsed.drivername.replace("postgres", "postgresql", 1))
+        backend = "postgresql"
     if backend == "postgresql" and parsed.drivername == "postgresql":
         return parsed.set(drivername="postgresql+psycopg")
     if backend in ("mysql", "mariadb") and "+" not in parsed.drivername:
@@ -171,7 +181,9 @@ def _engine(url: str, parsed: sa.URL, what: tuple[str, type[SyncError]], **optio
     try:
         return sa.create_engine(parsed, **options)
     except sa.exc.NoSuchModuleError:
-        package = PACKAGES.get(parsed.get_backend_name()) or PACKAGES.get(parsed.get_driver_name())
+        # the driver as named: get_driver_name() would load the dialect that is missing
+        driver = parsed.drivername.partition("+")[2]
+        package = PACKAGES.get(parsed.get_backend_name()) or PACKAGES.get(driver)
         install = f"pip install {package}" if package else "install its SQLAlchemy dialect package"
         raise error(
             f"cannot use {name} {describe(url)}: no SQLAlchemy dialect {parsed.drivername!r} is installed; "

@@ -41,6 +41,18 @@ INTERRUPTED = "interrupted by shutdown"
 UNANSWERED = (httpx.ReadError, httpx.ReadTimeout, httpx.RemoteProtocolError)
 
 
+def _unconnected(call: Call, exc: httpx.TransportError) -> str:
+    """Why the connection failed, naming the host and port only (the URL's query may hold a token)."""
+    url = httpx.URL(call.url)
+    where = f"{url.host}:{url.port or (443 if url.scheme == 'https' else 80)}"
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, ConnectionRefusedError):
+            return f"connection refused by {where}"
+        cause = cause.__cause__ or cause.__context__
+    return f"connection to {where} failed ({type(exc).__name__})"
+
+
 class Sender:
     """The process-wide sending machinery of one destination, shared by all runs and audiences."""
 
@@ -119,7 +131,7 @@ class Sender:
                     change.in_doubt = True
             if isinstance(exc, httpx.TimeoutException):
                 raise RetriableError(f"no answer within {self.limits.timeout:g}s") from None
-            raise RetriableError(f"connection failed ({type(exc).__name__})") from None
+            raise RetriableError(_unconnected(call, exc)) from None
         except httpx.HTTPError as exc:  # e.g. a body that cannot be decoded; its text may hold the URL
             raise RetriableError(f"unreadable answer ({type(exc).__name__})") from None
         except ValueError as exc:  # a message JSON cannot carry; traits_json should have made it text

@@ -10,6 +10,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from sync.audiences import derive_key
 from sync.tables import UTCDateTime, audience_destinations, audiences, destinations, sync_runs, sync_state
 
 
@@ -26,7 +27,8 @@ def connections(conn: sa.Connection) -> list[sa.Row[Any]]:
 
 
 def last_runs(conn: sa.Connection) -> list[sa.Row[Any]]:
-    """Each connection's last run, with the end of its last ok run (`last_success`)."""
+    """Each connection's last run, with the end of its last ok run (`last_success`), and each audience's
+    last run as a whole (`destination_id` None)."""
     latest = sa.select(sa.func.max(sync_runs.c.id)).group_by(
         sync_runs.c.audience_id, sync_runs.c.destination_id
     )
@@ -43,6 +45,7 @@ def last_runs(conn: sa.Connection) -> list[sa.Row[Any]]:
     return list(
         conn.execute(
             sa.select(
+                sync_runs.c.id,
                 sync_runs.c.audience_id,
                 sync_runs.c.destination_id,
                 sync_runs.c.outcome,
@@ -50,10 +53,29 @@ def last_runs(conn: sa.Connection) -> list[sa.Row[Any]]:
                 sync_runs.c.finished_at,
                 sync_runs.c.members,
                 sync_runs.c.pending,
+                sync_runs.c.rejected,
                 sa.type_coerce(last_ok, UTCDateTime).label("last_success"),
-            ).where(sync_runs.c.id.in_(latest), sync_runs.c.destination_id.is_not(None))
+            ).where(sync_runs.c.id.in_(latest))
         )
     )
+
+
+def invalid_audiences(conn: sa.Connection, problems: dict[int, str], taken: set[str]) -> list[Any]:
+    """The audiences whose rows are invalid (ids in `problems`) as `(id, key, name)`, for their connections'
+    series: the stored key, else the one derived from the name. One whose key is `taken` (a valid
+    audience's) or is no text is left out: it must not take over another audience's series."""
+    rows = conn.execute(
+        sa.select(audiences.c.id, audiences.c.key, audiences.c.name)
+        .where(audiences.c.id.in_(problems))
+        .order_by(audiences.c.id)
+    )
+    found = []
+    for audience_id, stored, name in rows:
+        key = derive_key(name) if stored is None and isinstance(name, str) else stored
+        if isinstance(key, str) and key not in taken:
+            found.append((audience_id, key, str(name)))
+            taken = taken | {key}
+    return found
 
 
 def accepted_members(conn: sa.Connection, audience_id: int | None = None) -> dict[tuple[int, int], int]:

@@ -47,9 +47,25 @@ DURATION = Gauge(
 PENDING = Gauge(
     "audience_sync_pending_changes", "Changes left pending by the connection's last run", CONNECTION
 )
+REJECTED = Gauge(
+    "audience_sync_rejected_changes",
+    "Changes the destination rejected in the connection's last run",
+    CONNECTION,
+)
 MEMBERS = Gauge("audience_sync_members", "Members of the audience at the connection's last run", CONNECTION)
 ACCEPTED = Gauge("audience_sync_accepted_members", "Members the destination has accepted", CONNECTION)
-PER_CONNECTION = (RUNS, CHANGES, LAST_OUTCOME, LAST_RUN, LAST_SUCCESS, DURATION, PENDING, MEMBERS, ACCEPTED)
+PER_CONNECTION = (
+    RUNS,
+    CHANGES,
+    LAST_OUTCOME,
+    LAST_RUN,
+    LAST_SUCCESS,
+    DURATION,
+    PENDING,
+    REJECTED,
+    MEMBERS,
+    ACCEPTED,
+)
 
 REQUESTS = Counter(
     "audience_sync_http_requests",
@@ -142,33 +158,54 @@ def observe_run(
         PENDING.labels(*labels).set(counts["pending"])
     if "members" in counts:
         MEMBERS.labels(*labels).set(counts["members"])
+    if Status.REJECTED in counts:
+        REJECTED.labels(*labels).set(counts[Status.REJECTED])
+
+
+def observe_audience_run(audience_id: int, outcome: str, finished: float) -> None:
+    """Record a run of the audience as a whole (an invalid row or source, a state database lost before its
+    connections ran) as the last run of each of its described connections."""
+    for _, labels in _connections(audience_id):
+        RUNS.labels(*labels, outcome).inc()
+        _last_run(labels, outcome, finished, 0.0)
+
+
+def _connections(audience_id: int | None) -> list[tuple[int, tuple[str, str]]]:
+    """The described connections (of one audience, or of all): (audience id, labels) each."""
+    with _lock:
+        return [
+            (audience, labels)
+            for audience, key in _keys.items()
+            for labels in _names
+            if labels[0] == key and audience_id in (None, audience)
+        ]
 
 
 def accepted(members: dict[tuple[int, int], int], audience_id: int | None = None) -> None:
     """Set the accepted members of the described connections (of one audience, or of all) from `members`,
     by (audience id, destination id)."""
-    with _lock:
-        connections = [
-            (audience, key, destination_id)
-            for audience, key in _keys.items()
-            for labels_key, destination_id in _names
-            if labels_key == key and audience_id in (None, audience)
-        ]
-    for audience, key, destination_id in connections:
-        ACCEPTED.labels(key, destination_id).set(members.get((audience, int(destination_id)), 0))
+    for audience, labels in _connections(audience_id):
+        ACCEPTED.labels(*labels).set(members.get((audience, int(labels[1])), 0))
 
 
 def seed(last_runs: Iterable[Any]) -> None:
-    """The gauges as the recorded runs left them (`history.last_runs`), so a restart does not empty them."""
-    for run in last_runs:
+    """The gauges as the recorded runs left them (`history.last_runs`), so a restart does not empty them.
+    In the order they were recorded: an audience's run (no destination) is the last run of its connections
+    that have not run since."""
+    for run in sorted(last_runs, key=lambda run: run.id):
+        seconds = (run.finished_at - run.started_at).total_seconds()
+        if run.destination_id is None:
+            for _, of_audience in _connections(run.audience_id):
+                _last_run(of_audience, run.outcome, run.finished_at.timestamp(), seconds)
+            continue
         labels = _labels(run.audience_id, run.destination_id)
         if labels is None:
             continue
-        seconds = (run.finished_at - run.started_at).total_seconds()
         _last_run(labels, run.outcome, run.finished_at.timestamp(), seconds)
         if run.pending is not None:
             PENDING.labels(*labels).set(run.pending)
         MEMBERS.labels(*labels).set(run.members)
+        REJECTED.labels(*labels).set(run.rejected)
         if run.last_success is not None:
             LAST_SUCCESS.labels(*labels).set(run.last_success.timestamp())
 

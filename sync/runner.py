@@ -179,8 +179,9 @@ class Runner:
                         state.forget_connection(conn, audience.id, link.destination_id)
                 store_key(conn, audience)
             base = staged_counts(audience, staged)
+            share = self.settings.rejected_share
             runs = [
-                ConnectionRun(audience, link, destination, options, started, base, lost, self.stopping)
+                ConnectionRun(audience, link, destination, options, started, base, lost, self.stopping, share)
                 for link, destination in connections
             ]
             if options.dry_run:

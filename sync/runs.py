@@ -38,12 +38,14 @@ class RunOutcome(StrEnum):
     INVALID = "invalid"
     BUSY = "busy"  # another process holds the audience's lease: nothing recorded
     BASELINE = "baseline"  # `initial --baseline`: the members recorded as accepted, nothing sent
+    REJECTED = "rejected"  # every change answered, but more than SYNC_REJECTED_SHARE of them rejected
 
 
 # a run that did not end well is logged with its reason at these levels; the others at INFO
 _LEVELS = {
     RunOutcome.FAILED: logging.ERROR,
     RunOutcome.INVALID: logging.ERROR,
+    RunOutcome.REJECTED: logging.ERROR,
     RunOutcome.HELD: logging.WARNING,
     RunOutcome.INTERRUPTED: logging.WARNING,
 }
@@ -151,6 +153,7 @@ class RunLog:
         """Record a run of the audience as a whole (no destination); if the state database cannot take it
         now, at the next chance: with the next run's records."""
         now = self.now()
+        metrics.observe_audience_run(audience_id, outcome, now.timestamp())
         row = {"audience_id": audience_id, "destination_id": None, "started_at": now, "finished_at": now}
         with self.lock:
             self.unrecorded.append({**row, "outcome": str(outcome), "error": error})

@@ -23,6 +23,7 @@ from sync.audiences import Audience, load_audiences
 from sync.errors import first_line
 from sync.logs import audience_fields
 from sync.runner import Options, Runner
+from sync.runs import RunOutcome
 from sync.settings import Cadence
 
 log = logging.getLogger(__name__)
@@ -143,6 +144,8 @@ class Daemon:
                 valid, problems = load_audiences(conn)
                 last_runs = state.last_run_times(conn)
                 connections = history.connections(conn)
+                labelled = [(a.id, a.key, a.name) for a in valid]
+                labelled += history.invalid_audiences(conn, problems, {a.key for a in valid})
         except sa.exc.OperationalError as exc:
             log.error(
                 "cannot read the configuration: %s",
@@ -151,11 +154,12 @@ class Daemon:
             )
             return
         self.last_reload = self.clock()
-        by_id = {audience.id: audience for audience in valid}
+        # the invalid audiences' connections keep their series, which say `invalid`
+        by_id = {audience_id: (key, name) for audience_id, key, name in labelled}
         metrics.describe(
-            metrics.Described(a.id, a.key, a.name, row.destination_id, row.destination)
+            metrics.Described(row.audience_id, *by_id[row.audience_id], row.destination_id, row.destination)
             for row in connections
-            if (a := by_id.get(row.audience_id))
+            if row.audience_id in by_id
         )
         for audience_id, problem in problems.items():  # once, and again when the problem changes
             if self.reported.get(audience_id) != problem:
@@ -169,6 +173,7 @@ class Daemon:
                         "reason": problem,
                     },
                 )
+                self.runner.history.audience_run(audience_id, RunOutcome.INVALID, problem)  # status shows it
         self.reported = problems
         with self.jobs_lock:
             if not self.runner.stopping.is_set():  # the scheduler is shut down, or about to be

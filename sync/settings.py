@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from sync.errors import ConfigError
 
 _PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_PERCENT = re.compile(r"(\d+(?:\.\d+)?)%")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 MAX_DAYS = 365  # longer is a typo; dates and timers past it overflow
 SHORTEST_CADENCE = 1.0  # shorter is a typo (`1ms`), and runs would follow each other without a pause
@@ -74,6 +75,7 @@ class Settings:
     log_format: str = "text"
     pool_recycle: float = 180.0
     history_retention: float = 90 * 86400.0  # seconds of `sync_runs` the daemon keeps
+    rejected_share: float = 0.5  # a run rejecting more of its changes than this is `rejected`, not `ok`
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -90,6 +92,7 @@ class Settings:
             history_retention=parse_duration(
                 env.get("SYNC_HISTORY_RETENTION") or "90d", "SYNC_HISTORY_RETENTION"
             ),
+            rejected_share=_share(env.get("SYNC_REJECTED_SHARE") or "50%", "SYNC_REJECTED_SHARE"),
         )
 
 
@@ -104,6 +107,14 @@ def _query_timeout(text: str) -> float:
     if not 0.001 <= seconds <= 24 * _UNITS["d"]:
         raise ConfigError(f"SYNC_QUERY_TIMEOUT: {text!r} must be from 1ms to 24d")
     return seconds
+
+
+def _share(text: str, name: str) -> float:
+    """A percentage from 0% to 100% (`50%`), as a fraction."""
+    match = _PERCENT.fullmatch(text.strip())
+    if match is None or float(match[1]) > 100:
+        raise ConfigError(f"{name}: {text!r} is not a percentage from 0% to 100% (e.g. 50%)")
+    return float(match[1]) / 100
 
 
 def _port(text: str | None) -> int | None:

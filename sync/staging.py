@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any
 
@@ -44,6 +44,7 @@ class Staged:
     null_user_ids: int
     duplicate_user_ids: int
     long_user_ids: int
+    columns: tuple[str, ...] = field(default=(), compare=False)  # the query's (not a count)
 
 
 def stage_members(
@@ -71,11 +72,11 @@ def stage_members(
         with query_failures(audience):
             if source is state.engine:
                 with read_only(state, timeout, stage=True, stopping=stopping):
-                    rows = _stage_in_place(state, audience, limit)
+                    rows, columns = _stage_in_place(state, audience, limit)
             else:
                 deadline = time.monotonic() + timeout
                 with source.connect() as conn, read_only(conn, timeout, stopping=stopping):
-                    rows = _stage_streamed(state, conn, audience, limit, deadline)
+                    rows, columns = _stage_streamed(state, conn, audience, limit, deadline)
                 state.commit()
     except SourceError:
         state.rollback()
@@ -94,7 +95,7 @@ def stage_members(
     if state.dialect.name == "postgresql":  # temporary tables get no statistics otherwise
         state.exec_driver_sql(f"ANALYZE {sync_stage.name}")
     state.commit()
-    return Staged(rows - nulls - duplicates - long, nulls, duplicates, long)
+    return Staged(rows - nulls - duplicates - long, nulls, duplicates, long, tuple(columns))
 
 
 SKIP_USER_IDS = {
@@ -143,10 +144,10 @@ def dropping_stage(state: sa.Connection) -> Iterator[None]:
             pass  # the connection is lost, and its temporary table with it
 
 
-def _stage_in_place(state: sa.Connection, audience: Audience, limit: str) -> int:
+def _stage_in_place(state: sa.Connection, audience: Audience, limit: str) -> tuple[int, list[str]]:
     """`INSERT ... SELECT` the query's rows into the staging table, traits built as JSON by the database.
 
-    Returns how many rows the query returned.
+    Returns how many rows the query returned, and its columns.
     """
     with state.execute(wrapped(audience, " LIMIT 0")) as probe:
         columns = require_user_id(audience, probe)
@@ -157,7 +158,7 @@ def _stage_in_place(state: sa.Connection, audience: Audience, limit: str) -> int
     insert = f"INSERT INTO {sync_stage.name} (user_id, traits) "
     user_id = "NULLIF(CAST(q.user_id AS TEXT), '')"
     select = over_query(audience, f"{user_id}, {escaped(traits)}", prefix=insert, suffix=limit)
-    return state.execute(select).rowcount
+    return state.execute(select).rowcount, columns
 
 
 def _sqlite_json_object(columns: list[str]) -> str:
@@ -176,8 +177,9 @@ def _sqlite_json_object(columns: list[str]) -> str:
 
 def _stage_streamed(
     state: sa.Connection, source: sa.Connection, audience: Audience, limit: str, deadline: float
-) -> int:
-    """Stream the query's rows from another database into the staging table; returns how many.
+) -> tuple[int, list[str]]:
+    """Stream the query's rows from another database into the staging table; returns how many, and the
+    query's columns.
 
     Traits are built by the source where it writes the text `traits_json` writes (sync.traits), else in
     Python from the driver's tuples. Rows move in chunks of STAGE_CHUNK from a streaming cursor to the
@@ -188,17 +190,17 @@ def _stage_streamed(
     with source.execute(probe_select) as probe:
         require_user_id(audience, probe)
         description = probe.cursor.description
+    names = [column[0] for column in description]
     state.begin()
     built = traits_select(source.dialect, description)
     if built is not None:
         select = over_query(audience, escaped(f"{built.user_id}, {built.traits}"), suffix=limit)
         rows = _copy(state, source, select, built.upper_escapes)
         if rows is not None:
-            return rows
+            return rows, names
         state.exec_driver_sql(f"DELETE FROM {sync_stage.name}")  # a row it could not build: in Python
         limit_statements(source, deadline - time.monotonic())  # one timeout for both runs of the query
-    names = [column[0] for column in description]
-    return _copy(state, source, wrapped(audience, limit), names) or 0
+    return _copy(state, source, wrapped(audience, limit), names) or 0, names
 
 
 def _copy(

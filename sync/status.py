@@ -6,6 +6,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from sync import leases, state
+from sync.audiences import load_audiences
 from sync.connections import missing_destination
 from sync.settings import Cadence, Settings
 from sync.tables import sync_runs
@@ -36,7 +37,7 @@ RUN_FIELDS = [
     c.name for c in sync_runs.c if c.name not in ("id", "audience_id", "destination_id", "members", "error")
 ]
 # the last run's outcomes that make `status` exit 1: someone should look
-ATTENTION = ("failed", "held", "invalid", "interrupted")
+ATTENTION = ("failed", "held", "invalid", "interrupted", "rejected")
 
 
 def connection_status(conn: sa.Connection, settings: Settings) -> list[dict[str, Any]]:
@@ -46,6 +47,7 @@ def connection_status(conn: sa.Connection, settings: Settings) -> list[dict[str,
     last = {(r.audience_id, r.destination_id): r._asdict() for r in latest}
     starts = state.last_run_times(conn)
     running = leases.holders(conn)
+    _, invalid = load_audiences(conn)  # rows no run has met yet are invalid too, and no daemon runs them
     rows = []
     for row in conn.execute(CONNECTIONS):
         own_run = last.get((row.audience_id, row.destination_id))
@@ -54,8 +56,11 @@ def connection_status(conn: sa.Connection, settings: Settings) -> list[dict[str,
         run = max(runs, key=lambda r: r["id"]) if runs else None
         entry = _entry(row, run, own_run)
         entry["running_on"] = running.get(row.audience_id) if entry["enabled"] else None
-        entry["state"] = _state(entry, missing=row.destination is None)
-        earliest, latest_ = _next_run(row, starts.get(row.audience_id), settings)
+        problem = invalid.get(row.audience_id)
+        entry["state"] = _state(entry, invalid=row.destination is None or problem is not None)
+        entry["last_error"] = problem or entry["last_error"]
+        last_start = None if problem else starts.get(row.audience_id)
+        earliest, latest_ = _next_run(row, last_start, settings)
         rows.append({**entry, "next_run_earliest": earliest, "next_run_latest": latest_})
     return rows
 
@@ -83,20 +88,21 @@ def _entry(row: sa.Row[Any], run: dict[str, Any] | None, own_run: dict[str, Any]
     }
 
 
-def _state(entry: dict[str, Any], missing: bool) -> str:
+def _state(entry: dict[str, Any], invalid: bool) -> str:
     """disabled, running, invalid, held, failed, interrupted, busy, ok, or never run."""
     run = entry["last_run"]
     if not entry["enabled"]:
         return "disabled"
     if entry["running_on"]:
         return "running"
-    if missing:
+    if invalid:  # a missing destination, or an audience row the daemon does not run
         return "invalid"
     return str(run["outcome"]) if run else "never run"
 
 
 def needs_attention(entry: dict[str, Any]) -> bool:
-    """An enabled connection whose last run failed, was held, invalid or interrupted (`status` exits 1)."""
+    """An enabled connection whose last run failed, was held, invalid, interrupted or rejected most of its
+    changes (`status` exits 1)."""
     if not entry["enabled"]:
         return False
     run = entry["last_run"]
@@ -107,7 +113,7 @@ def _next_run(
     row: sa.Row[Any], last_start: datetime | None, settings: Settings
 ) -> tuple[datetime | None, datetime | None]:
     """When the daemon runs the audience next: its cadence (a range) after the audience's last start.
-    None: at once when a daemon runs (never run), or never (disabled)."""
+    None: at once when a daemon runs (never run), or never (disabled, or an invalid row: no last start)."""
     if not row.audience_enabled or last_start is None:
         return None, None
     cadence = _cadence(row.schedule, settings)

@@ -167,7 +167,7 @@ def test_schedule_too_long_makes_its_audience_invalid_and_the_others_keep_syncin
         assert run_cli(state_url, "run").returncode == 0  # the last runs the daemon schedules from
         config.sql("UPDATE audiences SET schedule = '99999999d' WHERE id = :a", a=huge)
         status = run_cli(state_url, "status", "--json")
-        assert status.returncode == 0, status.stderr
+        assert status.returncode == 1, status.stderr  # the invalid row needs attention
 
         daemon = start_cli(state_url, "daemon", env={"SYNC_INTERVAL": "1s"})
         try:
@@ -177,7 +177,7 @@ def test_schedule_too_long_makes_its_audience_invalid_and_the_others_keep_syncin
             _, stderr = daemon.communicate(timeout=30)
     assert daemon.returncode == 0 and "Traceback" not in stderr, stderr
     assert f"audiences row id={huge} ('Huge'): schedule: '99999999d' is longer than 365 days" in stderr
-    assert _runs(config, huge) == 1
+    assert _runs(config, huge) == 2  # its last ok run, and the invalid row the daemon recorded
 
 
 def test_schedule_under_a_second_is_refused_and_under_a_minute_is_warned(
@@ -216,7 +216,10 @@ def test_schedule_under_a_second_is_refused_and_under_a_minute_is_warned(
             _, stderr = daemon.communicate(timeout=30)
     assert daemon.returncode == 0 and "Traceback" not in stderr, stderr
     assert refused in stderr and warned in stderr
-    assert _runs(config, busy) == 0
+    # never run: only the invalid row the daemon recorded, which `status` shows
+    assert config.sql("SELECT outcome, destination_id FROM sync_runs WHERE audience_id = :a", a=busy) == [
+        ("invalid", None)
+    ]
 
 
 def test_runs_reuse_the_state_database_connections(

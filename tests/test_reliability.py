@@ -547,14 +547,15 @@ def test_fault_matrix_every_change_accepted_once(
             **({"timeout": 0.5} if fault in PAST_THE_TIMEOUT else {}),
         }
         refused = fault == "connection refused until it comes up"
-        closed = {**settings, "tracking_domain": f"http://127.0.0.1:{free_port()}"}
+        closed_port = free_port()
+        closed = {**settings, "tracking_domain": f"http://127.0.0.1:{closed_port}"}
         destination = config.destination("Everflow", "everflow", closed if refused else settings)
         config.connect(config.audience("VIP", Customers.QUERY), destination)
         FAULTS[fault](everflow)
 
         def came_up(error: str) -> None:
             if refused:
-                assert "connection failed (ConnectError)" in error
+                assert f"connection refused by 127.0.0.1:{closed_port}" in error
                 config.sql("UPDATE destinations SET settings = :s", s=json.dumps(settings))
 
         _run_through(engine, everflow, fault, came_up)

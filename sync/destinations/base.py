@@ -5,7 +5,7 @@ outcomes known without a request (local rejections, skips). `delivery` sends the
 """
 
 import reprlib
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,6 +153,11 @@ class Destination:
 
     def check(self, change: Change, message: dict[str, Any]) -> str | None:
         """Why the destination would refuse this change, found before sending; None when fine."""
+        return None
+
+    def missing_columns(self, columns: Collection[str]) -> str | None:
+        """Which column an audience query returning `columns` lacks, so that `check` would refuse every
+        member (for `audience-sync check`); None when it has what the kind needs."""
         return None
 
     def plan(

@@ -5,7 +5,7 @@ transaction id, an event not in the offer, a duplicate) and says so only in its 
 """
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from sync.destinations.base import Destination
@@ -128,6 +128,14 @@ class Everflow(Destination):
         if change.traits.get("transaction_id") in (None, ""):
             return "Everflow requires a TransactionId (the audience query gives no transaction_id)"
         return None
+
+    def missing_columns(self, columns: Collection[str]) -> str | None:
+        if "transaction_id" in columns:
+            return None
+        return (
+            "the query returns no transaction_id column (Everflow requires a TransactionId for every "
+            "conversion): every change would be rejected"
+        )
 
     def plan_native(
         self, changes: list[Change], messages: dict[str, dict[str, Any]], event: Callable[[bool], str]

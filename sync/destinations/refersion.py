@@ -11,7 +11,7 @@ import functools
 import re
 import secrets
 import string
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import httpx
@@ -173,6 +173,18 @@ class Refersion(Destination):
                 "return an ISO 3166-1 code (e.g. 'US') or the ISO name ('United States')"
             )
         return None
+
+    def missing_columns(self, columns: Collection[str]) -> str | None:
+        # the names as `check` reads them, from a value in each column that splits in two (for `name`)
+        first, last = split_name(dict.fromkeys(columns, "given family"))
+        found = (("email", "email" in columns), ("first_name", first), ("last_name", last))
+        missing = [column for column, there in found if not there]
+        if not missing:
+            return None
+        return (
+            f"the query returns no {' or '.join(missing)} column (Refersion needs email, first_name and "
+            "last_name, or name, to create an affiliate): every entry would be rejected"
+        )
 
     def plan_native(
         self, changes: list[Change], messages: dict[str, dict[str, Any]], event: Callable[[bool], str]
