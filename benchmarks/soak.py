@@ -26,6 +26,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ import sqlalchemy as sa
 
 from sync import database
 from sync.sandbox import SegmentServer
+from sync.tables import sync_runs
 
 COMMAND = str(Path(sys.executable).with_name("audience-sync"))
 POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -163,7 +165,9 @@ def soak(
                     )
         time.sleep(1)
     server.fail_ratio = 0
-    time.sleep(10)  # two more cycles: what the last faults left pending is delivered
+    server.clear_faults()
+    settled = settle(engine, args.audiences)
+    print(f"settled: every audience ran ok after the last fault: {settled}")
     peak_end = rss_kib(daemon.pid, "VmHWM")
     if daemon.poll() is None:
         daemon.send_signal(signal.SIGTERM)
@@ -191,6 +195,13 @@ def soak(
         final[(message["context"]["personas"]["computation_key"], message["userId"])] = value(message)
     members_there = {k for k, entered in final.items() if entered}
     lost = len(wanted ^ members_there)
+    for key, user in sorted(wanted ^ members_there)[:10]:  # what to look at when one is lost
+        sent = [
+            (value(m), m["messageId"])
+            for m in server.messages
+            if m["userId"] == user and key in m["properties"]
+        ]
+        print(f"lost: {key} {user}: member now {(key, user) in wanted}; accepted by the sink {sent}")
     accepted = Counter(m["messageId"] for m in server.messages)
     duplicates = sum(n - 1 for n in accepted.values())
     print(f"audiences {len(keys)}  cycles (connection runs) {len(runs)}  messages {len(server.messages)}")
@@ -209,6 +220,24 @@ def soak(
     rss_grew = rss_growth(samples)
     musts = (overlaps == 0, lost == 0, duplicates <= unanswered, not rss_grew, daemon.returncode == 0)
     return 0 if all(musts) else 1
+
+
+def settle(engine: sa.Engine, audiences: int, timeout: float = 120) -> bool:
+    """Wait until every audience has a run that started now or later and ended ok: what the last faults
+    left pending is delivered (a machine under load may need several cycles). Whether it happened."""
+    since = datetime.now(UTC)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with engine.connect() as conn:
+            ok = conn.scalar(
+                sa.select(sa.func.count(sa.distinct(sync_runs.c.audience_id))).where(
+                    sync_runs.c.outcome == "ok", sync_runs.c.started_at > since
+                )
+            )
+        if ok == audiences:
+            return True
+        time.sleep(2)
+    return False
 
 
 def value(message: dict[str, Any]) -> bool:
