@@ -6,11 +6,12 @@ its connections at each reload (`describe`): a run of a connection it has not de
 command's) is not observed, and one-shot commands serve nothing.
 """
 
+import socket
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, make_server
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import Counter, Gauge, Info, disable_created_metrics, make_wsgi_app
 
@@ -217,14 +218,18 @@ def observe_request(destination_id: int, status: int | None) -> None:
         RATE_LIMITED.labels(destination_id).inc()
 
 
+class _IPv6Server(WSGIServer):
+    address_family = socket.AF_INET6
+
+
 class _Quiet(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class names it so
         pass
 
 
-def serve(port: int, health: Callable[[], str | None]) -> Callable[[], None]:
-    """Serve /metrics and /healthz (200, or 503 with `health()`'s reason) on `port` in a thread; returns a
-    function that stops it."""
+def serve(address: str, port: int, health: Callable[[], str | None]) -> Callable[[], None]:
+    """Serve /metrics and /healthz (200, or 503 with `health()`'s reason) on `address` and `port` in a thread;
+    returns a function that stops it."""
     metrics_app = make_wsgi_app()
     HEALTHY.set_function(lambda: float(health() is None))
 
@@ -240,10 +245,12 @@ def serve(port: int, health: Callable[[], str | None]) -> Callable[[], None]:
         start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
         return [b"not found: the daemon serves /metrics and /healthz\n"]
 
+    server_class = _IPv6Server if ":" in address else WSGIServer
     try:
-        server = make_server("", port, app, handler_class=_Quiet)
+        server = make_server(address, port, app, server_class=server_class, handler_class=_Quiet)
     except OSError as exc:
-        raise ConfigError(f"SYNC_METRICS_PORT: cannot listen on port {port}: {exc.strerror}") from None
+        where = f"port {port}" if address == "127.0.0.1" else f"{address} port {port}"
+        raise ConfigError(f"SYNC_METRICS_PORT: cannot listen on {where}: {exc.strerror}") from None
     thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
     thread.start()
 

@@ -100,7 +100,8 @@ class Daemon:
             with self.runner.engine.connect() as conn:  # as the recorded runs left the gauges
                 metrics.seed(history.last_runs(conn))
                 metrics.accepted(history.accepted_members(conn))
-        stop_metrics = metrics.serve(port, self.health) if port else None
+        address = self.runner.settings.metrics_address
+        stop_metrics = metrics.serve(address, port, self.health) if port else None
         log.info("daemon started with %d audiences", len(self.cadences), extra={"action": "daemon_started"})
         try:
             self.scheduler.start()

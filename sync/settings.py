@@ -1,5 +1,6 @@
 """Runtime settings: the only module that reads the environment."""
 
+import ipaddress
 import os
 import random
 import re
@@ -72,6 +73,7 @@ class Settings:
     reload_interval: float
     query_timeout: float
     metrics_port: int | None = None
+    metrics_address: str = "127.0.0.1"  # where /metrics listens: loopback unless the operator opens it
     log_format: str = "text"
     pool_recycle: float = 180.0
     history_retention: float = 90 * 86400.0  # seconds of `sync_runs` the daemon keeps
@@ -87,6 +89,7 @@ class Settings:
             reload_interval=parse_duration(env.get("SYNC_RELOAD_INTERVAL") or "60s", "SYNC_RELOAD_INTERVAL"),
             query_timeout=_query_timeout(env.get("SYNC_QUERY_TIMEOUT") or "10m"),
             metrics_port=_port(env.get("SYNC_METRICS_PORT")),
+            metrics_address=_address(env.get("SYNC_METRICS_ADDRESS") or "127.0.0.1", "SYNC_METRICS_ADDRESS"),
             log_format=_choice(env.get("SYNC_LOG_FORMAT") or "text", "SYNC_LOG_FORMAT", ("text", "json")),
             pool_recycle=parse_duration(env.get("SYNC_POOL_RECYCLE") or "3m", "SYNC_POOL_RECYCLE"),
             history_retention=parse_duration(
@@ -123,6 +126,16 @@ def _port(text: str | None) -> int | None:
     if not (text.isascii() and text.isdigit()) or not 0 < int(text) < 65536:
         raise ConfigError(f"SYNC_METRICS_PORT: {text!r} is not a TCP port (1-65535)")
     return int(text)
+
+
+def _address(text: str, name: str) -> str:
+    """An IP address to listen on (`0.0.0.0` or `::` for every interface); host names are not looked up."""
+    try:
+        return str(ipaddress.ip_address(text.strip()))
+    except ValueError:
+        raise ConfigError(
+            f"{name}: {text!r} is not an IP address (127.0.0.1, the default, or 0.0.0.0 for every interface)"
+        ) from None
 
 
 def _choice(text: str, name: str, choices: tuple[str, ...]) -> str:

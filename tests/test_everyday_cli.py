@@ -4,15 +4,17 @@ stderr for what they show."""
 import contextlib
 import json
 import re
+import signal
 import sqlite3
 from pathlib import Path
 
+import httpx
 import pytest
 from alembic.script import ScriptDirectory
 
 from sync import database
 from sync.sandbox import EverflowServer, RefersionServer
-from tests.conftest import Config, Customers, run_cli
+from tests.conftest import Config, Customers, free_port, run_cli, start_cli, wait_for
 from tests.test_e2e import everflow_destination
 from tests.test_migrations import alembic
 
@@ -99,3 +101,40 @@ def test_the_readme_worked_example_runs_as_written_against_the_sandbox(tmp_path:
         assert done.returncode == 0, done.stderr
     assert everflow.accepted == {("tx-1", "5"): 1, ("tx-2", "5"): 1}
     assert sorted(a["unique_merchant_id"] for a in refersion.affiliates.values()) == ["c1", "c2"]
+
+
+def _listening_on(port: int) -> set[str]:
+    """The local addresses of the TCP sockets listening on `port` (IPv4), as /proc/net/tcp writes them."""
+    rows = [line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:]]
+    return {
+        local.split(":")[0]
+        for _, local, _, state, *_ in rows
+        if state == "0A" and int(local.split(":")[1], 16) == port
+    }
+
+
+@pytest.mark.parametrize(("address", "bound"), [(None, "0100007F"), ("0.0.0.0", "00000000")])
+def test_the_metrics_listen_on_loopback_unless_an_address_is_given(
+    state_url: str, address: str | None, bound: str
+) -> None:
+    port = free_port()
+    env = {"SYNC_METRICS_PORT": str(port), **({"SYNC_METRICS_ADDRESS": address} if address else {})}
+    daemon = start_cli(state_url, "daemon", env=env)
+    try:
+        wait_for(lambda: bool(_listening_on(port)), 30)
+        assert _listening_on(port) == {bound}  # 127.0.0.1 by default; every interface when asked
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        _, stderr = daemon.communicate(timeout=30)
+    assert daemon.returncode == 0, stderr
+
+
+def test_a_metrics_address_that_is_no_ip_address_is_one_line(state_url: str) -> None:
+    refused = run_cli(
+        state_url, "daemon", env={"SYNC_METRICS_PORT": "9464", "SYNC_METRICS_ADDRESS": "localhost"}
+    )
+    assert refused.returncode == 2 and refused.stderr == (
+        "audience-sync: SYNC_METRICS_ADDRESS: 'localhost' is not an IP address (127.0.0.1, the default, or "
+        "0.0.0.0 for every interface)\n"
+    )

@@ -256,7 +256,7 @@ def test_healthz_fails_when_the_scheduler_stopped_or_reloads_are_late_and_unknow
     with _daemon(engine, clock) as daemon:
         port = daemon.runner.settings.metrics_port
         assert port is not None
-        stop = metrics.serve(port, daemon.health)
+        stop = metrics.serve("127.0.0.1", port, daemon.health)
         scheduler = threading.Thread(target=daemon.scheduler.start, daemon=True)
         try:
 
