@@ -147,6 +147,9 @@ def _choice(text: str, name: str, choices: tuple[str, ...]) -> str:
 def secret_from_env(variable: object, where: str, what: str) -> str:
     """The value of the environment variable that a row's `..._env` column (`where`: the row and the column)
     names, holding `what` ("the key", "the URL"), without the blanks around it (a newline from a file)."""
+    if isinstance(variable, str) and variable.startswith("$") and ENV_NAME.fullmatch(variable[1:]):
+        # not shown either: a secret may start with a $
+        raise ConfigError(f"{where} starts with a $: drop it, the column holds the variable's name alone")
     if not (isinstance(variable, str) and ENV_NAME.fullmatch(variable)):
         # no part of it is shown: it is often the secret itself, pasted into the wrong column
         raise ConfigError(

@@ -138,3 +138,21 @@ def test_a_metrics_address_that_is_no_ip_address_is_one_line(state_url: str) -> 
         "audience-sync: SYNC_METRICS_ADDRESS: 'localhost' is not an IP address (127.0.0.1, the default, or "
         "0.0.0.0 for every interface)\n"
     )
+
+
+def test_a_variable_name_written_with_a_dollar_is_answered_drop_the_dollar(
+    state_url: str, config: Config, customers: Customers
+) -> None:
+    customers.add("u1")
+    audience = config.audience("VIP", Customers.QUERY)
+    settings = {"api_base": "https://api.refersion.com/v2"}
+    config.connect(
+        audience, config.destination("Refersion", "refersion", settings, api_key_env="$REFERSION_KEY")
+    )
+    checked = run_cli(state_url, "check", env={"REFERSION_KEY": "pub.sec"})
+    assert checked.returncode == 2, checked.stderr
+    assert (
+        "destinations row id=1 ('Refersion'): api_key_env starts with a $: drop it, the column holds the "
+        "variable's name alone"
+    ) in checked.stdout
+    assert "pub.sec" not in checked.stdout + checked.stderr
