@@ -39,11 +39,18 @@ _EXITS = f"""
 """
 
 
-_REMOTE = "s.changes, s.remote_id, s.remote_active, s.remote_code"  # what a change carries of the state
-# An entry after an exit in doubt: the exit (a Refersion affiliate disabled) may have taken effect.
-_ENTRY_REMOTE = _REMOTE.replace(
-    "s.remote_active",
-    "CASE WHEN s.member = true AND s.in_doubt_since IS NOT NULL THEN false ELSE s.remote_active END",
+# What a change carries of the state. A user in doubt: a change may have reached the destination unanswered,
+# so what the state says of it (a Refersion affiliate's numeric id, whether it is active) may be stale. The
+# change carries no numeric id, so the destination looks the user up (by code or email) and reads its status;
+# an entry takes it as not active and an exit as active, and the status read decides what is left to change.
+_IN_DOUBT = "s.in_doubt_since IS NOT NULL"
+_ENTRY_REMOTE = (
+    f"s.changes, CASE WHEN {_IN_DOUBT} THEN NULL ELSE s.remote_id END,"
+    f" CASE WHEN {_IN_DOUBT} THEN false ELSE s.remote_active END, s.remote_code"
+)
+_EXIT_REMOTE = (
+    f"s.changes, CASE WHEN {_IN_DOUBT} THEN NULL ELSE s.remote_id END,"
+    f" CASE WHEN {_IN_DOUBT} THEN true ELSE s.remote_active END, s.remote_code"
 )
 
 
@@ -52,7 +59,7 @@ PAGE = 2_000  # rows per page: each page is a keyset range of one indexed table;
 
 # A connection's diff, written once per run: one evaluation of both anti-joins (paging them directly
 # re-evaluated the joins over the rest of the range for every page).
-_DIFF_EXITS = f" UNION ALL SELECT :destination_id, false, s.user_id, s.traits, {_REMOTE}" + _EXITS
+_DIFF_EXITS = f" UNION ALL SELECT :destination_id, false, s.user_id, s.traits, {_EXIT_REMOTE}" + _EXITS
 
 
 DIFF = sa.text(
@@ -81,7 +88,7 @@ ENTRIES_PAGE = sa.text(
 
 # An exit is read with the user's state as it is now: `forget` may have removed the user meanwhile.
 EXITS_PAGE = sa.text(
-    f"SELECT s.user_id, s.traits, {_REMOTE} FROM {sync_stage_diff.name} d"
+    f"SELECT s.user_id, s.traits, {_EXIT_REMOTE} FROM {sync_stage_diff.name} d"
     " JOIN sync_state s ON s.audience_id = :audience_id AND s.destination_id = :destination_id"
     "   AND s.user_id = d.user_id AND (s.member = true OR s.in_doubt_since IS NOT NULL)"
     " WHERE d.destination_id = :destination_id AND d.value = false AND d.user_id > :after"
@@ -95,7 +102,7 @@ DIFF_COUNTS = """
       (SELECT count(*) FROM {stage}) AS members,
       (SELECT count(*) FROM sync_state s
        WHERE s.audience_id = :audience_id AND s.destination_id = :destination_id
-         AND (s.member = true {or_staged})
+         AND (s.member = true OR s.in_doubt_since IS NOT NULL {or_staged})
       ) AS accepted_members,
       (SELECT count(*) FROM {diff} WHERE destination_id = :destination_id AND value = true) AS entries,
       (SELECT count(*) FROM {diff} WHERE destination_id = :destination_id AND value = false) AS exits

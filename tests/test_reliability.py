@@ -676,6 +676,45 @@ def test_an_exit_in_doubt_gets_an_entry_when_the_user_comes_back(
     assert config.sql("SELECT member, in_doubt_since FROM sync_state WHERE user_id = 'u1'") == [(True, None)]
 
 
+def test_a_refersion_reactivation_in_doubt_is_undone_when_the_user_leaves_and_kept_on_resend(
+    engine: sa.Engine, config: Config, customers: Customers
+) -> None:
+    customers.add("u1", "u2", "u3")
+    with RefersionServer() as refersion:
+        settings = {"api_base": refersion.url + "/v2", "on_exit": "disable", "status": "ACTIVE"}
+        retries = {**FAST_RETRIES, "max_in_flight": 1, "max_attempts": 3}
+        config.connect(
+            config.audience("VIP", Customers.QUERY),
+            config.destination("Refersion", "refersion", settings | retries, api_key="pub.sec"),
+        )
+        assert [r.outcome for r in sync_in_process(engine, refersion)] == ["ok"]
+        ids = {a["unique_merchant_id"]: number for number, a in refersion.affiliates.items()}
+        customers.move("u1", segment="lapsed")
+        assert [r.outcome for r in sync_in_process(engine, refersion)] == ["ok"]  # u1 disabled
+        customers.move("u1", segment="vip")
+        refersion.accept_then(times=1)  # u1 re-activated, the answer lost
+        refersion.fault(503, times=2)
+        assert [r.outcome for r in sync_in_process(engine, refersion)] == ["failed"]
+        assert refersion.affiliates[ids["u1"]]["status"] == "ACTIVE"
+
+        customers.move("u1", segment="lapsed")  # leaves before the next run: the re-activation is undone
+        assert [r.outcome for r in sync_in_process(engine, refersion)] == ["ok"]
+        assert refersion.affiliates[ids["u1"]]["status"] == "DISABLED"
+        assert refersion.accepted[(ids["u1"], "DISABLED")] == 2
+
+        # an exit in doubt, then the user is back and `initial --resend` runs: the affiliate is active again
+        customers.move("u1", segment="vip")
+        assert [r.outcome for r in sync_in_process(engine, refersion)] == ["ok"]  # re-activated
+        customers.move("u1", segment="lapsed")
+        refersion.accept_then(times=1)  # u1 disabled, the answer lost
+        refersion.fault(503, times=2)
+        assert [r.outcome for r in sync_in_process(engine, refersion)] == ["failed"]
+        customers.move("u1", segment="vip")
+        assert [r.outcome for r in sync_in_process(engine, refersion, resend=True)] == ["ok"]
+        assert refersion.affiliates[ids["u1"]]["status"] == "ACTIVE"
+    assert config.sql("SELECT member, in_doubt_since FROM sync_state WHERE user_id = 'u1'") == [(True, None)]
+
+
 def _connect_refersion(config: Config, refersion: RefersionServer, **settings: str) -> None:
     """The VIP audience to a Refersion destination that tries each request once."""
     config.connect(

@@ -254,11 +254,14 @@ class Refersion(Destination):
 
     def _after_lookup(self, status: str, found: Change) -> list[Outcome] | Call:
         """The status change a lookup found the affiliate for; none to disable one already disabled or
-        denied (by someone else: a user adopted from before, or one we never knew)."""
+        denied (by someone else: a user adopted from before, or one we never knew), nor to activate one
+        already active (a change in doubt that arrived)."""
         if status == "DISABLED" and not found.remote_active:
             return [
                 accepted(found, remote_active=False, reason="the affiliate already is disabled or denied")
             ]
+        if status == "ACTIVE" and found.remote_active:
+            return [accepted(found, remote_active=True, reason="the affiliate already is active")]
         return self._status_change(status, found)
 
     def _call(self, change: Change, path: str, body: dict[str, Any], read: lookup.Read, **extra: Any) -> Call:
