@@ -125,6 +125,13 @@ sync_state = sa.Table(
     # since when a change of the user's may have reached the destination unanswered (sent, no answer): the
     # destination may hold the opposite of `member`, so the diff sends whichever change membership calls for
     sa.Column("in_doubt_since", UTCDateTime),
+    # what the last `reconcile` found of the user at the destination (`reconcile.Outcome`), why, since which
+    # reconcile it has found that, and the destination's own time of the record (Everflow's conversion);
+    # cleared when a run changes the user's state: the destination's record is then unverified again
+    sa.Column("reconciled", sa.Text),
+    sa.Column("reconciled_reason", sa.Text),
+    sa.Column("reconciled_at", UTCDateTime),
+    sa.Column("remote_at", UTCDateTime),
 )
 
 # Per connection: the key it was synced under and whether its initial sync completed.
@@ -168,6 +175,25 @@ sync_runs = sa.Table(
     # an audience's last start, which the daemon reads every reload, is one index lookup however long
     # the history
     sa.Index("ix_sync_runs_audience_id_started_at", "audience_id", "started_at"),
+)
+
+# Per connection, one row per `reconcile`: how it went (`outcome`: ok, drifted, repairing, held or cannot
+# verify, with `error` saying why) and what it found.
+sync_reconcile_runs = sa.Table(
+    "sync_reconcile_runs",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("audience_id", sa.ForeignKey("audiences.id", ondelete="CASCADE"), nullable=False),
+    _destination_fk(primary_key=False),
+    sa.Column("started_at", UTCDateTime, nullable=False),
+    sa.Column("finished_at", UTCDateTime, nullable=False),
+    sa.Column("outcome", sa.Text, nullable=False),
+    *(
+        sa.Column(name, sa.Integer, nullable=False, server_default="0")
+        for name in ("confirmed", "drifted", "missing", "rejected", "not_found", "not_ours", "repairs")
+    ),
+    sa.Column("error", sa.Text),
+    sa.Index("ix_sync_reconcile_runs_audience_id_started_at", "audience_id", "started_at"),
 )
 
 sync_rejections = sa.Table(
