@@ -125,6 +125,26 @@ def _operator_commands(commands: "argparse._SubParsersAction[argparse.ArgumentPa
     runs.add_argument("--limit", type=_positive, default=20, metavar="N", help="how many (default 20)")
     explain = "one user's membership and what each destination accepted"
     _command(commands, "explain", explain, _explain, json=True).add_argument("user_id", metavar="USER_ID")
+    reconcile = commands.add_parser(
+        "reconcile",
+        help="read each destination's own records and report, per user, what they hold of what it accepted",
+    )
+    reconcile.add_argument(
+        "--audience", action="append", default=[], metavar="NAME", help="only this audience"
+    )
+    reconcile.add_argument(
+        "--destination", action="append", default=[], metavar="NAME", help="only this destination"
+    )
+    reconcile.add_argument(
+        "--repair", action="store_true", help="queue the changes that make the destinations match membership"
+    )
+    reconcile.add_argument(
+        "--allow-mass-repair",
+        action="store_true",
+        help="with --repair: queue them even for more than SYNC_REPAIR_SHARE of a connection's users",
+    )
+    reconcile.add_argument("--json", action="store_true", help="one JSON object (ISO 8601 times)")
+    reconcile.set_defaults(func=_reconcile)
     forget = "privacy deletion: tell each destination, then drop the user's state"
     forget_parser = _command(commands, "forget", forget, _forget)
     forget_parser.add_argument("user_id", metavar="USER_ID")
@@ -305,6 +325,30 @@ def _explain(args: argparse.Namespace) -> int:
         entries = explain_user(conn, _source(engine, settings), args.user_id, settings.query_timeout)
     views.show(entries, args.json, lambda rows: views.explain(args.user_id, rows))
     return 0
+
+
+def _reconcile(args: argparse.Namespace) -> int:
+    """Exit 0 when every selected destination could be read (drift is reported, not an error), else 1."""
+    from sync.reconcile import Options, Reconciler
+
+    if args.allow_mass_repair and not args.repair:
+        raise SyncError("--allow-mass-repair goes with --repair")
+    settings, engine = _state(writes=True)
+    database.check_writable(engine, settings.database_url)
+    with engine.connect() as conn:
+        options = Options(
+            audiences=names.resolve(conn, "audience", args.audience),
+            destinations=names.resolve(conn, "destination", args.destination),
+            repair=args.repair,
+            allow_mass_repair=args.allow_mass_repair,
+        )
+    reconciler = Reconciler(engine, settings)
+    try:
+        found = [one.as_json() for one in reconciler.run(options)]
+    finally:
+        reconciler.close()
+    views.show_json({"connections": found}) if args.json else views.reconciled(found)
+    return 0 if all(one["verifiable"] for one in found) else 1
 
 
 def _forget(args: argparse.Namespace) -> int:

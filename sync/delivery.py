@@ -120,6 +120,10 @@ class Sender:
             self.counted[what] += 1
 
     def _attempt(self, call: Call) -> list[Outcome] | Call:
+        return call.read(call, self._answer(call))
+
+    def _answer(self, call: Call) -> httpx.Response:
+        """One request of `call`, paced; its answer unless it is one to retry, or refuses the credentials."""
         self.limiter.wait()
         self._count("requests")
         try:
@@ -142,7 +146,7 @@ class Sender:
             if exc.retry_after is not None:
                 self.limiter.pause(min(exc.retry_after, RETRY_AFTER_CAP))
             raise
-        return call.read(call, response)
+        return response
 
     def _request(self, call: Call) -> httpx.Response:
         """The answer to `call`, its body read up to ANSWER_MAX bytes and until `timeout` after the request.
@@ -194,16 +198,27 @@ class Sender:
             raise type(exc)(self.scrub(exc.reason, call), exc.status) from None
         return CREDENTIALS_ACCEPTED
 
-    def _send_one(self, call: Call) -> list[Outcome] | Call:
-        retrying = Retrying(
+    def fetch(self, call: Call) -> httpx.Response:
+        """A read (a call carrying no change) paced and retried as a change is: its answer, or the error
+        (AuthError, RetriableError after the last attempt) with its text scrubbed; raises Interrupted when
+        the process stops."""
+        try:
+            return self._retrying()(self._answer, call)
+        except DestinationError as exc:
+            raise type(exc)(self.scrub(exc.reason, call), exc.status) from None
+
+    def _retrying(self) -> Retrying:
+        return Retrying(
             stop=stop_after_attempt(self.limits.max_attempts),
             wait=self._wait,
             retry=retry_if_exception_type(RetriableError),
             sleep=self._sleep,
             reraise=True,
         )
+
+    def _send_one(self, call: Call) -> list[Outcome] | Call:
         try:
-            return retrying(self._attempt, call)
+            return self._retrying()(self._attempt, call)
         except Interrupted:  # not sent, or not accepted yet: pending
             return [failed(change, INTERRUPTED) for change in call.changes]
         except RetriableError as exc:

@@ -48,6 +48,10 @@ def _rows(conn: sa.Connection, user_id: str) -> list[sa.Row[Any]]:
             s.c.accepted_at,
             s.c.in_doubt_since,
             s.c.changes,
+            s.c.reconciled,
+            s.c.reconciled_reason,
+            s.c.reconciled_at,
+            s.c.remote_at,
             r.c.value.label("rejected_value"),
             r.c.reason.label("rejection_reason"),
             r.c.rejected_at,
@@ -87,6 +91,15 @@ def _entry(row: sa.Row[Any], member: bool | str) -> dict[str, Any]:
         # a change sent without an answer: the destination may hold the other value
         "in_doubt_since": row.in_doubt_since,
         "accepted_changes": row.changes or 0,
+        # what the last `reconcile` found in the destination's own records, since which reconcile
+        "reconciled": None
+        if row.reconciled is None
+        else {
+            "outcome": row.reconciled,
+            "reason": row.reconciled_reason,
+            "since": row.reconciled_at,
+            "destination_time": row.remote_at,
+        },
         "rejection": None
         if row.rejection_reason is None
         else {

@@ -6,7 +6,14 @@ from typing import Any
 import sqlalchemy as sa
 
 from sync.audiences import derive_key
-from sync.tables import audience_destinations, audiences, destinations, readable_columns, sync_runs
+from sync.tables import (
+    audience_destinations,
+    audiences,
+    destinations,
+    readable_columns,
+    sync_reconcile_runs,
+    sync_runs,
+)
 
 ad = audience_destinations
 
@@ -75,15 +82,20 @@ def _transport(settings_text: str | None) -> str:
 
 
 def run_rows(conn: sa.Connection, audience: str | None, limit: int) -> list[dict[str, Any]]:
-    """The last `limit` runs, newest first, of one audience or of all."""
-    r = sync_runs
-    query = (
-        sa.select(r, audiences.c.name.label("audience"), destinations.c.name.label("destination"))
-        .join(audiences, audiences.c.id == r.c.audience_id)
-        .outerjoin(destinations, destinations.c.id == r.c.destination_id)
-        .order_by(r.c.id.desc())
-        .limit(limit)
-    )
-    if audience is not None:
-        query = query.where(audiences.c.name == audience)
-    return [{**row._asdict(), "audience": str(row.audience)} for row in conn.execute(query)]
+    """The last `limit` runs and reconciles (`kind` says which), newest first, of one audience or of all."""
+    found = []
+    for kind, table in (("sync", sync_runs), ("reconcile", sync_reconcile_runs)):
+        query = (
+            sa.select(table, audiences.c.name.label("audience"), destinations.c.name.label("destination"))
+            .join(audiences, audiences.c.id == table.c.audience_id)
+            .outerjoin(destinations, destinations.c.id == table.c.destination_id)
+            .order_by(table.c.started_at.desc(), table.c.id.desc())
+            .limit(limit)
+        )
+        if audience is not None:
+            query = query.where(audiences.c.name == audience)
+        found += [
+            {**row._asdict(), "kind": kind, "audience": str(row.audience)} for row in conn.execute(query)
+        ]
+    found.sort(key=lambda row: row["started_at"], reverse=True)
+    return found[:limit]

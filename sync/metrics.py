@@ -55,6 +55,17 @@ REJECTED = Gauge(
 )
 MEMBERS = Gauge("audience_sync_members", "Members of the audience at the connection's last run", CONNECTION)
 ACCEPTED = Gauge("audience_sync_accepted_members", "Members the destination has accepted", CONNECTION)
+RECONCILED = Gauge(
+    "audience_sync_reconciled_users",
+    "Users by what the connection's last reconcile found at the destination (confirmed, drifted, missing, "
+    "rejected, not_found; not_ours: the destination's records this product did not make)",
+    [*CONNECTION, "outcome"],
+)
+VERIFIABLE = Gauge(
+    "audience_sync_reconcile_verifiable",
+    "1 when the connection's last reconcile could read the destination's records, 0 when it could not",
+    CONNECTION,
+)
 PER_CONNECTION = (
     RUNS,
     CHANGES,
@@ -66,6 +77,8 @@ PER_CONNECTION = (
     REJECTED,
     MEMBERS,
     ACCEPTED,
+    RECONCILED,
+    VERIFIABLE,
 )
 
 REQUESTS = Counter(
@@ -161,6 +174,19 @@ def observe_run(
         MEMBERS.labels(*labels).set(counts["members"])
     if Status.REJECTED in counts:
         REJECTED.labels(*labels).set(counts[Status.REJECTED])
+
+
+def observe_reconcile(
+    audience_id: int, destination_id: int, counts: dict[str, int], verifiable: bool
+) -> None:
+    """Record one connection's reconcile: what it found (kept from the last one it could read)."""
+    labels = _labels(audience_id, destination_id)
+    if labels is None:
+        return
+    VERIFIABLE.labels(*labels).set(1 if verifiable else 0)
+    if verifiable:
+        for outcome, users in counts.items():
+            RECONCILED.labels(*labels, outcome).set(users)
 
 
 def observe_audience_run(audience_id: int, outcome: str, finished: float) -> None:

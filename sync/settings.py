@@ -78,6 +78,9 @@ class Settings:
     pool_recycle: float = 180.0
     history_retention: float = 90 * 86400.0  # seconds of `sync_runs` the daemon keeps
     rejected_share: float = 0.5  # a run rejecting more of its changes than this is `rejected`, not `ok`
+    reconcile_interval: float | None = 86400.0  # how often the daemon reconciles; None: never
+    repair_share: float = 0.1  # a repair touching more of a connection's users than this is held
+    reconcile_grace: float = 3600.0  # how long a postback may take to show in Everflow's report
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -96,6 +99,11 @@ class Settings:
                 env.get("SYNC_HISTORY_RETENTION") or "90d", "SYNC_HISTORY_RETENTION"
             ),
             rejected_share=_share(env.get("SYNC_REJECTED_SHARE") or "50%", "SYNC_REJECTED_SHARE"),
+            reconcile_interval=_interval_or_off(
+                env.get("SYNC_RECONCILE_INTERVAL") or "24h", "SYNC_RECONCILE_INTERVAL"
+            ),
+            repair_share=_share(env.get("SYNC_REPAIR_SHARE") or "10%", "SYNC_REPAIR_SHARE"),
+            reconcile_grace=parse_duration(env.get("SYNC_RECONCILE_GRACE") or "1h", "SYNC_RECONCILE_GRACE"),
         )
 
 
@@ -118,6 +126,16 @@ def _share(text: str, name: str) -> float:
     if match is None or float(match[1]) > 100:
         raise ConfigError(f"{name}: {text!r} is not a percentage from 0% to 100% (e.g. 50%)")
     return float(match[1]) / 100
+
+
+def _interval_or_off(text: str, name: str) -> float | None:
+    """A duration of at least a second, or `0` for off."""
+    if text.strip() == "0":
+        return None
+    seconds = parse_duration(text, name)
+    if seconds < SHORTEST_CADENCE:
+        raise ConfigError(f"{name}: {text!r} is shorter than 1s (0 turns it off)")
+    return seconds
 
 
 def _port(text: str | None) -> int | None:

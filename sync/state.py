@@ -70,6 +70,7 @@ def record(
                 else outcome.remote_active,
                 "accepted_at": now,
                 "in_doubt_since": None,
+                **UNVERIFIED,
             }
         )
         if outcome.status == Status.REJECTED:
@@ -87,6 +88,7 @@ def record(
             "remote_active",
             "accepted_at",
             "in_doubt_since",
+            *UNVERIFIED,
         ),
     )
     # a row there keeps what was accepted, and the time its doubt began
@@ -103,6 +105,10 @@ def record(
             )
         )
     _upsert(conn, sync_rejections, rejections, ("value", "traits", "reason", "rejected_at"))
+
+
+# what a reconcile found of a user is of the change before: the one just accepted is not verified yet
+UNVERIFIED = dict.fromkeys(("reconciled", "reconciled_reason", "reconciled_at", "remote_at"))
 
 
 def _doubt(ids: dict[str, int], change: Change, now: datetime) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from sync import leases, state
 from sync.audiences import load_audiences
 from sync.connections import missing_destination
 from sync.settings import Cadence, Settings
-from sync.tables import sync_runs
+from sync.tables import sync_runs, sync_state
 
 # `enabled = true`: as the runner reads it (on SQLite a shell may have written 'false' or 'yes')
 CONNECTIONS = sa.text("""
@@ -48,6 +48,7 @@ def connection_status(conn: sa.Connection, settings: Settings) -> list[dict[str,
     starts = state.last_run_times(conn)
     running = leases.holders(conn)
     _, invalid = load_audiences(conn)  # rows no run has met yet are invalid too, and no daemon runs them
+    verified = _reconciled(conn)
     rows = []
     for row in conn.execute(CONNECTIONS):
         own_run = last.get((row.audience_id, row.destination_id))
@@ -61,8 +62,30 @@ def connection_status(conn: sa.Connection, settings: Settings) -> list[dict[str,
         entry["last_error"] = problem or entry["last_error"]
         last_start = None if problem else starts.get(row.audience_id)
         earliest, latest_ = _next_run(row, last_start, settings)
+        entry["reconciled"] = verified.get((row.audience_id, row.destination_id), dict.fromkeys(VERIFIED, 0))
         rows.append({**entry, "next_run_earliest": earliest, "next_run_latest": latest_})
     return rows
+
+
+VERIFIED = ("confirmed", "drifted", "unverified")
+
+
+def _reconciled(conn: sa.Connection) -> dict[tuple[int, int], dict[str, int]]:
+    """Per connection, its accepted users by what the last reconcile found: confirmed, drifted (anything
+    else it found: drifted, missing, rejected, not found) and unverified (not reconciled since accepted)."""
+    s = sync_state.c
+    verdict = sa.case(
+        (s.reconciled.is_(None), "unverified"), (s.reconciled == "confirmed", "confirmed"), else_="drifted"
+    )
+    query = (
+        sa.select(s.audience_id, s.destination_id, verdict.label("verdict"), sa.func.count())
+        .where(s.accepted_at.is_not(None))
+        .group_by(s.audience_id, s.destination_id, verdict)
+    )
+    found: dict[tuple[int, int], dict[str, int]] = {}
+    for audience_id, destination_id, name, count in conn.execute(query):
+        found.setdefault((audience_id, destination_id), dict.fromkeys(VERIFIED, 0))[name] = count
+    return found
 
 
 def _entry(row: sa.Row[Any], run: dict[str, Any] | None, own_run: dict[str, Any] | None) -> dict[str, Any]:

@@ -144,30 +144,36 @@ sync_connections = sa.Table(
     sa.Column("initial_completed_at", UTCDateTime),
 )
 
+
+def _run_columns(*counts: str) -> list[sa.Column[Any]]:
+    """A run record's columns: its id, connection (no destination: the audience as a whole), start, end,
+    outcome and `counts` (0 by default)."""
+    return [
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("audience_id", sa.ForeignKey("audiences.id", ondelete="CASCADE"), nullable=False),
+        _destination_fk(primary_key=False),
+        sa.Column("started_at", UTCDateTime, nullable=False),
+        sa.Column("finished_at", UTCDateTime, nullable=False),
+        sa.Column("outcome", sa.Text, nullable=False),
+        *(sa.Column(name, sa.Integer, nullable=False, server_default="0") for name in counts),
+    ]
+
+
 sync_runs = sa.Table(
     "sync_runs",
     metadata,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("audience_id", sa.ForeignKey("audiences.id", ondelete="CASCADE"), nullable=False),
-    _destination_fk(primary_key=False),
-    sa.Column("started_at", UTCDateTime, nullable=False),
-    sa.Column("finished_at", UTCDateTime, nullable=False),
-    sa.Column("outcome", sa.Text, nullable=False),
-    *(
-        sa.Column(name, sa.Integer, nullable=False, server_default="0")
-        for name in (
-            "members",
-            "entered",
-            "exited",
-            "accepted",
-            "rejected",
-            "skipped",
-            "failed",
-            "null_user_ids",
-            "duplicate_user_ids",
-            "long_user_ids",  # longer than MAX_USER_ID_BYTES: skipped like NULL ones
-            "countries_left_out",  # Refersion affiliates created without a country it does not list
-        )
+    *_run_columns(
+        "members",
+        "entered",
+        "exited",
+        "accepted",
+        "rejected",
+        "skipped",
+        "failed",
+        "null_user_ids",
+        "duplicate_user_ids",
+        "long_user_ids",  # longer than MAX_USER_ID_BYTES: skipped like NULL ones
+        "countries_left_out",  # Refersion affiliates created without a country it does not list
     ),
     # changes left for the next run: not accepted, rejected or skipped; NULL when not known (a failed query)
     sa.Column("pending", sa.Integer),
@@ -182,16 +188,7 @@ sync_runs = sa.Table(
 sync_reconcile_runs = sa.Table(
     "sync_reconcile_runs",
     metadata,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("audience_id", sa.ForeignKey("audiences.id", ondelete="CASCADE"), nullable=False),
-    _destination_fk(primary_key=False),
-    sa.Column("started_at", UTCDateTime, nullable=False),
-    sa.Column("finished_at", UTCDateTime, nullable=False),
-    sa.Column("outcome", sa.Text, nullable=False),
-    *(
-        sa.Column(name, sa.Integer, nullable=False, server_default="0")
-        for name in ("confirmed", "drifted", "missing", "rejected", "not_found", "not_ours", "repairs")
-    ),
+    *_run_columns("confirmed", "drifted", "missing", "rejected", "not_found", "not_ours", "repairs"),
     sa.Column("error", sa.Text),
     sa.Index("ix_sync_reconcile_runs_audience_id_started_at", "audience_id", "started_at"),
 )

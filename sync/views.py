@@ -110,7 +110,7 @@ def confirmed(yes: bool, members: int) -> bool:
 
 def status(rows: list[dict[str, Any]]) -> None:
     headers = ["audience", "destination", "state", "members", "accepted", "rejected"]
-    headers += ["last run (UTC)", "next run (UTC)", "error"]
+    headers += ["last run (UTC)", "next run (UTC)", "error", "verified"]
     table("audience-sync connections", headers, [_status_row(row) for row in rows])
 
 
@@ -136,6 +136,7 @@ def _status_row(row: dict[str, Any]) -> list[str]:
         last,
         next_run,
         row["last_error"] or "",
+        "confirmed={confirmed} drifted={drifted} unverified={unverified}".format(**row["reconciled"]),
     ]
 
 
@@ -150,6 +151,7 @@ def _state_text(row: dict[str, Any]) -> str:
 
 def explain(user_id: str, entries: list[dict[str, Any]]) -> None:
     headers = ["audience", "destination", "member now", "destination accepted (UTC)", "rejection"]
+    headers.append("reconcile (UTC)")
     rows = []
     for entry in entries:
         received = " (received by the postback endpoint)" if entry["accepted_means"] == "received" else ""
@@ -167,9 +169,50 @@ def explain(user_id: str, entries: list[dict[str, Any]]) -> None:
                 entry["member_unknown"] or ("yes" if entry["member"] else "no"),
                 accepted,
                 "" if rejection is None else f"{str(rejection['value']).lower()}: {rejection['reason']}",
+                _reconciled(entry),
             ]
         )
     table(f"user {user_id}", headers, rows)
+
+
+def reconciled(found: list[dict[str, Any]]) -> None:
+    """`reconcile`: a line per connection, then every user whose outcome is not confirmed."""
+    names = ("confirmed", "drifted", "missing", "rejected", "not_found", "not_ours")
+    headers = ["audience", "destination", "outcome", *(n.replace("_", " ") for n in names), "repairs", "why"]
+    rows = [
+        [one["audience"], one["destination"], one["outcome"]]
+        + [str(one["counts"][n]) for n in names]
+        + [str(one["repairs_queued"]), one.get("reason") or one.get("held") or ""]
+        for one in found
+    ]
+    table("reconcile", headers, rows)
+    users = [
+        [one["audience"], one["destination"], user["user_id"], user["outcome"], user["reason"] or ""]
+        for one in found
+        for user in one["users"]
+    ]
+    if users:
+        print()
+        table("users not confirmed", ["audience", "destination", "user", "outcome", "reason"], users)
+    if not found:
+        print("nothing to reconcile: no enabled connection matched", file=sys.stderr)
+
+
+def _reconciled(entry: dict[str, Any]) -> str:
+    """What the last reconcile found of the user: "confirmed by Everflow's report at T", "Everflow rejected
+    it: error 8, ...", "disabled by hand in Refersion since reconcile at T"."""
+    found = entry["reconciled"]
+    if found is None:
+        return "not verified"
+    outcome, reason, since = found["outcome"], found["reason"], utc(found["since"])
+    if entry["accepted_means"] == "received":  # Everflow postbacks: its conversion report says
+        if outcome == "confirmed":
+            return f"confirmed by Everflow's report at {utc(found['destination_time'] or found['since'])}"
+        if outcome == "rejected":
+            return f"Everflow rejected it: {reason}"
+    if outcome == "confirmed":
+        return f"confirmed by reconcile at {since} ({reason})"
+    return f"{outcome}: {reason} since reconcile at {since}"
 
 
 def check(found: Findings) -> None:
@@ -241,17 +284,22 @@ def runs(rows: list[dict[str, Any]]) -> None:
     table("runs, newest first", headers, [_run_row(row) for row in rows], names=(1, 2))
 
 
+RECONCILE_COUNTS = ("confirmed", "drifted", "missing", "rejected", "not_found", "not_ours", "repairs")
+
+
 def _run_row(row: dict[str, Any]) -> list[str]:
     counts = (
         f"members={row['members']} +{row['entered']} -{row['exited']} ok={row['accepted']} "
         f"rej={row['rejected']} skip={row['skipped']} fail={row['failed']}"
     )
+    if row["kind"] == "reconcile":
+        counts = " ".join(f"{name}={row[name]}" for name in RECONCILE_COUNTS)
     seconds = (row["finished_at"] - row["started_at"]).total_seconds()
     return [
         utc(row["started_at"]),
         row["audience"],
         row["destination"] or "(the audience)",
-        row["outcome"],
+        row["outcome"] if row["kind"] == "sync" else f"reconcile: {row['outcome']}",
         f"{seconds:.1f}",
         counts,
         row["error"] or "",

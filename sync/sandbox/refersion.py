@@ -9,6 +9,7 @@ from typing import Any
 from sync.sandbox.everflow import _is_int
 from sync.sandbox.fake import FakeServer
 from sync.sandbox.http import Recorded, Response, _json
+from sync.sandbox.refersion_list import list_page
 
 # Refersion REST API v2 reference (OpenAPI, affiliate/new, country): "Country Code (two letter abbreviation)
 # must match one of" these 90. Kept apart from the product's copy: the emulation holds to the reference
@@ -22,7 +23,7 @@ COUNTRIES = frozenset(
 
 
 class RefersionServer(FakeServer):
-    """Refersion REST API v2: `/v2/affiliate/new`, `/get`, `/search` and `/status_change`.
+    """Refersion REST API v2: `/v2/affiliate/new`, `/get`, `/search`, `/list` and `/status_change`.
 
     Affiliates are keyed by their numeric id; each also has a string code, which is what `/affiliate/new` and
     `/affiliate/search` answer as `id`.
@@ -33,6 +34,7 @@ class RefersionServer(FakeServer):
         self.secret_key = secret_key
         self.affiliates: dict[int, dict[str, Any]] = {}
         self.not_changeable: set[int] = set()  # numeric ids status_change refuses (ids_not_changed)
+        self._listed: list[dict[str, Any]] | None = None  # the affiliates /affiliate/list pages, oldest first
         # Refersion REST API v2 reference (OpenAPI, affiliate/search): results come in pages (`page`); the
         # page size is not documented; chosen here.
         self.search_page_size = 10
@@ -51,6 +53,19 @@ class RefersionServer(FakeServer):
         with self._lock:
             return self._store({"status": "ACTIVE", **fields, "email": email})
 
+    def change_by_hand(self, code: str, status: str | None = None) -> None:
+        """What a merchant does in Refersion's dashboard behind the product's back: set the affiliate's
+        status (ACTIVE, PENDING, DENIED, DISABLED), or with none delete it."""
+        with self._lock:
+            affiliate = self._by_code(code)
+            if affiliate is None:
+                raise KeyError(code)
+            if status is None:
+                del self.affiliates[affiliate["id"]]
+                self._listed = None
+            else:
+                affiliate["status"] = status
+
     def code_of(self, affiliate_id: int) -> str:
         """The code of the affiliate with this numeric id (KeyError when there is none)."""
         with self._lock:
@@ -68,7 +83,15 @@ class RefersionServer(FakeServer):
         affiliate_id = next(self._ids)
         fields.pop("password", None)
         self.affiliates[affiliate_id] = {**fields, "id": affiliate_id, "code": f"c{next(self._codes):x}"}
+        self._listed = None
         return affiliate_id
+
+    def _list(self, data: dict[str, Any]) -> Response:
+        # ids count up and are stored in that order: the list is the oldest first. Kept between pages: a
+        # million affiliates are listed 10,000 times.
+        if self._listed is None:
+            self._listed = list(self.affiliates.values())
+        return list_page(data, self._listed, self._offer_id)
 
     def _link(self, affiliate: dict[str, Any]) -> str:
         # Refersion REST API v2 reference (OpenAPI, affiliate/new example): link
@@ -85,6 +108,7 @@ class RefersionServer(FakeServer):
             "/v2/affiliate/new": self._new,
             "/v2/affiliate/get": self._get,
             "/v2/affiliate/search": self._search,
+            "/v2/affiliate/list": self._list,
             "/v2/affiliate/status_change": self._status_change,
         }
         # Refersion REST API v2 reference (OpenAPI): every call is a POST under /v2. An unknown path's answer

@@ -1,0 +1,166 @@
+"""Refersion's side of reconcile: every affiliate of the account, read from `/affiliate/list` a page at a time
+into a temporary table, then each connection's settled users matched to it by affiliate code (by email for a
+user whose code is not known: a baselined one) and judged against membership.
+
+Refersion REST API v2 reference (github.com/api-evangelist/refersion, openapi/refersion-rest-api-openapi.yml,
+/affiliate/list; REFERENCE.md, Refersion): `POST /affiliate/list {"limit": "100", "page": "1"}`, at most 100
+a call, answers `{"total": n, "results": [{"id": <code>, "status", "email", ...}]}`: every affiliate.
+
+Transactions: the temporary table lives on the connection given, which is committed after each page.
+"""
+
+from collections.abc import Iterator
+from typing import Any
+
+import sqlalchemy as sa
+
+from sync.delivery import Sender
+from sync.destinations.http import Call, error_text, read_accepting
+from sync.destinations.refersion import Refersion
+from sync.errors import DestinationError
+from sync.reconcile.store import CONFIRMED, DRIFTED, MISSING, Finding, Unreadable, settled_pages
+from sync.tables import sync_state
+
+LIMIT = 100  # the most /affiliate/list answers a call (its reference: "Maximum 100")
+ACTIVE = ("ACTIVE", "PENDING")  # a member's affiliate; DISABLED and DENIED are not active
+
+listed = sa.Table(
+    "sync_reconcile_affiliates",
+    sa.MetaData(),
+    sa.Column("code", sa.Text),
+    sa.Column("email", sa.Text),  # lower case
+    sa.Column("status", sa.Text),
+    sa.Column("ours", sa.Boolean),
+    sa.Index("ix_sync_reconcile_affiliates_code", "code"),
+    sa.Index("ix_sync_reconcile_affiliates_email", "email"),
+    prefixes=["TEMPORARY"],
+)
+
+
+def read_list(conn: sa.Connection, destination: Refersion, sender: Sender) -> int:
+    """Every affiliate into the temporary table (emptied first), a page per request at the destination's
+    rate limit; returns how many. Raises Unreadable."""
+    conn.execute(sa.schema.CreateTable(listed, if_not_exists=True))
+    for index in listed.indexes:
+        conn.execute(sa.schema.CreateIndex(index, if_not_exists=True))
+    conn.execute(sa.delete(listed))
+    conn.commit()
+    count = 0
+    for page in _pages(destination, sender):
+        conn.execute(sa.insert(listed), page)
+        conn.commit()
+        count += len(page)
+    return count
+
+
+def _pages(destination: Refersion, sender: Sender) -> Iterator[list[dict[str, Any]]]:
+    page, seen = 1, 0
+    while True:
+        call = Call(
+            [],
+            "POST",
+            f"{destination.api_base}/affiliate/list",
+            read_accepting,
+            headers=destination.headers,
+            json={"limit": str(LIMIT), "page": str(page)},
+        )
+        try:
+            response = sender.fetch(call)
+        except DestinationError as exc:
+            raise Unreadable(f"reading /affiliate/list page {page}: {exc.reason}") from None
+        if not response.is_success or response.status_code == 204:  # 204: an invalid field
+            raise Unreadable(f"reading /affiliate/list page {page}: {sender.scrub(error_text(response))}")
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        results = body.get("results") if isinstance(body, dict) else None
+        total = body.get("total") if isinstance(body, dict) else None
+        if not isinstance(results, list) or not all(isinstance(r, dict) and r.get("id") for r in results):
+            raise Unreadable(f"/affiliate/list page {page} answered without a list of affiliates")
+        if results:
+            yield [
+                {
+                    "code": str(r["id"]),
+                    "email": str(r.get("email") or "").lower(),
+                    "status": str(r.get("status") or ""),
+                }
+                for r in results
+            ]
+        seen += len(results)
+        total = int(total) if isinstance(total, int | str) and str(total).isdigit() else None
+        if len(results) < LIMIT or (total is not None and seen >= total):
+            return
+        page += 1
+
+
+def _email(conn: sa.Connection) -> sa.ColumnElement[Any]:
+    """The lower-case email in a state row's traits (JSON text)."""
+    if conn.dialect.name == "postgresql":
+        return sa.func.lower(sa.cast(sync_state.c.traits, sa.JSON)["email"].as_string())
+    return sa.func.lower(sa.func.json_extract(sync_state.c.traits, "$.email"))
+
+
+def not_ours(conn: sa.Connection, destination_id: int) -> int:
+    """How many listed affiliates no user of any connection to the destination has (by code, or by email for
+    a user whose code is not known): this product did not create or adopt them; they are never touched."""
+    state = sa.select(sync_state.c.remote_code).where(sync_state.c.destination_id == destination_id)
+    conn.execute(
+        sa.update(listed)
+        .where(listed.c.code.in_(state.where(sync_state.c.remote_code.is_not(None))))
+        .values(ours=True)
+    )
+    emails = sa.select(_email(conn)).where(
+        sync_state.c.destination_id == destination_id, sync_state.c.remote_code.is_(None)
+    )
+    conn.execute(
+        sa.update(listed).where(listed.c.ours.is_(None), listed.c.email.in_(emails)).values(ours=True)
+    )
+    return conn.scalar(sa.select(sa.func.count()).select_from(listed).where(listed.c.ours.is_(None))) or 0
+
+
+def findings(conn: sa.Connection, ids: dict[str, int], destination: Refersion) -> Iterator[Finding]:
+    """Each settled user of the connection judged against the listed affiliate that is theirs."""
+    by_code, by_email = listed.alias("by_code"), listed.alias("by_email")
+    status = sa.func.coalesce(
+        sa.select(by_code.c.status)
+        .where(by_code.c.code == sync_state.c.remote_code)
+        .limit(1)
+        .scalar_subquery(),
+        sa.select(by_email.c.status)
+        .where(sync_state.c.remote_code.is_(None), by_email.c.email == _email(conn))
+        .limit(1)
+        .scalar_subquery(),
+    )
+    columns = (
+        sync_state.c.member,
+        sync_state.c.remote_active,
+        sync_state.c.remote_code,
+        status.label("status"),
+    )
+    for page in settled_pages(conn, ids, *columns):
+        for row in page:
+            yield judge(row.user_id, row.member, row.remote_active, row.status, destination)
+
+
+def judge(
+    user_id: str, member: bool, remote_active: bool, status: str | None, destination: Refersion
+) -> Finding:
+    """A member's affiliate is ACTIVE or PENDING (DISABLED or DENIED when this product left it so); a
+    leaver's, with on_exit disable, is DISABLED or DENIED (or gone); with on_exit ignore, anything."""
+    if status is None:
+        if not member:
+            return Finding(user_id, CONFIRMED, "no affiliate in Refersion: nothing to disable")
+        gone = "no such affiliate in Refersion (deleted by hand?)"
+        return Finding(user_id, MISSING, gone, repair="re-create the affiliate")
+    if member and status not in ACTIVE and remote_active:
+        by_hand = f"{status.lower()} by hand in Refersion"
+        if destination.status != "ACTIVE" and destination.on_reentry == "ignore":
+            kept = "; not repaired: with status PENDING and on_reentry ignore a run leaves it disabled"
+            return Finding(user_id, DRIFTED, by_hand + kept + " (set on_reentry activate)")
+        return Finding(user_id, DRIFTED, by_hand, repair="re-activate the affiliate")
+    if not member and destination.on_exit == "disable" and status in ACTIVE:
+        left = f"{status} in Refersion although the user left (on_exit disable)"
+        return Finding(user_id, DRIFTED, left, repair="disable the affiliate")
+    ignored = not member and status in ACTIVE
+    return Finding(user_id, CONFIRMED, f"{status} in Refersion" + (" (on_exit ignore)" if ignored else ""))

@@ -1,0 +1,285 @@
+"""`audience-sync reconcile`: the destinations' own records against the state, on both backends; the repair
+queued for the next run; what explain, status, runs and the JSON show."""
+
+import json
+import sys
+import types
+from collections.abc import Iterable, Iterator
+from datetime import datetime, timedelta
+from typing import Any, NamedTuple
+
+import pytest
+import sqlalchemy as sa
+
+from sync import sandbox
+from sync.reconcile import Found, Options, Reconciler
+from sync.sandbox import EverflowServer, RefersionServer
+from sync.settings import Cadence, Settings
+from tests.conftest import Config, Customers, run_cli, sync_in_process
+
+KEY = "pub.sec"
+
+
+def reconcile_in_process(engine: sa.Engine, *servers: sandbox.FakeServer, **options: Any) -> list[Found]:
+    settings = Settings(str(engine.url), None, Cadence(7200, 10800), 60.0, 600.0)
+    reconciler = Reconciler(engine, settings, transport=sandbox.transport(*servers))
+    try:
+        return reconciler.run(Options(**options))
+    finally:
+        reconciler.close()
+
+
+def refersion_connection(config: Config, server: RefersionServer, query: str, **settings: Any) -> None:
+    destination = config.destination(
+        "Refersion",
+        "refersion",
+        {"api_base": f"{server.url}/v2", "on_exit": "disable", "status": "ACTIVE", **settings},
+        api_key=KEY,
+    )
+    config.connect(config.audience("VIP", query), destination)
+
+
+def synced(engine: sa.Engine, config: Config, customers: Customers, refersion: RefersionServer) -> None:
+    """Members a to e, synced to Refersion (status ACTIVE, on_exit disable)."""
+    customers.add("a", "b", "c", "d", "e")
+    refersion_connection(config, refersion, Customers.QUERY)
+    sync_in_process(engine, refersion)
+
+
+def state(engine: sa.Engine, user_id: str) -> sa.Row[Any]:
+    with engine.connect() as conn:
+        return conn.execute(sa.text("SELECT * FROM sync_state WHERE user_id = :u"), {"u": user_id}).one()
+
+
+def codes(engine: sa.Engine) -> dict[str, str]:
+    with engine.connect() as conn:
+        return dict(conn.execute(sa.text("SELECT user_id, remote_code FROM sync_state")).all())
+
+
+def drift_each_way(engine: sa.Engine, refersion: RefersionServer) -> None:
+    """a disabled by hand, b deleted, e (who left, disabled) re-activated by hand, and one stranger."""
+    known = codes(engine)
+    refersion.change_by_hand(known["a"], "DISABLED")
+    refersion.change_by_hand(known["b"])
+    refersion.change_by_hand(known["e"], "ACTIVE")
+    refersion.add_affiliate("stranger@example.com", first_name="Not", last_name="Ours")
+
+
+def test_refersion_drift_is_reported_repaired_by_the_next_run_and_a_second_reconcile_is_clean(
+    engine: sa.Engine, config: Config, customers: Customers
+) -> None:
+    with RefersionServer() as refersion:
+        synced(engine, config, customers, refersion)
+        customers.move("e", segment="gone")
+        sync_in_process(engine, refersion)
+        drift_each_way(engine, refersion)
+        before = len(refersion.requests)
+
+        [found] = reconcile_in_process(engine, refersion)
+
+        assert {r.path for r in refersion.requests[before:]} == {"/v2/affiliate/list"}  # reads only
+        assert found.counts == {
+            "confirmed": 2,
+            "drifted": 2,
+            "missing": 1,
+            "rejected": 0,
+            "not_found": 0,
+            "not_ours": 1,
+        }
+        by_user = {u["user_id"]: u for u in found.users}
+        assert {u: by_user[u]["outcome"] for u in by_user} == {"a": "drifted", "b": "missing", "e": "drifted"}
+        assert by_user["a"]["reason"].startswith("disabled by hand in Refersion")
+        assert state(engine, "a").reconciled == "drifted"
+        assert state(engine, "c").reconciled == "confirmed"
+        assert state(engine, "a").in_doubt_since is None  # nothing queued without --repair
+
+        [repaired] = reconcile_in_process(engine, refersion, repair=True, allow_mass_repair=True)
+        assert repaired.repairs == 3
+        sync_in_process(engine, refersion)
+
+        assert refersion.by_code(codes(engine)["a"])["status"] == "ACTIVE"  # type: ignore[index]
+        assert refersion.by_code(codes(engine)["e"])["status"] == "DISABLED"  # type: ignore[index]
+        assert refersion.by_code(codes(engine)["b"])["status"] == "ACTIVE"  # type: ignore[index]  # again
+        [clean] = reconcile_in_process(engine, refersion)
+        assert clean.counts == {
+            "confirmed": 5,
+            "drifted": 0,
+            "missing": 0,
+            "rejected": 0,
+            "not_found": 0,
+            "not_ours": 1,
+        }
+        assert clean.users == []
+
+
+def test_a_repair_over_the_share_of_a_connection_is_held(
+    engine: sa.Engine, config: Config, customers: Customers
+) -> None:
+    with RefersionServer() as refersion:
+        synced(engine, config, customers, refersion)
+        refersion.change_by_hand(codes(engine)["a"], "DISABLED")
+
+        [found] = reconcile_in_process(engine, refersion, repair=True)  # 1 of 5: more than 10%
+
+        assert found.outcome == "held"
+        assert "--allow-mass-repair" in (found.held or "")
+        assert state(engine, "a").in_doubt_since is None
+
+
+def test_a_refused_key_cannot_verify(engine: sa.Engine, config: Config, customers: Customers) -> None:
+    with RefersionServer(secret_key="other") as refersion:
+        customers.add("a")
+        refersion_connection(config, refersion, Customers.QUERY)
+
+        [found] = reconcile_in_process(engine, refersion)
+
+        assert not found.verifiable
+        assert "credentials refused" in (found.reason or "")
+        assert "sec" not in (found.reason or "").replace("secret", "")
+
+
+# Everflow: the conversion report reader is sync.destinations.everflow_reports (another branch); a double
+# stands in for it here, answering as its interface says.
+
+
+class Sent(NamedTuple):
+    user_id: str
+    transaction_id: str
+    adv_event_id: str | None
+    accepted_at: datetime
+
+
+class Verdict(NamedTuple):
+    user_id: str
+    outcome: str
+    at: datetime | None
+    error_code: int | None
+    reason: str | None
+
+
+class CannotVerify(Exception):
+    pass
+
+
+@pytest.fixture
+def reports(monkeypatch: pytest.MonkeyPatch) -> types.SimpleNamespace:
+    """A stand-in reader: `verdicts` by transaction id; `sent` collects what it was handed."""
+    double = types.SimpleNamespace(verdicts={}, sent=[], refuse=None)
+
+    def verify(
+        destination: Any, sent: Iterable[Sent], *, now: datetime, grace: timedelta
+    ) -> Iterator[Verdict]:
+        if double.refuse:
+            raise CannotVerify(double.refuse)
+        for one in sent:
+            double.sent.append(one)
+            outcome, code, reason = double.verdicts.get(one.transaction_id, ("confirmed", None, None))
+            yield Verdict(one.user_id, outcome, now if outcome != "not_found" else None, code, reason)
+
+    module = types.ModuleType("sync.destinations.everflow_reports")
+    module.__dict__.update(
+        Sent=Sent,
+        Verdict=Verdict,
+        CannotVerify=CannotVerify,
+        verify=verify,
+        reporting_configured=lambda d: None,
+    )
+    monkeypatch.setitem(sys.modules, "sync.destinations.everflow_reports", module)
+    return double
+
+
+def test_everflow_verdicts_are_kept_and_only_a_conversion_not_found_is_sent_again(
+    engine: sa.Engine, config: Config, customers: Customers, reports: types.SimpleNamespace
+) -> None:
+    with EverflowServer() as everflow:
+        destination = config.destination(
+            "Everflow",
+            "everflow",
+            {"tracking_domain": everflow.url, "network_id": "1", "event_mapping": {"Audience Entered": 5}},
+        )
+        config.connect(config.audience("VIP", Customers.QUERY), destination)
+        customers.add(*(f"u{i}" for i in range(20)))
+        sync_in_process(engine, everflow)
+        duplicate = "error 8: duplicate conversion; allow duplicates on the event to take a re-entry"
+        reports.verdicts = {"tid-u1": ("rejected", 8, duplicate), "tid-u2": ("not_found", None, "not found")}
+
+        [found] = reconcile_in_process(engine, everflow, repair=True)
+
+        assert {(s.transaction_id, s.adv_event_id) for s in reports.sent} == {
+            (f"tid-u{i}", "5") for i in range(20)
+        }
+        assert (found.counts["confirmed"], found.counts["rejected"], found.counts["not_found"]) == (18, 1, 1)
+        assert found.repairs == 1
+        assert state(engine, "u1").reconciled_reason == duplicate
+        sync_in_process(engine, everflow)
+
+        assert everflow.accepted[("tid-u2", "5")] == 2  # sent again
+        assert everflow.accepted[("tid-u1", "5")] == 1  # a rejected one never is
+        reports.verdicts = {"tid-u1": ("rejected", 8, duplicate)}
+        [again] = reconcile_in_process(engine, everflow)
+        assert (again.counts["confirmed"], again.counts["not_found"]) == (19, 0)
+
+
+def test_everflow_cannot_verify_says_why(
+    engine: sa.Engine, config: Config, customers: Customers, reports: types.SimpleNamespace
+) -> None:
+    with EverflowServer() as everflow:
+        destination = config.destination(
+            "Everflow", "everflow", {"tracking_domain": everflow.url, "network_id": "1", "event_mapping": {}}
+        )
+        config.connect(config.audience("VIP", Customers.QUERY), destination)
+        customers.add("u1")
+        sync_in_process(engine, everflow)
+        reports.refuse = "the reporting key was refused (HTTP 401)"
+
+        [found] = reconcile_in_process(engine, everflow)
+
+        assert found.reason == "the reporting key was refused (HTTP 401)"
+
+
+# The command, as an operator runs it.
+
+
+def test_reconcile_command_json_explain_status_runs_and_exit_codes(
+    state_url: str, engine: sa.Engine, config: Config, customers: Customers
+) -> None:
+    with RefersionServer() as refersion, EverflowServer() as everflow:
+        customers.add("a", "b", "c")
+        refersion_connection(config, refersion, Customers.QUERY)
+        segment = config.destination(
+            "Segment", "refersion", {"transport": "segment", "endpoint": everflow.url}, api_key="k"
+        )
+        config.connect(config.audience("Others", Customers.QUERY), segment)
+        sync_in_process(engine, refersion, audiences=["VIP"])
+        refersion.change_by_hand(codes(engine)["a"], "DISABLED")
+
+        done = run_cli(state_url, "reconcile", "--audience", "VIP", "--json")
+        assert done.returncode == 0, done.stderr
+        [one] = json.loads(done.stdout)["connections"]
+        assert (one["audience"], one["destination"], one["verifiable"]) == ("VIP", "Refersion", True)
+        assert one["counts"]["drifted"] == 1
+        assert one["users"] == [
+            {
+                "user_id": "a",
+                "outcome": "drifted",
+                "reason": "disabled by hand in Refersion; repair: re-activate the affiliate",
+            }
+        ]
+
+        explained = run_cli(state_url, "explain", "a")
+        assert "disabled by hand in Refersion since reconcile at" in explained.stdout
+        status = run_cli(state_url, "status", "--json")
+        [vip] = [row for row in json.loads(status.stdout) if row["audience"] == "VIP"]
+        assert vip["reconciled"] == {"confirmed": 2, "drifted": 1, "unverified": 0}
+        runs = run_cli(state_url, "runs", "--json")
+        assert [r["outcome"] for r in json.loads(runs.stdout) if r["kind"] == "reconcile"] == ["drifted"]
+
+        segment_only = run_cli(state_url, "reconcile", "--destination", "Segment", "--json")
+        assert segment_only.returncode == 1
+        [unverifiable] = json.loads(segment_only.stdout)["connections"]
+        assert unverifiable["verifiable"] is False
+        assert "Segment transport has no read API" in unverifiable["reason"]
+
+        usage = run_cli(state_url, "reconcile", "--allow-mass-repair")
+        assert usage.returncode == 2
+        assert "--allow-mass-repair goes with --repair" in usage.stderr
