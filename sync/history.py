@@ -11,7 +11,15 @@ from typing import Any
 import sqlalchemy as sa
 
 from sync.audiences import derive_key
-from sync.tables import UTCDateTime, audience_destinations, audiences, destinations, sync_runs, sync_state
+from sync.tables import (
+    UTCDateTime,
+    audience_destinations,
+    audiences,
+    destinations,
+    sync_reconcile_runs,
+    sync_runs,
+    sync_state,
+)
 
 
 def connections(conn: sa.Connection) -> list[sa.Row[Any]]:
@@ -78,6 +86,12 @@ def invalid_audiences(conn: sa.Connection, problems: dict[int, str], taken: set[
     return found
 
 
+def last_reconcile(conn: sa.Connection) -> datetime | None:
+    """When the last reconcile began, if one ever did."""
+    started: datetime | None = conn.scalar(sa.select(sa.func.max(sync_reconcile_runs.c.started_at)))
+    return started
+
+
 def accepted_members(conn: sa.Connection, audience_id: int | None = None) -> dict[tuple[int, int], int]:
     """Accepted members by (audience id, destination id), of one audience or of all."""
     query = (
@@ -112,4 +126,12 @@ def _prune_audience(conn: sa.Connection, audience_id: int, before: datetime) -> 
     deleted = conn.execute(
         sa.delete(sync_runs).where(mine, runs.started_at < before, runs.id.not_in(sa.union(last, last_ok)))
     )
-    return deleted.rowcount
+    reconciles = sync_reconcile_runs.c
+    ours = reconciles.audience_id == audience_id
+    last_reconcile = sa.select(sa.func.max(reconciles.id)).where(ours).group_by(reconciles.destination_id)
+    old = conn.execute(
+        sa.delete(sync_reconcile_runs).where(
+            ours, reconciles.started_at < before, reconciles.id.not_in(last_reconcile)
+        )
+    )
+    return deleted.rowcount + old.rowcount

@@ -22,6 +22,8 @@ from sync import history, metrics, state
 from sync.audiences import Audience, load_audiences
 from sync.errors import first_line
 from sync.logs import audience_fields
+from sync.reconcile import Options as ReconcileOptions
+from sync.reconcile import Reconciler
 from sync.runner import Options, Runner
 from sync.runs import RunOutcome
 from sync.settings import Cadence
@@ -95,6 +97,17 @@ class Daemon:
             id="prune",
             name="prune run history",
         )
+        if self.runner.settings.reconcile_interval:
+            every = self.runner.settings.reconcile_interval
+            self.scheduler.add_job(
+                reconcile,
+                "interval",
+                args=[self.runner],
+                seconds=every,
+                next_run_time=next_reconcile(self.runner, every),
+                id="reconcile",
+                name="reconcile with the destinations' records",
+            )
         port = self.runner.settings.metrics_port
         if port:
             with self.runner.engine.connect() as conn:  # as the recorded runs left the gauges
@@ -265,3 +278,23 @@ class Daemon:
             # the state database down: the gauges keep their counts, and the run said what failed
             with contextlib.suppress(sa.exc.DBAPIError), self.runner.engine.connect() as conn:
                 metrics.accepted(history.accepted_members(conn, audience.id), audience.id)
+
+
+def next_reconcile(runner: Runner, every: float) -> datetime:
+    """SYNC_RECONCILE_INTERVAL after the last reconcile began, at the earliest now; without one, an interval
+    from now (a fresh daemon has nothing accepted to check yet)."""
+    with runner.engine.connect() as conn:
+        last = history.last_reconcile(conn)
+    now = runner.now()
+    return now + timedelta(seconds=every) if last is None else max(now, last + timedelta(seconds=every))
+
+
+def reconcile(runner: Runner) -> None:
+    """The daemon's reconcile of every connection: reads only (`reconcile --repair` queues repairs)."""
+    if runner.stopping.is_set():
+        return
+    reconciler = Reconciler(runner.engine, runner.settings, runner.senders, runner.now)
+    try:
+        reconciler.run(ReconcileOptions())
+    except Exception:
+        log.exception("reconcile failed", extra={"action": "reconcile_crashed"})

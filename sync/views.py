@@ -110,7 +110,7 @@ def confirmed(yes: bool, members: int) -> bool:
 
 def status(rows: list[dict[str, Any]]) -> None:
     headers = ["audience", "destination", "state", "members", "accepted", "rejected"]
-    headers += ["last run (UTC)", "next run (UTC)", "error", "verified"]
+    headers += ["last run (UTC)", "next run (UTC)", "error"]
     table("audience-sync connections", headers, [_status_row(row) for row in rows])
 
 
@@ -131,13 +131,19 @@ def _status_row(row: dict[str, Any]) -> list[str]:
         row["destination"],
         _state_text(row),
         "-" if row["members"] is None else str(row["members"]),
-        str(row["accepted_members"]),
+        str(row["accepted_members"]) + _verified(row["reconciled"]),
         str(row["rejected_users"]),
         last,
         next_run,
         row["last_error"] or "",
-        "confirmed={confirmed} drifted={drifted} unverified={unverified}".format(**row["reconciled"]),
     ]
+
+
+def _verified(found: dict[str, int]) -> str:
+    """What reconcile found of the users the destination accepted (members and leavers), once it ran."""
+    if not (found["confirmed"] or found["drifted"]):
+        return ""
+    return " (reconciled: {confirmed} confirmed, {drifted} drifted, {unverified} unverified)".format(**found)
 
 
 def _state_text(row: dict[str, Any]) -> str:

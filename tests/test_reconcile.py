@@ -2,12 +2,14 @@
 queued for the next run; what explain, status, runs and the JSON show."""
 
 import json
+import signal
 import sys
 import types
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
+import httpx
 import pytest
 import sqlalchemy as sa
 
@@ -15,7 +17,7 @@ from sync import sandbox
 from sync.reconcile import Found, Options, Reconciler
 from sync.sandbox import EverflowServer, RefersionServer
 from sync.settings import Cadence, Settings
-from tests.conftest import Config, Customers, run_cli, sync_in_process
+from tests.conftest import Config, Customers, free_port, run_cli, start_cli, sync_in_process, wait_for
 
 KEY = "pub.sec"
 
@@ -271,6 +273,7 @@ def test_reconcile_command_json_explain_status_runs_and_exit_codes(
         status = run_cli(state_url, "status", "--json")
         [vip] = [row for row in json.loads(status.stdout) if row["audience"] == "VIP"]
         assert vip["reconciled"] == {"confirmed": 2, "drifted": 1, "unverified": 0}
+        assert "(reconciled: 2 confirmed, 1 drifted, 0 unverified)" in run_cli(state_url, "status").stdout
         runs = run_cli(state_url, "runs", "--json")
         assert [r["outcome"] for r in json.loads(runs.stdout) if r["kind"] == "reconcile"] == ["drifted"]
 
@@ -283,3 +286,102 @@ def test_reconcile_command_json_explain_status_runs_and_exit_codes(
         usage = run_cli(state_url, "reconcile", "--allow-mass-repair")
         assert usage.returncode == 2
         assert "--allow-mass-repair goes with --repair" in usage.stderr
+
+
+def test_baselined_users_are_matched_by_email(
+    engine: sa.Engine, config: Config, customers: Customers
+) -> None:
+    with RefersionServer() as refersion:
+        customers.add("a", "b")
+        for user in ("a", "b"):  # created by Segment's Refersion destination before the move
+            refersion.add_affiliate(f"{user.upper()}@Example.com", first_name="Ada", last_name="Lovelace")
+        refersion_connection(config, refersion, Customers.QUERY)
+        sync_in_process(engine, refersion, initial_only=True, baseline=True)
+        refersion.change_by_hand(refersion.code_of(min(refersion.affiliates)), "DENIED")
+
+        [found] = reconcile_in_process(engine, refersion)
+
+        assert (found.counts["confirmed"], found.counts["drifted"], found.counts["not_ours"]) == (1, 1, 0)
+        assert found.users[0]["user_id"] == "a"
+        assert found.users[0]["reason"].startswith("denied by hand in Refersion")
+
+
+def test_the_sandbox_lists_affiliates_as_published() -> None:
+    with RefersionServer() as refersion, httpx.Client(base_url=f"{refersion.url}/v2") as client:
+        for n in range(5):
+            refersion.add_affiliate(f"p{n}@example.com", first_name="P", last_name=str(n))
+        keys = {"Refersion-Public-Key": "pub", "Refersion-Secret-Key": "sec"}
+
+        def listed(body: dict[str, Any], headers: dict[str, str] = keys) -> httpx.Response:
+            return client.post("/affiliate/list", json=body, headers=headers)
+
+        first, last = listed({"limit": "3", "page": "1"}).json(), listed({"limit": "3", "page": "2"}).json()
+        assert first["total"] == last["total"] == 5
+        assert [a["email"] for a in first["results"] + last["results"]] == [
+            f"p{n}@example.com" for n in range(5)
+        ]
+        assert set(first["results"][0]) == {
+            "id",
+            "offer_id",
+            "status",
+            "first_name",
+            "last_name",
+            "email",
+            "custom_fields",
+        }
+        assert len(listed({}).json()["results"]) == 3  # limit's default: "3"
+        assert listed({"limit": "101"}).status_code == 204  # at most 100: an invalid field
+        assert (
+            listed({"limit": "3"}, {"Refersion-Public-Key": "pub", "Refersion-Secret-Key": "x"}).status_code
+            == 401
+        )
+        assert listed({"limit": "3", "page": "9"}).json()["results"] == []
+
+
+def test_the_daemon_reconciles_every_interval_and_shows_it_in_the_metrics(
+    state_url: str, config: Config, customers: Customers
+) -> None:
+    with RefersionServer() as refersion:
+        customers.add("a", "b")
+        refersion_connection(config, refersion, Customers.QUERY)
+        port = free_port()
+        env = {
+            "SYNC_INTERVAL": "1h",
+            "SYNC_RECONCILE_INTERVAL": "2s",
+            "SYNC_RELOAD_INTERVAL": "1s",
+            "SYNC_METRICS_PORT": str(port),
+        }
+        daemon = start_cli(state_url, "daemon", env=env)
+        try:
+            wait_for(lambda: len(config.sql("SELECT id FROM sync_reconcile_runs")) >= 2, 30)
+            refersion.change_by_hand(refersion.code_of(min(refersion.affiliates)), "DISABLED")
+            labels = 'audience="vip",destination_id="1"'
+            drifted = f'audience_sync_reconciled_users{{{labels},outcome="drifted"}} 1.0'
+            wait_for(lambda: drifted in httpx.get(f"http://127.0.0.1:{port}/metrics").text, 30)
+            exposed = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+            assert f"audience_sync_reconcile_verifiable{{{labels}}} 1.0" in exposed
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            _, stderr = daemon.communicate(timeout=30)
+        assert daemon.returncode == 0, stderr
+        # the daemon only reads: no status change went out for the affiliate disabled by hand
+        assert {r.path for r in refersion.requests} == {"/v2/affiliate/new", "/v2/affiliate/list"}
+
+
+def test_a_bad_reconcile_interval_is_one_line(state_url: str) -> None:
+    done = run_cli(state_url, "daemon", env={"SYNC_RECONCILE_INTERVAL": "soon"}, timeout=30)
+    assert done.returncode == 2
+    assert "SYNC_RECONCILE_INTERVAL: 'soon' is not a duration" in done.stderr
+
+
+def test_reconcile_settings_default_and_zero_turns_the_daemons_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("SYNC_RECONCILE_INTERVAL", "SYNC_REPAIR_SHARE", "SYNC_RECONCILE_GRACE"):
+        monkeypatch.delenv(name, raising=False)
+    defaults = Settings.from_env()
+    assert (defaults.reconcile_interval, defaults.repair_share, defaults.reconcile_grace) == (
+        86400,
+        0.1,
+        3600,
+    )
+    monkeypatch.setenv("SYNC_RECONCILE_INTERVAL", "0")
+    assert Settings.from_env().reconcile_interval is None
