@@ -381,14 +381,17 @@ def test_every_metric_the_alert_rules_and_the_dashboard_use_is_exported_by_a_run
     assert all(panels.values()), panels  # every panel shows at least one of ours
     rules = set(METRIC.findall((DEPLOY / "alerts.yml").read_text()))
     customers.add("u1")
-    with EverflowServer() as everflow:
-        config.connect(config.audience("VIP", Customers.QUERY), everflow_destination(config, everflow))
+    with EverflowServer() as everflow, RefersionServer() as refersion:
+        audience = config.audience("VIP", Customers.QUERY)
+        config.connect(audience, everflow_destination(config, everflow))
+        config.connect(audience, refersion_destination(config, refersion))  # reconcile reads its records
         everflow.fault(429, headers={"Retry-After": "0"})  # so that the 429 and retry counters have a series
         port = free_port()
-        env = {"SYNC_INTERVAL": "1h", "SYNC_METRICS_PORT": str(port)}
+        env = {"SYNC_INTERVAL": "1h", "SYNC_RECONCILE_INTERVAL": "1s", "SYNC_METRICS_PORT": str(port)}
         daemon = start_cli(state_url, "daemon", env=env)
         try:
-            exposed = _wait_for_metrics(port, "audience_sync_runs_total{")
+            _wait_for_metrics(port, "audience_sync_runs_total{")
+            exposed = _wait_for_metrics(port, "audience_sync_reconciled_users{")
         finally:
             daemon.send_signal(signal.SIGTERM)
             daemon.communicate(timeout=30)
