@@ -13,6 +13,8 @@ from typing import TextIO
 import sqlalchemy as sa
 
 from sync import database, views
+from sync.reconcile import Options as ReconcileOptions
+from sync.reconcile import Reconciler
 from sync.runner import Options, Result, Runner
 from sync.sandbox import EverflowServer, RefersionServer, SegmentServer
 from sync.settings import Cadence, Settings
@@ -85,6 +87,8 @@ def run_demo(path: Path, out: TextIO) -> bool:
             for affiliate in refersion.affiliates.values():
                 email, status = affiliate["email"], affiliate["status"]
                 out.write(f"  {email:<20} {status:<9} country {affiliate.get('country')}\n")
+            out.write("\n3. reconcile: the destinations' own records against what they accepted\n")
+            good = _reconcile(engine, settings, out) and good
     finally:
         runner.close()
     with engine.connect() as conn:
@@ -124,6 +128,20 @@ def _seed(engine: sa.Engine, everflow_url: str, refersion_url: str) -> None:
             "INSERT INTO audience_destinations (audience_id, destination_id) "
             "SELECT a.id, d.id FROM audiences a, destinations d"
         )
+
+
+def _reconcile(engine: sa.Engine, settings: Settings, out: TextIO) -> bool:
+    """Reconcile every connection; True when none found anything amiss (one that cannot be verified says
+    why, and is no failure of the demo)."""
+    reconciler = Reconciler(engine, settings)
+    try:
+        found = reconciler.run(ReconcileOptions())
+    finally:
+        reconciler.close()
+    for one in found:
+        counts = ", ".join(f"{n} {name.replace('_', ' ')}" for name, n in one.counts.items() if n)
+        out.write(f"  {one.audience} -> {one.destination}: {one.outcome} ({one.reason or counts})\n")
+    return all(one.outcome in ("ok", "cannot verify") for one in found)
 
 
 def _report(results: list[Result], out: TextIO) -> bool:

@@ -268,6 +268,9 @@ def test_demo_shows_entries_and_exits_on_a_file_of_its_own(tmp_path: Path) -> No
     assert "Big Spenders -> Everflow (sandbox): ok (entered 3, exited 0)" in done.stdout
     assert "Big Spenders -> Refersion (sandbox): ok (entered 1, exited 1)" in done.stdout
     assert "grace@example.com    DISABLED  country US" in done.stdout
+    # the demo ends with a reconcile that finds nothing (Everflow's without a reporting key says why not)
+    assert "Big Spenders -> Refersion (sandbox): ok (4 confirmed)" in done.stdout
+    assert "Big Spenders -> Everflow (sandbox): cannot verify (" in done.stdout
     assert demo.exists() and not Path("never-touched.db").exists()
 
 

@@ -254,7 +254,7 @@ class Reconciler:
         conn.commit()
         counts = " ".join(f"{name}={n}" for name, n in one.counts.items())
         log.log(
-            logging.INFO if one.outcome == "ok" else logging.WARNING,
+            logging.INFO if one.outcome in ("ok", "cannot verify") else logging.WARNING,  # the metrics tell
             "reconcile %s -> %s: %s %s",
             one.audience,
             one.destination,
