@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -41,7 +41,11 @@ from sync.destinations.base import Destination
 from sync.diff import Diff
 from sync.messages import build_message
 from sync.models import Change, Outcome, Status
+from sync.reconcile import Options as ReconcileOptions
+from sync.reconcile import Reconciler
 from sync.sandbox import EverflowServer, Recorded, RefersionServer, Response
+from sync.sandbox.refersion_list import list_page
+from sync.settings import Cadence, Settings
 from sync.sinks import planned
 from sync.staging import SharedReads, drop_stage, stage_members
 from sync.tables import UTCDateTime, sync_stage, sync_state
@@ -596,6 +600,122 @@ def phase6(exits: int) -> float:
         return (len(server.requests) - before) / exits
 
 
+class Generated(Sequence[dict[str, Any]]):
+    """N affiliates made when a page asks for them, not held: the fake's memory stays flat at a million."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: Any) -> Any:
+        numbers = range(self.count)[index]
+        return [affiliate(i) for i in numbers] if isinstance(numbers, range) else affiliate(numbers)
+
+
+def affiliate(i: int) -> dict[str, Any]:
+    """Affiliate i as the product created it for user u<i> (code c<i in hex>)."""
+    return {"id": i, "code": f"c{i:x}", "email": f"u{i}@example.com", "status": "ACTIVE"}
+
+
+class ListedRefersion(RefersionServer):
+    """RefersionServer listing `count` generated affiliates, noting when it answered each page."""
+
+    def __init__(self, count: int, **kwargs: Any) -> None:
+        self.generated = Generated(count)
+        self.stamps: list[float] = []
+        super().__init__(**kwargs)
+
+    def _list(self, data: dict[str, Any]) -> Response:
+        self.stamps.append(time.monotonic())
+        return list_page(data, self.generated, self._offer_id)
+
+
+# sync_state of users 0..n-1, each with the affiliate `affiliate(i)` made for it
+RECONCILE_STATE = """
+    WITH RECURSIVE s(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM s WHERE i < :n - 1)
+    INSERT INTO sync_state (audience_id, destination_id, user_id, member, traits, changes, remote_id,
+                            remote_active, remote_code, accepted_at)
+    SELECT 1, 1, 'u' || i, 1, '{"email": "u' || i || '@example.com"}', 1, i, 1, printf('c%x', i),
+           '2026-12-01 00:00:00.000000'
+    FROM s
+"""
+
+
+def reconcile_child(users: int, url: str, rate: float) -> Result:
+    """Reconcile `users` affiliates listed at `url` against a SQLite state holding them: peak RSS, time."""
+    with scratch_database("sqlite") as state_url:
+        database.upgrade(state_url)
+        engine = database.create_engine(state_url)
+        settings = {"api_base": f"{url}/v2", "rate_limit": rate, "on_exit": "disable"}
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "INSERT INTO destinations (id, name, kind, api_key, settings) "
+                    "VALUES (1, 'Refersion', 'refersion', 'pub.sec', :s)"
+                ),
+                {"s": json.dumps(settings)},
+            )
+            conn.exec_driver_sql("INSERT INTO audiences (id, name, query) VALUES (1, 'Bench', 'SELECT 1')")
+            conn.exec_driver_sql(
+                "INSERT INTO audience_destinations (audience_id, destination_id) VALUES (1, 1)"
+            )
+            conn.execute(sa.text(RECONCILE_STATE), {"n": users})
+        reconciler = Reconciler(engine, Settings(state_url, None, Cadence(7200, 7200), 60.0, 600.0))
+        started = time.perf_counter()
+        try:
+            [found] = reconciler.run(ReconcileOptions())
+        finally:
+            reconciler.close()
+        seconds = time.perf_counter() - started
+        engine.dispose()
+    return {"users": users, "seconds": seconds, "rss_mb": peak_rss_mb(), **found.counts}
+
+
+def phase7(users: int, rate: float) -> tuple[Result, float]:
+    """Reconcile in a child process (its peak RSS its own) against the fake; the pages per second it saw."""
+    with ListedRefersion(users) as server:
+        command = [sys.executable, __file__, "--reconcile-child", str(users), "--source-url", server.url]
+        done = subprocess.run(
+            command + ["--rate-limits", f"{rate:g}"], stdout=subprocess.PIPE, text=True, check=False
+        )
+        if done.returncode:
+            raise SystemExit(f"phase 7 ({users:,} affiliates) crashed with exit status {done.returncode}")
+        result: Result = json.loads(done.stdout.strip().splitlines()[-1])
+        stamps = server.stamps
+        return result, (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+def phase7_rows(result: Result, base: Result, pages: float, rate: float) -> list[tuple[str, ...]]:
+    if result["confirmed"] != result["users"] or base["confirmed"] != base["users"]:
+        raise SystemExit(f"phase 7: not every affiliate was confirmed: {result}, {base}")
+    rss, base_rss = result["rss_mb"], base["rss_mb"]
+    ratio = round(pages / rate, 3)
+    return [
+        (f"reconcile: peak RSS, {base['users']:,}", "sqlite", f"{base_rss:.0f} MB", *[""] * 4),
+        (
+            f"reconcile: peak RSS, {result['users']:,}",
+            "sqlite",
+            f"{rss:.0f} MB",
+            f"{base_rss:.0f} MB",
+            f"{rss / base_rss:.2f}x",
+            "<= 1.25x",
+            verdict(rss / base_rss <= 1.25),
+        ),
+        (
+            f"reconcile: list pages/s, {result['users']:,}",
+            "sqlite",
+            f"{pages:.2f}",
+            f"{rate:g}",
+            f"{ratio:.3f}",
+            "0.9-1.0 of L",
+            verdict(0.9 <= ratio <= 1.0),
+        ),
+        (f"reconcile: total, {result['users']:,}", "sqlite", f"{result['seconds']:.1f} s", *[""] * 4),
+    ]
+
+
 def serve_sink() -> None:
     with EverflowServer() as server:
         print(server.url, flush=True)
@@ -652,7 +772,14 @@ def main() -> None:
     parser.add_argument("--source-url", help=argparse.SUPPRESS)
     parser.add_argument("--no-floor", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--serve-sink", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--reconcile-child", type=int, metavar="USERS", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--reconcile-rate", type=float, default=200.0, help="the Refersion rate limit (pages/s) of phase 7"
+    )
     args = parser.parse_args()
+    if args.reconcile_child:
+        print(json.dumps(reconcile_child(args.reconcile_child, args.source_url, float(args.rate_limits))))
+        return
     if args.serve_sink:
         serve_sink()
         return
@@ -728,6 +855,15 @@ def main() -> None:
     table.add_row(
         "Refersion requests per exit", "", f"{per_exit:.3f}", "", "", "<= 0.03", verdict(per_exit <= 0.03)
     )
+    rate = 20.0 if args.smoke else args.reconcile_rate
+    reconciled = min(args.users, 1_000_000)
+    console.print(
+        f"phase 7: reconcile {reconciled:,} Refersion affiliates, then {base_users:,}, at {rate:g}/s"
+    )
+    result, pages = phase7(reconciled, rate)
+    base, _ = phase7(base_users, rate)
+    for row in phase7_rows(result, base, pages, rate):
+        table.add_row(*row)
     console.print(table)
     for note in notes:
         console.print(note)

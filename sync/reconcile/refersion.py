@@ -9,7 +9,9 @@ a call, answers `{"total": n, "results": [{"id": <code>, "status", "email", ...}
 Transactions: the temporary table lives on the connection given, which is committed after each page.
 """
 
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future
 from typing import Any
 
 import sqlalchemy as sa
@@ -18,6 +20,7 @@ from sync.delivery import Sender
 from sync.destinations.http import Call, error_text, read_accepting
 from sync.destinations.refersion import Refersion
 from sync.errors import DestinationError
+from sync.ratelimit import Interrupted
 from sync.reconcile.store import CONFIRMED, DRIFTED, MISSING, Finding, Unreadable, settled_pages
 from sync.tables import sync_state
 
@@ -38,60 +41,82 @@ listed = sa.Table(
 
 
 def read_list(conn: sa.Connection, destination: Refersion, sender: Sender) -> int:
-    """Every affiliate into the temporary table (emptied first), a page per request at the destination's
-    rate limit; returns how many. Raises Unreadable."""
+    """Every affiliate into the temporary table (emptied first), pages requested ahead at the destination's
+    rate limit (a window of `max_in_flight`, read in order); returns how many. Raises Unreadable."""
     conn.execute(sa.schema.CreateTable(listed, if_not_exists=True))
     for index in listed.indexes:
         conn.execute(sa.schema.CreateIndex(index, if_not_exists=True))
     conn.execute(sa.delete(listed))
     conn.commit()
     count = 0
-    for page in _pages(destination, sender):
+    for number, page in enumerate(_pages(destination, sender)):
         conn.execute(sa.insert(listed), page)
-        conn.commit()
         count += len(page)
+        if number % 20 == 19:
+            conn.commit()
+    conn.commit()
     return count
 
 
 def _pages(destination: Refersion, sender: Sender) -> Iterator[list[dict[str, Any]]]:
-    page, seen = 1, 0
-    while True:
-        call = Call(
-            [],
-            "POST",
-            f"{destination.api_base}/affiliate/list",
-            read_accepting,
-            headers=destination.headers,
-            json={"limit": str(LIMIT), "page": str(page)},
-        )
-        try:
-            response = sender.fetch(call)
-        except DestinationError as exc:
-            raise Unreadable(f"reading /affiliate/list page {page}: {exc.reason}") from None
-        if not response.is_success or response.status_code == 204:  # 204: an invalid field
-            raise Unreadable(f"reading /affiliate/list page {page}: {sender.scrub(error_text(response))}")
-        try:
-            body = response.json()
-        except ValueError:
-            body = None
-        results = body.get("results") if isinstance(body, dict) else None
-        total = body.get("total") if isinstance(body, dict) else None
-        if not isinstance(results, list) or not all(isinstance(r, dict) and r.get("id") for r in results):
-            raise Unreadable(f"/affiliate/list page {page} answered without a list of affiliates")
-        if results:
-            yield [
-                {
-                    "code": str(r["id"]),
-                    "email": str(r.get("email") or "").lower(),
-                    "status": str(r.get("status") or ""),
-                }
-                for r in results
-            ]
-        seen += len(results)
-        total = int(total) if isinstance(total, int | str) and str(total).isdigit() else None
-        if len(results) < LIMIT or (total is not None and seen >= total):
-            return
-        page += 1
+    """The list's pages in order: the first alone (its `total` says how many follow), then the rest
+    requested ahead, at most `max_in_flight` at once, and on one by one while a last page comes full (the
+    list grew meanwhile)."""
+    results, total = _page(destination, sender, 1)
+    yield results
+    last = max(1, -(-total // LIMIT)) if total is not None else 1
+    window = sender.limits.max_in_flight
+    number, ahead = 2, deque[tuple[int, Future[tuple[list[dict[str, Any]], int | None]]]]()
+    try:
+        while len(results) == LIMIT or ahead:
+            while len(ahead) < window and (number <= last or not ahead):
+                ahead.append((number, sender.pool.submit(_page, destination, sender, number)))
+                number += 1
+            results, _ = ahead.popleft()[1].result()
+            if results:
+                yield results
+            if len(results) < LIMIT:
+                return
+    finally:  # the end, or a page that could not be read: the requests still ahead are not needed
+        for _, rest in ahead:
+            rest.cancel()
+
+
+def _page(destination: Refersion, sender: Sender, page: int) -> tuple[list[dict[str, Any]], int | None]:
+    """One page of /affiliate/list: its affiliates' code, email (lower case) and status, and `total`."""
+    call = Call(
+        [],
+        "POST",
+        f"{destination.api_base}/affiliate/list",
+        read_accepting,
+        headers=destination.headers,
+        json={"limit": str(LIMIT), "page": str(page)},
+    )
+    try:
+        response = sender.fetch(call)
+    except DestinationError as exc:
+        raise Unreadable(f"reading /affiliate/list page {page}: {exc.reason}") from None
+    except Interrupted:
+        raise Unreadable("interrupted by shutdown") from None
+    if not response.is_success or response.status_code == 204:  # 204: an invalid field
+        raise Unreadable(f"reading /affiliate/list page {page}: {sender.scrub(error_text(response))}")
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    results = body.get("results") if isinstance(body, dict) else None
+    total = body.get("total") if isinstance(body, dict) else None
+    if not isinstance(results, list) or not all(isinstance(r, dict) and r.get("id") for r in results):
+        raise Unreadable(f"/affiliate/list page {page} answered without a list of affiliates")
+    found = [
+        {
+            "code": str(r["id"]),
+            "email": str(r.get("email") or "").lower(),
+            "status": str(r.get("status") or ""),
+        }
+        for r in results
+    ]
+    return found, int(total) if isinstance(total, int | str) and str(total).isdigit() else None
 
 
 def _email(conn: sa.Connection) -> sa.ColumnElement[Any]:
