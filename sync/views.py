@@ -294,12 +294,13 @@ RECONCILE_COUNTS = ("confirmed", "drifted", "missing", "rejected", "not_found", 
 
 
 def _run_row(row: dict[str, Any]) -> list[str]:
-    counts = (
-        f"members={row['members']} +{row['entered']} -{row['exited']} ok={row['accepted']} "
-        f"rej={row['rejected']} skip={row['skipped']} fail={row['failed']}"
-    )
     if row["kind"] == "reconcile":
         counts = " ".join(f"{name}={row[name]}" for name in RECONCILE_COUNTS)
+    else:
+        counts = (
+            f"members={row['members']} +{row['entered']} -{row['exited']} ok={row['accepted']} "
+            f"rej={row['rejected']} skip={row['skipped']} fail={row['failed']}"
+        )
     seconds = (row["finished_at"] - row["started_at"]).total_seconds()
     return [
         utc(row["started_at"]),

@@ -276,6 +276,9 @@ def test_reconcile_command_json_explain_status_runs_and_exit_codes(
         assert "(reconciled: 2 confirmed, 1 drifted, 0 unverified)" in run_cli(state_url, "status").stdout
         runs = run_cli(state_url, "runs", "--json")
         assert [r["outcome"] for r in json.loads(runs.stdout) if r["kind"] == "reconcile"] == ["drifted"]
+        assert "reconcile: drifted" in run_cli(state_url, "runs").stdout
+        shown = run_cli(state_url, "reconcile", "--audience", "VIP")  # the table, and the user not confirmed
+        assert "disabled by hand in Refersion" in shown.stdout and shown.returncode == 0
 
         segment_only = run_cli(state_url, "reconcile", "--destination", "Segment", "--json")
         assert segment_only.returncode == 1
