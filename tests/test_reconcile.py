@@ -286,6 +286,8 @@ def test_reconcile_command_json_explain_status_runs_and_exit_codes(
         assert unverifiable["verifiable"] is False
         assert "Segment transport has no read API" in unverifiable["reason"]
 
+        unknown = run_cli(state_url, "reconcile", "--audience", "Nobody")
+        assert unknown.returncode == 2 and "no audience named 'Nobody'" in unknown.stderr
         usage = run_cli(state_url, "reconcile", "--allow-mass-repair")
         assert usage.returncode == 2
         assert "--allow-mass-repair goes with --repair" in usage.stderr
