@@ -13,10 +13,12 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from sync import sandbox
+from sync import sandbox, views
+from sync.explain import explain_user
 from sync.reconcile import Found, Options, Reconciler
 from sync.sandbox import EverflowServer, RefersionServer
 from sync.settings import Cadence, Settings
+from sync.sources import Sources
 from tests.conftest import Config, Customers, free_port, run_cli, start_cli, sync_in_process, wait_for
 
 KEY = "pub.sec"
@@ -190,6 +192,13 @@ def reports(monkeypatch: pytest.MonkeyPatch) -> types.SimpleNamespace:
     return double
 
 
+def explained(engine: sa.Engine, user_id: str) -> str:
+    """What `explain USER` shows of the user's last reconcile."""
+    with engine.connect() as conn:
+        [entry] = explain_user(conn, Sources(engine), user_id, 60.0)
+    return views._reconciled(entry)
+
+
 def test_everflow_verdicts_are_kept_and_only_a_conversion_not_found_is_sent_again(
     engine: sa.Engine, config: Config, customers: Customers, reports: types.SimpleNamespace
 ) -> None:
@@ -213,6 +222,8 @@ def test_everflow_verdicts_are_kept_and_only_a_conversion_not_found_is_sent_agai
         assert (found.counts["confirmed"], found.counts["rejected"], found.counts["not_found"]) == (18, 1, 1)
         assert found.repairs == 1
         assert state(engine, "u1").reconciled_reason == duplicate
+        assert explained(engine, "u1") == f"Everflow rejected it: {duplicate}"
+        assert explained(engine, "u3").startswith("confirmed by Everflow's report at ")
         sync_in_process(engine, everflow)
 
         assert everflow.accepted[("tid-u2", "5")] == 2  # sent again
