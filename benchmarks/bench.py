@@ -855,13 +855,13 @@ def main() -> None:
     table.add_row(
         "Refersion requests per exit", "", f"{per_exit:.3f}", "", "", "<= 0.03", verdict(per_exit <= 0.03)
     )
-    rate = 20.0 if args.smoke else args.reconcile_rate
-    reconciled = min(args.users, 1_000_000)
+    rate = 50.0 if args.smoke else args.reconcile_rate
+    reconciled = 10_000 if args.smoke else min(args.users, 1_000_000)  # smoke: 100 pages, 2 s
     console.print(
         f"phase 7: reconcile {reconciled:,} Refersion affiliates, then {base_users:,}, at {rate:g}/s"
     )
     result, pages = phase7(reconciled, rate)
-    base, _ = phase7(base_users, rate)
+    base, _ = phase7(min(base_users, reconciled // 2), rate)
     for row in phase7_rows(result, base, pages, rate):
         table.add_row(*row)
     console.print(table)

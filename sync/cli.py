@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import sqlalchemy as sa
 
 from sync import __version__, database, logs, names, process, views
-from sync.errors import SyncError
+from sync.errors import StateError, SyncError, first_line
 from sync.settings import Settings, log_format_from_env
 
 if TYPE_CHECKING:
@@ -345,6 +345,8 @@ def _reconcile(args: argparse.Namespace) -> int:
     reconciler = Reconciler(engine, settings)
     try:
         found = [one.as_json() for one in reconciler.run(options)]
+    except sa.exc.DBAPIError as exc:  # what was recorded before stays; a later reconcile starts afresh
+        raise StateError(f"the state database failed during reconcile: {first_line(exc)}") from None
     finally:
         reconciler.close()
     views.show_json({"connections": found}) if args.json else views.reconciled(found)

@@ -130,6 +130,22 @@ def test_a_repair_over_the_share_of_a_connection_is_held(
         assert state(engine, "a").in_doubt_since is None
 
 
+def test_a_member_disabled_by_hand_is_not_repaired_where_a_run_would_leave_it_disabled(
+    engine: sa.Engine, config: Config, customers: Customers
+) -> None:
+    with RefersionServer() as refersion:
+        customers.add("a", "b")
+        refersion_connection(config, refersion, Customers.QUERY, status="PENDING", on_reentry="ignore")
+        sync_in_process(engine, refersion)
+        refersion.change_by_hand(codes(engine)["a"], "DISABLED")
+
+        [found] = reconcile_in_process(engine, refersion, repair=True, allow_mass_repair=True)
+
+        assert (found.counts["drifted"], found.repairs) == (1, 0)
+        assert "not repaired: with status PENDING and on_reentry ignore" in found.users[0]["reason"]
+        assert state(engine, "a").in_doubt_since is None
+
+
 def test_a_refused_key_cannot_verify(engine: sa.Engine, config: Config, customers: Customers) -> None:
     with RefersionServer(secret_key="other") as refersion:
         customers.add("a")
