@@ -106,7 +106,20 @@ def verify(
     reason = reporting_configured(destination)
     if reason is not None:
         raise CannotVerify(reason)
-    return _Reader(destination, transport, stopping).verdicts(sent, now, grace)
+    return _verdicts(destination, sent, now, grace, transport, stopping)
+
+
+def _verdicts(
+    destination: "Everflow",
+    sent: Iterable[Sent],
+    now: datetime,
+    grace: timedelta,
+    transport: httpx.BaseTransport | None,
+    stopping: "threading.Event | None",
+) -> Iterator[Verdict]:
+    timeout = max(destination.limits.timeout, REPORT_TIMEOUT)
+    with httpx.Client(transport=transport, timeout=timeout) as client:
+        yield from _Reader(destination, client, stopping).verdicts(sent, now, grace)
 
 
 class _Reader:
@@ -115,7 +128,7 @@ class _Reader:
     def __init__(
         self,
         destination: "Everflow",
-        transport: httpx.BaseTransport | None,
+        client: httpx.Client,
         stopping: "threading.Event | None",
     ) -> None:
         self.key = destination.reporting_api_key or ""
@@ -123,7 +136,7 @@ class _Reader:
         self.base = destination.reporting_api_base
         self.limits = destination.limits
         self.limiter = RateLimiter(REQUESTS_PER_SECOND, stopping=stopping)
-        self.client = httpx.Client(transport=transport, timeout=max(self.limits.timeout, REPORT_TIMEOUT))
+        self.client = client
         mapping = destination.event_mapping if isinstance(destination.event_mapping, dict) else {}
         self.event_ids = {str(id_).strip() for id_ in mapping.values()}
         self.ids_by_name: dict[str, set[str]] = {}
@@ -133,21 +146,18 @@ class _Reader:
     def verdicts(self, sent: Iterable[Sent], now: datetime, grace: timedelta) -> Iterator[Verdict]:
         oldest = now - timedelta(days=REPORT_DAYS)
         window: list[Sent] = []
-        try:
-            for send in sent:
-                if send.accepted_at < oldest:
-                    yield Verdict(send.user_id, CANNOT_VERIFY, None, None, _too_old(send))
-                    continue
-                if window and (
-                    len(window) >= WINDOW_SENDS or abs(send.accepted_at - window[-1].accepted_at) > SPLIT_GAP
-                ):
-                    yield from self._judge(window, now, grace)
-                    window = []
-                window.append(send)
-            if window:
+        for send in sent:
+            if send.accepted_at < oldest:
+                yield Verdict(send.user_id, CANNOT_VERIFY, None, None, _too_old(send))
+                continue
+            if window and (
+                len(window) >= WINDOW_SENDS or abs(send.accepted_at - window[-1].accepted_at) > SPLIT_GAP
+            ):
                 yield from self._judge(window, now, grace)
-        finally:
-            self.client.close()
+                window = []
+            window.append(send)
+        if window:
+            yield from self._judge(window, now, grace)
 
     def _judge(self, window: list[Sent], now: datetime, grace: timedelta) -> Iterator[Verdict]:
         """The window's verdicts: each send takes the closest unclaimed row of its transaction and event."""
@@ -221,7 +231,8 @@ class _Reader:
             if answer is None:
                 return None
             events = answer.get("events")
-            found += [e for e in events if isinstance(e, dict)] if isinstance(events, list) else []
+            rows = events if isinstance(events, list) else []
+            found += [{"transaction_id": tid} | e for e in rows if isinstance(e, dict)]
         return found
 
     def _report(self, start: datetime, end: datetime) -> Iterator[dict[str, Any]]:
