@@ -34,6 +34,7 @@ from sync.destinations.everflow_reports import (
 )
 from sync.errors import ConfigError
 from sync.sandbox import EverflowServer
+from tests.conftest import free_port
 
 KEY_ENV = "TEST_EVERFLOW_REPORTING_KEY"
 KEY = "network-key"  # the sandbox's reporting key
@@ -251,6 +252,26 @@ def test_a_report_that_keeps_failing_cannot_verify(everflow: EverflowServer) -> 
     everflow.fault(429, '{"error": "Too Many Requests"}', times=3)
     with pytest.raises(CannotVerify, match=r"no answer after 3 attempt\(s\): HTTP 429: Too Many Requests"):
         list(verify(destination(everflow), [sent("u1", None, at)], now=datetime.now(UTC), grace=GRACE))
+
+
+def test_a_refused_request_a_wrong_base_or_no_server_cannot_verify(everflow: EverflowServer) -> None:
+    sends = [sent("u1", None, postback(everflow, "tid-u1"))]
+    now = datetime.now(UTC)
+    everflow.fault(400, '{"error": "Invalid date range"}')
+    with pytest.raises(
+        CannotVerify, match=r"^Everflow refused the report request: HTTP 400: Invalid date range$"
+    ):
+        list(verify(destination(everflow), sends, now=now, grace=GRACE))
+    elsewhere = destination(everflow, reporting_api_base=everflow.url + "/v1/network")
+    with pytest.raises(
+        CannotVerify, match=r"^Everflow has no conversion report at .*/v1/network: check reporting_api_base"
+    ):
+        list(verify(elsewhere, sends, now=now, grace=GRACE))
+    nobody = destination(everflow, reporting_api_base=f"http://127.0.0.1:{free_port()}/v1")
+    with pytest.raises(
+        CannotVerify, match=r"no answer after 3 attempt\(s\): ConnectError reaching 127.0.0.1$"
+    ):
+        list(verify(nobody, sends, now=now, grace=GRACE))
 
 
 def test_a_send_older_than_the_report_reaches_cannot_be_verified_and_is_not_asked_for(

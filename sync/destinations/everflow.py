@@ -64,6 +64,7 @@ class Everflow(Destination):
         self.unverifiable: str | None = "the Segment transport has no read API to verify postbacks with"
         self.reporting_key_env: str | None = None
         self.reporting_api_key: str | None = None
+        self.reporting_api_base = REPORTING_API_BASE
         if native:
             self._postback_settings(problems)
             self._reporting_settings(problems)

@@ -4,9 +4,14 @@ report (`POST /networks/reporting/conversions`) and the events of one transactio
 
 A postback's 200 says only that it was received (REFERENCE.md, Everflow): each one the state counts as sent
 is looked up, by transaction id and event, near the time it was sent, and comes out confirmed, rejected
-(Everflow's error code and message), not found once the grace period has passed, or pending inside it. The
-sends are read in windows of consecutive sends (`WINDOW_SENDS` at most) and each window's report page by
-page: memory holds one window and one page, whatever the number of sends.
+(Everflow's error code and message), not found once the grace period has passed, or pending inside it; one
+older than the report reaches back cannot be verified (`CANNOT_VERIFY`, without a request). The sends are
+read in windows of consecutive sends (`WINDOW_SENDS` at most) and each window's report page by page: memory
+holds one window and one page, whatever the number of sends.
+
+Report rows are matched by transaction id and event: a base conversion by `is_event` false; an event by its
+advertiser event id when a row carries one (`adv_event_id`, not in the published rows), else by the
+published `event`, the event's name, through `settings.event_mapping` (or a name that is one of its ids).
 """
 
 from collections.abc import Iterable, Iterator
