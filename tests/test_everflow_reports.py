@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from sync.destinations import load_destination
+from sync.destinations import everflow_reports, load_destination
 from sync.destinations.everflow import Everflow
 from sync.destinations.everflow_reports import (
     CANNOT_VERIFY,
@@ -236,6 +236,20 @@ def test_requests_are_paced_under_the_published_rate(everflow: EverflowServer) -
     # six pages at 10 requests a second: five intervals of a tenth of a second at least
     assert time.monotonic() - started >= 0.5
     assert everflow.reports.api_requests == 6
+
+
+def test_a_spent_quota_holds_the_next_request_until_the_window_resets(
+    everflow: EverflowServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the quota is shared with every other user of the network's API: Everflow's answers say what is left
+    monkeypatch.setattr(everflow_reports, "QUOTA_WINDOW", 0.4)
+    everflow.reports.page_max, everflow.reports.quota, everflow.reports.window = 1, 2, 0.4
+    sends = [sent(f"u{i}", None, postback(everflow, f"tid-u{i}")) for i in range(5)]
+    started = time.monotonic()
+    found = outcomes(verify(destination(everflow), sends, now=datetime.now(UTC), grace=GRACE))
+    assert {v.outcome for v in found.values()} == {CONFIRMED} and len(found) == 5
+    assert everflow.reports.over_quota == 0 and everflow.reports.api_requests == 5
+    assert time.monotonic() - started >= 0.8  # two windows waited for
 
 
 def test_a_429_or_a_500_is_retried_then_read(everflow: EverflowServer) -> None:

@@ -53,6 +53,9 @@ PAGE_SIZE = 500
 # shared by every key and user of the network; reconcile takes a third of it, one request at a time (the
 # reporting endpoints allow 10 concurrent).
 REQUESTS_PER_SECOND = 10.0
+# developers.everflow.io, Rate Limiting / REFERENCE.md: the quota resets every 30 seconds; once spent (the
+# answer's X-RateLimit-Remaining is 0) every request answers 429 until then.
+QUOTA_WINDOW = 30.0
 REPORT_TIMEOUT = 60.0  # a report page is computed, not looked up: longer than a postback's answer
 API_KEY_HEADER = "X-Eflow-API-Key"  # REFERENCE.md (Everflow, REST API)
 UTC_TIMEZONE_ID = 67  # REFERENCE.md (Everflow, Reporting): timezone_id 67 is UTC
@@ -311,6 +314,8 @@ class _Reader:
             response = self.client.request(method, url, headers={API_KEY_HEADER: self.key}, **kwargs)
         except httpx.TransportError as exc:
             raise RetriableError(f"{type(exc).__name__} reaching {httpx.URL(url).host}") from None
+        if response.headers.get("X-RateLimit-Remaining", "").strip() == "0":  # others share the quota
+            self.limiter.pause(QUOTA_WINDOW)
         raise_for_retry_or_auth(response, self.limiter)
         return response
 

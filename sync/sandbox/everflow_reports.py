@@ -86,6 +86,7 @@ class Reports:
         self.window = 30.0
         self.conversions: list[Conversion] = []
         self.api_requests = 0
+        self.over_quota = 0  # requests answered 429 for the quota
         self._ids = itertools.count(1)
         self._window_start = 0.0
         self._window_used = 0
@@ -137,6 +138,7 @@ class Reports:
             self._window_start, self._window_used = now, 0
         self._window_used += 1
         if self._window_used > self.quota:
+            self.over_quota += 1
             status, body, headers = _json(429, {"error": "Too Many Requests"})
             return status, body, headers | self._quota_headers()
         return None
