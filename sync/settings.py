@@ -147,6 +147,14 @@ def _choice(text: str, name: str, choices: tuple[str, ...]) -> str:
 def secret_from_env(variable: object, where: str, what: str) -> str:
     """The value of the environment variable that a row's `..._env` column (`where`: the row and the column)
     names, holding `what` ("the key", "the URL"), without the blanks around it (a newline from a file)."""
+    value = (os.environ.get(env_name(variable, where, what)) or "").strip()
+    if not value:
+        raise ConfigError(f"{where} names {variable!r}, which is not set or empty")
+    return value
+
+
+def env_name(variable: object, where: str, what: str) -> str:
+    """`variable`, checked to be an environment variable's name (not the secret itself, nor `$NAME`)."""
     if isinstance(variable, str) and variable.startswith("$") and ENV_NAME.fullmatch(variable[1:]):
         # not shown either: a secret may start with a $
         raise ConfigError(f"{where} starts with a $: drop it, the column holds the variable's name alone")
@@ -156,7 +164,4 @@ def secret_from_env(variable: object, where: str, what: str) -> str:
             f"{where} does not hold an environment variable name; put {what} itself in the environment, not "
             "in this column"
         )
-    value = (os.environ.get(variable) or "").strip()
-    if not value:
-        raise ConfigError(f"{where} names {variable!r}, which is not set or empty")
-    return value
+    return variable
