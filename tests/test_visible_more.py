@@ -1,12 +1,21 @@
 """Every failure visible where operators look (issue 23, its remaining items, and review findings), through
 the real `audience-sync` command on a SQLite and on a Postgres state database."""
 
+import os
+import re
 import signal
+from pathlib import Path
+from subprocess import DEVNULL
+
+import pytest
 
 from sync.sandbox import EverflowServer, RefersionServer
+from sync.settings import unknown_settings
 from tests.conftest import Config, Customers, run_cli, start_cli, wait_for
 from tests.test_e2e import everflow_destination, refersion_destination
 from tests.test_visible import status_of
+
+ROOT = Path(__file__).parent.parent
 
 
 def outcomes(config: Config, audience: int) -> list[str]:
@@ -55,3 +64,40 @@ def test_exits_with_no_affiliate_to_disable_after_a_baseline_do_not_make_the_run
         assert not [r for r in refersion.requests if r.path.endswith("/status_change")]
         code, (status,) = status_of(state_url)
         assert (code, status["state"]) == (0, "ok")
+
+
+def test_an_unknown_sync_variable_is_warned_once_with_the_closest_setting(
+    state_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    typos = {"SYNC_INTERVALS": "2h", "SYNC_QUERY_TIMOUT": "1m", "SYNC_WHATEVER": "1"}
+    status = run_cli(state_url, "status", env=typos)
+    assert status.returncode == 0 and "Traceback" not in status.stderr, status.stderr
+    warned = [line.split(" WARNING ", 1)[1] for line in status.stderr.splitlines()]
+    assert warned == [
+        "SYNC_INTERVALS is set, but audience-sync reads no such setting; did you mean SYNC_INTERVAL? "
+        "action=unknown_setting",
+        "SYNC_QUERY_TIMOUT is set, but audience-sync reads no such setting; did you mean SYNC_QUERY_TIMEOUT? "
+        "action=unknown_setting",
+        "SYNC_WHATEVER is set, but audience-sync reads no such setting action=unknown_setting",
+    ]
+    # the daemon: once, at start
+    log = tmp_path / "daemon.log"
+    with log.open("w") as stderr:
+        daemon = start_cli(state_url, "daemon", env={"SYNC_INTERVALS": "2h"}, stdout=DEVNULL, stderr=stderr)
+        wait_for(lambda: "action=daemon_started" in log.read_text(), timeout=30)
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=30) == 0, log.read_text()
+    assert log.read_text().count("action=unknown_setting") == 1, log.read_text()
+
+    # every SYNC_* name the documentation and the deployment files give is one the program knows
+    documented = set()
+    for path in [ROOT / "README.md", *ROOT.glob("docs/*.md"), *ROOT.glob("deploy/*")]:
+        documented |= set(re.findall(r"\bSYNC_[A-Z_]*[A-Z]\b", path.read_text()))
+    assert "SYNC_METRICS_ADDRESS" in documented
+    documented.remove("SYNC_INTERVALS")  # the README's example of a typo
+    for name in os.environ:
+        if name.startswith("SYNC_"):
+            monkeypatch.delenv(name)
+    for name in documented:
+        monkeypatch.setenv(name, "x")
+    assert unknown_settings() == []
