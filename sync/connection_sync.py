@@ -14,7 +14,7 @@ import sqlalchemy as sa
 
 from sync import state
 from sync.audiences import Audience
-from sync.connections import Link
+from sync.connections import Link, full_send_warning
 from sync.delivery import INTERRUPTED
 from sync.destinations.base import Destination
 from sync.diff import Counts, Diff
@@ -148,6 +148,7 @@ def sync_connection(
         if sink.writes:
             pages.counts["pending"] = numbers.entries + numbers.exits
         return pages.finish(RunOutcome.HELD, held)
+    _warn_full_send(run, conn, numbers)
     if sink.writes:
         state.begin_connection(conn, run.audience.id, run.link.destination_id, run.audience.key)
         conn.commit()
@@ -168,6 +169,27 @@ def sync_connection(
         state.complete_initial(conn, run.audience.id, run.link.destination_id, history.now())
     rejections = None if error else _too_many_rejections(pages, run.rejected_share)
     return pages.finish(_outcome(stopped, error, run.options.baseline, rejections), error or rejections)
+
+
+def _warn_full_send(run: ConnectionRun, conn: sa.Connection, numbers: Counts) -> None:
+    """Log, at the first run of a connection (not a baseline, not a resend), that it sends every member
+    although its audience has synced before: the destination may hold them already."""
+    options, audience = run.options, run.audience
+    if options.baseline or options.resend or not numbers.entries or not audience.key_stored:
+        return
+    if state.never_synced(conn, audience.id, run.link.destination_id):
+        log.warning(
+            "%s",
+            full_send_warning(audience, run.destination.name),
+            extra={
+                "action": "full_send_planned",
+                "audience": audience.name,
+                "audience_id": audience.id,
+                "destination": run.destination.name,
+                "destination_id": run.destination.id,
+                "entered": numbers.entries,
+            },
+        )
 
 
 def _outcome(stopped: str | None, error: str | None, baseline: bool, rejections: str | None) -> RunOutcome:

@@ -142,6 +142,20 @@ def synced_key(conn: sa.Connection, audience_id: int, destination_id: int) -> st
     )
 
 
+def never_synced(conn: sa.Connection, audience_id: int, destination_id: int) -> bool:
+    """Whether a connection has never begun a sync: no key recorded for it and no state of its users."""
+    return not any(
+        conn.scalar(
+            sa.select(
+                sa.exists().where(
+                    table.c.audience_id == audience_id, table.c.destination_id == destination_id
+                )
+            )
+        )
+        for table in (sync_connections, sync_state)
+    )
+
+
 def initial_completed(conn: sa.Connection, audience_id: int, destination_id: int) -> bool:
     return (
         conn.scalar(

@@ -101,3 +101,36 @@ def test_an_unknown_sync_variable_is_warned_once_with_the_closest_setting(
     for name in documented:
         monkeypatch.setenv(name, "x")
     assert unknown_settings() == []
+
+
+def test_a_destination_deleted_and_reinserted_under_its_name_is_warned_naming_the_baseline(
+    state_url: str, config: Config, customers: Customers
+) -> None:
+    customers.add("u1", "u2")
+    with RefersionServer() as refersion:
+        audience = config.audience("VIP Buyers", Customers.QUERY)
+        config.connect(audience, refersion_destination(config, refersion))
+        first = run_cli(state_url, "run")
+        assert first.returncode == 0 and "full_send_planned" not in first.stderr, first.stderr
+        assert "never synced" not in run_cli(state_url, "check").stdout
+        # the row deleted (its connections and their state go with it) and inserted again
+        config.sql("DELETE FROM destinations WHERE name = 'Refersion'")
+        config.connect(audience, refersion_destination(config, refersion))
+
+        warning = (
+            "audience 'VIP Buyers' (id 1) -> 'Refersion': this connection has never synced, but the audience "
+            "has (its key 'vip_buyers' is stored): its first run sends every member as an entry. If "
+            "'Refersion' already holds them (a destination deleted and re-inserted under the same name gets "
+            "a new id and none of the old one's state), record them as accepted instead: audience-sync "
+            "initial --baseline --audience 'VIP Buyers' --destination Refersion"
+        )
+        check = run_cli(state_url, "check")
+        assert check.returncode == 0, check.stdout + check.stderr
+        assert f"warning: {warning}\n" in check.stdout
+        run = run_cli(state_url, "run")
+        assert run.returncode == 0, run.stderr
+        [logged] = [line for line in run.stderr.splitlines() if "action=full_send_planned" in line]
+        assert f"WARNING {warning} action=full_send_planned" in logged and "entered=2" in logged
+        again = run_cli(state_url, "run")
+        assert again.returncode == 0 and "full_send_planned" not in again.stderr, again.stderr
+        assert "never synced" not in run_cli(state_url, "check").stdout
