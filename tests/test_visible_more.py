@@ -134,3 +134,28 @@ def test_a_destination_deleted_and_reinserted_under_its_name_is_warned_naming_th
         again = run_cli(state_url, "run")
         assert again.returncode == 0 and "full_send_planned" not in again.stderr, again.stderr
         assert "never synced" not in run_cli(state_url, "check").stdout
+
+
+def test_status_shows_no_next_run_for_a_disabled_connection_or_destination(
+    state_url: str, config: Config, customers: Customers
+) -> None:
+    customers.add("u1")
+    with EverflowServer() as everflow, RefersionServer() as refersion:
+        audience = config.audience("VIP", Customers.QUERY)
+        config.connect(audience, everflow_destination(config, everflow))
+        config.connect(audience, refersion_destination(config, refersion))
+        assert run_cli(state_url, "run").returncode == 0
+
+    def next_runs() -> dict[str, object]:
+        code, rows = status_of(state_url)
+        assert code == 0
+        return {str(row["destination"]): row["next_run_earliest"] for row in rows}
+
+    assert None not in next_runs().values()
+    config.sql("UPDATE audience_destinations SET enabled = false WHERE destination_id = 2")
+    shown = next_runs()
+    assert shown["Refersion"] is None and shown["Everflow"] is not None
+    config.sql("UPDATE destinations SET enabled = false WHERE name = 'Everflow'")
+    assert next_runs() == {"Everflow": None, "Refersion": None}
+    table = run_cli(state_url, "status").stdout.splitlines()
+    assert [re.split(r"\s{3,}", line)[7] for line in table[1:]] == ["-", "-"], table
