@@ -4,15 +4,18 @@ the real `audience-sync` command on a SQLite and on a Postgres state database.""
 import os
 import re
 import signal
+import uuid
 from pathlib import Path
 from subprocess import DEVNULL
 
 import pytest
+import sqlalchemy as sa
 
 from sync.sandbox import EverflowServer, RefersionServer
 from sync.settings import unknown_settings
-from tests.conftest import Config, Customers, run_cli, start_cli, wait_for
+from tests.conftest import MARIADB_URL, Config, Customers, run_cli, start_cli, wait_for
 from tests.test_e2e import everflow_destination, refersion_destination
+from tests.test_source_table import add_source
 from tests.test_visible import status_of
 
 ROOT = Path(__file__).parent.parent
@@ -159,3 +162,68 @@ def test_status_shows_no_next_run_for_a_disabled_connection_or_destination(
     assert next_runs() == {"Everflow": None, "Refersion": None}
     table = run_cli(state_url, "status").stdout.splitlines()
     assert [re.split(r"\s{3,}", line)[7] for line in table[1:]] == ["-", "-"], table
+
+
+# an audience query cut short, and one with a syntax error in its middle
+UNFINISHED = "SELECT user_id, email FROM {table} ORDER BY"
+MIDDLE = "SELECT user_id, email FROM {table} WHERE email = = 'x'"
+# what a database message about the wrapping audience-sync puts around a query would show
+WRAPPING = ("AS q", "1 = 1", ":one", "$1", "LIMIT 0", "sync_stage")
+
+
+def syntax_errors(state_url: str, config: Config, table: str, source: str | None = None) -> dict[str, str]:
+    """Per audience, the reason its query failed as `check` prints it, the same as the run logs it."""
+    destination = config.destination(
+        "Everflow", "everflow", {"tracking_domain": "http://127.0.0.1:1", "network_id": "1"}
+    )
+    for name, query in (("Unfinished", UNFINISHED), ("Middle", MIDDLE)):
+        extra = {"source": source} if source else {}
+        config.connect(config.audience(name, query.format(table=table), **extra), destination)
+    check = run_cli(state_url, "check")
+    assert check.returncode == 2, check.stdout + check.stderr
+    found = {}
+    for line in check.stdout.splitlines():
+        where, _, reason = line.partition(": the query failed: ")
+        if reason:
+            found[where.split("'")[1]] = reason
+    run = run_cli(state_url, "run")
+    for name, reason in found.items():
+        assert f"audience {name!r} (id " in run.stderr and reason in run.stderr, run.stderr
+    assert not [part for part in WRAPPING if part in check.stdout + run.stderr], check.stdout + run.stderr
+    return found
+
+
+def test_a_syntax_error_is_the_database_message_about_the_query_without_the_wrapping(
+    backend: str, state_url: str, config: Config, customers: Customers
+) -> None:
+    found = syntax_errors(state_url, config, "customers")
+    if backend == "postgres":  # it places the error: the end of a query cut short is said so
+        assert found == {
+            "Unfinished": "syntax error at the end of the query",
+            "Middle": 'syntax error at or near "="',
+        }
+    else:  # SQLite names the token alone
+        assert found == {"Unfinished": 'near ")": syntax error', "Middle": 'near "=": syntax error'}
+
+
+@pytest.mark.mariadb
+def test_a_syntax_error_of_a_streamed_source_shows_none_of_the_wrapping(
+    state_url: str, config: Config, mariadb: sa.Engine
+) -> None:
+    table = f"syntax_{uuid.uuid4().hex[:8]}"
+    with mariadb.begin() as conn:
+        conn.exec_driver_sql(f"CREATE TABLE {table} (user_id TEXT, email TEXT)")
+    try:
+        add_source(config, "shop", MARIADB_URL)
+        found = syntax_errors(state_url, config, table, source="shop")
+    finally:
+        with mariadb.begin() as conn:
+            conn.exec_driver_sql(f"DROP TABLE {table}")
+    manual = (
+        '(1064, "You have an error in your SQL syntax; check the manual that corresponds to your MariaDB '
+        "server version for the right syntax to use "
+    )
+    assert found == {
+        "Unfinished": f'{manual}at the end of the query")',
+        "Middle": f"""{manual}near '= 'x'' at line 1")""",
+    }
