@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from sync.sandbox import EverflowServer, RefersionServer
 from sync.settings import unknown_settings
 from tests.conftest import MARIADB_URL, Config, Customers, run_cli, start_cli, wait_for
+from tests.test_cli import LONG_AUDIENCE, LONG_DESTINATION, on_a_terminal
 from tests.test_e2e import everflow_destination, refersion_destination
 from tests.test_source_table import add_source
 from tests.test_visible import status_of
@@ -227,3 +228,27 @@ def test_a_syntax_error_of_a_streamed_source_shows_none_of_the_wrapping(
         "Unfinished": f'{manual}at the end of the query")',
         "Middle": f"""{manual}near '= 'x'' at line 1")""",
     }
+
+
+@pytest.mark.parametrize(
+    "destination",
+    [LONG_DESTINATION, "Refersion_Production_Account_For_The_Spring_Campaign_Of_2027 (EU)"],
+    ids=["wrapped", "blocks"],
+)
+def test_status_on_an_80_column_terminal_breaks_no_name_mid_word(
+    state_url: str, config: Config, customers: Customers, destination: str
+) -> None:
+    customers.add("u1")
+    with RefersionServer() as refersion:
+        settings = {"api_base": refersion.url + "/v2", "max_attempts": 1}
+        config.connect(
+            config.audience(LONG_AUDIENCE, Customers.QUERY),
+            config.destination(destination, "refersion", settings, api_key="pub.wrong"),
+        )
+        assert run_cli(state_url, "run").returncode == 1  # its error is long too
+    code, screen = on_a_terminal(state_url, "status", columns=80)
+    assert code == 1
+    lines = screen.splitlines()
+    assert max(len(line) for line in lines) <= 80, screen
+    shown = set(re.findall(r"[^\s│┃]+", screen))
+    assert set((LONG_AUDIENCE + " " + destination).split()) <= shown, screen
