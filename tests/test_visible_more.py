@@ -122,8 +122,9 @@ def test_a_destination_deleted_and_reinserted_under_its_name_is_warned_naming_th
         config.connect(audience, refersion_destination(config, refersion))
 
         warning = (
-            "audience 'VIP Buyers' (id 1) -> 'Refersion': this connection has never synced, but the audience "
-            "has (its key 'vip_buyers' is stored): its first run sends every member as an entry. If "
+            "audience 'VIP Buyers' (id 1) -> 'Refersion': this connection has never synced, but the "
+            "audience's key 'vip_buyers' is stored (at its first sync, or by hand when moving from Segment "
+            "Engage): its first run sends every member as an entry. If "
             "'Refersion' already holds them (a destination deleted and re-inserted under the same name gets "
             "a new id and none of the old one's state), record them as accepted instead: audience-sync "
             "initial --baseline --audience 'VIP Buyers' --destination Refersion"
