@@ -36,6 +36,11 @@ class Audience:
     def __str__(self) -> str:
         return f"audience {self.name!r} (id {self.id})"
 
+    @property
+    def query_text(self) -> str:
+        """The query as the SQL around it takes it: no blanks around it, no closing semicolon."""
+        return self.query.strip().rstrip(";")
+
 
 def row_problems(row: sa.Row[Any]) -> list[str]:
     """Every problem of one `audiences` row, each naming the row and field (`check` lists them all)."""
@@ -164,7 +169,7 @@ def _mysql_near(match: re.Match[str]) -> str:
 def _past_the_query(error: sa.exc.StatementError, audience: Audience) -> bool:
     """Whether the database places the error (Postgres: its position in the statement) after the query."""
     position = getattr(getattr(error.orig, "diag", None), "statement_position", None)
-    query = audience.query.strip().rstrip(";")
+    query = audience.query_text
     start = (error.statement or "").find(query)
     return str(position).isdigit() and start >= 0 and int(str(position)) > start + len(query)
 
@@ -184,7 +189,7 @@ def over_query(audience: Audience, select_list: str, prefix: str = "", suffix: s
     The bound parameter makes psycopg use the extended protocol, which refuses a query that smuggles in
     more statements (`...) AS x; COMMIT; DELETE ...`); SQLite's driver refuses those anyway.
     """
-    query = escaped(audience.query.strip().rstrip(";"))
+    query = escaped(audience.query_text)
     # the line break ends a `-- comment` on the query's last line
     return sa.text(f"{prefix}SELECT {select_list} FROM ({query}\n) AS q WHERE :one = 1{suffix}").bindparams(
         one=1

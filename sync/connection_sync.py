@@ -173,7 +173,7 @@ def sync_connection(
 
 def _warn_full_send(run: ConnectionRun, conn: sa.Connection, numbers: Counts) -> None:
     """Log, at the first run of a connection (not a baseline, not a resend), that it sends every member
-    although its audience has synced before: the destination may hold them already."""
+    although its audience's key is stored (it synced before): the destination may hold them already."""
     options, audience = run.options, run.audience
     if options.baseline or options.resend or not numbers.entries or not audience.key_stored:
         return
