@@ -1,9 +1,11 @@
 """Runtime settings: the only module that reads the environment."""
 
+import difflib
 import ipaddress
 import os
 import random
 import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from sync.errors import ConfigError
@@ -15,6 +17,13 @@ MAX_DAYS = 365  # longer is a typo; dates and timers past it overflow
 SHORTEST_CADENCE = 1.0  # shorter is a typo (`1ms`), and runs would follow each other without a pause
 SHORT_CADENCE = 60.0  # shorter is for tests and soaks: each run reads the whole audience
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# read by the test suite and the benchmarks (README.md, benchmarks/), not by the program
+DEVELOPER_SETTINGS = (
+    "SYNC_TEST_POSTGRES_URL",
+    "SYNC_TEST_MARIADB_URL",
+    "SYNC_BENCH_POSTGRES_URL",
+    "SYNC_BENCH_MARIADB_URL",
+)
 
 
 def parse_duration(text: str, name: str) -> float:
@@ -80,8 +89,7 @@ class Settings:
     rejected_share: float = 0.5  # a run rejecting more of its changes than this is `rejected`, not `ok`
 
     @classmethod
-    def from_env(cls) -> "Settings":
-        env = os.environ
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> "Settings":
         return cls(
             database_url=env.get("SYNC_DATABASE_URL") or "sqlite:///audience-sync.db",
             source_url=env.get("SYNC_SOURCE_URL") or None,
@@ -97,6 +105,39 @@ class Settings:
             ),
             rejected_share=_share(env.get("SYNC_REJECTED_SHARE") or "50%", "SYNC_REJECTED_SHARE"),
         )
+
+
+class _Asked(Mapping[str, str]):
+    """An empty environment that notes each name read from it."""
+
+    def __init__(self) -> None:
+        self.names: set[str] = set()
+
+    def __getitem__(self, name: str) -> str:
+        self.names.add(name)
+        raise KeyError(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
+def unknown_settings() -> list[str]:
+    """A line for each SYNC_* variable of the environment that audience-sync does not read (a typo is
+    ignored otherwise), with the closest name it reads. The names read are those `Settings.from_env`
+    asks for, so a setting added there is known here."""
+    asked = _Asked()
+    Settings.from_env(asked)
+    known = asked.names | set(DEVELOPER_SETTINGS)
+    lines = []
+    for name in sorted(n for n in os.environ if n.startswith("SYNC_") and n not in known):
+        # compared without the prefix they all share
+        close = difflib.get_close_matches(name[5:], sorted(k[5:] for k in known), n=1)
+        hint = f"; did you mean SYNC_{close[0]}?" if close else ""
+        lines.append(f"{name} is set, but audience-sync reads no such setting{hint}")
+    return lines
 
 
 def log_format_from_env() -> str:
