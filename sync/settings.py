@@ -125,18 +125,21 @@ class _Asked(Mapping[str, str]):
 
 
 def unknown_settings() -> list[str]:
-    """A line for each SYNC_* variable of the environment that audience-sync does not read (a typo is
-    ignored otherwise), with the closest name it reads. The names read are those `Settings.from_env`
-    asks for, so a setting added there is known here."""
+    """A line for each SYNC_* variable of the environment that looks like a misspelt setting (a typo is
+    ignored otherwise), with the name it is close to. The names read are those `Settings.from_env` asks for,
+    so a setting added there is known here. A name close to none is left alone: it may be a key or URL a
+    row names in api_key_env or url_env."""
     asked = _Asked()
     Settings.from_env(asked)
     known = asked.names | set(DEVELOPER_SETTINGS)
     lines = []
     for name in sorted(n for n in os.environ if n.startswith("SYNC_") and n not in known):
         # compared without the prefix they all share
-        close = difflib.get_close_matches(name[5:], sorted(k[5:] for k in known), n=1)
-        hint = f"; did you mean SYNC_{close[0]}?" if close else ""
-        lines.append(f"{name} is set, but audience-sync reads no such setting{hint}")
+        close = difflib.get_close_matches(name[5:], sorted(k[5:] for k in known), n=1, cutoff=0.75)
+        if close:
+            lines.append(
+                f"{name} is set, but audience-sync reads no such setting; did you mean SYNC_{close[0]}?"
+            )
     return lines
 
 

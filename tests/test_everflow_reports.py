@@ -130,6 +130,48 @@ def test_a_re_entry_is_reported_as_a_duplicate_with_the_advice_and_not_as_confir
     assert [v.outcome for v in both] == [CONFIRMED, REJECTED]
 
 
+def test_a_postback_sent_again_after_its_answer_was_lost_is_confirmed_not_a_duplicate(
+    everflow: EverflowServer,
+) -> None:
+    """Everflow counted the first request, whose answer was lost (in doubt), and refused the one sent again
+    seconds later as a duplicate; the state holds the second one's time."""
+    first = datetime.now(UTC) - timedelta(hours=2)
+    everflow.add_conversion("tid-u1", "3", at=first)
+    everflow.add_conversion(
+        "tid-u1", "3", at=first + timedelta(seconds=12), error=(8, "Duplicate Conversion")
+    )
+    [verdict] = verify(
+        destination(everflow),
+        [sent("u1", "3", first + timedelta(seconds=13))],
+        now=datetime.now(UTC),
+        grace=GRACE,
+    )
+    assert (verdict.outcome, verdict.error_code) == (CONFIRMED, None)
+
+
+@pytest.mark.parametrize("paging", [None, {"page": 1, "page_size": 500, "total_count": 10**9}])
+def test_a_report_that_ignores_the_page_asked_for_ends(key: None, paging: dict[str, int] | None) -> None:
+    """REFERENCE.md gives the report's answer as {"conversions": [...]} alone: one that answers page 1 again
+    (with no paging object, or one that promises more) is read once, not forever."""
+    now = datetime.now(UTC)
+    row = {"conversion_id": "c1", "transaction_id": "tid-u1", "is_event": False, "status": "approved"}
+    row["conversion_unix_timestamp"] = int(now.timestamp()) - 60
+    full_page = [row] + [dict(row, conversion_id=f"x{i}", transaction_id="other") for i in range(499)]
+    answers: list[int] = []
+
+    def report(request: httpx.Request) -> httpx.Response:
+        answers.append(int(request.url.params["page"]))
+        assert len(answers) < 5, answers
+        return httpx.Response(200, json={"conversions": full_page, **({"paging": paging} if paging else {})})
+
+    with EverflowServer(events=NAMES) as server:
+        dest = destination(server)
+    sends = [Sent("u1", "tid-u1", None, now - timedelta(minutes=1))]
+    found = list(verify(dest, sends, now=now, grace=GRACE, transport=httpx.MockTransport(report)))
+    assert [v.outcome for v in found] == [CONFIRMED]
+    assert answers == [1, 2]  # page 2 came back as page 1: the report ends there
+
+
 def test_an_event_that_allows_duplicates_confirms_the_re_entry(key: None) -> None:
     with EverflowServer(events=NAMES, allow_duplicates={"3"}) as server:
         server.add_conversion("tid-u1", "3", at=datetime.now(UTC) - timedelta(hours=3))

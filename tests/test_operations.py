@@ -426,12 +426,27 @@ def test_the_compose_file_parses_builds_both_services_and_keeps_the_password_out
         assert environment["PGPASSWORD"] == "s3cret-pw", name  # libpq's: no URL holds it
     assert services["postgres"]["environment"]["POSTGRES_PASSWORD"] == "s3cret-pw"
     assert not re.search(r"://[^\s@]*s3cret-pw", done.stdout)
-    # a configuration problem (exit 2) would loop under `unless-stopped` or `always`
-    assert services["daemon"]["restart"] == "on-failure:5"
+    # a configuration problem (exit 2) stops `migrate`, which nothing restarts, and the daemon waits for it
+    assert "restart" not in services["migrate"]
+    assert services["daemon"]["restart"] == "unless-stopped"
+    settings = [dict(services[name]["environment"], SYNC_METRICS_PORT="") for name in ("migrate", "daemon")]
+    assert settings[0] == settings[1]  # what `migrate` accepts, the daemon starts with
     unset = subprocess.run(
         [*command, "-f", str(compose), "config"], capture_output=True, text=True, timeout=60
     )
     assert unset.returncode != 0 and "set POSTGRES_PASSWORD in deploy/postgres.env" in unset.stderr
+
+
+def test_db_upgrade_reads_every_setting_so_compose_stops_a_bad_one_before_the_daemon(tmp_path: Path) -> None:
+    """compose's `migrate` gates the daemon: a setting the daemon would refuse (exit 2, then a restart loop
+    under its restart policy) is refused by `db upgrade` first, before anything is created."""
+    state = tmp_path / "state.db"
+    done = run_cli(f"sqlite:///{state}", "db", "upgrade", env={"SYNC_INTERVAL": "every few hours"})
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "audience-sync: SYNC_INTERVAL: 'every few hours' is not a duration (use e.g. 90s, 15m, 2h or 1h30m)"
+    ]
+    assert not state.exists()
 
 
 def test_the_systemd_unit_verifies_as_shipped_and_rates_ok() -> None:

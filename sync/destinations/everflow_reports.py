@@ -49,6 +49,7 @@ LOOKUP_MAX = 3
 # developers.everflow.io, Paging: page 1-based, default page_size 50, "the maximum page size is typically
 # 2000 although some endpoints enforce a smaller maximum": the answer's paging.total_count is followed.
 PAGE_SIZE = 500
+MAX_PAGES = 10_000  # 5 million rows for one window of sends: past it the answer is not a report that ends
 # developers.everflow.io, Rate Limiting / REFERENCE.md: 30 requests per second per network, one bucket
 # shared by every key and user of the network; reconcile takes a third of it, one request at a time (the
 # reporting endpoints allow 10 concurrent).
@@ -256,7 +257,7 @@ class _Reader:
             "currency_id": "USD",
             "query": {"filters": []},
         }
-        page, seen = 1, 0
+        page, seen, first_ids = 1, 0, set()
         while True:
             # Paging: the query string (developers.everflow.io, Paging, and REFERENCE.md); POST reports are
             # also documented to take them in the body: both are sent.
@@ -271,11 +272,25 @@ class _Reader:
             rows = answer.get("conversions")
             if not isinstance(rows, list):
                 raise CannotVerify("Everflow's conversion report answered without a list of conversions")
+            # REFERENCE.md gives the answer as {"conversions": [...]} alone: a report that ignores `page`
+            # answers the same page again, and a short page is the last one, whatever `paging` says
+            first_id = rows[0].get("conversion_id") if rows and isinstance(rows[0], dict) else None
+            if first_id is not None and first_id in first_ids:
+                return
+            first_ids.add(first_id)
             yield from (row for row in rows if isinstance(row, dict))
             seen += len(rows)
-            total = (answer.get("paging") or {}).get("total_count")
-            if not rows or (isinstance(total, int) and seen >= total):
+            shown = answer.get("paging") or {}
+            total, size = shown.get("total_count"), shown.get("page_size")
+            if len(rows) < (size if isinstance(size, int) and size > 0 else PAGE_SIZE):
                 return
+            if isinstance(total, int) and seen >= total:
+                return
+            if page >= MAX_PAGES:
+                raise CannotVerify(
+                    f"Everflow's conversion report from {_when(start)} to {_when(end)} goes on past "
+                    f"{MAX_PAGES} pages of {PAGE_SIZE}"
+                )
             page += 1
 
     def _request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any] | None:
@@ -334,13 +349,15 @@ def _event(send: Sent) -> str:
 
 
 def _closest(rows: list[_Row], moment: datetime) -> _Row | None:
-    """The row whose conversion time is closest to `moment`, within MATCH_WITHIN."""
+    """The row whose conversion time is closest to `moment`, within MATCH_WITHIN; a counted row before one
+    Everflow refused: a postback whose first answer was lost and that was sent again is counted once and
+    refused once as a duplicate, and the state holds the time of the second."""
     near = [
-        (abs(row.at - moment), i)
+        (bool(row.error_code) or row.status.casefold() in NOT_COUNTED, abs(row.at - moment), i)
         for i, row in enumerate(rows)
         if row.at and abs(row.at - moment) <= MATCH_WITHIN
     ]
-    return rows[min(near)[1]] if near else None
+    return rows[min(near)[2]] if near else None
 
 
 def _row(raw: dict[str, Any]) -> _Row:
