@@ -20,3 +20,10 @@ test: $(BIN)/audience-sync
 	$(BIN)/lint-imports  # the layers of docs/architecture.md
 	$(BIN)/python benchmarks/bench.py --smoke --backends sqlite  # only checks that it completes
 	$(BIN)/python -m pytest -n 4 --dist worksteal  # tests wait on processes and sockets: more workers than cores
+
+# `make lock`: deploy/requirements.lock, the image's dependencies with their hashes, resolved again from pyproject.toml
+.PHONY: lock
+lock: $(BIN)/audience-sync
+	$(BIN)/pip install -q pip-tools
+	$(BIN)/pip-compile --quiet --generate-hashes --strip-extras --no-emit-index-url --no-emit-find-links \
+		--output-file deploy/requirements.lock pyproject.toml

@@ -36,6 +36,11 @@ class Audience:
     def __str__(self) -> str:
         return f"audience {self.name!r} (id {self.id})"
 
+    @property
+    def query_text(self) -> str:
+        """The query as the SQL around it takes it: no blanks around it, no closing semicolon."""
+        return self.query.strip().rstrip(";")
+
 
 def row_problems(row: sa.Row[Any]) -> list[str]:
     """Every problem of one `audiences` row, each naming the row and field (`check` lists them all)."""
@@ -132,18 +137,41 @@ def query_failures(audience: Audience) -> Iterator[None]:
     try:
         yield
     except sa.exc.StatementError as exc:
-        raise SourceError(f"{audience}: the query failed: {_reason(exc.orig)}") from None
+        raise SourceError(f"{audience}: the query failed: {_reason(exc, audience)}") from None
     except Interrupted as exc:
         raise SourceInterrupted(f"{audience}: the query was {exc}") from None
     except Refused as exc:
         raise SourceError(f"{audience}: the query failed: {exc}") from None
 
 
-def _reason(error: BaseException | None) -> str:
+def _reason(error: sa.exc.StatementError, audience: Audience) -> str:
+    """The database's message about the audience's query, without the SQL audience-sync wraps it in
+    (`over_query`): where the message points into that wrapping, the error is at the end of the query."""
     text = first_line(error)
     if "interrupted" in text or "canceling statement due to statement timeout" in text:
         return "timed out (SYNC_QUERY_TIMEOUT)"
+    text = MYSQL_NEAR.sub(_mysql_near, text)
+    if _past_the_query(error, audience):
+        text = POSTGRES_NEAR.sub("at the end of the query", text)
     return text
+
+
+# MariaDB and MySQL quote the statement from the error on, up to 80 characters (with the line of the
+# wrapping `over_query` puts after the query); Postgres names a token, and its position in the statement
+MYSQL_NEAR = re.compile(r"near '(.*?)(?:\\n|\n)?\) AS q WHERE .*?' at line (\d+)")
+POSTGRES_NEAR = re.compile(r'at or near ".*"$')
+
+
+def _mysql_near(match: re.Match[str]) -> str:
+    return f"near '{match[1]}' at line {match[2]}" if match[1].strip() else "at the end of the query"
+
+
+def _past_the_query(error: sa.exc.StatementError, audience: Audience) -> bool:
+    """Whether the database places the error (Postgres: its position in the statement) after the query."""
+    position = getattr(getattr(error.orig, "diag", None), "statement_position", None)
+    query = audience.query_text
+    start = (error.statement or "").find(query)
+    return str(position).isdigit() and start >= 0 and int(str(position)) > start + len(query)
 
 
 def escaped(sql: str) -> str:
@@ -161,7 +189,7 @@ def over_query(audience: Audience, select_list: str, prefix: str = "", suffix: s
     The bound parameter makes psycopg use the extended protocol, which refuses a query that smuggles in
     more statements (`...) AS x; COMMIT; DELETE ...`); SQLite's driver refuses those anyway.
     """
-    query = escaped(audience.query.strip().rstrip(";"))
+    query = escaped(audience.query_text)
     # the line break ends a `-- comment` on the query's last line
     return sa.text(f"{prefix}SELECT {select_list} FROM ({query}\n) AS q WHERE :one = 1{suffix}").bindparams(
         one=1

@@ -7,8 +7,9 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from sync import state
 from sync.audiences import Audience, load_audiences, row_problems
-from sync.connections import connection_rows, load_connection, type_warning
+from sync.connections import connection_rows, full_send_warning, load_connection, type_warning
 from sync.database import describe, sqlite_file
 from sync.delivery import Sender
 from sync.destinations import load_destination
@@ -191,6 +192,8 @@ def _check_connections(conn: sa.Connection, audience: Audience, broken: set[int]
         warning = type_warning(audience, row, destination)
         if warning:
             found.warnings.append(warning)
+        if audience.key_stored and state.never_synced(conn, audience.id, row.id):
+            found.warnings.append(full_send_warning(audience, row.name))
 
 
 def _source_session(

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 
 from sync import __version__, database, logs, names, process, views
 from sync.errors import StateError, SyncError, first_line
-from sync.settings import Settings, log_format_from_env
+from sync.settings import Settings, log_format_from_env, unknown_settings
 
 if TYPE_CHECKING:
     from sync.runner import Runner
@@ -161,6 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     log_format = log_format_from_env()
     logs.configure(log_format, args.log_level)
+    for line in unknown_settings():
+        log.warning("%s", line, extra={"action": "unknown_setting"})
     try:
         return int(args.func(args))
     except SyncError as exc:

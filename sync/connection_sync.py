@@ -14,7 +14,7 @@ import sqlalchemy as sa
 
 from sync import state
 from sync.audiences import Audience
-from sync.connections import Link
+from sync.connections import Link, full_send_warning
 from sync.delivery import INTERRUPTED
 from sync.destinations.base import Destination
 from sync.diff import Counts, Diff
@@ -64,6 +64,7 @@ class _Pages:
         self.counts[Status.ACCEPTED if sink.writes else Status.TO_SEND] = 0
         self.last_failure: str | None = None  # the reason of the last change not accepted
         self.last_rejection: str | None = None
+        self.nothing_to_do = 0  # rejections that refused nothing (an exit with no affiliate to disable)
 
     def account(self, outcomes: list[Outcome]) -> None:
         for outcome in outcomes:
@@ -71,6 +72,8 @@ class _Pages:
                 self.counts[name] = self.counts.get(name, 0) + 1
             if outcome.status == Status.FAILED:
                 self.last_failure = outcome.reason
+            elif outcome.nothing_to_do:
+                self.nothing_to_do += 1
             elif outcome.status == Status.REJECTED:
                 self.last_rejection = outcome.reason
         if self.sink.writes:
@@ -145,6 +148,7 @@ def sync_connection(
         if sink.writes:
             pages.counts["pending"] = numbers.entries + numbers.exits
         return pages.finish(RunOutcome.HELD, held)
+    _warn_full_send(run, conn, numbers)
     if sink.writes:
         state.begin_connection(conn, run.audience.id, run.link.destination_id, run.audience.key)
         conn.commit()
@@ -163,8 +167,29 @@ def sync_connection(
     error = error or _ending_error(stopped, counts, unread, pages.last_failure)
     if not error and sink.writes:
         state.complete_initial(conn, run.audience.id, run.link.destination_id, history.now())
-    rejections = None if error else _too_many_rejections(counts, run.rejected_share, pages.last_rejection)
+    rejections = None if error else _too_many_rejections(pages, run.rejected_share)
     return pages.finish(_outcome(stopped, error, run.options.baseline, rejections), error or rejections)
+
+
+def _warn_full_send(run: ConnectionRun, conn: sa.Connection, numbers: Counts) -> None:
+    """Log, at the first run of a connection (not a baseline, not a resend), that it sends every member
+    although its audience's key is stored (it synced before): the destination may hold them already."""
+    options, audience = run.options, run.audience
+    if options.baseline or options.resend or not numbers.entries or not audience.key_stored:
+        return
+    if state.never_synced(conn, audience.id, run.link.destination_id):
+        log.warning(
+            "%s",
+            full_send_warning(audience, run.destination.name),
+            extra={
+                "action": "full_send_planned",
+                "audience": audience.name,
+                "audience_id": audience.id,
+                "destination": run.destination.name,
+                "destination_id": run.destination.id,
+                "entered": numbers.entries,
+            },
+        )
 
 
 def _outcome(stopped: str | None, error: str | None, baseline: bool, rejections: str | None) -> RunOutcome:
@@ -177,15 +202,18 @@ def _outcome(stopped: str | None, error: str | None, baseline: bool, rejections:
     return RunOutcome.BASELINE if baseline else RunOutcome.OK
 
 
-def _too_many_rejections(counts: dict[str, int], share: float, last_rejection: str | None) -> str | None:
-    """Why a run that sent everything is not ok: the destination rejected more than `share` of at least
-    REJECTED_MIN changes (a column it needs missing from the query, as a rule); None when it did not."""
-    changes, rejected = counts["entered"] + counts["exited"], counts[Status.REJECTED]
+def _too_many_rejections(pages: _Pages, share: float) -> str | None:
+    """Why a run that sent everything is not ok: more than `share` of at least REJECTED_MIN changes were
+    rejected (a column the destination needs missing from the query, as a rule); None when they were not.
+    Rejections that refused nothing (an exit with no affiliate to disable) count neither way."""
+    counts = pages.counts
+    changes = counts["entered"] + counts["exited"] - pages.nothing_to_do
+    rejected = counts[Status.REJECTED] - pages.nothing_to_do
     if changes < REJECTED_MIN or rejected <= share * changes:
         return None
     return (
         f"{rejected} of {changes} changes were rejected, more than SYNC_REJECTED_SHARE ({share:.0%}); "
-        f"they are not sent again until the users' traits change (last: {last_rejection})"
+        f"they are not sent again until the users' traits change (last: {pages.last_rejection})"
     )
 
 

@@ -3,6 +3,7 @@
 
 import dataclasses
 import hashlib
+import shlex
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,6 +87,22 @@ def missing_destination(audience_name: str, destination_id: int) -> str:
 
 def connection_where(audience: Audience, row: sa.Row[Any]) -> str:
     return f"audience_destinations row ({audience.name!r}, {row.name!r})"
+
+
+def full_send_warning(audience: Audience, destination: str) -> str:
+    """What to say of a connection that has never synced, of an audience whose key is stored (it synced,
+    or its key was set by hand): its first run sends every member. The destination may hold them already:
+    one deleted and re-inserted under the same name has a new id and none of the old one's state (the
+    foreign keys cascade), or the audience moved from Segment Engage."""
+    baseline = f"audience-sync initial --baseline --audience {shlex.quote(audience.name)} --destination "
+    return (
+        f"{audience} -> {destination!r}: this connection has never synced, but the audience's key "
+        f"{audience.key!r} is stored (at its first sync, or by hand when moving from Segment Engage): its "
+        f"first run sends every member as an entry. If {destination!r} "
+        "already holds them (a destination deleted and re-inserted under the same name gets a new id and "
+        f"none of the old one's state), record them as accepted instead: {baseline}"
+        f"{shlex.quote(destination)}"
+    )
 
 
 def type_warning(audience: Audience, row: sa.Row[Any], destination: Destination) -> str | None:

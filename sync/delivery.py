@@ -11,15 +11,9 @@ from enum import Enum
 from urllib.parse import quote, quote_plus
 
 import httpx
-from tenacity import (
-    RetryCallState,
-    Retrying,
-    retry_if_exception_type,
-    stop_after_attempt,
-    wait_random_exponential,
-)
+from tenacity import Retrying
 
-from sync import metrics
+from sync import metrics, ratelimit
 from sync.destinations.base import Destination
 from sync.destinations.http import CREDENTIALS_ACCEPTED, Call, raise_for_retry_or_auth
 from sync.errors import AuthError, DestinationError, FatalError, RetriableError
@@ -27,7 +21,6 @@ from sync.models import Outcome, Status, failed, rejected
 from sync.ratelimit import Interrupted, RateLimiter
 
 log = logging.getLogger(__name__)
-RETRY_AFTER_CAP = 60.0
 REASON_MAX = 300
 ANSWER_MAX = 1024 * 1024  # bytes of an answer read; the documented APIs answer with small JSON bodies
 UNREAD = ", not read"  # ends the note that stands for a body not read: it tells nothing about the refusal
@@ -101,13 +94,6 @@ class Sender:
             text = text.replace(secret, "***")
         return text[:REASON_MAX]
 
-    def _wait(self, state: RetryCallState) -> float:
-        error = state.outcome.exception() if state.outcome else None
-        if isinstance(error, RetriableError) and error.retry_after is not None:
-            return min(error.retry_after, RETRY_AFTER_CAP)
-        backoff = wait_random_exponential(multiplier=self.limits.backoff_initial, max=self.limits.backoff_max)
-        return float(backoff(state))
-
     def _sleep(self, seconds: float) -> None:
         """A retry's wait (backoff or Retry-After), ended by the process stopping."""
         metrics.RETRIES.labels(self.destination_id).inc()
@@ -140,12 +126,7 @@ class Sender:
             raise RetriableError(f"unreadable answer ({type(exc).__name__})") from None
         except ValueError as exc:  # a message JSON cannot carry; traits_json should have made it text
             raise FatalError(f"the message cannot be sent as JSON ({exc})") from None
-        try:
-            raise_for_retry_or_auth(response)
-        except RetriableError as exc:
-            if exc.retry_after is not None:
-                self.limiter.pause(min(exc.retry_after, RETRY_AFTER_CAP))
-            raise
+        raise_for_retry_or_auth(response, self.limiter)
         return response
 
     def _request(self, call: Call) -> httpx.Response:
@@ -208,12 +189,9 @@ class Sender:
             raise type(exc)(self.scrub(exc.reason, call), exc.status) from None
 
     def _retrying(self) -> Retrying:
-        return Retrying(
-            stop=stop_after_attempt(self.limits.max_attempts),
-            wait=self._wait,
-            retry=retry_if_exception_type(RetriableError),
-            sleep=self._sleep,
-            reraise=True,
+        limits = self.limits
+        return ratelimit.retrying(
+            limits.max_attempts, limits.backoff_initial, limits.backoff_max, self._sleep
         )
 
     def _send_one(self, call: Call) -> list[Outcome] | Call:

@@ -63,6 +63,9 @@ class Outcome:
     remote_code: str | None = None
     # a rejection by the destination's answer to the request, which may be about its settings, not the user
     refused: bool = False
+    # a rejection that refused nothing: what the change wanted already holds (an exit whose user has no
+    # affiliate to disable); recorded with its reason, but no sign of a broken configuration
+    nothing_to_do: bool = False
     noted: tuple[str, ...] = ()  # run counts (`Destination.count_notes`) this outcome adds one to
 
 
@@ -70,8 +73,8 @@ def accepted(change: Change, **extra: Any) -> Outcome:
     return Outcome(change, Status.ACCEPTED, **extra)
 
 
-def rejected(change: Change, reason: str, refused: bool = False) -> Outcome:
-    return Outcome(change, Status.REJECTED, reason, refused=refused)
+def rejected(change: Change, reason: str, refused: bool = False, nothing_to_do: bool = False) -> Outcome:
+    return Outcome(change, Status.REJECTED, reason, refused=refused, nothing_to_do=nothing_to_do)
 
 
 def failed(change: Change, reason: str) -> Outcome:

@@ -1,8 +1,20 @@
-"""Pacing the requests to one destination, and the stop that cuts short every wait."""
+"""Pacing the requests to one destination, retrying them, and the stop that cuts short every wait."""
 
 import threading
 import time
 from collections.abc import Callable
+
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+
+from sync.errors import RetriableError
+
+RETRY_AFTER_CAP = 60.0
 
 
 class Interrupted(Exception):
@@ -41,3 +53,24 @@ class RateLimiter:
         """Hold every sender back, as when the destination answered 429 with Retry-After."""
         with self.lock:
             self.next_slot = max(self.next_slot, self.clock() + seconds)
+
+
+def retrying(
+    attempts: int, backoff_initial: float, backoff_max: float, sleep: Callable[[float], None]
+) -> Retrying:
+    """Up to `attempts` tries of what raises RetriableError: the next after its Retry-After (at most
+    RETRY_AFTER_CAP), else after a random exponential backoff; the last error is raised."""
+
+    def wait(state: RetryCallState) -> float:
+        error = state.outcome.exception() if state.outcome else None
+        if isinstance(error, RetriableError) and error.retry_after is not None:
+            return min(error.retry_after, RETRY_AFTER_CAP)
+        return float(wait_random_exponential(multiplier=backoff_initial, max=backoff_max)(state))
+
+    return Retrying(
+        stop=stop_after_attempt(attempts),
+        wait=wait,
+        retry=retry_if_exception_type(RetriableError),
+        sleep=sleep,
+        reraise=True,
+    )

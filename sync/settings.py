@@ -1,9 +1,11 @@
 """Runtime settings: the only module that reads the environment."""
 
+import difflib
 import ipaddress
 import os
 import random
 import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from sync.errors import ConfigError
@@ -15,6 +17,13 @@ MAX_DAYS = 365  # longer is a typo; dates and timers past it overflow
 SHORTEST_CADENCE = 1.0  # shorter is a typo (`1ms`), and runs would follow each other without a pause
 SHORT_CADENCE = 60.0  # shorter is for tests and soaks: each run reads the whole audience
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# read by the test suite and the benchmarks (README.md, benchmarks/), not by the program
+DEVELOPER_SETTINGS = (
+    "SYNC_TEST_POSTGRES_URL",
+    "SYNC_TEST_MARIADB_URL",
+    "SYNC_BENCH_POSTGRES_URL",
+    "SYNC_BENCH_MARIADB_URL",
+)
 
 
 def parse_duration(text: str, name: str) -> float:
@@ -83,8 +92,7 @@ class Settings:
     reconcile_grace: float = 3600.0  # how long a postback may take to show in Everflow's report
 
     @classmethod
-    def from_env(cls) -> "Settings":
-        env = os.environ
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> "Settings":
         return cls(
             database_url=env.get("SYNC_DATABASE_URL") or "sqlite:///audience-sync.db",
             source_url=env.get("SYNC_SOURCE_URL") or None,
@@ -105,6 +113,42 @@ class Settings:
             repair_share=_share(env.get("SYNC_REPAIR_SHARE") or "10%", "SYNC_REPAIR_SHARE"),
             reconcile_grace=parse_duration(env.get("SYNC_RECONCILE_GRACE") or "1h", "SYNC_RECONCILE_GRACE"),
         )
+
+
+class _Asked(Mapping[str, str]):
+    """An empty environment that notes each name read from it."""
+
+    def __init__(self) -> None:
+        self.names: set[str] = set()
+
+    def __getitem__(self, name: str) -> str:
+        self.names.add(name)
+        raise KeyError(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
+def unknown_settings() -> list[str]:
+    """A line for each SYNC_* variable of the environment that looks like a misspelt setting (a typo is
+    ignored otherwise), with the name it is close to. The names read are those `Settings.from_env` asks for,
+    so a setting added there is known here. A name close to none is left alone: it may be a key or URL a
+    row names in api_key_env or url_env."""
+    asked = _Asked()
+    Settings.from_env(asked)
+    known = asked.names | set(DEVELOPER_SETTINGS)
+    lines = []
+    for name in sorted(n for n in os.environ if n.startswith("SYNC_") and n not in known):
+        # compared without the prefix they all share
+        close = difflib.get_close_matches(name[5:], sorted(k[5:] for k in known), n=1, cutoff=0.75)
+        if close:
+            lines.append(
+                f"{name} is set, but audience-sync reads no such setting; did you mean SYNC_{close[0]}?"
+            )
+    return lines
 
 
 def log_format_from_env() -> str:
@@ -165,6 +209,14 @@ def _choice(text: str, name: str, choices: tuple[str, ...]) -> str:
 def secret_from_env(variable: object, where: str, what: str) -> str:
     """The value of the environment variable that a row's `..._env` column (`where`: the row and the column)
     names, holding `what` ("the key", "the URL"), without the blanks around it (a newline from a file)."""
+    value = (os.environ.get(env_name(variable, where, what)) or "").strip()
+    if not value:
+        raise ConfigError(f"{where} names {variable!r}, which is not set or empty")
+    return value
+
+
+def env_name(variable: object, where: str, what: str) -> str:
+    """`variable`, checked to be an environment variable's name (not the secret itself, nor `$NAME`)."""
     if isinstance(variable, str) and variable.startswith("$") and ENV_NAME.fullmatch(variable[1:]):
         # not shown either: a secret may start with a $
         raise ConfigError(f"{where} starts with a $: drop it, the column holds the variable's name alone")
@@ -174,7 +226,4 @@ def secret_from_env(variable: object, where: str, what: str) -> str:
             f"{where} does not hold an environment variable name; put {what} itself in the environment, not "
             "in this column"
         )
-    value = (os.environ.get(variable) or "").strip()
-    if not value:
-        raise ConfigError(f"{where} names {variable!r}, which is not set or empty")
-    return value
+    return variable

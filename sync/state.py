@@ -148,6 +148,20 @@ def synced_key(conn: sa.Connection, audience_id: int, destination_id: int) -> st
     )
 
 
+def never_synced(conn: sa.Connection, audience_id: int, destination_id: int) -> bool:
+    """Whether a connection has never begun a sync: no key recorded for it and no state of its users."""
+    return not any(
+        conn.scalar(
+            sa.select(
+                sa.exists().where(
+                    table.c.audience_id == audience_id, table.c.destination_id == destination_id
+                )
+            )
+        )
+        for table in (sync_connections, sync_state)
+    )
+
+
 def initial_completed(conn: sa.Connection, audience_id: int, destination_id: int) -> bool:
     return (
         conn.scalar(
@@ -201,10 +215,14 @@ def record_run(conn: sa.Connection, run: dict[str, Any]) -> None:
 
 
 def last_run_times(conn: sa.Connection) -> dict[int, datetime]:
-    """When each audience last started a run (the daemon resumes its cadence from there)."""
+    """When each audience last started a run (the daemon resumes its cadence from there).
+
+    An `invalid` row is no run: nothing was staged or sent, so an audience whose row is fixed runs at the
+    next cycle, not a cadence after the problem was recorded. A `failed` row is a run that started (its
+    query or a destination failed), and the cadence counts from it as from any other."""
     last_start = (  # per audience, an index lookup; a GROUP BY would read the whole history each reload
         sa.select(sa.func.max(sync_runs.c.started_at))
-        .where(sync_runs.c.audience_id == audiences.c.id)
+        .where(sync_runs.c.audience_id == audiences.c.id, sync_runs.c.outcome != "invalid")
         .scalar_subquery()
     )
     rows = conn.execute(sa.select(audiences.c.id, last_start)).all()

@@ -60,8 +60,8 @@ def connection_status(conn: sa.Connection, settings: Settings) -> list[dict[str,
         problem = invalid.get(row.audience_id)
         entry["state"] = _state(entry, invalid=row.destination is None or problem is not None)
         entry["last_error"] = problem or entry["last_error"]
-        last_start = None if problem else starts.get(row.audience_id)
-        earliest, latest_ = _next_run(row, last_start, settings)
+        last_start = None if problem or not entry["enabled"] else starts.get(row.audience_id)
+        earliest, latest_ = _next_run(row.schedule, last_start, settings)
         entry["reconciled"] = verified.get((row.audience_id, row.destination_id), dict.fromkeys(VERIFIED, 0))
         rows.append({**entry, "next_run_earliest": earliest, "next_run_latest": latest_})
     return rows
@@ -133,13 +133,14 @@ def needs_attention(entry: dict[str, Any]) -> bool:
 
 
 def _next_run(
-    row: sa.Row[Any], last_start: datetime | None, settings: Settings
+    schedule: str | None, last_start: datetime | None, settings: Settings
 ) -> tuple[datetime | None, datetime | None]:
     """When the daemon runs the audience next: its cadence (a range) after the audience's last start.
-    None: at once when a daemon runs (never run), or never (disabled, or an invalid row: no last start)."""
-    if not row.audience_enabled or last_start is None:
+    None: at once when a daemon runs (never run), or never (the audience, the connection or the
+    destination disabled, or an invalid row: no last start)."""
+    if last_start is None:
         return None, None
-    cadence = _cadence(row.schedule, settings)
+    cadence = _cadence(schedule, settings)
     return last_start + timedelta(seconds=cadence.low), last_start + timedelta(seconds=cadence.high)
 
 

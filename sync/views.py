@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from rich.cells import cell_len
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
 
 from sync.check import Findings
@@ -37,14 +37,12 @@ def utc(moment: datetime | None) -> str:
 
 
 def table(title: str, headers: list[str], rows: list[list[str]], names: tuple[int, ...] = (0, 1)) -> None:
-    """On a terminal a Rich table that wraps other columns before the `names` columns; elsewhere
-    (a pipe, a file) plain space-aligned columns, one line per row, nothing cut, for grep, awk and cut."""
+    """On a terminal a Rich table that fits its width and breaks no name (the `names` columns) mid-word;
+    elsewhere (a pipe, a file) plain space-aligned columns, one line per row, nothing cut, for grep, awk
+    and cut."""
     if sys.stdout.isatty():
         console = Console(markup=False, emoji=False)  # names and errors are data, shown as is
-        named = sum(max(cell_len(line[i]) for line in [headers, *rows]) for i in names)
-        # each column takes 3 more for padding and border; below 4 wide the others cannot shrink further
-        fits = named + 4 * (len(headers) - len(names)) + 3 * len(headers) + 1 <= console.width
-        console.print(_rich_table(title, headers, rows, names if fits else ()))
+        console.print(_fitted(title, headers, rows, names, console.width))
         return
     lines = [[header.upper() for header in headers]] + [
         [CONTROL.sub(" ", cell) or "-" for cell in row] for row in rows
@@ -55,13 +53,43 @@ def table(title: str, headers: list[str], rows: list[list[str]], names: tuple[in
         print("   ".join(cells).rstrip())
 
 
-def _rich_table(title: str, headers: list[str], rows: list[list[str]], unwrapped: tuple[int, ...]) -> Table:
+def _fitted(
+    title: str, headers: list[str], rows: list[list[str]], names: tuple[int, ...], width: int
+) -> Table | Group:
+    """The table `width` wide: the names whole when they fit, else wrapped between words (the other
+    columns wrap first); when even their longest words leave the others too little room, a block per row."""
+    lines = [headers, *rows]
+    whole = {i: max(cell_len(line[i]) for line in lines) for i in names}
+    words = {i: max(cell_len(word) for line in lines for word in line[i].split() or [""]) for i in names}
+    # each column takes 3 more for padding and border; below 4 wide the others cannot shrink further
+    room = width - 3 * len(headers) - 1 - 4 * (len(headers) - len(names))
+    share = max(room // (2 * len(names)), 1) if names else 0  # wrapped names leave half the room to others
+    for name_widths in (whole, {i: max(words[i], min(whole[i], share)) for i in names}, words):
+        if sum(name_widths.values()) <= room:
+            return _rich_table(title, headers, rows, name_widths)
+    return _blocks(title, headers, rows)
+
+
+def _rich_table(title: str, headers: list[str], rows: list[list[str]], name_widths: dict[int, int]) -> Table:
     rich = Table(title=title)
     for i, header in enumerate(headers):
-        rich.add_column(header, no_wrap=i in unwrapped, overflow="fold")
+        rich.add_column(header, width=name_widths.get(i), overflow="fold")
     for row in rows:
         rich.add_row(*row)
     return rich
+
+
+def _blocks(title: str, headers: list[str], rows: list[list[str]]) -> Group:
+    """One block per row, a line per column (its header, then its value wrapped between words)."""
+    blocks: list[Table | str] = [title]
+    for row in rows:
+        grid = Table.grid(padding=(0, 2))
+        grid.add_column(no_wrap=True)
+        grid.add_column(overflow="fold")  # only a word wider than the terminal is cut
+        for header, cell in zip(headers, row, strict=True):
+            grid.add_row(header, cell or "-")
+        blocks += ["", grid]
+    return Group(*blocks)
 
 
 def summary(results: list[Any], dry_run: bool) -> None:

@@ -2,6 +2,7 @@
 
 import contextlib
 import dataclasses
+import fnmatch
 import json
 import logging
 import os
@@ -11,6 +12,8 @@ import signal
 import subprocess
 import sys
 import threading
+import tomllib
+import zipfile
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,6 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 import sqlalchemy as sa
+import yaml
 from prometheus_client import REGISTRY
 
 from sync import metrics
@@ -401,39 +405,69 @@ def test_every_metric_the_alert_rules_and_the_dashboard_use_is_exported_by_a_run
         assert names <= samples, (title, names - samples)
 
 
-def test_the_compose_file_parses(tmp_path: Path) -> None:
+def test_the_compose_file_parses_builds_both_services_and_keeps_the_password_out_of_urls(
+    tmp_path: Path,
+) -> None:
     """The docker client parses it (no Docker daemon runs here: the images are never built or started)."""
     command = _compose()
     (tmp_path / "deploy").mkdir()
     compose = tmp_path / "deploy" / "compose.yaml"
     shutil.copy(DEPLOY / "compose.yaml", compose)
     shutil.copy(DEPLOY / "audience-sync.env.example", tmp_path / "deploy" / "audience-sync.env")
-    env = {**os.environ, "POSTGRES_PASSWORD": "example"}
-    done = subprocess.run(
-        [*command, "-f", str(compose), "config"], env=env, capture_output=True, text=True, timeout=60
-    )
+    password = tmp_path / "deploy" / "postgres.env"
+    password.write_text((DEPLOY / "postgres.env.example").read_text().replace("change-me", "s3cret-pw"))
+    config = [*command, "--env-file", str(password), "-f", str(compose), "config"]
+    done = subprocess.run(config, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert "command:\n    - db\n    - upgrade" in done.stdout  # the migration is a service of its own
-    assert "condition: service_completed_successfully" in done.stdout  # the daemon waits for it
+    services = yaml.safe_load(done.stdout)["services"]
+    assert services["migrate"]["command"] == ["db", "upgrade"]  # the migration is a service of its own
+    assert services["daemon"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    for name in ("migrate", "daemon"):
+        assert services[name]["build"]["dockerfile"] == "deploy/Dockerfile", name  # `up` builds what it runs
+        environment = services[name]["environment"]
+        assert environment["SYNC_DATABASE_URL"] == "postgresql://audience_sync@postgres:5432/audience_sync"
+        assert environment["PGPASSWORD"] == "s3cret-pw", name  # libpq's: no URL holds it
+    assert services["postgres"]["environment"]["POSTGRES_PASSWORD"] == "s3cret-pw"
+    assert not re.search(r"://[^\s@]*s3cret-pw", done.stdout)
+    # a configuration problem (exit 2) stops `migrate`, which nothing restarts, and the daemon waits for it
+    assert "restart" not in services["migrate"]
+    assert services["daemon"]["restart"] == "unless-stopped"
+    settings = [dict(services[name]["environment"], SYNC_METRICS_PORT="") for name in ("migrate", "daemon")]
+    assert settings[0] == settings[1]  # what `migrate` accepts, the daemon starts with
     unset = subprocess.run(
         [*command, "-f", str(compose), "config"], capture_output=True, text=True, timeout=60
     )
-    assert unset.returncode != 0 and "set POSTGRES_PASSWORD" in unset.stderr
+    assert unset.returncode != 0 and "set POSTGRES_PASSWORD in deploy/postgres.env" in unset.stderr
 
 
-def test_the_systemd_unit_verifies(tmp_path: Path) -> None:
-    """`systemd-analyze verify` reads it (systemd does not run here: the unit is never started)."""
+def test_db_upgrade_reads_every_setting_so_compose_stops_a_bad_one_before_the_daemon(tmp_path: Path) -> None:
+    """compose's `migrate` gates the daemon: a setting the daemon would refuse (exit 2, then a restart loop
+    under its restart policy) is refused by `db upgrade` first, before anything is created."""
+    state = tmp_path / "state.db"
+    done = run_cli(f"sqlite:///{state}", "db", "upgrade", env={"SYNC_INTERVAL": "every few hours"})
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "audience-sync: SYNC_INTERVAL: 'every few hours' is not a duration (use e.g. 90s, 15m, 2h or 1h30m)"
+    ]
+    assert not state.exists()
+
+
+def test_the_systemd_unit_verifies_as_shipped_and_rates_ok() -> None:
+    """`systemd-analyze` reads it (systemd does not run here: the unit is never started)."""
     analyze = _tool("systemd-analyze")
-    unit = tmp_path / "audience-sync.service"
-    command = str(Path(sys.executable).parent / "audience-sync")  # it checks that ExecStart exists
-    unit.write_text(
-        (DEPLOY / "audience-sync.service")
-        .read_text()
-        .replace("/opt/audience-sync/bin/audience-sync", command)
-    )
+    unit = DEPLOY / "audience-sync.service"
     done = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stderr) == (0, "")
     assert "EnvironmentFile=/etc/audience-sync/audience-sync.env" in unit.read_text()
+    security = subprocess.run(
+        [analyze, "security", "--offline=true", "--no-pager", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    exposure = re.search(r"Overall exposure level for audience-sync.service: ([\d.]+) (\w+)", security.stdout)
+    assert exposure, security.stdout + security.stderr
+    assert exposure[2] in ("OK", "SAFE"), exposure[0]
 
 
 def test_the_dockerfile_runs_as_a_user_and_copies_what_the_package_needs() -> None:
@@ -444,9 +478,122 @@ def test_the_dockerfile_runs_as_a_user_and_copies_what_the_package_needs() -> No
     users = [words[1] for words in lines if words[0] == "USER"]
     assert users and users[-1].split(":")[0] not in ("0", "root")
     copied = {name for words in lines if words[0] == "COPY" for name in words[1:-1]}
-    assert copied == {"pyproject.toml", "README.md", "alembic.ini", "sync", "migrations"}
+    assert copied == {"deploy/requirements.lock", "pyproject.toml", "README.md", "sync", "migrations"}
     assert all((DEPLOY.parent / name).exists() for name in copied)
+    assert ["RUN", "pip", "install", "--require-hashes", "-r", "requirements.lock"] in lines
+    assert ["RUN", "pip", "install", "--no-deps", ".", "&&", "rm", "-rf", "/src"] in lines
     assert lines[-2:] == [
         ["ENTRYPOINT", '["audience-sync"]'],
         ["CMD", '["daemon"]'],
     ]  # `db upgrade`: its own run
+
+
+def test_the_build_context_holds_what_the_dockerfile_copies_and_nothing_local() -> None:
+    """.dockerignore, read as Docker reads it (in order, the last match wins, `!` takes back, a directory
+    matched takes its contents), over this checkout: its venv, caches and any state file stay out."""
+    root = DEPLOY.parent
+    patterns = [
+        line.strip()
+        for line in (root / ".dockerignore").read_text().splitlines()
+        if line.strip()[:1] not in "#"
+    ]
+
+    def ignored(path: str) -> bool:
+        verdict = False
+        for pattern in patterns:
+            keep = pattern.startswith("!")
+            pattern = pattern.removeprefix("!").rstrip("/")
+            parts = path.split("/")
+            if any(fnmatch.fnmatchcase("/".join(parts[:n]), pattern) for n in range(1, len(parts) + 1)):
+                verdict = not keep
+        return verdict
+
+    (root / "context-check.db").write_text("a state file left in the checkout")
+    try:
+        context = {
+            str(path.relative_to(root))
+            for path in root.rglob("*")
+            if path.is_file() and not ignored(str(path.relative_to(root)))
+        }
+    finally:
+        (root / "context-check.db").unlink()
+    assert {"pyproject.toml", "README.md", "deploy/requirements.lock", "sync/cli.py"} <= context
+    assert any(name.startswith("migrations/versions/") for name in context)
+    assert not [
+        name
+        for name in context
+        if name.split("/")[0] not in ("sync", "migrations", "deploy")
+        and name not in ("pyproject.toml", "README.md")
+    ]
+    assert not [name for name in context if name.endswith((".db", ".pyc"))]
+
+
+def test_the_lock_file_pins_every_dependency_of_pyproject_toml_with_hashes() -> None:
+    """`make lock` writes deploy/requirements.lock from pyproject.toml; a dependency added or narrowed without
+    running it fails here (the image would install something else than the package asks for)."""
+    from packaging.requirements import Requirement
+
+    pins: dict[str, str] = {}  # name: version
+    hashes: dict[str, int] = {}
+    for line in (DEPLOY / "requirements.lock").read_text().splitlines():
+        if line[:1].isalnum():
+            name, _, version = line.split(" ")[0].partition("==")
+            name = name.lower().replace("_", "-")
+            pins[name], hashes[name] = version, 0
+        elif "--hash=sha256:" in line:
+            hashes[name] += 1
+    project = tomllib.loads((DEPLOY.parent / "pyproject.toml").read_text())["project"]
+    for text in project["dependencies"]:
+        requirement = Requirement(text)
+        name = requirement.name.lower().replace("_", "-")
+        assert name in pins, f"{name} is not in deploy/requirements.lock: run `make lock`"
+        assert requirement.specifier.contains(pins[name]), (
+            f"{name}=={pins[name]} is not {requirement}: make lock"
+        )
+    assert pins and all(hashes.values()), hashes
+
+
+def test_db_upgrade_runs_from_the_installed_package_without_the_source_tree(tmp_path: Path) -> None:
+    """What the image does: the package built as a wheel and unpacked elsewhere (no alembic.ini, no migrations
+    directory beside it); `db upgrade` then `db current` in an empty directory."""
+    wheels = tmp_path / "wheels"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(wheels),
+            ".",
+        ],
+        cwd=DEPLOY.parent,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    installed = tmp_path / "site"
+    with zipfile.ZipFile(next(wheels.glob("audience_sync-*.whl"))) as wheel:
+        wheel.extractall(installed)
+    data = tmp_path / "data"
+    data.mkdir()
+    command = (
+        f"import sys; sys.path.insert(0, {str(installed)!r}); import sync, sync.cli; "
+        f"assert sync.__file__.startswith({str(installed)!r}), sync.__file__; sys.exit(sync.cli.main())"
+    )
+    env = {**os.environ, "SYNC_DATABASE_URL": f"sqlite:///{data / 'state.db'}"}
+    for args in (["db", "upgrade"], ["db", "current"]):
+        done = subprocess.run(
+            [sys.executable, "-c", command, *args],
+            cwd=data,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+    assert "(head)" in done.stdout, done.stdout
+    assert sorted(path.name for path in data.iterdir()) == ["state.db"]

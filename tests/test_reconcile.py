@@ -3,11 +3,7 @@ queued for the next run; what explain, status, runs and the JSON show."""
 
 import json
 import signal
-import sys
-import types
-from collections.abc import Iterable, Iterator
-from datetime import datetime, timedelta
-from typing import Any, NamedTuple
+from typing import Any
 
 import httpx
 import pytest
@@ -24,8 +20,12 @@ from tests.conftest import Config, Customers, free_port, run_cli, start_cli, syn
 KEY = "pub.sec"
 
 
-def reconcile_in_process(engine: sa.Engine, *servers: sandbox.FakeServer, **options: Any) -> list[Found]:
-    settings = Settings(str(engine.url), None, Cadence(7200, 10800), 60.0, 600.0)
+def reconcile_in_process(
+    engine: sa.Engine, *servers: sandbox.FakeServer, reconcile_grace: float = 3600.0, **options: Any
+) -> list[Found]:
+    settings = Settings(
+        str(engine.url), None, Cadence(7200, 10800), 60.0, 600.0, reconcile_grace=reconcile_grace
+    )
     reconciler = Reconciler(engine, settings, transport=sandbox.transport(*servers))
     try:
         return reconciler.run(Options(**options))
@@ -158,54 +158,23 @@ def test_a_refused_key_cannot_verify(engine: sa.Engine, config: Config, customer
         assert "sec" not in (found.reason or "").replace("secret", "")
 
 
-# Everflow: the conversion report reader is sync.destinations.everflow_reports (another branch); a double
-# stands in for it here, answering as its interface says.
+# Everflow: the conversion report, read by sync.destinations.everflow_reports from the sandbox's Network API.
 
 
-class Sent(NamedTuple):
-    user_id: str
-    transaction_id: str
-    adv_event_id: str | None
-    accepted_at: datetime
-
-
-class Verdict(NamedTuple):
-    user_id: str
-    outcome: str
-    at: datetime | None
-    error_code: int | None
-    reason: str | None
-
-
-class CannotVerify(Exception):
-    pass
-
-
-@pytest.fixture
-def reports(monkeypatch: pytest.MonkeyPatch) -> types.SimpleNamespace:
-    """A stand-in reader: `verdicts` by transaction id; `sent` collects what it was handed."""
-    double = types.SimpleNamespace(verdicts={}, sent=[], refuse=None)
-
-    def verify(
-        destination: Any, sent: Iterable[Sent], *, now: datetime, grace: timedelta
-    ) -> Iterator[Verdict]:
-        if double.refuse:
-            raise CannotVerify(double.refuse)
-        for one in sent:
-            double.sent.append(one)
-            outcome, code, reason = double.verdicts.get(one.transaction_id, ("confirmed", None, None))
-            yield Verdict(one.user_id, outcome, now if outcome != "not_found" else None, code, reason)
-
-    module = types.ModuleType("sync.destinations.everflow_reports")
-    module.__dict__.update(
-        Sent=Sent,
-        Verdict=Verdict,
-        CannotVerify=CannotVerify,
-        verify=verify,
-        reporting_configured=lambda d: None,
+def everflow_connection(config: Config, everflow: EverflowServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EVERFLOW_REPORTING_KEY", everflow.reports.api_key)
+    destination = config.destination(
+        "Everflow",
+        "everflow",
+        {
+            "tracking_domain": everflow.url,
+            "network_id": "1",
+            "event_mapping": {"Audience Entered": 5},
+            "reporting_api_key_env": "EVERFLOW_REPORTING_KEY",
+            "reporting_api_base": everflow.url + "/v1",
+        },
     )
-    monkeypatch.setitem(sys.modules, "sync.destinations.everflow_reports", module)
-    return double
+    config.connect(config.audience("VIP", Customers.QUERY), destination)
 
 
 def explained(engine: sa.Engine, user_id: str) -> str:
@@ -215,55 +184,61 @@ def explained(engine: sa.Engine, user_id: str) -> str:
     return views._reconciled(entry)
 
 
-def test_everflow_verdicts_are_kept_and_only_a_conversion_not_found_is_sent_again(
-    engine: sa.Engine, config: Config, customers: Customers, reports: types.SimpleNamespace
+def test_everflow_a_duplicate_is_reported_never_resent_and_a_dropped_conversion_is_sent_again(
+    engine: sa.Engine, config: Config, customers: Customers, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with EverflowServer() as everflow:
-        destination = config.destination(
-            "Everflow",
-            "everflow",
-            {"tracking_domain": everflow.url, "network_id": "1", "event_mapping": {"Audience Entered": 5}},
-        )
-        config.connect(config.audience("VIP", Customers.QUERY), destination)
+    with EverflowServer(events={"5": "Audience Entered"}) as everflow:  # the event's name in Everflow
+        everflow_connection(config, everflow, monkeypatch)
         customers.add(*(f"u{i}" for i in range(20)))
         sync_in_process(engine, everflow)
-        duplicate = "error 8: duplicate conversion; allow duplicates on the event to take a re-entry"
-        reports.verdicts = {"tid-u1": ("rejected", 8, duplicate), "tid-u2": ("not_found", None, "not found")}
+        customers.move("u1", segment="gone")  # u1 leaves (Exited is not mapped) and comes back: a duplicate
+        sync_in_process(engine, everflow)
+        customers.move("u1", segment="vip")
+        sync_in_process(engine, everflow)
+        [first, duplicate] = [c for c in everflow.reports.conversions if c.transaction_id == "tid-u1"]
+        assert duplicate.error_code == 8
+        first.at -= 3 * 3600  # u1 first entered hours before the re-entry, as in life
+        # Everflow never recorded u2's conversion: gone from the report, and not there to be duplicated
+        assert everflow.drop_conversions("tid-u2") == 1
+        del everflow.conversions[("tid-u2", "5")]
+        before = len(everflow.requests)
 
-        [found] = reconcile_in_process(engine, everflow, repair=True)
+        [found] = reconcile_in_process(engine, everflow, repair=True, reconcile_grace=0.0)
 
-        assert {(s.transaction_id, s.adv_event_id) for s in reports.sent} == {
-            (f"tid-u{i}", "5") for i in range(20)
-        }
+        assert {r.path for r in everflow.requests[before:]} <= {
+            "/v1/networks/reporting/conversions",
+            "/v1/networks/reporting/events/tid-u2",
+        }  # reads only
         assert (found.counts["confirmed"], found.counts["rejected"], found.counts["not_found"]) == (18, 1, 1)
-        assert found.repairs == 1
-        assert state(engine, "u1").reconciled_reason == duplicate
-        assert explained(engine, "u1") == f"Everflow rejected it: {duplicate}"
+        by_user = {u["user_id"]: u for u in found.users}
+        assert by_user["u1"]["outcome"] == "rejected" and "8" in by_user["u1"]["reason"]
+        assert found.repairs == 1  # u2 only: a rejected conversion is never sent again
+        assert explained(engine, "u1").startswith("Everflow rejected it: ")
         assert explained(engine, "u3").startswith("confirmed by Everflow's report at ")
         sync_in_process(engine, everflow)
 
         assert everflow.accepted[("tid-u2", "5")] == 2  # sent again
-        assert everflow.accepted[("tid-u1", "5")] == 1  # a rejected one never is
-        reports.verdicts = {"tid-u1": ("rejected", 8, duplicate)}
-        [again] = reconcile_in_process(engine, everflow)
-        assert (again.counts["confirmed"], again.counts["not_found"]) == (19, 0)
+        assert everflow.accepted[("tid-u1", "5")] == 2  # the entry and the re-entry: not a third time
+        [again] = reconcile_in_process(engine, everflow, reconcile_grace=0.0)
+        assert (again.counts["confirmed"], again.counts["rejected"], again.counts["not_found"]) == (19, 1, 0)
 
 
-def test_everflow_cannot_verify_says_why(
-    engine: sa.Engine, config: Config, customers: Customers, reports: types.SimpleNamespace
+def test_everflow_without_a_reporting_key_or_with_a_wrong_one_cannot_verify(
+    engine: sa.Engine, config: Config, customers: Customers, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with EverflowServer() as everflow:
-        destination = config.destination(
-            "Everflow", "everflow", {"tracking_domain": everflow.url, "network_id": "1", "event_mapping": {}}
-        )
-        config.connect(config.audience("VIP", Customers.QUERY), destination)
+    with EverflowServer(events={"5": "Audience Entered"}) as everflow:  # the event's name in Everflow
+        everflow_connection(config, everflow, monkeypatch)
         customers.add("u1")
         sync_in_process(engine, everflow)
-        reports.refuse = "the reporting key was refused (HTTP 401)"
+        monkeypatch.setenv("EVERFLOW_REPORTING_KEY", "wrong")
 
-        [found] = reconcile_in_process(engine, everflow)
+        [refused] = reconcile_in_process(engine, everflow)
+        monkeypatch.delenv("EVERFLOW_REPORTING_KEY")
+        [unset] = reconcile_in_process(engine, everflow)
 
-        assert found.reason == "the reporting key was refused (HTTP 401)"
+        assert not refused.verifiable and "refused" in (refused.reason or "")
+        assert "wrong" not in (refused.reason or "")
+        assert not unset.verifiable and "EVERFLOW_REPORTING_KEY" in (unset.reason or "")
 
 
 # The command, as an operator runs it.

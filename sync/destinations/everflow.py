@@ -12,6 +12,7 @@ from sync.destinations.base import Destination
 from sync.destinations.http import Call, base_url, read_accepting
 from sync.errors import ConfigError, Problems
 from sync.models import Change, Outcome, Status
+from sync.settings import env_name, secret_from_env
 
 # The optional postback parameters a member's traits may fill (Everflow's advertiser postback macros)
 PARAMS = frozenset({"amount", "order_id", "coupon_code", "email", *(f"adv{i}" for i in range(1, 6))})
@@ -27,6 +28,8 @@ SEGMENT_PROPERTIES = {
 # An event mapped to this id is the base conversion, whose postback carries no adv_event_id (Everflow's
 # advertiser postback docs; "Base Conversion" in Segment's Everflow event mapping)
 BASE_CONVERSION = "0"
+# REFERENCE.md (Everflow, REST API): the Network API's base
+REPORTING_API_BASE = "https://api.eflow.team/v1"
 
 
 class Everflow(Destination):
@@ -36,7 +39,16 @@ class Everflow(Destination):
     segment_deletes = False
     no_deletion = "Everflow keeps no profile to delete: it records conversions only"
     settings_fields = frozenset(
-        {"tracking_domain", "network_id", "verification_token", "event_mapping", "aid", "params"}
+        {
+            "tracking_domain",
+            "network_id",
+            "verification_token",
+            "event_mapping",
+            "aid",
+            "params",
+            "reporting_api_key_env",
+            "reporting_api_base",
+        }
     )
     default_rate_limit = 20.0
 
@@ -48,8 +60,14 @@ class Everflow(Destination):
             problems.add(f"{self.where}: settings.event_mapping must map event names to advertiser event ids")
         with problems.gather():
             self.params = self._params()
+        # why reconcile cannot read Everflow's reports (None: it can, with this key from this variable)
+        self.unverifiable: str | None = "the Segment transport has no read API to verify postbacks with"
+        self.reporting_key_env: str | None = None
+        self.reporting_api_key: str | None = None
+        self.reporting_api_base = REPORTING_API_BASE
         if native:
             self._postback_settings(problems)
+            self._reporting_settings(problems)
 
     def catalog_settings(self, api_key: str) -> dict[str, Any]:
         # segment-docs src/_data/catalog/destinations.yml, Everflow: apiKey (string) and eventMapping (a
@@ -87,6 +105,34 @@ class Everflow(Destination):
         if not isinstance(self.verification_token, str | None):
             problems.add(f"{self.where}: settings.verification_token must be text")
 
+    def _reporting_settings(self, problems: Problems) -> None:
+        """The Network API key that lets reconcile read Everflow's conversion report, and where that API is.
+
+        A malformed setting is a problem of the row; a variable that is not set only keeps reconcile from
+        verifying (a warning for `check`): postbacks need no key.
+        """
+        with problems.gather():
+            self.reporting_api_base = base_url(
+                self.settings.get("reporting_api_base") or REPORTING_API_BASE,
+                f"{self.where}: settings.reporting_api_base",
+            )
+        variable = self.settings.get("reporting_api_key_env")
+        if variable in (None, ""):
+            self.unverifiable = (
+                "no reporting key: settings.reporting_api_key_env names no environment variable holding an "
+                "Everflow Network API key"
+            )
+            return
+        where = f"{self.where}: settings.reporting_api_key_env"
+        with problems.gather():
+            self.reporting_key_env = env_name(variable, where, "the Network API key")
+            try:
+                self.reporting_api_key = secret_from_env(variable, where, "the Network API key")
+                self.unverifiable = None
+            except ConfigError as exc:
+                self.unverifiable = f"{exc}: reconcile cannot read Everflow's reports"
+                self.warnings.append(f"{self.unverifiable} (postbacks need no key)")
+
     def _id_setting(self, name: str) -> str | None:
         """A whole number or text; None when left out."""
         value = self.settings.get(name)
@@ -114,7 +160,8 @@ class Everflow(Destination):
 
     def secrets(self) -> list[str]:
         token = self.settings.get("verification_token")
-        return super().secrets() + ([str(token)] if token else [])
+        reporting = [self.reporting_api_key] if self.reporting_api_key else []
+        return super().secrets() + ([str(token)] if token else []) + reporting
 
     def probe_native(self) -> str:
         # REFERENCE.md (Everflow): a postback answers 200 even when Everflow rejects the conversion; an

@@ -12,6 +12,7 @@ import httpx
 
 from sync.errors import AuthError, ConfigError, FatalError, RetriableError
 from sync.models import Change, Outcome, accepted
+from sync.ratelimit import RETRY_AFTER_CAP, RateLimiter
 
 LOOPBACK = {"localhost", "127.0.0.1", "::1"}
 CREDENTIALS_ACCEPTED = "credentials accepted"
@@ -82,8 +83,9 @@ def error_text(response: httpx.Response) -> str:
     return f"HTTP {response.status_code}" + (f": {reason}" if reason else "")
 
 
-def raise_for_retry_or_auth(response: httpx.Response) -> None:
-    """Raise for the answers that are about the request, not about the changes in it."""
+def raise_for_retry_or_auth(response: httpx.Response, limiter: RateLimiter) -> None:
+    """Raise for the answers that are about the request, not about the changes in it; a Retry-After holds
+    back every request `limiter` paces (at most RETRY_AFTER_CAP seconds)."""
     status = response.status_code
     if status in (401, 403):
         raise AuthError(f"credentials refused ({error_text(response)})", status)
@@ -91,7 +93,10 @@ def raise_for_retry_or_auth(response: httpx.Response) -> None:
         moved = response.headers.get("Location", "nowhere given")
         raise AuthError(f"the destination answered {status}, a redirect to {moved}: fix the URL in settings")
     if status in (408, 429) or (status >= 500 and status != 501):
-        raise RetriableError(error_text(response), status, _retry_after(response))
+        retry_after = _retry_after(response)
+        if retry_after is not None:
+            limiter.pause(min(retry_after, RETRY_AFTER_CAP))
+        raise RetriableError(error_text(response), status, retry_after)
 
 
 def _retry_after(response: httpx.Response) -> float | None:

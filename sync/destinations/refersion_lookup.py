@@ -34,13 +34,17 @@ def find(post: Post, change: Change, then: Then) -> list[Outcome] | Call:
 def search(post: Post, change: Change, email: str, then: Then, page: int = 1, seen: int = 0) -> Call:
     """Page through /affiliate/search for the affiliate whose email is exactly `email` (any case)."""
 
-    # an exit whose user has no affiliate is done: there is nothing to disable (noted as its rejection)
+    # an exit whose user has no affiliate is done: there is nothing to disable (noted as its rejection,
+    # which refused nothing: it does not make the run `rejected`)
     absent = f"no Refersion affiliate has exactly the email {email!r}"
     absent += "" if change.value else ": nothing to disable"
 
+    def not_found() -> list[Outcome]:
+        return [rejected(change, absent, nothing_to_do=not change.value)]
+
     def read(call: Call, response: httpx.Response) -> list[Outcome] | Call:
         if no_match(response):
-            return [rejected(change, absent)]
+            return not_found()
         if response.status_code == 204 or not response.is_success:  # 204: an invalid field
             raise FatalError(
                 f"searching the affiliate by email: {error_text(response)}", response.status_code
@@ -54,7 +58,7 @@ def search(post: Post, change: Change, email: str, then: Then, page: int = 1, se
                 return get(post, change, str(result.get("id")), then)
         if results and isinstance(total, int) and seen + len(results) < total:
             return search(post, change, email, then, page + 1, seen + len(results))
-        return [rejected(change, absent)]
+        return not_found()
 
     return post(change, "search", {"keyword": email, "page": str(page)}, read)
 

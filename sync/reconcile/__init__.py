@@ -108,6 +108,7 @@ class Reconciler:
         self.settings = settings
         self.own_senders = senders is None
         self.senders = senders or Senders(threading.Event(), transport)
+        self.transport = self.senders.transport  # Everflow's reports are read with a client of their own
         self.now = now
 
     def close(self) -> None:
@@ -189,7 +190,8 @@ class Reconciler:
         if one.reason:
             return
         grace = timedelta(seconds=self.settings.reconcile_grace)
-        findings = everflow.findings(conn, _ids(one), destination, link, self.now(), grace)
+        reading = {"transport": self.transport, "stopping": self.senders.stopping}
+        findings = everflow.findings(conn, _ids(one), destination, link, self.now(), grace, **reading)
         try:
             self._keep(conn, one, findings, options)
         except store.Unreadable as exc:

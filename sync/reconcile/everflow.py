@@ -5,41 +5,27 @@ conversion report (a Network API key, `settings.reporting_api_key_env`) and answ
 A postback's 200 means received: only that report says whether Everflow recorded the conversion.
 """
 
-import importlib
 from collections.abc import Iterator
 from datetime import datetime, timedelta
-from types import ModuleType
 from typing import Any
 
 import sqlalchemy as sa
 
 from sync.connections import Link
+from sync.destinations import everflow_reports as reader
 from sync.destinations.everflow import Everflow
 from sync.models import Change
+from sync.ratelimit import Interrupted
 from sync.reconcile.store import CONFIRMED, NOT_FOUND, REJECTED, Finding, Unreadable, settled_pages
 from sync.tables import sync_state
 
-REPORTS = "sync.destinations.everflow_reports"
-VERDICTS = {"confirmed": CONFIRMED, "rejected": REJECTED, "not_found": NOT_FOUND, "pending": None}
-
-
-def reports() -> ModuleType | str:
-    """The reader of Everflow's reports, or why there is none in this build."""
-    try:
-        return importlib.import_module(REPORTS)
-    except ModuleNotFoundError as exc:
-        if exc.name != REPORTS:
-            raise
-        return "this build of audience-sync cannot read Everflow's reports (no everflow_reports module)"
+# the reader's outcomes as stored; None: not known yet (inside the grace period, older than the report)
+VERDICTS = {reader.CONFIRMED: CONFIRMED, reader.REJECTED: REJECTED, reader.NOT_FOUND: NOT_FOUND}
 
 
 def cannot_verify(destination: Everflow) -> str | None:
     """Why the destination's postbacks cannot be checked, or None when its reporting key is configured."""
-    reader = reports()
-    if isinstance(reader, str):
-        return reader
-    reason: str | None = reader.reporting_configured(destination)
-    return reason
+    return reader.reporting_configured(destination)
 
 
 def findings(
@@ -49,14 +35,14 @@ def findings(
     link: Link,
     now: datetime,
     grace: timedelta,
+    **reading: Any,
 ) -> Iterator[Finding]:
     """A finding per settled user: Everflow's verdict on the postback of their last accepted change, or why
-    there is none to look up. Raises Unreadable when the report cannot be read."""
-    reader = reports()
-    assert not isinstance(reader, str), reader  # cannot_verify() said so before
+    there is none to look up; `reading` goes to the reader (its transport, the event that stops it). Raises
+    Unreadable when the report cannot be read."""
     unsent: list[Finding] = []
 
-    def sent() -> Iterator[Any]:
+    def sent() -> Iterator[reader.Sent]:
         columns = (sync_state.c.member, sync_state.c.traits, sync_state.c.changes, sync_state.c.accepted_at)
         for page in settled_pages(conn, ids, *columns):
             for row in page:
@@ -71,11 +57,13 @@ def findings(
                     yield reader.Sent(row.user_id, params["transaction_id"], event, row.accepted_at)
 
     try:
-        for verdict in reader.verify(destination, sent(), now=now, grace=grace):
-            outcome = VERDICTS[verdict.outcome]
+        for verdict in reader.verify(destination, sent(), now=now, grace=grace, **reading):
+            outcome = VERDICTS.get(verdict.outcome)
             reason = verdict.reason or ("inside the grace period" if outcome is None else None)
             repair = "re-send the postback" if outcome == NOT_FOUND else None
             yield Finding(verdict.user_id, outcome, reason, verdict.at, repair)
     except reader.CannotVerify as exc:
         raise Unreadable(str(exc)) from None
+    except Interrupted:
+        raise Unreadable("interrupted by shutdown") from None
     yield from unsent

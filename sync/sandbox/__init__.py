@@ -4,9 +4,11 @@ same request handling also answers in process, as an `httpx.MockTransport` (`tra
 Each server records every request, counts what it accepted, and can be made to misbehave: canned responses
 (`fault`, its body sent slowly if asked), dropped connections (`reset_connection`), requests accepted but
 answered too late or not at all (`accept_then`), a share of 503s (`fail_ratio`), latency (`delay`) and a
-token-bucket rate limit answering 429 (`rate_limit`). They emulate only what the platforms' published
-documentation (gathered in REFERENCE.md) and section 6 of DESIGN.md state, each fact commented with its
-source; what those leave open is kept plain and marked "not documented; chosen here".
+token-bucket rate limit answering 429 (`rate_limit`). Everflow's also keeps the conversions its postbacks
+leave, served by the Network API's conversion report and events endpoints (`everflow_reports.py`). They
+emulate only what the platforms' published documentation (gathered in REFERENCE.md) and section 6 of DESIGN.md
+state, each fact commented with its source; what those leave open is kept plain and marked "not documented;
+chosen here".
 """
 
 from sync.sandbox.everflow import EverflowServer
