@@ -565,7 +565,6 @@ def test_db_upgrade_runs_from_the_installed_package_without_the_source_tree(tmp_
             "wheel",
             "-q",
             "--no-deps",
-            "--no-build-isolation",
             "-w",
             str(wheels),
             ".",
