@@ -3,6 +3,7 @@ queued for the next run; what explain, status, runs and the JSON show."""
 
 import json
 import signal
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -11,10 +12,11 @@ import sqlalchemy as sa
 
 from sync import sandbox, views
 from sync.explain import explain_user
-from sync.reconcile import Found, Options, Reconciler
+from sync.reconcile import Found, Options, Reconciler, store
 from sync.sandbox import EverflowServer, RefersionServer
 from sync.settings import Cadence, Settings
 from sync.sources import Sources
+from sync.tables import sync_state
 from tests.conftest import Config, Customers, free_port, run_cli, start_cli, sync_in_process, wait_for
 
 KEY = "pub.sec"
@@ -221,6 +223,35 @@ def test_everflow_a_duplicate_is_reported_never_resent_and_a_dropped_conversion_
         assert everflow.accepted[("tid-u1", "5")] == 2  # the entry and the re-entry: not a third time
         [again] = reconcile_in_process(engine, everflow, reconcile_grace=0.0)
         assert (again.counts["confirmed"], again.counts["rejected"], again.counts["not_found"]) == (19, 1, 0)
+
+
+def test_everflow_sends_are_read_in_the_order_they_were_accepted_one_report_per_run_of_sends(
+    engine: sa.Engine, config: Config, customers: Customers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Users accepted by two runs hours apart, their ids interleaved: read by user id, each one would start
+    a window of its own (a report request each, against the network's shared quota); read by time, two
+    reports, across state pages whose keyset falls between users accepted at the same moment."""
+    monkeypatch.setattr(store, "PAGE", 5)
+    with EverflowServer(events={"5": "Audience Entered"}) as everflow:
+        everflow_connection(config, everflow, monkeypatch)
+        customers.add(*(f"u{i:02}" for i in range(12)))
+        sync_in_process(engine, everflow)
+        runs = [datetime.now(UTC) - timedelta(hours=8), datetime.now(UTC) - timedelta(hours=2)]
+        accepted = {f"u{i:02}": runs[i % 2] + timedelta(seconds=i // 4) for i in range(12)}
+        with engine.begin() as conn:
+            for user_id, at in accepted.items():
+                conn.execute(
+                    sa.update(sync_state).where(sync_state.c.user_id == user_id), {"accepted_at": at}
+                )
+        for conversion in everflow.reports.conversions:
+            conversion.at = accepted[conversion.transaction_id.removeprefix("tid-")].timestamp()
+        before = len(everflow.requests)
+
+        [found] = reconcile_in_process(engine, everflow)
+
+        assert found.counts["confirmed"] == 12, found.users
+        asked = [r.path for r in everflow.requests[before:] if r.path.startswith("/v1/")]
+        assert asked == ["/v1/networks/reporting/conversions"] * 2, asked
 
 
 def test_everflow_without_a_reporting_key_or_with_a_wrong_one_cannot_verify(

@@ -109,7 +109,8 @@ def verify(
     transport: httpx.BaseTransport | None = None,
     stopping: "threading.Event | None" = None,
 ) -> Iterator[Verdict]:
-    """A verdict for each send, window by window (in the order of `sent` within a window), reading `sent` as
+    """A verdict for each send, window by window (in the order of `sent` within a window: give it in the
+    order of accepted_at, or each jump in time starts a window and its requests of its own), reading `sent` as
     it goes. Raises CannotVerify here when no key is configured, or while iterating when Everflow refuses
     the key or cannot be reached (the verdicts given before it stand); Interrupted when `stopping` is set."""
     reason = reporting_configured(destination)

@@ -44,7 +44,7 @@ def findings(
 
     def sent() -> Iterator[reader.Sent]:
         columns = (sync_state.c.member, sync_state.c.traits, sync_state.c.changes, sync_state.c.accepted_at)
-        for page in settled_pages(conn, ids, *columns):
+        for page in settled_pages(conn, ids, *columns, by_time=True):  # the reader's windows
             for row in page:
                 change = Change(row.user_id, row.member, row.traits, row.changes)
                 if destination.check(change, {}):

@@ -47,25 +47,27 @@ SETTLED = sa.and_(sync_state.c.accepted_at.is_not(None), sync_state.c.in_doubt_s
 
 
 def settled_pages(
-    conn: sa.Connection, ids: dict[str, int], *columns: sa.ColumnElement[Any]
+    conn: sa.Connection, ids: dict[str, int], *columns: sa.ColumnElement[Any], by_time: bool = False
 ) -> Iterator[list[Any]]:
     """The connection's settled users, `columns` of each (user_id first), a keyset page at a time; each page's
-    transaction is ended before it is handed out, so nothing holds a snapshot between pages."""
-    after = ""
+    transaction is ended before it is handed out, so nothing holds a snapshot between pages. `by_time`: in
+    the order of `accepted_at` (then user_id), as Everflow's report is read window by window of sends."""
+    order = (sync_state.c.accepted_at, sync_state.c.user_id) if by_time else (sync_state.c.user_id,)
+    read = [sync_state.c.user_id, *columns]
+    read += [c for c in order if not any(c is r for r in read)]  # the keyset's columns, read once
+    after: tuple[Any, ...] | None = None
     while True:
-        query = (
-            sa.select(sync_state.c.user_id, *columns)
-            .where(_connection(ids), SETTLED, sync_state.c.user_id > after)
-            .order_by(sync_state.c.user_id)
-            .limit(PAGE)
-        )
-        page = list(conn.execute(query))
+        query = sa.select(*read).where(_connection(ids), SETTLED)
+        if after is not None:
+            last = (sa.literal(value, column.type) for column, value in zip(order, after, strict=True))
+            query = query.where(sa.tuple_(*order) > sa.tuple_(*last))
+        page = list(conn.execute(query.order_by(*order).limit(PAGE)))
         conn.rollback()
         if page:
             yield page
         if len(page) < PAGE:
             return
-        after = page[-1].user_id
+        after = tuple(getattr(page[-1], column.name) for column in order)
 
 
 def record_findings(
