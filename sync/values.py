@@ -182,11 +182,9 @@ def user_id_text(value: Any, kind: Kind = PLAIN) -> str | None:
     """The user id: the trait's text without a JSON string's quotes; None for none (NULL, '', NaN)."""
     if isinstance(value, str) and not kind.json_text:
         text = value.rstrip(" ") if kind.padded else value
-        return text or None
-    written = json_value(value, kind)
-    if written == "null":
-        return None
-    text: str = json.loads(written) if written.startswith('"') else written
+    else:
+        written = json_value(value, kind)
+        text = "" if written == "null" else json.loads(written) if written.startswith('"') else written
     return text or None
 
 
