@@ -76,7 +76,10 @@ def stage_members(
                 declared = _sqlite_declared(state, audience) if state.dialect.name == "sqlite" else {}
                 with read_only(state, timeout, stage=True, stopping=stopping):
                     rows, columns = _stage_in_place(state, audience, limit, declared)
-            if rows is None:  # streamed, or a value the state database cannot write as the rules do
+                if rows is None:  # a value the state database cannot write as the rules do: in Python
+                    state.exec_driver_sql(f"DELETE FROM {sync_stage.name}")
+                    state.commit()
+            if rows is None:
                 with (
                     source.connect() as conn,
                     read_only(conn, deadline - time.monotonic(), stopping=stopping),
@@ -156,8 +159,8 @@ def _stage_in_place(
 ) -> tuple[int | None, list[str]]:
     """`INSERT ... SELECT` the query's rows into the staging table, traits built as JSON by the database.
 
-    Returns how many rows the query returned (None, with nothing staged, where a value must be written in
-    Python: see sync.traits), and its columns.
+    Returns how many rows the query returned (None where a value must be written in Python: see
+    sync.traits), and its columns.
     """
     with state.execute(wrapped(audience, " LIMIT 0")) as probe:
         columns = require_user_id(audience, probe)
@@ -178,10 +181,7 @@ def _stage_in_place(
             raise
         state.rollback()
         return None, columns
-    if checked and state.exec_driver_sql(UNWRITTEN).scalar():
-        state.exec_driver_sql(f"DELETE FROM {sync_stage.name}")
-        return None, columns
-    return rows, columns
+    return None if checked and state.exec_driver_sql(UNWRITTEN).scalar() else rows, columns
 
 
 UNWRITTEN = f"SELECT EXISTS (SELECT 1 FROM {sync_stage.name} WHERE traits IS NULL)"
