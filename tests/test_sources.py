@@ -32,7 +32,7 @@ from sync.sandbox import SegmentServer
 from sync.settings import Settings
 from sync.sources import Sources
 from sync.staging import stage_members
-from tests.conftest import MARIADB_URL, POSTGRES_URL, Config, Customers, run_cli, sync_in_process
+from tests.conftest import MARIADB_URL, Config, Customers, run_cli, sync_in_process
 from tests.test_audiences import customer_ids, the_audience
 from tests.test_bad_input import clean
 
