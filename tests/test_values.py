@@ -316,3 +316,53 @@ def test_a_source_url_naming_the_state_database_changes_nothing_after_an_in_plac
         ("ok", 0, 0)
     ] * len(id_columns)
     assert len(everflow.requests) == sent
+
+
+def test_ids_whose_text_changed_hold_the_upgraded_run_and_others_send_nothing(
+    engine: sa.Engine, config: Config
+) -> None:
+    """An upgrade over a state written before the rules: the id types installations use (text, integers,
+    UUIDs) keep their text; a float id's text changed ('1.0' is now '1'): the mass-exit hold stops its run."""
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TABLE people (code TEXT, n INTEGER, u VARCHAR(36), score REAL, tid TEXT)"
+        )
+        conn.execute(
+            sa.text("INSERT INTO people VALUES (:code, :n, :u, :score, :tid)"),
+            [
+                {"code": f"c{i}", "n": i, "u": str(uuid.UUID(int=i)), "score": float(i), "tid": f"tid-{i}"}
+                for i in range(150)
+            ],
+        )
+    with EverflowServer() as everflow:
+        destination = everflow_destination(config, everflow, rate_limit=1000)
+        for column in ("code", "n", "u", "score"):
+            query = f"SELECT {column} AS user_id, tid AS transaction_id FROM people"
+            config.connect(config.audience(f"By {column}", query), destination)
+        assert {r.outcome for r in sync_in_process(engine, everflow, initial_only=True)} == {"ok"}
+        sent = len(everflow.requests)
+        # what the code before the rules stored for the float ids (str() of the driver's float, and SQLite's
+        # CAST of a REAL); the others are stored as they were
+        with engine.begin() as conn:
+            conn.exec_driver_sql(
+                "UPDATE sync_state SET user_id = user_id || '.0' WHERE audience_id = "
+                "(SELECT id FROM audiences WHERE name = 'By score')"
+            )
+            stored = dict(
+                conn.exec_driver_sql(
+                    "SELECT a.name, min(s.user_id) FROM sync_state s JOIN audiences a"
+                    " ON a.id = s.audience_id GROUP BY a.name"
+                ).all()
+            )
+
+        upgraded = {r.audience: r for r in sync_in_process(engine, everflow)}
+
+    assert stored == {"By code": "c0", "By n": "0", "By u": str(uuid.UUID(int=0)), "By score": "0.0"}
+    assert {name: r.outcome for name, r in upgraded.items()} == {
+        "By code": "ok",
+        "By n": "ok",
+        "By u": "ok",
+        "By score": "held",
+    }
+    assert "held: it would send false to 150 of 150 accepted members" in str(upgraded["By score"].error)
+    assert len(everflow.requests) == sent  # nothing new sent for any of them
