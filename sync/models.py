@@ -6,12 +6,13 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from sync.values import PLAIN, traits_text
+from sync.values import PLAIN, json_number, traits_text
 
 # SQLite's json_object writes an infinite number as Inf (3.40) or 9.0e+999 (later versions), which Python
 # would read as a float no message can carry; strings are matched so that they are skipped
 SQLITE_INFINITY = re.compile(r'("(?:[^"\\]|\\.)*")|(-?)(?:Inf\b|(?<![\d.])9\.0e\+999\b)')
-DECODER = json.JSONDecoder(parse_constant=str)  # NaN, Infinity and -Infinity tokens become that text
+# NaN, Infinity and -Infinity tokens (stored before issue 21) become that text; numbers keep their digits
+DECODER = json.JSONDecoder(parse_constant=str, parse_float=json_number)
 
 
 class Status(StrEnum):

@@ -22,6 +22,7 @@ A user id is the trait's text, without the quotes of a JSON string.
 import base64
 import json
 import math
+import re
 import struct
 import uuid
 from collections.abc import Callable, Sequence
@@ -196,3 +197,28 @@ def traits_text(names: Sequence[str], kinds: Sequence[Kind], row: Sequence[Any])
         if name != "user_id"
     ]
     return "{" + ",".join(parts) + "}"
+
+
+def json_number(text: str) -> float | Decimal:
+    """A JSON number read from stored traits: a float where it carries the text's digits, else a Decimal (a
+    numeric's 38 digits, 12.50), so that what is sent has the digits that were stored."""
+    value = float(text)
+    return value if float_text(value) == text or repr(value) == text else Decimal(text)
+
+
+# A Decimal is written as a JSON number by way of a string the encoder writes whole, then unquoted: a
+# private-use character that no trait is expected to hold marks it
+_MARK = "\ue000"
+_MARKED = re.compile(f'"{_MARK}([-+.0-9Ee]+){_MARK}"')
+
+
+def dumps(value: Any) -> str:
+    """JSON of a message: Decimals as numbers with their digits; NaN and infinities refused (ValueError)."""
+    text = json.dumps(value, ensure_ascii=False, allow_nan=False, default=_marked)
+    return _MARKED.sub(r"\1", text) if _MARK in text else text
+
+
+def _marked(value: Any) -> str:
+    if isinstance(value, Decimal) and value.is_finite():
+        return f"{_MARK}{value}{_MARK}"
+    raise TypeError(f"{type(value).__name__} is not JSON")

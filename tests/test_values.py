@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 
 from sync import database
-from sync.sandbox import EverflowServer
+from sync.sandbox import EverflowServer, SegmentServer
 from sync.staging import stage_members
 from sync.tables import sync_stage
 from tests.conftest import Config, _drop_postgres_database, _new_postgres_database, sync_in_process
@@ -366,3 +366,31 @@ def test_ids_whose_text_changed_hold_the_upgraded_run_and_others_send_nothing(
     }
     assert "held: it would send false to 150 of 150 accepted members" in str(upgraded["By score"].error)
     assert len(everflow.requests) == sent  # nothing new sent for any of them
+
+
+LARGE = {  # a value of each kind the form carries, which a message must carry whole
+    "postgresql": (
+        "SELECT 'u1' AS user_id, 'tid-1' AS transaction_id, 1.7976931348623157e308::float8 AS big,"
+        f" {DIGITS_38}::numeric(38, 10) AS digits, repeat('x', 10000000) AS long"
+    ),
+    "sqlite": (
+        f"SELECT 'u1' AS user_id, 'tid-1' AS transaction_id, {DBL_MAX} AS big,"
+        " 9223372036854775807 AS digits, printf('%.*c', 10000000, 'x') AS long"  # SQLite has 64-bit integers
+    ),
+}
+
+
+def test_dbl_max_38_digits_and_10_mb_of_text_are_sent_whole(engine: sa.Engine, config: Config) -> None:
+    with SegmentServer(api_key="k") as segment:
+        settings = {"transport": "segment", "endpoint": segment.url, "rate_limit": 1000}
+        destination = config.destination("Segment", "everflow", settings, api_key=segment.api_key)
+        config.connect(config.audience("Large", LARGE[engine.dialect.name]), destination)
+
+        [result] = sync_in_process(engine, segment)
+
+    assert result.outcome == "ok", result.error
+    [request] = segment.requests
+    traits = json.loads(request.body, parse_float=str, parse_int=str)["context"]["traits"]
+    expected_digits = DIGITS_38 if engine.dialect.name == "postgresql" else "9223372036854775807"
+    assert (traits["big"], traits["digits"]) == (DBL_MAX, expected_digits)
+    assert traits["long"] == "x" * 10_000_000
