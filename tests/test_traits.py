@@ -106,14 +106,16 @@ CANNOT: dict[str, Callable[[tuple[Any, ...], str], bool]] = {
 }
 
 
-@pytest.fixture(
-    params=[
-        "sqlite",
-        "duckdb",
-        pytest.param("postgres", marks=pytest.mark.postgres),
-        pytest.param("mariadb", marks=pytest.mark.mariadb),
-    ]
-)
+# The source engines tested here (Postgres and MariaDB on their servers)
+ENGINES = [
+    "sqlite",
+    "duckdb",
+    pytest.param("postgres", marks=pytest.mark.postgres),
+    pytest.param("mariadb", marks=pytest.mark.mariadb),
+]
+
+
+@pytest.fixture(params=ENGINES)
 def source(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, sa.Engine]]:
     kind = str(request.param)
     if kind == "postgres":

@@ -19,6 +19,7 @@ from sync.tables import sync_stage
 from tests.conftest import Config, _drop_postgres_database, _new_postgres_database, sync_in_process
 from tests.test_audiences import the_audience
 from tests.test_e2e import everflow_destination
+from tests.test_traits import ENGINES
 
 DBL_MAX = "1.7976931348623157e+308"
 DIGITS_38 = "1234567890123456789012345678.1234567890"
@@ -102,13 +103,20 @@ def _source_naming(engine: sa.Engine) -> sa.Engine:
     return database.create_engine(engine.url.render_as_string(hide_password=False), source=True)
 
 
-def test_every_type_gives_the_same_ids_and_traits_in_place_and_streamed(
-    engine: sa.Engine, config: Config
-) -> None:
-    create, insert, id_columns = TYPED[engine.dialect.name]
+def _create(engine: sa.Engine, table: tuple[str, str, list[str]]) -> list[str]:
+    """Create and fill a table of `(CREATE, INSERT, columns user ids are made of)`; returns those columns."""
+    create, insert, id_columns = table
     with engine.begin() as conn:
         conn.exec_driver_sql(create)
         conn.exec_driver_sql(insert)
+    return id_columns
+
+
+def test_every_type_gives_the_same_ids_and_traits_in_place_and_streamed(
+    engine: sa.Engine, config: Config
+) -> None:
+    id_columns = _create(engine, TYPED[engine.dialect.name])
+    create = TYPED[engine.dialect.name][0]
     columns = re.split(r",\s*(?![^(]*\))", create[create.index("(") + 1 : -1])  # not numeric(38, 10)
     names = [column.split()[0] for column in columns]
     streamed = _source_naming(engine)
@@ -164,19 +172,11 @@ ROWS = [
     ("u3", None, None, 0.30000000000000004, 3.5, "-5.0000000000", None, "2000-01-01 00:00:00.000001", None),
     ("u4", "x", 0, 1e15, 0.25, None, None, None, '{"k": null}'),
 ]
-SQLITE_TEXT = {
-    "seen": lambda text: text.replace(" ", "T")
-}  # a SQLite timestamp is text, as ISO 8601 writes it
+# a SQLite timestamp is text, as ISO 8601 writes it
+SQLITE_TEXT = {"seen": lambda text: text.replace(" ", "T")}
 
 
-@pytest.fixture(
-    params=[
-        "sqlite",
-        "duckdb",
-        pytest.param("postgres", marks=pytest.mark.postgres),
-        pytest.param("mariadb", marks=pytest.mark.mariadb),
-    ]
-)
+@pytest.fixture(params=ENGINES)
 def logical_source(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, sa.Engine, str]]:
     """The logical rows in one engine: its kind, the engine, the table."""
     kind = str(request.param)
@@ -294,10 +294,7 @@ TYPED_IDS = {  # a user id of each type whose text the rules fix, and a trait Ev
 def test_a_source_url_naming_the_state_database_changes_nothing_after_an_in_place_sync(
     engine: sa.Engine, config: Config
 ) -> None:
-    create, insert, id_columns = TYPED_IDS[engine.dialect.name]
-    with engine.begin() as conn:
-        conn.exec_driver_sql(create)
-        conn.exec_driver_sql(insert)
+    id_columns = _create(engine, TYPED_IDS[engine.dialect.name])
     streamed = _source_naming(engine)
     with EverflowServer() as everflow:
         destination = everflow_destination(config, everflow)
