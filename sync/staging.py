@@ -22,7 +22,7 @@ from sync.errors import SourceError
 from sync.guards import limit_statements, one_select, read_only
 from sync.logs import audience_fields
 from sync.tables import sync_stage, sync_stage_diff
-from sync.traits import kinds, sqlite_real, sqlite_user_id, sqlite_value_ok, traits_select
+from sync.traits import kinds, postgres_jsonb, sqlite_real, sqlite_user_id, sqlite_value_ok, traits_select
 from sync.values import Kind, traits_text, user_id_text
 
 log = logging.getLogger(__name__)
@@ -171,6 +171,8 @@ def _stage_in_place(
         if built is None:
             return None, columns
         user_id, traits, checked = built.user_id, built.traits, True
+        if postgres_jsonb(description):  # as stored before issue 21; nothing it writes is NULL
+            traits, checked = "(to_jsonb(q) - 'user_id')::text", False
     else:
         user_id, traits, checked = _sqlite_in_place(columns, declared)
     select = over_query(audience, f"{user_id}, {escaped(traits)}", prefix=insert, suffix=limit)
@@ -220,11 +222,19 @@ def _sqlite_in_place(columns: list[str], declared: dict[str, str]) -> tuple[str,
     }
     traits = _sqlite_json_object([(c, values[c]) for c in columns if c != "user_id"])
     if others:
-        traits = f"CASE WHEN {' AND '.join(sqlite_value_ok(quoted[c]) for c in others)} THEN {traits} END"
+        traits = f"CASE WHEN {_all([sqlite_value_ok(quoted[c]) for c in others])} THEN {traits} END"
     user_id = (
         "NULLIF(CAST(q.user_id AS TEXT), '')" if "user_id" not in others else sqlite_user_id("q.user_id")
     )
     return user_id, traits, bool(others)
+
+
+def _all(conditions: list[str]) -> str:
+    """`conditions` joined with AND, nested by halves: SQLite refuses an expression over 1,000 deep."""
+    if len(conditions) <= 32:
+        return " AND ".join(conditions)
+    half = len(conditions) // 2
+    return f"({_all(conditions[:half])}) AND ({_all(conditions[half:])})"
 
 
 def _sqlite_json_object(values: list[tuple[str, str]]) -> str:

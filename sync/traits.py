@@ -108,6 +108,16 @@ PG_BOOL, PG_NUMERIC, PG_DATE, PG_TIMESTAMP, PG_TIMESTAMPTZ, PG_UUID = 16, 1700, 
 PG_NOT_FINITE = "('NaN', 'Infinity', '-Infinity')"
 
 
+# Types whose values Postgres's jsonb writes as the rules do (the in-place path's `to_jsonb(q)`: its object
+# is spaced and ordered by key length, as stored before issue 21, so those audiences' traits do not change)
+PG_JSONB_AS_RULES = PG_TEXT | PG_INTEGER | {PG_BOOL, PG_DATE, PG_TIMESTAMP, PG_UUID}
+
+
+def postgres_jsonb(description: Sequence[Any]) -> bool:
+    """Whether every column of the query is of a type `to_jsonb` writes as the rules do."""
+    return all(column[1] in PG_JSONB_AS_RULES for column in description)
+
+
 def _python_dates(column: str) -> str:
     """Within the dates Python holds (drivers refuse the others: BC, infinity, year 10000 and later)."""
     return f"{column} >= '0001-01-01' AND {column} < '10000-01-01'"

@@ -123,19 +123,21 @@ def test_every_type_gives_the_same_ids_and_traits_in_place_and_streamed(
     queries = {  # each column as the user id; the every-type table, and on Postgres the types SQL writes
         f"By {column}": f"SELECT {column} AS user_id, {', '.join(names)} FROM typed" for column in id_columns
     }
-    queries[
-        "SQL types"
-    ] = {  # on Postgres, the types SQL writes; on SQLite text columns, which take no checks
+    # on Postgres the types SQL writes, and those jsonb writes (to_jsonb in place); on SQLite text columns
+    sql_types = {
         "postgresql": "SELECT t AS user_id, v, c, i2, i8, n, nx, b, d, ts, tz, u FROM typed",
         "sqlite": "SELECT t AS user_id, t AS again, i FROM typed",
-    }[engine.dialect.name]
+    }
+    queries["SQL types"] = sql_types[engine.dialect.name]
+    if engine.dialect.name == "postgresql":
+        queries["jsonb types"] = "SELECT t AS user_id, v, i2, i8, b, d, ts, u FROM typed"
     seen_ids: set[str] = set()
     seen_traits: list[str] = []
     try:
         for number, (name, query) in enumerate(queries.items()):
             in_place = _staged(engine, engine, config, f"{name} in place {number}", query)
             from_source = _staged(engine, streamed, config, f"{name} streamed {number}", query)
-            assert in_place == from_source, name
+            assert _by_value(in_place) == _by_value(from_source), name
             seen_ids |= set(in_place)
             seen_traits += in_place.values()
     finally:
@@ -209,6 +211,11 @@ def logical_source(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[t
         source.dispose()
     if url:
         _drop_postgres_database(url)
+
+
+def _by_value(staged: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Staged traits as each value's text: identical values, whatever order and spacing the object has."""
+    return {user_id: _with_number_text(traits) for user_id, traits in staged.items()}
 
 
 def _with_number_text(traits: str) -> dict[str, Any]:
