@@ -456,3 +456,23 @@ def test_a_query_run_again_for_its_traits_has_what_is_left_of_the_timeout(
 
 def _only_row(kind: str) -> dict[str, Any]:
     return {"user_id": "u1", "raw": b"x", "pause": 0}
+
+
+def test_a_duckdb_source_file_gets_bounded_memory_and_threads_unless_its_url_sets_them(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "lake.duckdb"
+    duckdb.connect(str(path)).close()
+    settings = "SELECT current_setting('memory_limit'), current_setting('threads')"
+    expected = (
+        duckdb.connect(config={"memory_limit": "48MB"}).execute(settings).fetchone()[0]
+    )  # as it shows it
+    found = []
+    for query in ("", "?memory_limit=1GB&threads=2"):
+        engine = database.create_engine(f"duckdb:///{path}{query}", source=True)
+        with engine.connect() as conn:
+            found.append(tuple(conn.exec_driver_sql(settings).one()))
+        engine.dispose()
+
+    assert found[0] == (expected, 1)  # a read keeps at most that much of the file, whatever its size
+    assert found[1][1] == 2 and found[1][0] != expected
