@@ -139,7 +139,10 @@ def json_value(value: Any, kind: Kind = PLAIN) -> str:
 
 def _text(value: str, kind: Kind) -> str:
     if kind.json_text:
-        return _json(json.loads(value), kind)
+        try:
+            return _json(json.loads(value), kind)
+        except ValueError:  # a JSON type holding no JSON: its text
+            pass
     return _quoted(value.rstrip(" ") if kind.padded else value)
 
 

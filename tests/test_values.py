@@ -4,18 +4,23 @@ engine holds them, in the form sync.values documents (README "How values are sen
 
 import json
 import re
+import struct
 import uuid
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sync import database
 from sync.sandbox import EverflowServer, SegmentServer
 from sync.staging import stage_members
 from sync.tables import sync_stage
+from sync.values import float_text
 from tests.conftest import Config, _drop_postgres_database, _new_postgres_database, sync_in_process
 from tests.test_audiences import the_audience
 from tests.test_e2e import everflow_destination
@@ -398,3 +403,22 @@ def test_dbl_max_38_digits_and_10_mb_of_text_are_sent_whole(engine: sa.Engine, c
     expected_digits = DIGITS_38 if engine.dialect.name == "postgresql" else "9223372036854775807"
     assert (traits["big"], traits["digits"]) == (DBL_MAX, expected_digits)
     assert traits["long"] == "x" * 10_000_000
+
+
+@given(st.floats(allow_nan=False, allow_infinity=False))
+def test_a_float_is_written_as_the_shortest_text_that_reads_back(value: float) -> None:
+    text = float_text(value)
+    assert text is not None and float(text) == value
+    digits = Decimal(repr(value)).normalize().as_tuple().digits  # Python's repr: the shortest digits
+    assert Decimal(text).normalize().as_tuple().digits == (digits if value else (0,))
+
+
+@given(st.floats(width=32, allow_nan=False, allow_infinity=False))
+def test_a_float4_is_written_at_its_own_precision(value: float) -> None:
+    text = float_text(value, single=True)
+    assert text is not None
+    assert struct.unpack("f", struct.pack("f", float(text)))[0] == value
+    digits = len(Decimal(text).normalize().as_tuple().digits)
+    if digits > 1:  # one digit fewer does not read back
+        shorter = float(f"{value:.{digits - 2}e}")
+        assert struct.unpack("f", struct.pack("f", shorter))[0] != value
