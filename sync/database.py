@@ -91,10 +91,10 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 # A DuckDB source file's buffers (blocks of the file it read, kept up to memory_limit: by default most of the
-# machine's memory, so a 10M-row read peaked at 452 MB, 170 MB with these) and threads, bounded for a process
-# that also stages; a GROUP BY and ORDER BY over a million rows still runs in them (at 32MB it does not).
+# machine's memory, so a 10M-row read peaked at 452 MB, under 200 MB with these) and threads, bounded for a
+# process that also stages; a GROUP BY and ORDER BY over a million rows still runs in them (not at 32MB).
 # `duckdb:////path/lake.duckdb?memory_limit=1GB&threads=8` sets others.
-DUCKDB_SOURCE_LIMITS = {"memory_limit": "48MB", "threads": "1"}
+DUCKDB_SOURCE_LIMITS = {"memory_limit": "48MB", "threads": "2"}
 
 
 # The state database's: its SQL (the diff, leases, staging) is written for these two
