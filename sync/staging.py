@@ -193,14 +193,24 @@ def _sqlite_declared(state: sa.Connection, audience: Audience) -> dict[str, str]
     """The declared type of each of the query's columns (a column's, '' for an expression), read from a
     temporary view of it (the view runs nothing) on a connection of its own, closed after: one that compiled
     the query outside the staging guard would let it skip the guard's checks (SQLite caches a table-valued
-    pragma's connection)."""
-    query = audience.query.strip().rstrip(";")
+    pragma's connection). A database in memory has one connection: that one."""
+    if isinstance(state.engine.pool, sa.pool.SingletonThreadPool | sa.pool.StaticPool):
+        return _declared(state, audience)
     with state.engine.connect() as conn:
         try:
-            conn.exec_driver_sql(f"CREATE TEMPORARY VIEW {PROBE_VIEW} AS SELECT * FROM ({query}\n) AS q")
-            return {row[1]: row[2] for row in conn.exec_driver_sql(f"PRAGMA temp.table_info({PROBE_VIEW})")}
+            return _declared(conn, audience)
         finally:
             conn.invalidate()
+
+
+def _declared(conn: sa.Connection, audience: Audience) -> dict[str, str]:
+    query = audience.query.strip().rstrip(";")
+    conn.exec_driver_sql(f"CREATE TEMPORARY VIEW {PROBE_VIEW} AS SELECT * FROM ({query}\n) AS q")
+    try:
+        return {row[1]: row[2] for row in conn.exec_driver_sql(f"PRAGMA temp.table_info({PROBE_VIEW})")}
+    finally:
+        conn.exec_driver_sql(f"DROP VIEW {PROBE_VIEW}")
+        conn.commit()
 
 
 PROBE_VIEW = "sync_stage_probe"
