@@ -19,6 +19,7 @@ from sync.destinations.http import CREDENTIALS_ACCEPTED, Call, raise_for_retry_o
 from sync.errors import AuthError, DestinationError, FatalError, RetriableError
 from sync.models import Outcome, Status, failed, rejected
 from sync.ratelimit import Interrupted, RateLimiter
+from sync.values import dumps
 
 log = logging.getLogger(__name__)
 REASON_MAX = 300
@@ -124,7 +125,7 @@ class Sender:
             raise RetriableError(_unconnected(call, exc)) from None
         except httpx.HTTPError as exc:  # e.g. a body that cannot be decoded; its text may hold the URL
             raise RetriableError(f"unreadable answer ({type(exc).__name__})") from None
-        except ValueError as exc:  # a message JSON cannot carry; traits_json should have made it text
+        except ValueError as exc:  # a message JSON cannot carry; the value rules should have made it null
             raise FatalError(f"the message cannot be sent as JSON ({exc})") from None
         raise_for_retry_or_auth(response, self.limiter)
         return response
@@ -138,8 +139,10 @@ class Sender:
         # `timeout` bounds each read; this bounds the body too, which could come a byte at a time forever
         deadline = time.monotonic() + self.limits.timeout
         unread = None
+        content = None if call.json is None else dumps(call.json).encode()  # numerics with their digits
+        sent = call.headers if content is None else {"Content-Type": "application/json", **call.headers}
         with self.client.stream(
-            call.method, call.url, params=call.params, json=call.json, headers=call.headers
+            call.method, call.url, params=call.params, content=content, headers=sent
         ) as streamed:
             body = bytearray()
             for chunk in streamed.iter_bytes():

@@ -1,16 +1,18 @@
 """The values the diff, the destinations and the state pass to each other: a change and what became of it."""
 
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from sync.values import PLAIN, json_number, traits_text
+
 # SQLite's json_object writes an infinite number as Inf (3.40) or 9.0e+999 (later versions), which Python
 # would read as a float no message can carry; strings are matched so that they are skipped
 SQLITE_INFINITY = re.compile(r'("(?:[^"\\]|\\.)*")|(-?)(?:Inf\b|(?<![\d.])9\.0e\+999\b)')
-DECODER = json.JSONDecoder(parse_constant=str)  # NaN, Infinity and -Infinity tokens become that text
+# NaN, Infinity and -Infinity tokens (stored before issue 21) become that text; numbers keep their digits
+DECODER = json.JSONDecoder(parse_constant=str, parse_float=json_number)
 
 
 class Status(StrEnum):
@@ -83,20 +85,5 @@ def failed(change: Change, reason: str) -> Outcome:
 
 
 def traits_json(traits: dict[str, Any]) -> str:
-    """Canonical JSON for a member's traits (values JSON cannot hold become text; NaN and infinities too,
-    as "NaN", "Infinity" and "-Infinity", as Postgres's to_jsonb writes them)."""
-    try:
-        return json.dumps(traits, sort_keys=True, default=str, ensure_ascii=False, allow_nan=False)
-    except ValueError:
-        return json.dumps(_finite(traits), sort_keys=True, default=str, ensure_ascii=False, allow_nan=False)
-
-
-def _finite(value: Any) -> Any:
-    """`value` with every non-finite float, however deep in lists and objects, as text."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
+    """A member's traits as staged (sync.values), from their Python values."""
+    return traits_text(list(traits), [PLAIN] * len(traits), list(traits.values()))

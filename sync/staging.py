@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from operator import itemgetter
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 
@@ -21,9 +21,9 @@ from sync.cursors import bulk_writer, chunks
 from sync.errors import SourceError
 from sync.guards import limit_statements, one_select, read_only
 from sync.logs import audience_fields
-from sync.models import traits_json
 from sync.tables import sync_stage, sync_stage_diff
-from sync.traits import traits_select
+from sync.traits import kinds, postgres_jsonb, sqlite_real, sqlite_user_id, sqlite_value_ok, traits_select
+from sync.values import Kind, traits_text, user_id_text
 
 log = logging.getLogger(__name__)
 STAGE_CHUNK = 5000
@@ -70,13 +70,23 @@ def stage_members(
     state.commit()
     try:
         with query_failures(audience):
+            rows: int | None = None
+            deadline = time.monotonic() + timeout
             if source is state.engine:
+                declared = _sqlite_declared(state, audience) if state.dialect.name == "sqlite" else {}
                 with read_only(state, timeout, stage=True, stopping=stopping):
-                    rows, columns = _stage_in_place(state, audience, limit)
-            else:
-                deadline = time.monotonic() + timeout
-                with source.connect() as conn, read_only(conn, timeout, stopping=stopping):
-                    rows, columns = _stage_streamed(state, conn, audience, limit, deadline)
+                    rows, columns = _stage_in_place(state, audience, limit, declared)
+                if rows is None:  # a value the state database cannot write as the rules do: in Python
+                    state.exec_driver_sql(f"DELETE FROM {sync_stage.name}")
+                    state.commit()
+            if rows is None:
+                with (
+                    source.connect() as conn,
+                    read_only(conn, deadline - time.monotonic(), stopping=stopping),
+                ):
+                    rows, columns = _stage_streamed(
+                        state, conn, audience, limit, deadline, source is state.engine
+                    )
                 state.commit()
     except SourceError:
         state.rollback()
@@ -144,27 +154,105 @@ def dropping_stage(state: sa.Connection) -> Iterator[None]:
             pass  # the connection is lost, and its temporary table with it
 
 
-def _stage_in_place(state: sa.Connection, audience: Audience, limit: str) -> tuple[int, list[str]]:
+def _stage_in_place(
+    state: sa.Connection, audience: Audience, limit: str, declared: dict[str, str]
+) -> tuple[int | None, list[str]]:
     """`INSERT ... SELECT` the query's rows into the staging table, traits built as JSON by the database.
 
-    Returns how many rows the query returned, and its columns.
+    Returns how many rows the query returned (None where a value must be written in Python: see
+    sync.traits), and its columns.
     """
     with state.execute(wrapped(audience, " LIMIT 0")) as probe:
         columns = require_user_id(audience, probe)
-    if state.dialect.name == "postgresql":
-        traits = "(to_jsonb(q) - 'user_id')::text"
-    else:
-        traits = _sqlite_json_object([c for c in columns if c != "user_id"])
+        description = probe.cursor.description
     insert = f"INSERT INTO {sync_stage.name} (user_id, traits) "
-    user_id = "NULLIF(CAST(q.user_id AS TEXT), '')"
+    if state.dialect.name == "postgresql":
+        built = traits_select(state.dialect, description)
+        if built is None:
+            return None, columns
+        user_id, traits, checked = built.user_id, built.traits, True
+        if postgres_jsonb(description):  # as stored before issue 21; nothing it writes is NULL
+            traits, checked = "(to_jsonb(q) - 'user_id')::text", False
+    else:
+        user_id, traits, checked = _sqlite_in_place(columns, declared)
     select = over_query(audience, f"{user_id}, {escaped(traits)}", prefix=insert, suffix=limit)
-    return state.execute(select).rowcount, columns
+    try:
+        rows = state.execute(select).rowcount
+    except sa.exc.OperationalError as exc:
+        if "JSON cannot hold BLOB values" not in str(exc):
+            raise
+        state.rollback()
+        return None, columns
+    return None if checked and state.exec_driver_sql(UNWRITTEN).scalar() else rows, columns
 
 
-def _sqlite_json_object(columns: list[str]) -> str:
-    """SQL building the traits object of `q`'s columns, in their order; past JSON_OBJECT_PAIRS columns, from
+UNWRITTEN = f"SELECT EXISTS (SELECT 1 FROM {sync_stage.name} WHERE traits IS NULL)"
+
+
+def _sqlite_declared(state: sa.Connection, audience: Audience) -> dict[str, str]:
+    """The declared type of each of the query's columns (a column's, '' for an expression), read from a
+    temporary view of it (the view runs nothing) on a connection of its own, closed after: one that compiled
+    the query outside the staging guard would let it skip the guard's checks (SQLite caches a table-valued
+    pragma's connection). A database in memory has one connection: that one."""
+    if isinstance(state.engine.pool, sa.pool.SingletonThreadPool | sa.pool.StaticPool):
+        return _declared(state, audience)
+    with state.engine.connect() as conn:
+        try:
+            return _declared(conn, audience)
+        finally:
+            conn.invalidate()
+
+
+def _declared(conn: sa.Connection, audience: Audience) -> dict[str, str]:
+    query = audience.query.strip().rstrip(";")
+    conn.exec_driver_sql(f"CREATE TEMPORARY VIEW {PROBE_VIEW} AS SELECT * FROM ({query}\n) AS q")
+    try:
+        return {row[1]: row[2] for row in conn.exec_driver_sql(f"PRAGMA temp.table_info({PROBE_VIEW})")}
+    finally:
+        conn.exec_driver_sql(f"DROP VIEW {PROBE_VIEW}")
+        conn.commit()
+
+
+PROBE_VIEW = "sync_stage_probe"
+
+
+def _text_affinity(declared: str) -> bool:
+    """SQLite stores only text (or a BLOB) in a column so declared (https://sqlite.org/datatype3.html 3.1)."""
+    kind = declared.upper()
+    return "INT" not in kind and any(word in kind for word in ("CHAR", "CLOB", "TEXT"))
+
+
+def _sqlite_in_place(columns: list[str], declared: dict[str, str]) -> tuple[str, str, bool]:
+    """The user id, the traits (json_object keeps the query's order, writes what the rules write for text and
+    integers) and whether a row's traits may be NULL: where a column is not of text affinity, a REAL is
+    written by printf (sync.traits) and a REAL that does not read back, or a BLOB, makes the traits NULL."""
+    quoted = {c: f'q."{c.replace(chr(34), chr(34) * 2)}"' for c in columns}
+    others = [c for c in columns if not _text_affinity(declared.get(c, ""))]
+    values = {
+        c: f"CASE typeof({q}) WHEN 'real' THEN json({sqlite_real(q)}) ELSE {q} END" if c in others else q
+        for c, q in quoted.items()
+    }
+    traits = _sqlite_json_object([(c, values[c]) for c in columns if c != "user_id"])
+    if others:
+        traits = f"CASE WHEN {_all([sqlite_value_ok(quoted[c]) for c in others])} THEN {traits} END"
+    user_id = (
+        "NULLIF(CAST(q.user_id AS TEXT), '')" if "user_id" not in others else sqlite_user_id("q.user_id")
+    )
+    return user_id, traits, bool(others)
+
+
+def _all(conditions: list[str]) -> str:
+    """`conditions` joined with AND, nested by halves: SQLite refuses an expression over 1,000 deep."""
+    if len(conditions) <= 32:
+        return " AND ".join(conditions)
+    half = len(conditions) // 2
+    return f"({_all(conditions[:half])}) AND ({_all(conditions[half:])})"
+
+
+def _sqlite_json_object(values: list[tuple[str, str]]) -> str:
+    """SQL building the traits object of `(column, SQL)`, in their order; past JSON_OBJECT_PAIRS columns, from
     json_object()s of at most that many, their texts joined (json_patch would drop NULL traits)."""
-    pairs = [f"'{c.replace(chr(39), chr(39) * 2)}', q.\"{c.replace(chr(34), chr(34) * 2)}\"" for c in columns]
+    pairs = [f"'{c.replace(chr(39), chr(39) * 2)}', {value}" for c, value in values]
     parts = [
         f"json_object({', '.join(pairs[i : i + JSON_OBJECT_PAIRS])})"
         for i in range(0, len(pairs), JSON_OBJECT_PAIRS)
@@ -176,13 +264,18 @@ def _sqlite_json_object(columns: list[str]) -> str:
 
 
 def _stage_streamed(
-    state: sa.Connection, source: sa.Connection, audience: Audience, limit: str, deadline: float
+    state: sa.Connection,
+    source: sa.Connection,
+    audience: Audience,
+    limit: str,
+    deadline: float,
+    in_python: bool = False,
 ) -> tuple[int, list[str]]:
-    """Stream the query's rows from another database into the staging table; returns how many, and the
-    query's columns.
+    """Stream the query's rows from another database (or, `in_python`, the state database's rows the
+    in-place path could not write) into the staging table; returns how many, and the query's columns.
 
-    Traits are built by the source where it writes the text `traits_json` writes (sync.traits), else in
-    Python from the driver's tuples. Rows move in chunks of STAGE_CHUNK from a streaming cursor to the
+    Traits are built by the source where it writes the text the rules write (sync.traits), else in Python
+    from the driver's tuples (sync.values). Rows move in chunks of STAGE_CHUNK from a streaming cursor to the
     state driver's bulk path (sqlite3 `executemany`, psycopg `COPY`), without SQLAlchemy in between.
     """
     probe_select = wrapped(audience, " LIMIT 0")
@@ -192,7 +285,7 @@ def _stage_streamed(
         description = probe.cursor.description
     names = [column[0] for column in description]
     state.begin()
-    built = traits_select(source.dialect, description)
+    built = None if in_python else traits_select(source.dialect, description)
     if built is not None:
         select = over_query(audience, escaped(f"{built.user_id}, {built.traits}"), suffix=limit)
         rows = _copy(state, source, select, built.upper_escapes)
@@ -200,31 +293,39 @@ def _stage_streamed(
             return rows, names
         state.exec_driver_sql(f"DELETE FROM {sync_stage.name}")  # a row it could not build: in Python
         limit_statements(source, deadline - time.monotonic())  # one timeout for both runs of the query
-    return _copy(state, source, wrapped(audience, limit), names) or 0, names
+    by_python = Columns(names, kinds(source.dialect, description))
+    return _copy(state, source, wrapped(audience, limit), by_python) or 0, names
+
+
+class Columns(NamedTuple):
+    """The query's columns, whose values the Python path writes."""
+
+    names: list[str]
+    kinds: list[Kind]
 
 
 def _copy(
-    state: sa.Connection, source: sa.Connection, select: sa.TextClause, built: bool | list[str]
+    state: sa.Connection, source: sa.Connection, select: sa.TextClause, built: bool | Columns
 ) -> int | None:
     """Copy `select`'s rows into the staging table. When `built` is a bool, they are `(user_id, traits)`
     built by the source (True: the traits may hold upper-case escapes), and None is returned at the first
     chunk holding traits it could not build. Else `built` names the query's own columns, whose traits are
-    built here."""
+    written here."""
     one_select(source, select)
     rows = 0
     with bulk_writer(state) as write, closing(chunks(source, select, STAGE_CHUNK)) as read:
         for chunk in read:
-            if isinstance(built, list):
+            if isinstance(built, Columns):
                 chunk = [python_traits(built, row) for row in chunk]
-            elif not _as_traits_json(chunk, built):
+            elif not _as_rules_text(chunk, built):
                 return None
             write(chunk)
             rows += len(chunk)
     return rows
 
 
-def _as_traits_json(chunk: list[tuple[Any, ...]], upper_escapes: bool) -> bool:
-    """Whether the source built every row's traits as traits_json writes them (in C: one text per chunk)."""
+def _as_rules_text(chunk: list[tuple[Any, ...]], upper_escapes: bool) -> bool:
+    """Whether the source built every row's traits as the rules write them (in C: one text per chunk)."""
     try:
         text = "".join(map(itemgetter(1), chunk))
     except TypeError:  # a NULL
@@ -232,11 +333,10 @@ def _as_traits_json(chunk: list[tuple[Any, ...]], upper_escapes: bool) -> bool:
     return not (upper_escapes and "\\u00" in text)
 
 
-def python_traits(names: list[str], row: tuple[Any, ...]) -> tuple[str | None, str]:
-    """A row of the query's columns `names` as staged: the user id as text (None for none), the traits."""
-    traits = dict(zip(names, row, strict=True))
-    user_id = traits.pop("user_id")
-    return (str(user_id) if user_id not in (None, "") else None), traits_json(traits)
+def python_traits(columns: Columns, row: tuple[Any, ...]) -> tuple[str | None, str]:
+    """A row of the query's `columns` as staged: the user id as text (None for none), the traits."""
+    at = columns.names.index("user_id")
+    return user_id_text(row[at], columns.kinds[at]), traits_text(columns.names, columns.kinds, row)
 
 
 class SharedReads:

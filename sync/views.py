@@ -13,6 +13,7 @@ from rich.table import Table
 
 from sync.check import Findings
 from sync.forget import Forgotten
+from sync.values import dumps
 
 CONTROL = re.compile(r"[\x00-\x1f\x7f]+")  # a line break or tab in a name or error would break the line
 
@@ -277,7 +278,7 @@ def forget(user_id: str, forgotten: Forgotten, dry_run: bool) -> None:
     for line in forgotten.report:
         print(f"{line['destination']}: {line['outcome']} ({line['detail']})")
         if "request" in line:
-            print(f"  {json.dumps(line['request'])}")
+            print(f"  {dumps(line['request'])}")
     if forgotten.state_failure:
         print(
             f"user {user_id!r} is still in the state tables ({forgotten.state_failure}): run forget again",

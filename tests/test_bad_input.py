@@ -686,7 +686,7 @@ def test_huge_and_non_ascii_trait_values_arrive_intact(
 
 
 @pytest.mark.parametrize("source", ["in place", "another database"])
-def test_nan_and_infinite_traits_arrive_as_text(
+def test_nan_and_infinite_traits_arrive_as_null(
     backend: str, state_url: str, config: Config, customers: Customers, tmp_path: Path, source: str
 ) -> None:
     non_finite = {  # what each database can hold
@@ -713,7 +713,8 @@ def test_nan_and_infinite_traits_arrive_as_text(
 
     clean(result, preview)
     assert result.returncode == 0, result.stderr
-    expected = {"big": "Infinity", "small": "-Infinity"} | ({"nan": "NaN"} if "nan" in query else {})
+    # JSON has no NaN or infinities: null (README "How values are sent")
+    expected = {"big": None, "small": None} | ({"nan": None} if "nan" in query else {})
     [message] = segment.messages
     assert {k: message["context"]["traits"][k] for k in expected} == expected  # track: traits in context
     strict = json.loads(preview.stdout, parse_constant=lambda token: pytest.fail(f"{token} in the preview"))
@@ -729,7 +730,10 @@ def test_bytes_where_text_belongs_fail_only_their_audience(
         destination = everflow_destination(config, everflow)
         # a comment on the query's last line must not swallow what audience-sync wraps around it
         config.connect(config.audience("Healthy", Customers.QUERY + " -- the VIPs"), destination)
-        blob_ids = config.audience("Blob Ids", "SELECT X'FF00FE' AS user_id, 'tid-b' AS transaction_id")
+        # text that is not UTF-8 (bytes as user ids are written in base64: README "How values are sent")
+        blob_ids = config.audience(
+            "Blob Ids", "SELECT CAST(X'FF00FE' AS TEXT) AS user_id, 'tid-b' AS transaction_id"
+        )
         config.connect(blob_ids, destination)
         config.sql("INSERT INTO audiences (name, query) VALUES (X'426c6f62', 'SELECT 1 AS user_id')")
         blob_name = int(config.sql("SELECT max(id) FROM audiences")[0][0])

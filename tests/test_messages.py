@@ -81,14 +81,15 @@ def test_bad_connection_settings(settings: dict[str, str], error: str) -> None:
         connection(**settings)
 
 
-def test_non_finite_numbers_become_text_as_postgres_writes_them() -> None:
+def test_non_finite_numbers_become_null() -> None:
     traits = {"a": float("nan"), "b": float("inf"), "c": -float("inf"), "d": 1.5, "e": "NaN"}
-    expected = {"a": "NaN", "b": "Infinity", "c": "-Infinity", "d": 1.5, "e": "NaN"}
+    expected = {"a": None, "b": None, "c": None, "d": 1.5, "e": "NaN"}  # README "How values are sent"
     assert json.loads(traits_json(traits)) == expected  # strict JSON: json.loads would take NaN too
     assert "NaN," not in traits_json(traits) and "Infinity," not in traits_json(traits)
     nested = {"scores": [1.0, float("nan")], "by_day": {"mon": float("-inf")}}
-    assert json.loads(traits_json(nested)) == {"scores": [1.0, "NaN"], "by_day": {"mon": "-Infinity"}}
-    # SQLite's json_object writes an infinite number as a bare Inf (3.40) or as 9.0e+999 (later versions);
+    assert json.loads(traits_json(nested)) == {"scores": [1.0, None], "by_day": {"mon": None}}
+    # traits staged before the rules (issue 21) are read as they were: SQLite's json_object wrote an
+    # infinite number as a bare Inf (3.40) or as 9.0e+999 (later versions);
     # a string that says so stays as it is, and so does a number that only ends like one
     staged = Change("u1", True, '{"b":Inf,"c":-Inf,"d":1.5,"Inf":"x:Inf,\\"Inf"}', 0)
     assert staged.traits == {"b": "Infinity", "c": "-Infinity", "d": 1.5, "Inf": 'x:Inf,"Inf'}

@@ -298,7 +298,8 @@ def test_finding_11_a_run_that_gives_up_says_exactly_how_many_changes_stay_pendi
             "SELECT user_id, (SELECT count(*) FROM pragma_table_info('customers')) AS n FROM customers",
             "not authorized",
         ),
-        ("postgres", "SELECT user_id, user_id FROM customers", "user_id"),
+        # Postgres's case, a column named twice, no longer fails since issue 21: its traits are written in
+        # Python, in the run as in check
     ],
     indirect=["backend"],
 )
