@@ -6,6 +6,7 @@ receivers, runs the initial sync, changes a few customers, runs again and shows 
 It never touches the database SYNC_DATABASE_URL names.
 """
 
+import os
 import signal
 from pathlib import Path
 from typing import TextIO
@@ -31,6 +32,11 @@ AUDIENCE = (
     "SELECT user_id, email, first_name, last_name, country, transaction_id, total FROM customers "
     "WHERE total >= 40"
 )
+DEMO_EVENTS = {
+    "1": "Audience Entered",
+    "2": "Audience Exited",
+}  # the advertiser events as Everflow names them
+REPORTING_KEY_ENV = "AUDIENCE_SYNC_DEMO_REPORTING_KEY"
 
 
 def serve_sandbox(port: int, out: TextIO, err: TextIO) -> int:
@@ -45,6 +51,10 @@ def serve_sandbox(port: int, out: TextIO, err: TextIO) -> int:
             SegmentServer(port=port + 2) as segment,
         ):
             out.write(f"Everflow postbacks:  tracking_domain {everflow.url}  network_id 1\n")
+            out.write(
+                f"Everflow reports:    reporting_api_base {everflow.url}/v1  reporting key "
+                f"{everflow.reports.api_key} (in the variable reporting_api_key_env names)\n"
+            )
             out.write(f"Refersion API v2:    api_base {refersion.url}/v2  api key pub.sec\n")
             out.write(f"Segment partner:     endpoint {segment.url}  api key key\n")
             out.write("each request is logged; Ctrl-C stops the sandbox\n")
@@ -65,7 +75,9 @@ def run_demo(path: Path, out: TextIO) -> bool:
     settings = Settings(url, None, Cadence.parse("2h-3h", "interval"), 60.0, 600.0)
     runner = Runner(engine, Sources(engine), settings)
     try:
-        with EverflowServer() as everflow, RefersionServer() as refersion:
+        with EverflowServer(events=DEMO_EVENTS) as everflow, RefersionServer() as refersion:
+            # the sandbox's Network API key, for reconcile to read Everflow's conversion report with
+            os.environ[REPORTING_KEY_ENV] = everflow.reports.api_key
             _seed(engine, everflow.url, refersion.url)
             out.write(
                 f"demo state database: {path}\nsandbox: Everflow {everflow.url}, Refersion {refersion.url}\n"
@@ -113,7 +125,8 @@ def _seed(engine: sa.Engine, everflow_url: str, refersion_url: str) -> None:
         )
         everflow = (
             f'{{"tracking_domain": "{everflow_url}", "network_id": "1", '
-            '"event_mapping": {"Audience Entered": 1, "Audience Exited": 2}, "params": {"amount": "total"}}'
+            '"event_mapping": {"Audience Entered": 1, "Audience Exited": 2}, "params": {"amount": "total"}, '
+            f'"reporting_api_key_env": "{REPORTING_KEY_ENV}", "reporting_api_base": "{everflow_url}/v1"}}'
         )
         refersion = f'{{"api_base": "{refersion_url}/v2", "on_exit": "disable", "status": "ACTIVE"}}'
         conn.execute(

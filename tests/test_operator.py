@@ -270,7 +270,7 @@ def test_demo_shows_entries_and_exits_on_a_file_of_its_own(tmp_path: Path) -> No
     assert "grace@example.com    DISABLED  country US" in done.stdout
     # the demo ends with a reconcile that finds nothing (Everflow's without a reporting key says why not)
     assert "Big Spenders -> Refersion (sandbox): ok (4 confirmed)" in done.stdout
-    assert "Big Spenders -> Everflow (sandbox): cannot verify (" in done.stdout
+    assert "Big Spenders -> Everflow (sandbox): ok (4 confirmed)" in done.stdout  # its conversion report
     assert demo.exists() and not Path("never-touched.db").exists()
 
 
@@ -295,6 +295,14 @@ def test_sandbox_serves_the_receivers_until_interrupted(tmp_path: Path) -> None:
         assert answer.status_code == 200
         refused = httpx.post(f"http://127.0.0.1:{port + 1}/v2/affiliate/get", json={"id": 1})
         assert refused.status_code == 401  # no keys: Refersion's 401
+        assert sandbox.stdout is not None
+        reports = sandbox.stdout.readline()
+        assert reports.startswith(f"Everflow reports:    reporting_api_base http://127.0.0.1:{port}/v1")
+        key = reports.split("reporting key ")[1].split()[0]
+        report = httpx.get(
+            f"http://127.0.0.1:{port}/v1/networks/reporting/events/t1", headers={"X-Eflow-API-Key": key}
+        )
+        assert report.status_code == 200, report.text  # the key it prints is the one it takes
     finally:
         sandbox.send_signal(signal.SIGINT)
         _, stderr = sandbox.communicate(timeout=10)
