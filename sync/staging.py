@@ -8,6 +8,7 @@ Transactions: `stage_members` owns the staging connection's transactions (it com
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
@@ -191,16 +192,27 @@ UNWRITTEN = f"SELECT EXISTS (SELECT 1 FROM {sync_stage.name} WHERE traits IS NUL
 
 def _sqlite_declared(state: sa.Connection, audience: Audience) -> dict[str, str]:
     """The declared type of each of the query's columns (a column's, '' for an expression), read from a
-    temporary view of it (the view runs nothing) on a connection of its own, closed after: one that compiled
-    the query outside the staging guard would let it skip the guard's checks (SQLite caches a table-valued
+    temporary view of it (the view runs nothing) on a connection that never stages: one that compiled the
+    query outside the staging guard would let it skip the guard's checks (SQLite caches a table-valued
     pragma's connection). A database in memory has one connection: that one."""
     if isinstance(state.engine.pool, sa.pool.SingletonThreadPool | sa.pool.StaticPool):
         return _declared(state, audience)
-    with state.engine.connect() as conn:
-        try:
-            return _declared(conn, audience)
-        finally:
-            conn.invalidate()
+    with _probe_engine(state.engine).connect() as conn:
+        return _declared(conn, audience)
+
+
+_PROBE_ENGINES: "weakref.WeakKeyDictionary[sa.Engine, sa.Engine]" = weakref.WeakKeyDictionary()
+_PROBE_ENGINES_LOCK = threading.Lock()
+
+
+def _probe_engine(state: sa.Engine) -> sa.Engine:
+    """The state file's engine for reading declared types: pooled apart from the state engine's connections,
+    so that runs reuse its few connections instead of opening one each."""
+    with _PROBE_ENGINES_LOCK:
+        probe = _PROBE_ENGINES.get(state)
+        if probe is None:
+            probe = _PROBE_ENGINES[state] = sa.create_engine(state.url)
+        return probe
 
 
 def _declared(conn: sa.Connection, audience: Audience) -> dict[str, str]:
