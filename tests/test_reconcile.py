@@ -186,6 +186,40 @@ def explained(engine: sa.Engine, user_id: str) -> str:
     return views._reconciled(entry)
 
 
+class ShiftingRefersion(RefersionServer):
+    """The merchant deletes an affiliate of page 1 between the reading of page 1 and page 2: the rest shift
+    back by one, and the first of page 2 is never listed."""
+
+    victim: str | None = None
+
+    def _list(self, data: dict[str, Any]) -> Any:
+        if str(data.get("page")) == "2" and self.victim is not None:
+            code, self.victim = self.victim, None
+            del self.affiliates[self._by_code(code)["id"]]
+            self._listed = None
+        return super()._list(data)
+
+
+def test_an_affiliate_shifted_out_of_the_pages_read_is_not_missing_and_not_re_created(
+    engine: sa.Engine, config: Config, customers: Customers
+) -> None:
+    with ShiftingRefersion() as refersion:
+        refersion.add_affiliate("stranger@example.com", first_name="Not", last_name="Ours")
+        customers.add(*(f"u{n:03}" for n in range(110)))
+        refersion_connection(config, refersion, Customers.QUERY)
+        sync_in_process(engine, refersion)
+        refersion.victim = refersion.code_of(min(refersion.affiliates))  # the stranger, on page 1
+        affiliates = len(refersion.affiliates)
+
+        [found] = reconcile_in_process(engine, refersion, repair=True)
+        sync_in_process(engine, refersion)
+
+    assert found.counts["missing"] == 0 and found.repairs == 0, found.users
+    [unsure] = [u for u in found.users if u["outcome"] == "unverified"]
+    assert "the list changed while it was read" in unsure["reason"]
+    assert len(refersion.affiliates) == affiliates - 1  # the stranger only: nothing created
+
+
 def test_everflow_a_duplicate_is_reported_never_resent_and_a_dropped_conversion_is_sent_again(
     engine: sa.Engine, config: Config, customers: Customers, monkeypatch: pytest.MonkeyPatch
 ) -> None:

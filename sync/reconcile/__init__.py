@@ -169,12 +169,14 @@ class Reconciler:
         self, conn: sa.Connection, destination: Refersion, found: list[Found], options: Options
     ) -> None:
         try:
-            refersion.read_list(conn, destination, self.senders.get(destination))
+            read_at = self.now()
+            unsure = refersion.read_list(conn, destination, self.senders.get(destination))
             not_ours = refersion.not_ours(conn, destination.id)
             conn.commit()
             for one in found:
                 one.counts["not_ours"] = not_ours
-                self._keep(conn, one, refersion.findings(conn, _ids(one), destination), options)
+                judged = refersion.findings(conn, _ids(one), destination, read_at, unsure)
+                self._keep(conn, one, judged, options)
         except store.Unreadable as exc:
             for one in found:
                 one.reason = str(exc)

@@ -12,6 +12,7 @@ Transactions: the temporary table lives on the connection given, which is commit
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -40,30 +41,37 @@ listed = sa.Table(
 )
 
 
-def read_list(conn: sa.Connection, destination: Refersion, sender: Sender) -> int:
+def read_list(conn: sa.Connection, destination: Refersion, sender: Sender) -> str | None:
     """Every affiliate into the temporary table (emptied first), pages requested ahead at the destination's
-    rate limit (a window of `max_in_flight`, read in order); returns how many. Raises Unreadable."""
+    rate limit (a window of `max_in_flight`, read in order). Returns None when the list read is whole, else
+    why it is not: pages are numbered, so an affiliate added or deleted meanwhile shifts the rest, and one can
+    be read twice or not at all. Raises Unreadable."""
     conn.execute(sa.schema.CreateTable(listed, if_not_exists=True))
     for index in listed.indexes:
         conn.execute(sa.schema.CreateIndex(index, if_not_exists=True))
     conn.execute(sa.delete(listed))
     conn.commit()
-    count = 0
-    for number, page in enumerate(_pages(destination, sender)):
+    count, totals = 0, set()
+    for number, (page, total) in enumerate(_pages(destination, sender)):
         conn.execute(sa.insert(listed), page)
         count += len(page)
+        totals.add(total)
         if number % 20 == 19:
             conn.commit()
     conn.commit()
-    return count
+    codes = conn.scalar(sa.select(sa.func.count(sa.distinct(listed.c.code))))
+    if totals != {count} or codes != count:
+        shown = ", ".join(str(t) for t in sorted(totals, key=str))
+        return f"the list changed while it was read ({count} affiliates read, {codes} codes, total {shown})"
+    return None
 
 
-def _pages(destination: Refersion, sender: Sender) -> Iterator[list[dict[str, Any]]]:
-    """The list's pages in order: the first alone (its `total` says how many follow), then the rest
-    requested ahead, at most `max_in_flight` at once, and on one by one while a last page comes full (the
-    list grew meanwhile)."""
+def _pages(destination: Refersion, sender: Sender) -> Iterator[tuple[list[dict[str, Any]], int | None]]:
+    """The list's pages in order, each with the total it gave: the first alone (its `total` says how many
+    follow), then the rest requested ahead, at most `max_in_flight` at once, and on one by one while a last
+    page comes full (the list grew meanwhile)."""
     results, total = _page(destination, sender, 1)
-    yield results
+    yield results, total
     last = max(1, -(-total // LIMIT)) if total is not None else 1
     window = sender.limits.max_in_flight
     number, ahead = 2, deque[tuple[int, Future[tuple[list[dict[str, Any]], int | None]]]]()
@@ -72,9 +80,9 @@ def _pages(destination: Refersion, sender: Sender) -> Iterator[list[dict[str, An
             while len(ahead) < window and (number <= last or not ahead):
                 ahead.append((number, sender.pool.submit(_page, destination, sender, number)))
                 number += 1
-            results, _ = ahead.popleft()[1].result()
+            results, shown = ahead.popleft()[1].result()
             if results:
-                yield results
+                yield results, shown
             if len(results) < LIMIT:
                 return
     finally:  # the end, or a page that could not be read: the requests still ahead are not needed
@@ -144,8 +152,12 @@ def not_ours(conn: sa.Connection, destination_id: int) -> int:
     return conn.scalar(sa.select(sa.func.count()).select_from(listed).where(listed.c.ours.is_(None))) or 0
 
 
-def findings(conn: sa.Connection, ids: dict[str, int], destination: Refersion) -> Iterator[Finding]:
-    """Each settled user of the connection judged against the listed affiliate that is theirs."""
+def findings(
+    conn: sa.Connection, ids: dict[str, int], destination: Refersion, read_at: datetime, unsure: str | None
+) -> Iterator[Finding]:
+    """Each settled user of the connection judged against the listed affiliate that is theirs. A user a run
+    changed after the list's reading began (`read_at`) is not judged, nor, when the list read is `unsure`
+    (why), is an affiliate missing from it: it may have been shifted out of the pages read."""
     by_code, by_email = listed.alias("by_code"), listed.alias("by_email")
     status = sa.func.coalesce(
         sa.select(by_code.c.status)
@@ -161,11 +173,18 @@ def findings(conn: sa.Connection, ids: dict[str, int], destination: Refersion) -
         sync_state.c.member,
         sync_state.c.remote_active,
         sync_state.c.remote_code,
+        sync_state.c.accepted_at,
         status.label("status"),
     )
     for page in settled_pages(conn, ids, *columns):
         for row in page:
-            yield judge(row.user_id, row.member, row.remote_active, row.status, destination)
+            found = judge(row.user_id, row.member, row.remote_active, row.status, destination)
+            if row.accepted_at >= read_at:
+                yield Finding(row.user_id, None, "changed by a run while the list was read: judged next time")
+            elif found.outcome == MISSING and unsure:
+                yield Finding(row.user_id, None, f"not in the list read, but {unsure}: reconcile again")
+            else:
+                yield found
 
 
 def judge(
