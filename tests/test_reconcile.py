@@ -371,11 +371,17 @@ def test_baselined_users_are_matched_by_email(
         sync_in_process(engine, refersion, initial_only=True, baseline=True)
         refersion.change_by_hand(refersion.code_of(min(refersion.affiliates)), "DENIED")
 
-        [found] = reconcile_in_process(engine, refersion)
+        before = len(refersion.requests)
+        [found] = reconcile_in_process(engine, refersion, repair=True, allow_mass_repair=True)
+        sync_in_process(engine, refersion)
 
         assert (found.counts["confirmed"], found.counts["drifted"], found.counts["not_ours"]) == (1, 1, 0)
         assert found.users[0]["user_id"] == "a"
         assert found.users[0]["reason"].startswith("denied by hand in Refersion")
+        # known by email only: a run would create an affiliate (and adopt the one there), not re-activate it
+        assert "not repaired: audience-sync knows this affiliate by email only" in found.users[0]["reason"]
+        assert found.repairs == 0
+        assert {r.path for r in refersion.requests[before:]} == {"/v2/affiliate/list"}
 
 
 def test_the_sandbox_lists_affiliates_as_published() -> None:

@@ -179,6 +179,14 @@ def findings(
     for page in settled_pages(conn, ids, *columns):
         for row in page:
             found = judge(row.user_id, row.member, row.remote_active, row.status, destination)
+            if found.repair and row.remote_code is None:  # matched by email: a baselined user
+                # a run knows no affiliate code to act on: it would create one, and adopt the one there
+                found = Finding(
+                    row.user_id,
+                    found.outcome,
+                    f"{found.reason}; not repaired: audience-sync knows this affiliate by email only (it was "
+                    "there before the first sync): change it in Refersion",
+                )
             if row.accepted_at >= read_at:
                 yield Finding(row.user_id, None, "changed by a run while the list was read: judged next time")
             elif found.outcome == MISSING and unsure:
