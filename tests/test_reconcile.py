@@ -384,6 +384,25 @@ def test_baselined_users_are_matched_by_email(
         assert {r.path for r in refersion.requests[before:]} == {"/v2/affiliate/list"}
 
 
+def test_a_baselined_user_whose_email_two_affiliates_share_is_not_judged(
+    engine: sa.Engine, config: Config, customers: Customers
+) -> None:
+    with RefersionServer() as refersion:
+        customers.add("a")
+        refersion.add_affiliate("a@example.com", first_name="Ada", last_name="Lovelace")
+        refersion_connection(config, refersion, Customers.QUERY)
+        sync_in_process(engine, refersion, initial_only=True, baseline=True)
+        old = refersion.add_affiliate("A@Example.com", first_name="Ada", last_name="Lovelace")  # by hand
+        refersion.change_by_hand(refersion.code_of(old), "DISABLED")
+
+        [found] = reconcile_in_process(engine, refersion)
+
+    assert (found.counts["confirmed"], found.counts["drifted"]) == (0, 0)
+    assert found.users == [
+        {"user_id": "a", "outcome": "unverified", "reason": "2 affiliates in Refersion have this email"}
+    ]
+
+
 def test_the_sandbox_lists_affiliates_as_published() -> None:
     with RefersionServer() as refersion, httpx.Client(base_url=f"{refersion.url}/v2") as client:
         for n in range(5):

@@ -175,6 +175,10 @@ def findings(
         sync_state.c.remote_code,
         sync_state.c.accepted_at,
         status.label("status"),
+        sa.select(sa.func.count())
+        .where(sync_state.c.remote_code.is_(None), by_email.c.email == _email(conn))
+        .scalar_subquery()
+        .label("by_email"),
     )
     for page in settled_pages(conn, ids, *columns):
         for row in page:
@@ -187,7 +191,9 @@ def findings(
                     f"{found.reason}; not repaired: audience-sync knows this affiliate by email only (it was "
                     "there before the first sync): change it in Refersion",
                 )
-            if row.accepted_at >= read_at:
+            if row.by_email > 1:  # which one is theirs? none is judged
+                yield Finding(row.user_id, None, f"{row.by_email} affiliates in Refersion have this email")
+            elif row.accepted_at >= read_at:
                 yield Finding(row.user_id, None, "changed by a run while the list was read: judged next time")
             elif found.outcome == MISSING and unsure:
                 yield Finding(row.user_id, None, f"not in the list read, but {unsure}: reconcile again")
