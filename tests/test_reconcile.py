@@ -355,6 +355,13 @@ def test_reconcile_command_json_explain_status_runs_and_exit_codes(
 
         unknown = run_cli(state_url, "reconcile", "--audience", "Nobody")
         assert unknown.returncode == 2 and "no audience named 'Nobody'" in unknown.stderr
+        with engine.begin() as conn:  # an audience whose row is broken is said, not skipped
+            conn.execute(sa.text("UPDATE audiences SET schedule = 'every so often' WHERE name = 'Others'"))
+        broken = run_cli(state_url, "reconcile", "--audience", "Others", "--json")
+        assert broken.returncode == 1, broken.stderr
+        [invalid] = json.loads(broken.stdout)["connections"]
+        assert (invalid["audience"], invalid["verifiable"]) == ("Others", False)
+        assert "schedule" in invalid["reason"]
         usage = run_cli(state_url, "reconcile", "--allow-mass-repair")
         assert usage.returncode == 2
         assert "--allow-mass-repair goes with --repair" in usage.stderr

@@ -12,7 +12,7 @@ Transactions: each connection's findings are committed in batches on a connectio
 
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -32,6 +32,7 @@ from sync.reconcile.store import CONFIRMED, MISSING, OUTCOMES, Finding
 from sync.runs import utc_now
 from sync.senders import Senders
 from sync.settings import Settings
+from sync.tables import audiences
 
 log = logging.getLogger(__name__)
 BATCH = 500  # findings written per transaction
@@ -127,15 +128,11 @@ class Reconciler:
 
     def _connections(self, conn: sa.Connection, options: Options) -> tuple[list[Connection], list[Found]]:
         """The selected enabled connections, and a Found for each one whose rows are invalid."""
-        valid, _ = load_audiences(conn)
+        valid, problems = load_audiences(conn)
         chosen: list[Connection] = []
         invalid: list[Found] = []
         for audience in valid:
-            if options.audiences and audience.name not in options.audiences:
-                continue
-            for row in connection_rows(conn, audience.id):
-                if row.enabled is False or (options.destinations and row.name not in options.destinations):
-                    continue
+            for row in _selected(conn, audience.id, audience.name, options):
                 try:
                     link, destination = load_connection(conn, audience, row)
                 except ConfigError as exc:
@@ -143,6 +140,11 @@ class Reconciler:
                     invalid.append(Found(audience.name, name, audience.id, row.destination_id, str(exc)))
                     continue
                 chosen.append((audience, link, destination))
+        for audience_id, problem in problems.items():  # named or not, an invalid audience is said
+            name = str(conn.scalar(sa.select(audiences.c.name).where(audiences.c.id == audience_id)))
+            for row in _selected(conn, audience_id, name, options):
+                where = row.name or f"id {row.destination_id} (missing)"
+                invalid.append(Found(name, where, audience_id, row.destination_id, problem))
         return chosen, invalid
 
     def _destination(self, connections: list[Connection], options: Options) -> list[Found]:
@@ -271,3 +273,12 @@ class Reconciler:
 
 def _ids(one: Found) -> dict[str, int]:
     return {"audience_id": one.audience_id, "destination_id": one.destination_id}
+
+
+def _selected(conn: sa.Connection, audience_id: int, name: str, options: Options) -> Iterator[Any]:
+    """The audience's enabled connection rows that `options` select."""
+    if options.audiences and name not in options.audiences:
+        return
+    for row in connection_rows(conn, audience_id):
+        if row.enabled is not False and not (options.destinations and row.name not in options.destinations):
+            yield row
