@@ -92,6 +92,24 @@ def last_reconcile(conn: sa.Connection) -> datetime | None:
     return started
 
 
+def last_reconciles(conn: sa.Connection) -> list[sa.Row[Any]]:
+    """Each connection's last reconcile that could read the destination, then (where it could not) its last
+    one: what the reconcile gauges showed before the daemon stopped."""
+    runs = sync_reconcile_runs
+    connection = (runs.c.audience_id, runs.c.destination_id)
+    readable = (
+        sa.select(sa.func.max(runs.c.id)).where(runs.c.outcome != "cannot verify").group_by(*connection)
+    )
+    latest = sa.select(sa.func.max(runs.c.id)).group_by(*connection)
+    return list(
+        conn.execute(
+            sa.select(runs)
+            .where(runs.c.id.in_(readable) | (runs.c.id.in_(latest) & (runs.c.outcome == "cannot verify")))
+            .order_by(runs.c.id)
+        )
+    )
+
+
 def accepted_members(conn: sa.Connection, audience_id: int | None = None) -> dict[tuple[int, int], int]:
     """Accepted members by (audience id, destination id), of one audience or of all."""
     query = (

@@ -22,8 +22,8 @@ from sync import history, metrics, state
 from sync.audiences import Audience, load_audiences
 from sync.errors import first_line
 from sync.logs import audience_fields
+from sync.reconcile import COUNTS, Reconciler
 from sync.reconcile import Options as ReconcileOptions
-from sync.reconcile import Reconciler
 from sync.runner import Options, Runner
 from sync.runs import RunOutcome
 from sync.settings import Cadence
@@ -113,6 +113,10 @@ class Daemon:
             with self.runner.engine.connect() as conn:  # as the recorded runs left the gauges
                 metrics.seed(history.last_runs(conn))
                 metrics.accepted(history.accepted_members(conn))
+                for run in history.last_reconciles(conn):
+                    counts = {name: getattr(run, name) for name in COUNTS}
+                    verifiable = run.outcome != "cannot verify"
+                    metrics.observe_reconcile(run.audience_id, run.destination_id, counts, verifiable)
         address = self.runner.settings.metrics_address
         stop_metrics = metrics.serve(address, port, self.health) if port else None
         log.info("daemon started with %d audiences", len(self.cadences), extra={"action": "daemon_started"})

@@ -470,6 +470,25 @@ def test_the_daemon_reconciles_every_interval_and_shows_it_in_the_metrics(
         assert daemon.returncode == 0, stderr
         # the daemon only reads: no status change went out for the affiliate disabled by hand
         assert {r.path for r in refersion.requests} == {"/v2/affiliate/new", "/v2/affiliate/list"}
+        # restarted, a day from its next reconcile: the gauges show what the last one found (the drift alert
+        # does not resolve for a day)
+        listed = len(refersion.requests)
+        daemon = start_cli(state_url, "daemon", env=env | {"SYNC_RECONCILE_INTERVAL": "24h"})
+        try:
+            wait_for(lambda: "audience_sync_build_info" in _metrics(port), 30)
+            exposed = _metrics(port)
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            _, stderr = daemon.communicate(timeout=30)
+        assert drifted in exposed and f"audience_sync_reconcile_verifiable{{{labels}}} 1.0" in exposed
+        assert len(refersion.requests) == listed  # from the history, not a new reconcile
+
+
+def _metrics(port: int) -> str:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    except httpx.TransportError:
+        return ""
 
 
 def test_a_bad_reconcile_interval_is_one_line(state_url: str) -> None:
