@@ -299,6 +299,6 @@ def reconcile(runner: Runner) -> None:
         return
     reconciler = Reconciler(runner.engine, runner.settings, runner.senders, runner.now)
     try:
-        reconciler.run(ReconcileOptions())
+        reconciler.run(ReconcileOptions(list_users=False))  # counts: the metrics and the run rows
     except Exception:
         log.exception("reconcile failed", extra={"action": "reconcile_crashed"})

@@ -410,6 +410,21 @@ def test_a_baselined_user_whose_email_two_affiliates_share_is_not_judged(
     ]
 
 
+def test_a_reconcile_that_lists_no_users_keeps_only_counts(
+    engine: sa.Engine, config: Config, customers: Customers
+) -> None:
+    """The daemon's: a drift of every user (a wrong account, a reset merchant) costs no memory per user."""
+    with RefersionServer() as refersion:
+        synced(engine, config, customers, refersion)
+        for code in codes(engine).values():
+            refersion.change_by_hand(code)
+
+        [found] = reconcile_in_process(engine, refersion, list_users=False)
+
+    assert (found.counts["missing"], found.users) == (5, [])
+    assert state(engine, "a").reconciled == "missing"  # kept per user in the state all the same
+
+
 def test_the_sandbox_lists_affiliates_as_published() -> None:
     with RefersionServer() as refersion, httpx.Client(base_url=f"{refersion.url}/v2") as client:
         for n in range(5):

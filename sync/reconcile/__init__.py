@@ -48,6 +48,8 @@ class Options:
     destinations: list[str] = field(default_factory=list)
     repair: bool = False
     allow_mass_repair: bool = False
+    # each user not confirmed, for the command to show; the daemon shows none, so it keeps only counts
+    list_users: bool = True
 
 
 @dataclass
@@ -209,13 +211,13 @@ class Reconciler:
         for finding in findings:
             if finding.outcome:
                 one.counts[finding.outcome] += 1
-            if finding.outcome != CONFIRMED:
+            if finding.outcome != CONFIRMED and options.list_users:
                 reason = "; ".join(
                     filter(None, (finding.reason, finding.repair and f"repair: {finding.repair}"))
                 )
                 outcome = finding.outcome or "unverified"
                 one.users.append({"user_id": finding.user_id, "outcome": outcome, "reason": reason})
-            if finding.repair:
+            if finding.repair and options.repair:
                 repairs.append(finding)
             batch.append(finding)
             if len(batch) >= BATCH:
