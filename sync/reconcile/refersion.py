@@ -53,7 +53,8 @@ def read_list(conn: sa.Connection, destination: Refersion, sender: Sender) -> st
     conn.commit()
     count, totals = 0, set()
     for number, (page, total) in enumerate(_pages(destination, sender)):
-        conn.execute(sa.insert(listed), page)
+        if page:  # an account with no affiliate answers one empty page
+            conn.execute(sa.insert(listed), page)
         count += len(page)
         totals.add(total)
         if number % 20 == 19:
