@@ -16,6 +16,7 @@ from sync.settings import unknown_settings
 from tests.conftest import MARIADB_URL, Config, Customers, run_cli, start_cli, wait_for
 from tests.test_cli import LONG_AUDIENCE, LONG_DESTINATION, on_a_terminal
 from tests.test_e2e import everflow_destination, refersion_destination
+from tests.test_operations import _two_destinations
 from tests.test_source_table import add_source
 from tests.test_visible import status_of
 
@@ -146,9 +147,7 @@ def test_status_shows_no_next_run_for_a_disabled_connection_or_destination(
 ) -> None:
     customers.add("u1")
     with EverflowServer() as everflow, RefersionServer() as refersion:
-        audience = config.audience("VIP", Customers.QUERY)
-        config.connect(audience, everflow_destination(config, everflow))
-        config.connect(audience, refersion_destination(config, refersion))
+        _two_destinations(config, everflow, refersion)
         assert run_cli(state_url, "run").returncode == 0
 
     def next_runs() -> dict[str, object]:
